@@ -1,0 +1,580 @@
+//! Cluster locks behind one small trait.
+//!
+//! A lock is taken per resource and carries a fencing token: a number that
+//! grows with every acquisition of any lock of the domain, so a record
+//! written under a newer lock always carries a larger token than one written
+//! under an older lock. Two implementations live here: [`MemLockService`]
+//! (one process) and [`LocalLockService`] (one machine: an in-process table
+//! plus `flock` files so that processes exclude each other). The etcd one
+//! lives in the cluster crate; all pass [`conformance`].
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{DomainError, Result};
+use crate::model::{TagId, VolumeId};
+
+/// A fencing token.
+pub type Token = u64;
+
+/// What a lock protects, in lock order: tags before volumes before the
+/// allocation map. Host slot locks are taken alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    /// A tag and the chain under it.
+    Tag(TagId),
+    /// One volume.
+    Volume(VolumeId),
+    /// The allocation map (innermost, held briefly).
+    Alloc,
+    /// A host slot and its journal.
+    HostSlot(u32),
+}
+
+/// A lockable resource of one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Resource {
+    /// The domain.
+    pub domain: uuid::Uuid,
+    /// What in it.
+    pub kind: ResourceKind,
+}
+
+impl Resource {
+    /// The lock's key, e.g. `cairn/<domain>/tag/<id>`.
+    pub fn key(&self) -> String {
+        let d = self.domain;
+        match &self.kind {
+            ResourceKind::Tag(t) => format!("cairn/{d}/tag/{t}"),
+            ResourceKind::Volume(v) => format!("cairn/{d}/volume/{v}"),
+            ResourceKind::Alloc => format!("cairn/{d}/alloc"),
+            ResourceKind::HostSlot(i) => format!("cairn/{d}/slot/{i}"),
+        }
+    }
+    fn file_name(&self) -> String {
+        match &self.kind {
+            ResourceKind::Tag(t) => format!("tag-{t}.lock"),
+            ResourceKind::Volume(v) => format!("volume-{v}.lock"),
+            ResourceKind::Alloc => "alloc.lock".into(),
+            ResourceKind::HostSlot(i) => format!("slot-{i}.lock"),
+        }
+    }
+}
+
+/// A held lock, as an implementation provides it. Dropping it releases.
+pub trait HeldLock: Send + Sync {
+    /// The fencing token of this acquisition.
+    fn token(&self) -> Token;
+    /// Whether the lock is still certainly held (a lease-based
+    /// implementation fails this before the lease could have expired).
+    fn check(&self) -> Result<()>;
+}
+
+/// A held lock on one resource.
+pub struct LockGuard {
+    resource: Resource,
+    inner: Box<dyn HeldLock>,
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LockGuard({}, token {})",
+            self.resource.key(),
+            self.token()
+        )
+    }
+}
+
+impl LockGuard {
+    /// Wrap an implementation's held lock.
+    pub fn new(resource: Resource, inner: Box<dyn HeldLock>) -> LockGuard {
+        LockGuard { resource, inner }
+    }
+    /// What is locked.
+    pub fn resource(&self) -> &Resource {
+        &self.resource
+    }
+    /// The fencing token.
+    pub fn token(&self) -> Token {
+        self.inner.token()
+    }
+    /// Fail if the lock may no longer be held.
+    pub fn check(&self) -> Result<()> {
+        self.inner.check()
+    }
+}
+
+/// A lock service.
+pub trait LockService: Send + Sync {
+    /// Take the lock, waiting up to `timeout` (zero: try once).
+    fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard>;
+    /// The token of whoever holds the lock now, if anyone does.
+    fn holder(&self, resource: &Resource) -> Result<Option<Token>>;
+}
+
+struct Table {
+    held: Mutex<HashMap<String, Token>>,
+    released: Condvar,
+}
+
+impl Table {
+    fn new() -> Arc<Table> {
+        Arc::new(Table {
+            held: Mutex::new(HashMap::new()),
+            released: Condvar::new(),
+        })
+    }
+
+    /// Wait until `key` is free in this process and mark it taken.
+    fn enter(&self, key: &str, deadline: Instant) -> bool {
+        let mut held = self.held.lock().expect("poisoned");
+        loop {
+            if !held.contains_key(key) {
+                held.insert(key.to_string(), 0);
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            held = self
+                .released
+                .wait_timeout(held, deadline - now)
+                .expect("poisoned")
+                .0;
+        }
+    }
+
+    fn set_token(&self, key: &str, token: Token) {
+        self.held
+            .lock()
+            .expect("poisoned")
+            .insert(key.to_string(), token);
+    }
+
+    fn leave(&self, key: &str) {
+        self.held.lock().expect("poisoned").remove(key);
+        self.released.notify_all();
+    }
+
+    fn holder(&self, key: &str) -> Option<Token> {
+        self.held.lock().expect("poisoned").get(key).copied()
+    }
+}
+
+/// Locks shared by the threads of one process.
+#[derive(Clone)]
+pub struct MemLockService {
+    table: Arc<Table>,
+    next: Arc<AtomicU64>,
+}
+
+impl Default for MemLockService {
+    fn default() -> Self {
+        MemLockService::new()
+    }
+}
+
+impl MemLockService {
+    /// A new, empty lock table.
+    pub fn new() -> MemLockService {
+        MemLockService {
+            table: Table::new(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+struct MemHeld {
+    table: Arc<Table>,
+    key: String,
+    token: Token,
+}
+
+impl HeldLock for MemHeld {
+    fn token(&self) -> Token {
+        self.token
+    }
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for MemHeld {
+    fn drop(&mut self) {
+        self.table.leave(&self.key);
+    }
+}
+
+impl LockService for MemLockService {
+    fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard> {
+        let key = resource.key();
+        if !self.table.enter(&key, Instant::now() + timeout) {
+            return Err(DomainError::LockTimeout { resource: key });
+        }
+        let token = self.next.fetch_add(1, Ordering::SeqCst);
+        self.table.set_token(&key, token);
+        Ok(LockGuard::new(
+            resource.clone(),
+            Box::new(MemHeld {
+                table: self.table.clone(),
+                key,
+                token,
+            }),
+        ))
+    }
+
+    fn holder(&self, resource: &Resource) -> Result<Option<Token>> {
+        Ok(self.table.holder(&resource.key()))
+    }
+}
+
+/// Locks for one machine: an in-process table, then an exclusive `flock` on
+/// a file per resource under a directory that every process on the machine
+/// uses (by default `/run/cairn/locks`). Tokens come from a counter file
+/// incremented under its own `flock`, so they grow across processes.
+#[derive(Clone)]
+pub struct LocalLockService {
+    dir: PathBuf,
+    table: Arc<Table>,
+}
+
+fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+impl LocalLockService {
+    /// Locks under `dir`, which is created if missing.
+    pub fn new(dir: impl Into<PathBuf>) -> Result<LocalLockService> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|source| DomainError::Lock {
+            context: format!("creating lock directory {}", dir.display()),
+            source,
+        })?;
+        Ok(LocalLockService {
+            dir,
+            table: Table::new(),
+        })
+    }
+
+    /// The directory holding the lock files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn domain_dir(&self, domain: &uuid::Uuid) -> Result<PathBuf> {
+        let d = self.dir.join(domain.to_string());
+        fs::create_dir_all(&d).map_err(|source| DomainError::Lock {
+            context: format!("creating {}", d.display()),
+            source,
+        })?;
+        Ok(d)
+    }
+
+    fn next_token(&self, domain_dir: &Path) -> io::Result<Token> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(domain_dir.join("tokens"))?;
+        flock(&f, libc::LOCK_EX)?;
+        let mut b = [0u8; 8];
+        let n = f.read_at(&mut b, 0)?;
+        let cur = if n == 8 { u64::from_le_bytes(b) } else { 0 };
+        let next = cur + 1;
+        f.write_all_at(&next.to_le_bytes(), 0)?;
+        flock(&f, libc::LOCK_UN)?;
+        Ok(next)
+    }
+
+    /// Try once to take the file lock; `Ok(None)` if another process has it.
+    fn try_file(&self, path: &Path) -> io::Result<Option<File>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => {}
+            Err(e) if would_block(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // The previous holder may have unlinked the file after we opened it.
+        match fs::metadata(path) {
+            Ok(m) if m.ino() == f.metadata()?.ino() => Ok(Some(f)),
+            _ => Ok(None),
+        }
+    }
+}
+
+struct LocalHeld {
+    table: Arc<Table>,
+    key: String,
+    path: PathBuf,
+    file: Option<File>,
+    token: Token,
+}
+
+impl HeldLock for LocalHeld {
+    fn token(&self) -> Token {
+        self.token
+    }
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LocalHeld {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock, then release it.
+        let _ = fs::remove_file(&self.path);
+        drop(self.file.take());
+        self.table.leave(&self.key);
+    }
+}
+
+impl LockService for LocalLockService {
+    fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard> {
+        let key = resource.key();
+        let deadline = Instant::now() + timeout;
+        if !self.table.enter(&key, deadline) {
+            return Err(DomainError::LockTimeout { resource: key });
+        }
+        let fail = |e: io::Error| DomainError::Lock {
+            context: format!("locking {key}"),
+            source: e,
+        };
+        let dd = match self.domain_dir(&resource.domain) {
+            Ok(d) => d,
+            Err(e) => {
+                self.table.leave(&key);
+                return Err(e);
+            }
+        };
+        let path = dd.join(resource.file_name());
+        let mut backoff = Duration::from_micros(500);
+        let file = loop {
+            match self.try_file(&path) {
+                Ok(Some(f)) => break f,
+                Ok(None) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        self.table.leave(&key);
+                        return Err(DomainError::LockTimeout { resource: key });
+                    }
+                    std::thread::sleep(backoff.min(deadline - now));
+                    backoff = (backoff * 2).min(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    self.table.leave(&key);
+                    return Err(fail(e));
+                }
+            }
+        };
+        let token = match self
+            .next_token(&dd)
+            .and_then(|t| file.write_all_at(&t.to_le_bytes(), 0).map(|_| t))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                self.table.leave(&key);
+                return Err(fail(e));
+            }
+        };
+        self.table.set_token(&key, token);
+        Ok(LockGuard::new(
+            resource.clone(),
+            Box::new(LocalHeld {
+                table: self.table.clone(),
+                key,
+                path,
+                file: Some(file),
+                token,
+            }),
+        ))
+    }
+
+    fn holder(&self, resource: &Resource) -> Result<Option<Token>> {
+        if let Some(t) = self.table.holder(&resource.key()) {
+            return Ok(Some(t));
+        }
+        let path = self
+            .dir
+            .join(resource.domain.to_string())
+            .join(resource.file_name());
+        let fail = |e: io::Error| DomainError::Lock {
+            context: format!("probing {}", resource.key()),
+            source: e,
+        };
+        let f = match OpenOptions::new().read(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(fail(e)),
+        };
+        match flock(&f, libc::LOCK_SH | libc::LOCK_NB) {
+            Ok(()) => Ok(None),
+            Err(e) if would_block(&e) => {
+                let mut b = [0u8; 8];
+                let n = f.read_at(&mut b, 0).map_err(fail)?;
+                Ok(Some(if n == 8 { u64::from_le_bytes(b) } else { 0 }))
+            }
+            Err(e) => Err(fail(e)),
+        }
+    }
+}
+
+/// The conformance suite every [`LockService`] implementation must pass.
+///
+/// `make` returns a handle on the shared lock backend; two handles from it
+/// must behave like two processes of the cluster.
+pub mod conformance {
+    use super::*;
+
+    fn res(domain: uuid::Uuid, i: u32) -> Resource {
+        Resource {
+            domain,
+            kind: ResourceKind::HostSlot(i),
+        }
+    }
+
+    /// Run every check.
+    pub fn run_all(make: &dyn Fn() -> Arc<dyn LockService>) {
+        exclusion_and_try(make);
+        release_on_drop_and_holder(make);
+        tokens_grow(make);
+        blocking_wait(make);
+        two_handles_exclude(make);
+    }
+
+    /// A held lock cannot be taken again; other resources can.
+    pub fn exclusion_and_try(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let s = make();
+        let d = uuid::Uuid::new_v4();
+        let g = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+        g.check().unwrap();
+        let e = s
+            .acquire(&res(d, 1), Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(e, DomainError::LockTimeout { .. }), "{e}");
+        let _g2 = s.acquire(&res(d, 2), Duration::ZERO).unwrap();
+        let other = Resource {
+            domain: uuid::Uuid::new_v4(),
+            kind: ResourceKind::HostSlot(1),
+        };
+        let _g3 = s.acquire(&other, Duration::ZERO).unwrap();
+    }
+
+    /// Dropping a guard releases it; `holder` reports the holder's token.
+    pub fn release_on_drop_and_holder(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let s = make();
+        let d = uuid::Uuid::new_v4();
+        assert_eq!(s.holder(&res(d, 1)).unwrap(), None);
+        let g = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+        assert_eq!(s.holder(&res(d, 1)).unwrap(), Some(g.token()));
+        drop(g);
+        assert_eq!(s.holder(&res(d, 1)).unwrap(), None);
+        let _g = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+    }
+
+    /// Tokens grow across acquisitions of any resource.
+    pub fn tokens_grow(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let s = make();
+        let d = uuid::Uuid::new_v4();
+        let mut last = 0;
+        for i in 0..20 {
+            let g = s.acquire(&res(d, i % 3), Duration::ZERO).unwrap();
+            assert!(g.token() > last, "token {} after {last}", g.token());
+            last = g.token();
+        }
+    }
+
+    /// A waiter gets the lock when the holder lets go.
+    pub fn blocking_wait(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let s = make();
+        let d = uuid::Uuid::new_v4();
+        let g = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+        let first = g.token();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || {
+            let g = s2.acquire(&res(d, 1), Duration::from_secs(10)).unwrap();
+            g.token()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        drop(g);
+        assert!(t.join().unwrap() > first);
+    }
+
+    /// Two handles on the same backend exclude each other.
+    pub fn two_handles_exclude(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let a = make();
+        let b = make();
+        let d = uuid::Uuid::new_v4();
+        let g = a.acquire(&res(d, 7), Duration::ZERO).unwrap();
+        assert!(b.acquire(&res(d, 7), Duration::from_millis(30)).is_err());
+        assert_eq!(b.holder(&res(d, 7)).unwrap(), Some(g.token()));
+        drop(g);
+        let g2 = b.acquire(&res(d, 7), Duration::from_secs(5)).unwrap();
+        assert!(a.acquire(&res(d, 7), Duration::ZERO).is_err());
+        drop(g2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_lock_service_conforms() {
+        let shared = MemLockService::new();
+        conformance::run_all(&move || Arc::new(shared.clone()) as Arc<dyn LockService>);
+    }
+
+    #[test]
+    fn local_lock_service_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        // Each handle has its own in-process table, like separate processes.
+        conformance::run_all(&move || {
+            Arc::new(LocalLockService::new(&path).unwrap()) as Arc<dyn LockService>
+        });
+    }
+
+    #[test]
+    fn resource_order_is_tag_volume_alloc() {
+        let d = uuid::Uuid::nil();
+        let t = Resource {
+            domain: d,
+            kind: ResourceKind::Tag(TagId::generate(9)),
+        };
+        let v = Resource {
+            domain: d,
+            kind: ResourceKind::Volume(VolumeId::generate(1)),
+        };
+        let a = Resource {
+            domain: d,
+            kind: ResourceKind::Alloc,
+        };
+        assert!(t < v && v < a);
+    }
+}

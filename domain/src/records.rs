@@ -1,0 +1,451 @@
+//! Encoding and decoding of metadata records and user data blobs.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use crate::layout::*;
+use crate::model::*;
+
+/// What a metadata slot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot<T> {
+    /// Never used.
+    Empty,
+    /// Freed at this generation.
+    Free {
+        /// Generation of the free record.
+        generation: u64,
+        /// Token of its writer.
+        token: u64,
+    },
+    /// A live object.
+    Live(T),
+}
+
+impl<T> Slot<T> {
+    /// The generation of the slot (0 if never used).
+    pub fn generation(&self) -> u64
+    where
+        T: HasGeneration,
+    {
+        match self {
+            Slot::Empty => 0,
+            Slot::Free { generation, .. } => *generation,
+            Slot::Live(t) => t.generation(),
+        }
+    }
+    /// The token of the slot's last writer (0 if never used).
+    pub fn token(&self) -> u64
+    where
+        T: HasGeneration,
+    {
+        match self {
+            Slot::Empty => 0,
+            Slot::Free { token, .. } => *token,
+            Slot::Live(t) => t.token(),
+        }
+    }
+    /// The live object, if any.
+    pub fn live(self) -> Option<T> {
+        match self {
+            Slot::Live(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Records with a generation and token.
+pub trait HasGeneration {
+    /// Record generation.
+    fn generation(&self) -> u64;
+    /// Writer's token.
+    fn token(&self) -> u64;
+}
+
+impl HasGeneration for Volume {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn token(&self) -> u64 {
+        self.token
+    }
+}
+
+impl HasGeneration for Tag {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn token(&self) -> u64 {
+        self.token
+    }
+}
+
+/// One record image.
+pub type RecordBytes = [u8; RECORD];
+
+fn is_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Encode a live volume.
+pub fn encode_volume(salt: &[u8; 16], v: &Volume) -> RecordBytes {
+    let mut r = VolumeRecordRaw::new_zeroed();
+    r.magic = VOL_MAGIC;
+    r.version.set(RECORD_VERSION);
+    r.state.set(rec_state::LIVE);
+    r.generation.set(v.generation);
+    r.token.set(v.token);
+    r.writer_slot.set(v.writer_slot);
+    r.format = v.format.code();
+    r.legality = v.legality.code();
+    r.allocation = v.allocation.code();
+    r.id = v.id.0;
+    r.parent = v.parent.map(|p| p.0).unwrap_or_default();
+    r.capacity.set(v.capacity);
+    r.extent_start.set(v.extent_start);
+    r.extent_count.set(v.extent_count);
+    r.ctime.set(v.ctime);
+    r.tag_refs.set(v.tag_refs);
+    r.desc_len
+        .set(put_str(&mut r.description, &v.description) as u16);
+    let mut out: RecordBytes = r.as_bytes().try_into().expect("512");
+    seal(salt, &mut out);
+    out
+}
+
+/// Encode a free volume or tag slot (keeps the generation monotonic).
+pub fn encode_free(
+    salt: &[u8; 16],
+    magic: [u8; 4],
+    generation: u64,
+    token: u64,
+    writer: u16,
+) -> RecordBytes {
+    let mut out = [0u8; RECORD];
+    out[..4].copy_from_slice(&magic);
+    out[4..6].copy_from_slice(&RECORD_VERSION.to_le_bytes());
+    out[6..8].copy_from_slice(&rec_state::FREE.to_le_bytes());
+    out[8..16].copy_from_slice(&generation.to_le_bytes());
+    out[16..24].copy_from_slice(&token.to_le_bytes());
+    out[24..26].copy_from_slice(&writer.to_le_bytes());
+    seal(salt, &mut out);
+    out
+}
+
+/// Decode a volume slot; the error says what is wrong.
+pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, String> {
+    let b = &b[..RECORD];
+    if is_zero(b) {
+        return Ok(Slot::Empty);
+    }
+    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| "size")?;
+    if r.magic != VOL_MAGIC {
+        return Err("bad magic".into());
+    }
+    if r.version.get() != RECORD_VERSION {
+        return Err(format!("unknown record version {}", r.version.get()));
+    }
+    if !verify(salt, b) {
+        return Err("checksum mismatch".into());
+    }
+    match r.state.get() {
+        rec_state::FREE => {
+            return Ok(Slot::Free {
+                generation: r.generation.get(),
+                token: r.token.get(),
+            })
+        }
+        rec_state::LIVE => {}
+        s => return Err(format!("unknown state {s}")),
+    }
+    let id = VolumeId(r.id);
+    if id.slot() != slot || r.id[4] != VolumeId::generate(0).0[4] {
+        return Err(format!("holds id {id}, which does not name slot {slot}"));
+    }
+    let format = Format::from_code(r.format).ok_or("unknown format")?;
+    let legality = Legality::from_code(r.legality).ok_or("unknown legality")?;
+    let allocation = Allocation::from_code(r.allocation).ok_or("unknown allocation")?;
+    let dl = r.desc_len.get() as usize;
+    if dl > r.description.len() {
+        return Err("description length out of range".into());
+    }
+    Ok(Slot::Live(Volume {
+        id,
+        parent: TagId::from_bytes(r.parent),
+        format,
+        capacity: r.capacity.get(),
+        extent_start: r.extent_start.get(),
+        extent_count: r.extent_count.get(),
+        legality,
+        allocation,
+        ctime: r.ctime.get(),
+        description: get_str(&r.description, dl),
+        tag_refs: r.tag_refs.get(),
+        generation: r.generation.get(),
+        token: r.token.get(),
+        writer_slot: r.writer_slot.get(),
+    }))
+}
+
+/// Encode a live tag.
+pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
+    let mut r = TagRecordRaw::new_zeroed();
+    r.magic = TAG_MAGIC;
+    r.version.set(RECORD_VERSION);
+    r.state.set(rec_state::LIVE);
+    r.generation.set(t.generation);
+    r.token.set(t.token);
+    r.writer_slot.set(t.writer_slot);
+    r.mutable = t.mutable as u8;
+    r.tag_type = t.tag_type.code();
+    r.tag_state = t.state.code();
+    r.strategy = t.strategy.code();
+    r.ud_half = t.user_data.half;
+    r.id = t.id.0;
+    r.volume = t.volume.0;
+    r.size.set(t.size);
+    r.ctime.set(t.ctime);
+    r.child_refs.set(t.child_refs);
+    r.ud_len.set(t.user_data.len);
+    r.ud_crc.set(t.user_data.crc);
+    let opts = encode_options(&t.options).expect("options validated before encoding");
+    r.options_len.set(put_str(&mut r.options, &opts) as u16);
+    let mut out: RecordBytes = r.as_bytes().try_into().expect("512");
+    seal(salt, &mut out);
+    out
+}
+
+/// Decode a tag slot; the error says what is wrong.
+pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, String> {
+    let b = &b[..RECORD];
+    if is_zero(b) {
+        return Ok(Slot::Empty);
+    }
+    let r = TagRecordRaw::ref_from_bytes(b).map_err(|_| "size")?;
+    if r.magic != TAG_MAGIC {
+        return Err("bad magic".into());
+    }
+    if r.version.get() != RECORD_VERSION {
+        return Err(format!("unknown record version {}", r.version.get()));
+    }
+    if !verify(salt, b) {
+        return Err("checksum mismatch".into());
+    }
+    match r.state.get() {
+        rec_state::FREE => {
+            return Ok(Slot::Free {
+                generation: r.generation.get(),
+                token: r.token.get(),
+            })
+        }
+        rec_state::LIVE => {}
+        s => return Err(format!("unknown state {s}")),
+    }
+    let id = TagId(r.id);
+    if id.slot() != slot || r.id[4] != TagId::generate(0).0[4] {
+        return Err(format!("holds id {id}, which does not name slot {slot}"));
+    }
+    let volume = VolumeId::from_bytes(r.volume).ok_or("tag points at no volume")?;
+    let ol = r.options_len.get() as usize;
+    if ol > r.options.len() {
+        return Err("options length out of range".into());
+    }
+    let options = std::str::from_utf8(&r.options[..ol])
+        .ok()
+        .and_then(decode_options)
+        .ok_or("malformed options")?;
+    if r.mutable > 1 || r.ud_half > 1 {
+        return Err("bad flag value".into());
+    }
+    Ok(Slot::Live(Tag {
+        id,
+        volume,
+        size: r.size.get(),
+        mutable: r.mutable == 1,
+        strategy: Strategy::from_code(r.strategy).ok_or("unknown strategy")?,
+        options,
+        tag_type: TagType::from_code(r.tag_type).ok_or("unknown tag type")?,
+        state: TagState::from_code(r.tag_state).ok_or("unknown tag state")?,
+        ctime: r.ctime.get(),
+        child_refs: r.child_refs.get(),
+        user_data: UserDataRef {
+            half: r.ud_half,
+            len: r.ud_len.get(),
+            crc: r.ud_crc.get(),
+        },
+        generation: r.generation.get(),
+        token: r.token.get(),
+        writer_slot: r.writer_slot.get(),
+    }))
+}
+
+/// A host slot header, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotHeader {
+    /// [`slot_state`].
+    pub state: u16,
+    /// Bumped on every write.
+    pub generation: u64,
+    /// Slot lock token of the writer.
+    pub token: u64,
+    /// Owner host id.
+    pub host_id: uuid::Uuid,
+    /// Owner host name.
+    pub host_name: String,
+    /// Claim time.
+    pub claimed_at: u64,
+    /// Release time.
+    pub released_at: u64,
+}
+
+impl SlotHeader {
+    /// Encode for slot `index`.
+    pub fn encode(&self, salt: &[u8; 16], index: u32) -> RecordBytes {
+        let mut r = SlotHeaderRaw::new_zeroed();
+        r.magic = SLOT_MAGIC;
+        r.version.set(RECORD_VERSION);
+        r.state.set(self.state);
+        r.index.set(index);
+        r.generation.set(self.generation);
+        r.token.set(self.token);
+        r.host_id = *self.host_id.as_bytes();
+        let name = if self.host_name.len() > 64 {
+            &self.host_name[..64]
+        } else {
+            &self.host_name
+        };
+        r.host_name_len = put_str(&mut r.host_name, name) as u8;
+        r.claimed_at.set(self.claimed_at);
+        r.released_at.set(self.released_at);
+        let mut out: RecordBytes = r.as_bytes().try_into().expect("512");
+        seal(salt, &mut out);
+        out
+    }
+
+    /// Decode slot `index`'s header (all zero: never used).
+    pub fn decode(salt: &[u8; 16], index: u32, b: &[u8]) -> Result<SlotHeader, String> {
+        let b = &b[..RECORD];
+        if is_zero(b) {
+            return Ok(SlotHeader {
+                state: slot_state::NEVER,
+                generation: 0,
+                token: 0,
+                host_id: uuid::Uuid::nil(),
+                host_name: String::new(),
+                claimed_at: 0,
+                released_at: 0,
+            });
+        }
+        let r = SlotHeaderRaw::ref_from_bytes(b).map_err(|_| "size")?;
+        if r.magic != SLOT_MAGIC || r.version.get() != RECORD_VERSION {
+            return Err("bad magic or version".into());
+        }
+        if !verify(salt, b) {
+            return Err("checksum mismatch".into());
+        }
+        if r.index.get() != index {
+            return Err(format!(
+                "header of slot {} found in slot {index}",
+                r.index.get()
+            ));
+        }
+        if r.state.get() != slot_state::ACTIVE && r.state.get() != slot_state::FREE {
+            return Err(format!("unknown state {}", r.state.get()));
+        }
+        if r.host_name_len as usize > r.host_name.len() {
+            return Err("host name length out of range".into());
+        }
+        Ok(SlotHeader {
+            state: r.state.get(),
+            generation: r.generation.get(),
+            token: r.token.get(),
+            host_id: uuid::Uuid::from_bytes(r.host_id),
+            host_name: get_str(&r.host_name, r.host_name_len as usize),
+            claimed_at: r.claimed_at.get(),
+            released_at: r.released_at.get(),
+        })
+    }
+}
+
+/// Named user data items of a tag.
+pub type UserData = BTreeMap<String, Vec<u8>>;
+
+/// Largest user data item name.
+pub const MAX_ITEM_NAME: usize = 64;
+
+/// Check a user data item name.
+pub fn valid_item_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_ITEM_NAME
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+}
+
+/// Encode user data items as a blob.
+pub fn encode_user_data(tag: &TagId, items: &UserData) -> Vec<u8> {
+    let mut h = UserDataHeaderRaw::new_zeroed();
+    h.magic = USER_DATA_MAGIC;
+    h.version.set(RECORD_VERSION);
+    h.count.set(items.len() as u16);
+    h.tag = tag.0;
+    let mut out = h.as_bytes().to_vec();
+    for (k, v) in items {
+        out.push(k.len() as u8);
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    let total = out.len() as u32;
+    out[24..28].copy_from_slice(&total.to_le_bytes());
+    out
+}
+
+/// Size a set of items would take encoded.
+pub fn encoded_user_data_len(items: &UserData) -> usize {
+    size_of::<UserDataHeaderRaw>()
+        + items
+            .iter()
+            .map(|(k, v)| 1 + k.len() + 4 + v.len())
+            .sum::<usize>()
+}
+
+/// Decode a user data blob of `tag`.
+pub fn decode_user_data(tag: &TagId, b: &[u8]) -> Result<UserData, String> {
+    let (h, mut rest) = UserDataHeaderRaw::read_from_prefix(b).map_err(|_| "truncated header")?;
+    if h.magic != USER_DATA_MAGIC || h.version.get() != RECORD_VERSION {
+        return Err("bad magic or version".into());
+    }
+    if h.tag != tag.0 {
+        return Err("blob belongs to another tag".into());
+    }
+    if h.total_len.get() as usize != b.len() {
+        return Err("length disagrees with header".into());
+    }
+    let mut items = UserData::new();
+    for i in 0..h.count.get() {
+        let (&nl, r) = rest.split_first().ok_or(format!("item {i} truncated"))?;
+        let nl = nl as usize;
+        if r.len() < nl + 4 {
+            return Err(format!("item {i} truncated"));
+        }
+        let name = std::str::from_utf8(&r[..nl]).map_err(|_| format!("item {i} name not UTF-8"))?;
+        if !valid_item_name(name) {
+            return Err(format!("item {i} has an invalid name"));
+        }
+        let dl = u32::from_le_bytes(r[nl..nl + 4].try_into().expect("4")) as usize;
+        let r = &r[nl + 4..];
+        if r.len() < dl {
+            return Err(format!("item {i} data truncated"));
+        }
+        if items.insert(name.to_string(), r[..dl].to_vec()).is_some() {
+            return Err(format!("item {name:?} appears twice"));
+        }
+        rest = &r[dl..];
+    }
+    if !rest.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(items)
+}

@@ -1,0 +1,244 @@
+//! Journal recovery: resolve every open intent of a host slot using only
+//! what is on the domain.
+//!
+//! An intent rolls forward when everything it needs is on disk (every user
+//! data blob it names verifies); otherwise it rolls back to the before
+//! images it carries. Each step writes only what differs from the target,
+//! so recovery is idempotent and may itself be interrupted and rerun.
+
+use crate::alloc;
+use crate::engine::{Domain, RecoveryReport};
+use crate::error::{DomainError, Result};
+use crate::io::AlignedBuf;
+use crate::journal::{self, Action, Intent, JournalWriter};
+use crate::layout::{csum, outcome, RECORD};
+use crate::lock::LockGuard;
+use crate::records::{decode_tag, decode_volume, RecordBytes};
+
+/// Where a record stands relative to an intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    /// Holds the intent's after image.
+    After,
+    /// Holds the intent's before image.
+    Before,
+    /// Does not decode (a torn or lost write).
+    Torn,
+}
+
+/// Decide the direction for an intent: forward unless a user data blob it
+/// depends on does not verify. `blob_ok(slot, half, len, crc)` checks one.
+pub fn decide(
+    intent: &Intent,
+    mut blob_ok: impl FnMut(u32, u8, u32, u32) -> Result<bool>,
+) -> Result<u8> {
+    for a in &intent.actions {
+        if let Action::UserData {
+            slot,
+            half,
+            len,
+            crc,
+        } = a
+        {
+            if !blob_ok(*slot, *half, *len, *crc)? {
+                return Ok(outcome::BACK);
+            }
+        }
+    }
+    Ok(outcome::FORWARD)
+}
+
+/// Classify a record against an intent's images.
+pub fn classify(
+    cur: &RecordBytes,
+    before: &RecordBytes,
+    after: &RecordBytes,
+    decodes: bool,
+) -> Option<RecordState> {
+    if cur == after {
+        Some(RecordState::After)
+    } else if cur == before {
+        Some(RecordState::Before)
+    } else if !decodes {
+        Some(RecordState::Torn)
+    } else {
+        None
+    }
+}
+
+impl Domain {
+    /// Read host slot `slot`'s ring, resolve its open intents and commit
+    /// them in the ring. The caller holds the slot's lock.
+    pub(crate) fn recover_ring(
+        &self,
+        slot: u32,
+        guard: &LockGuard,
+    ) -> Result<(JournalWriter, RecoveryReport)> {
+        let g = &self.geom;
+        let off = g.journal_ring_off(slot);
+        let mut ring = AlignedBuf::zeroed(g.journal_size as usize);
+        self.dev
+            .read_at(&mut ring, off)
+            .map_err(DomainError::io(format!(
+                "reading the journal of host slot {slot}"
+            )))?;
+        let scan = journal::scan(&self.salt(), slot as u16, &ring, off)?;
+        let mut w = JournalWriter::resume(self.salt(), slot as u16, off, g.journal_size, &scan);
+        let mut report = RecoveryReport {
+            slot,
+            torn: scan.torn.clone(),
+            ..Default::default()
+        };
+        let resolver = self.claim.as_ref().map(|c| c.slot).unwrap_or(slot) as u16;
+        for (seq, intent) in &scan.open {
+            guard.check()?;
+            let oc = self.resolve_intent(slot, *seq, intent)?;
+            w.commit(self.dev.as_ref(), *seq, oc, resolver)?;
+            if oc == outcome::FORWARD {
+                report.forward.push(*seq);
+            } else {
+                report.back.push(*seq);
+            }
+        }
+        if !scan.open.is_empty() {
+            let upto = w.last_written();
+            self.dev
+                .flush()
+                .map_err(DomainError::io("flushing recovery commits"))?;
+            w.flushed(upto);
+        }
+        Ok((w, report))
+    }
+
+    fn resolve_intent(&self, slot: u32, seq: u64, intent: &Intent) -> Result<u8> {
+        let g = &self.geom;
+        let salt = self.salt();
+        let dir = decide(intent, |ts, half, len, crc| {
+            if ts >= g.tag_slots || len > g.user_data_size {
+                return Ok(false);
+            }
+            Ok(csum(&salt, &self.read_blob(ts, half, len)?) == crc)
+        })?;
+        // Where does each record stand?
+        let mut states = Vec::with_capacity(intent.actions.len());
+        for a in &intent.actions {
+            let st = match a {
+                Action::PutVolume {
+                    slot: s,
+                    before,
+                    after,
+                } => {
+                    self.check_slot(*s, g.volume_slots, "volume", slot, seq)?;
+                    let off = g.volume_off(*s);
+                    let cur = self.read_raw(off)?;
+                    let ok = decode_volume(&salt, *s, &cur).is_ok();
+                    Some(
+                        classify(&cur, before, after, ok)
+                            .ok_or_else(|| conflict("volume", *s, off, slot, seq))?,
+                    )
+                }
+                Action::PutTag {
+                    slot: s,
+                    before,
+                    after,
+                } => {
+                    self.check_slot(*s, g.tag_slots, "tag", slot, seq)?;
+                    let off = g.tag_off(*s);
+                    let cur = self.read_raw(off)?;
+                    let ok = decode_tag(&salt, *s, &cur).is_ok();
+                    Some(
+                        classify(&cur, before, after, ok)
+                            .ok_or_else(|| conflict("tag", *s, off, slot, seq))?,
+                    )
+                }
+                _ => None,
+            };
+            states.push(st);
+        }
+        let dev = self.dev.as_ref();
+        if dir == outcome::FORWARD {
+            for (a, st) in intent.actions.iter().zip(&states) {
+                match a {
+                    Action::PutVolume { slot: s, after, .. }
+                        if *st != Some(crate::recovery::RecordState::After) =>
+                    {
+                        self.write_record(g.volume_off(*s), after)?
+                    }
+                    Action::PutTag { slot: s, after, .. } if *st != Some(RecordState::After) => {
+                        self.write_record(g.tag_off(*s), after)?
+                    }
+                    Action::SetBits { map, start, count } => {
+                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, true)?;
+                    }
+                    Action::ClearBits { map, start, count } => {
+                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, false)?;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            for (a, st) in intent.actions.iter().zip(&states).rev() {
+                match a {
+                    Action::PutVolume {
+                        slot: s, before, ..
+                    } if *st != Some(RecordState::Before) => {
+                        self.write_record(g.volume_off(*s), before)?
+                    }
+                    Action::PutTag {
+                        slot: s, before, ..
+                    } if *st != Some(RecordState::Before) => {
+                        self.write_record(g.tag_off(*s), before)?
+                    }
+                    Action::SetBits { map, start, count } => {
+                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, false)?;
+                    }
+                    Action::ClearBits { map, start, count } => {
+                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, true)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.dev
+            .flush()
+            .map_err(DomainError::io("flushing recovery"))?;
+        tracing::info!(
+            slot,
+            seq,
+            label = %intent.label,
+            direction = if dir == outcome::FORWARD { "forward" } else { "back" },
+            "resolved an open intent"
+        );
+        Ok(dir)
+    }
+
+    fn check_slot(&self, s: u32, limit: u32, what: &str, slot: u32, seq: u64) -> Result<()> {
+        if s >= limit {
+            return Err(DomainError::corrupt(
+                format!("journal intent {seq} of host slot {slot}"),
+                self.geom.journal_ring_off(slot),
+                format!("names {what} slot {s} beyond the table"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_raw(&self, off: u64) -> Result<RecordBytes> {
+        let mut buf = AlignedBuf::zeroed(self.geom.sector_size as usize);
+        self.dev
+            .read_at(&mut buf, off)
+            .map_err(DomainError::io("reading a record for recovery"))?;
+        Ok(buf[..RECORD].try_into().expect("512"))
+    }
+}
+
+fn conflict(what: &str, s: u32, off: u64, slot: u32, seq: u64) -> DomainError {
+    DomainError::corrupt(
+        format!("{what} slot {s}"),
+        off,
+        format!(
+            "holds neither the before nor the after image of open intent {seq} of host slot \
+             {slot}: someone wrote it while the intent was open"
+        ),
+    )
+}
