@@ -3,7 +3,11 @@
 //! A lock is taken per resource and carries a fencing token: a number that
 //! grows with every acquisition of any lock of the domain, so a record
 //! written under a newer lock always carries a larger token than one written
-//! under an older lock. Two implementations live here: [`MemLockService`]
+//! under an older lock. Tokens must keep growing when the lock service
+//! itself restarts with no memory (a fresh process, a wiped `/run`, a wiped
+//! etcd), or every record written before would fence out every writer
+//! after: so a token is `max(previous + 1, now in microseconds)`, a hybrid
+//! logical clock that stays ahead of anything issued before a restart. Two implementations live here: [`MemLockService`]
 //! (one process) and [`LocalLockService`] (one machine: an in-process table
 //! plus `flock` files so that processes exclude each other). The etcd one
 //! lives in the cluster crate; all pass [`conformance`].
@@ -23,6 +27,19 @@ use crate::model::{TagId, VolumeId};
 
 /// A fencing token.
 pub type Token = u64;
+
+/// The clock part of a token: microseconds since the Unix epoch.
+pub fn token_floor() -> Token {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The next token after `last`.
+pub fn next_token(last: Token) -> Token {
+    (last + 1).max(token_floor())
+}
 
 /// What a lock protects, in lock order: tags before volumes before the
 /// allocation map. Host slot locks are taken alone.
@@ -175,7 +192,7 @@ impl Table {
 #[derive(Clone)]
 pub struct MemLockService {
     table: Arc<Table>,
-    next: Arc<AtomicU64>,
+    last: Arc<AtomicU64>,
 }
 
 impl Default for MemLockService {
@@ -189,7 +206,7 @@ impl MemLockService {
     pub fn new() -> MemLockService {
         MemLockService {
             table: Table::new(),
-            next: Arc::new(AtomicU64::new(1)),
+            last: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -221,7 +238,17 @@ impl LockService for MemLockService {
         if !self.table.enter(&key, Instant::now() + timeout) {
             return Err(DomainError::LockTimeout { resource: key });
         }
-        let token = self.next.fetch_add(1, Ordering::SeqCst);
+        let mut last = self.last.load(Ordering::SeqCst);
+        let token = loop {
+            let t = next_token(last);
+            match self
+                .last
+                .compare_exchange(last, t, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break t,
+                Err(cur) => last = cur,
+            }
+        };
         self.table.set_token(&key, token);
         Ok(LockGuard::new(
             resource.clone(),
@@ -300,7 +327,7 @@ impl LocalLockService {
         let mut b = [0u8; 8];
         let n = f.read_at(&mut b, 0)?;
         let cur = if n == 8 { u64::from_le_bytes(b) } else { 0 };
-        let next = cur + 1;
+        let next = next_token(cur);
         f.write_all_at(&next.to_le_bytes(), 0)?;
         flock(&f, libc::LOCK_UN)?;
         Ok(next)

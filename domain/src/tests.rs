@@ -267,16 +267,41 @@ fn stale_token_is_fenced() {
     m.description = "new".into();
     d.write_volume_meta(&v.id, m, &[&g2]).unwrap();
     drop(g2);
-    // ...then a guard with an older token (faked through a second lock
-    // service whose counter lags) tries to write.
-    let old = MemLockService::new();
-    let stale = old
-        .acquire(
-            &d.resource(crate::lock::ResourceKind::Volume(v.id)),
-            Duration::ZERO,
-        )
-        .unwrap();
+    // ...then a writer whose lock carries an older token tries to write.
+    struct Old;
+    impl crate::lock::HeldLock for Old {
+        fn token(&self) -> crate::lock::Token {
+            1
+        }
+        fn check(&self) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+    let stale = crate::lock::LockGuard::new(
+        d.resource(crate::lock::ResourceKind::Volume(v.id)),
+        Box::new(Old),
+    );
     let e = d.write_volume_meta(&v.id, v.meta(), &[&stale]).unwrap_err();
     assert_eq!(e.code(), crate::ErrorCode::Fenced, "{e}");
     let _ = locks;
+}
+
+#[test]
+fn a_restarted_lock_service_still_outranks_old_tokens() {
+    // Regression: a fresh lock service used to start its tokens at 1, so
+    // every record written before fenced out every writer after.
+    let (dev, locks, d) = setup();
+    let (v, g) = d.create_volume(raw(1 << 20)).unwrap();
+    drop(g);
+    d.close().unwrap();
+    drop(locks);
+    let d = Domain::open(
+        dev,
+        Arc::new(MemLockService::new()),
+        OpenOptions::new(host(1)),
+    )
+    .unwrap();
+    let mut m = v.meta();
+    m.description = "after restart".into();
+    d.write_volume_meta(&v.id, m, &[]).unwrap();
 }

@@ -1,1 +1,10 @@
+//! Cairn's integration tests: one test binary.
+//!
+//! Test names mark what they need: `root_` (loop devices), `slow_` (long
+//! runs), `etcd_` (a real etcd server).
 
+mod bitflip;
+mod cli;
+mod common;
+mod crash;
+mod multiprocess;

@@ -1,0 +1,241 @@
+//! The `cairn domain` commands as an administrator runs them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use cairn_domain::io::{CrashKeep, MemDev, SimDev};
+use cairn_domain::*;
+
+use crate::common::*;
+
+fn cairn(locks: &Path, args: &[&str]) -> Output {
+    Command::new(cairn_bin())
+        .env("CAIRN_LOCK_DIR", locks)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn format_refuses_bad_targets_and_formats_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let locks = dir.path().join("locks");
+    let img = dir.path().join("d.img");
+    let p = img.to_str().unwrap();
+    // Missing file without --size.
+    let o = cairn(&locks, &["domain", "format", p, "--name", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("does not exist"), "{}", text(&o));
+    // Too small.
+    let o = cairn(
+        &locks,
+        &["domain", "format", p, "--name", "x", "--size", "4M"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("too small"), "{}", text(&o));
+    // A directory is not a device.
+    let o = cairn(
+        &locks,
+        &[
+            "domain",
+            "format",
+            dir.path().to_str().unwrap(),
+            "--name",
+            "x",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("cannot open"), "{}", text(&o));
+    // Bad parameters name the field.
+    let o = cairn(
+        &locks,
+        &[
+            "domain",
+            "format",
+            p,
+            "--name",
+            "x",
+            "--size",
+            "1G",
+            "--extent-size",
+            "3M",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("extent_size"), "{}", text(&o));
+    // A good one.
+    let o = cairn(
+        &locks,
+        &[
+            "domain", "format", p, "--name", "demo", "--size", "1G", "--json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g["name"], "demo");
+    // Already a domain.
+    let o = cairn(&locks, &["domain", "format", p, "--name", "again"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+    // --force is refused while a host has it open.
+    let dev = Arc::new(cairn_domain::io::FileDev::open(&img, true).unwrap());
+    let d = Domain::open(
+        dev,
+        Arc::new(LocalLockService::new(&locks).unwrap()),
+        opts(1),
+    )
+    .unwrap();
+    let o = cairn(
+        &locks,
+        &["domain", "format", p, "--name", "again", "--force"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("in use"), "{}", text(&o));
+    d.close().unwrap();
+    let o = cairn(
+        &locks,
+        &["domain", "format", p, "--name", "again", "--force"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = cairn(&locks, &["domain", "info", p, "--json"]);
+    let i: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(i["geometry"]["name"], "again");
+}
+
+#[test]
+fn check_exit_codes_and_recover_an_open_intent() {
+    let dir = tempfile::tempdir().unwrap();
+    let locks = dir.path().join("locks");
+    // Build a domain whose host died between applying an intent and
+    // committing it.
+    let mem = Arc::new(MemDev::new(24 << 20));
+    format(
+        mem.as_ref(),
+        &params(),
+        false,
+        &MemLockService::new(),
+        &FixedClock(1),
+    )
+    .unwrap();
+    let base = mem.image();
+    let probe = SimDev::new(base.clone(), None);
+    let d = Domain::open(probe.clone(), Arc::new(MemLockService::new()), opts(1)).unwrap();
+    let start = probe.events();
+    d.create_volume(raw(1)).unwrap();
+    let end = probe.events();
+    drop(d);
+    // Crash right before the commit record (the last event).
+    let sim = SimDev::new(base, Some(end - 1));
+    let d = Domain::open(sim.clone(), Arc::new(MemLockService::new()), opts(1)).unwrap();
+    assert!(d.create_volume(raw(1)).is_err());
+    assert!(end - 1 > start);
+    drop(d);
+    let img = dir.path().join("crashed.img");
+    std::fs::write(&img, sim.crash_image(CrashKeep::None)).unwrap();
+    let p = img.to_str().unwrap();
+
+    let o = cairn(&locks, &["domain", "check", p]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("journal.open_intent"), "{}", text(&o));
+    let o = cairn(&locks, &["domain", "check", p, "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["open_intents"], 1);
+
+    let o = cairn(&locks, &["domain", "dump", p]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("[OPEN]"), "{}", text(&o));
+
+    let o = cairn(&locks, &["domain", "recover", p, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        r["recovered"][0]["forward"].as_array().unwrap().len(),
+        1,
+        "{r}"
+    );
+
+    let o = cairn(&locks, &["domain", "check", p]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("1 volumes"), "{}", text(&o));
+
+    // Damage: exit 1 with the location.
+    let g =
+        cairn_domain::engine::read_superblocks(&MemDev::from_image(std::fs::read(&img).unwrap()))
+            .unwrap()
+            .0;
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[(g.volume_off(0) + 40) as usize] ^= 4;
+    std::fs::write(&img, &bytes).unwrap();
+    let o = cairn(&locks, &["domain", "check", p]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{:#x}", g.volume_off(0))),
+        "{}",
+        text(&o)
+    );
+
+    // Not a domain at all: exit 2.
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    let o = cairn(&locks, &["domain", "check", junk.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a usable domain"), "{}", text(&o));
+
+    // Recovering a slot a live host holds is refused.
+    let live = dir.path().join("live.img");
+    let o = cairn(
+        &locks,
+        &[
+            "domain",
+            "format",
+            live.to_str().unwrap(),
+            "--name",
+            "l",
+            "--size",
+            "64M",
+            "--volume-slots",
+            "16",
+            "--tag-slots",
+            "16",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let dev = Arc::new(cairn_domain::io::FileDev::open(&live, true).unwrap());
+    let d = Domain::open(
+        dev,
+        Arc::new(LocalLockService::new(&locks).unwrap()),
+        opts(1),
+    )
+    .unwrap();
+    let slot = d.slot().unwrap().to_string();
+    let o = cairn(
+        &locks,
+        &[
+            "domain",
+            "recover",
+            live.to_str().unwrap(),
+            "--host-slot",
+            &slot,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("live host"), "{}", text(&o));
+    d.close().unwrap();
+}
+
+#[test]
+fn completions_are_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cairn(dir.path(), &["completions", "bash"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("cairn"));
+}

@@ -1,0 +1,295 @@
+//! Crash at every write and flush boundary of every operation, with
+//! different sets of unflushed writes surviving, then recover and check.
+
+use std::sync::Arc;
+
+use cairn_domain::io::{BlockDev, CrashKeep, MemDev, SimDev};
+use cairn_domain::*;
+
+use crate::common::*;
+
+/// A domain's contents with random id bytes replaced by slot numbers, so
+/// two runs of the same operation compare equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State(Vec<String>);
+
+fn state(d: &Domain) -> State {
+    let mut s = Vec::new();
+    for v in d.list_volumes().unwrap() {
+        s.push(format!(
+            "vol {} parent={:?} {} {} cap={} run={}+{} {} {:?} refs={} gen={}",
+            v.id.slot(),
+            v.parent.map(|p| p.slot()),
+            v.format,
+            v.legality,
+            v.capacity,
+            v.extent_start,
+            v.extent_count,
+            v.allocation,
+            v.description,
+            v.tag_refs,
+            v.generation
+        ));
+    }
+    for t in d.list_tags().unwrap() {
+        s.push(format!(
+            "tag {} vol={} size={} {} {} {} {} {:?} children={} gen={} ud={:?}",
+            t.id.slot(),
+            t.volume.slot(),
+            t.size,
+            t.mutable,
+            t.strategy,
+            t.tag_type,
+            t.state,
+            t.options,
+            t.child_refs,
+            t.generation,
+            d.read_user_data(&t.id).unwrap()
+        ));
+    }
+    let u = d.usage().unwrap();
+    s.push(format!("usage {} {} {}", u.extents_used, u.volumes, u.tags));
+    State(s)
+}
+
+/// Objects the setup made, for the operation under test.
+struct Fixture {
+    base_tag: TagId,
+    disk_vol: VolumeId,
+    disk: TagId,
+    spare: VolumeId,
+    leaf: VolumeId,
+    leaf_tag: TagId,
+}
+
+fn setup(d: &Domain) -> Fixture {
+    let (base, bg) = d.create_volume(raw(1)).unwrap();
+    let base_tag = d.create_tag(tag_on(base.id), &[&bg]).unwrap();
+    let mut spec = raw(1);
+    spec.format = Format::Qcow2;
+    spec.parent = Some(TagRef::Existing(base_tag.id));
+    let (disk_vol, dg) = d.create_volume(spec).unwrap();
+    let disk = d.create_tag(tag_on(disk_vol.id), &[&dg]).unwrap();
+    d.set_user_data(&disk.id, "catalog", b"first".to_vec(), &[])
+        .unwrap();
+    let (spare, _sg) = d.create_volume(raw(2)).unwrap();
+    let (leaf, lg) = d.create_volume(raw(1)).unwrap();
+    let leaf_tag = d.create_tag(tag_on(leaf.id), &[&lg]).unwrap();
+    Fixture {
+        base_tag: base_tag.id,
+        disk_vol: disk_vol.id,
+        disk: disk.id,
+        spare: spare.id,
+        leaf: leaf.id,
+        leaf_tag: leaf_tag.id,
+    }
+}
+
+type OpFn = fn(&Domain, &Fixture) -> Result<()>;
+
+fn ops() -> Vec<(&'static str, OpFn)> {
+    vec![
+        ("create volume", |d, _| d.create_volume(raw(2)).map(|_| ())),
+        ("create volume on a parent", |d, f| {
+            let mut s = raw(1);
+            s.format = Format::Qcow2;
+            s.parent = Some(TagRef::Existing(f.base_tag));
+            d.create_volume(s).map(|_| ())
+        }),
+        ("delete volume", |d, f| d.delete_volume(&f.spare, &[])),
+        ("write volume metadata (rebase)", |d, f| {
+            let mut m = d.read_volume(&f.disk_vol)?.meta();
+            m.parent = None;
+            m.description = "rebased".into();
+            d.write_volume_meta(&f.disk_vol, m, &[]).map(|_| ())
+        }),
+        ("extend volume", |d, f| {
+            d.extend_volume(&f.leaf, 3 << 20, &[]).map(|_| ())
+        }),
+        ("create tag", |d, f| {
+            d.create_tag(tag_on(f.spare), &[]).map(|_| ())
+        }),
+        ("delete tag", |d, f| d.delete_tag(&f.leaf_tag, &[])),
+        ("change tag (move to another volume)", |d, f| {
+            let mut m = tag_on(f.spare);
+            m.state = TagState::Degraded;
+            d.change_tag(&f.leaf_tag, m, &[]).map(|_| ())
+        }),
+        ("write user data", |d, f| {
+            d.set_user_data(&f.disk, "manifest", vec![0xab; 2500], &[])
+        }),
+        ("remove user data", |d, f| {
+            d.remove_user_data(&f.disk, "catalog", &[])
+        }),
+        ("grouped: snapshot", |d, f| {
+            let mut weak = tag_on(f.disk_vol);
+            weak.tag_type = TagType::Weak;
+            weak.mutable = false;
+            let mut top = raw(1);
+            top.format = Format::Qcow2;
+            top.parent = Some(TagRef::New(0));
+            let mut moved = d.read_tag(&f.disk)?.meta();
+            moved.volume = VolumeRef::New(0);
+            d.tx("snapshot")
+                .create_tag(weak)
+                .create_volume(top)
+                .change_tag(f.disk, moved)
+                .commit()
+                .map(|_| ())
+        }),
+        ("grouped: delete a chain", |d, f| {
+            d.tx("delete leaf")
+                .delete_tag(f.leaf_tag)
+                .delete_volume(f.leaf)
+                .commit()
+                .map(|_| ())
+        }),
+    ]
+}
+
+fn open_on(dev: Arc<dyn BlockDev>) -> Result<Domain> {
+    Domain::open(dev, Arc::new(MemLockService::new()), opts(1))
+}
+
+const KEEPS: [CrashKeep; 5] = [
+    CrashKeep::None,
+    CrashKeep::All,
+    CrashKeep::Subset(1),
+    CrashKeep::Subset(2),
+    CrashKeep::Subset(3),
+];
+
+/// Recover `image`, check it, and return its state. Also crash the
+/// recovery itself at every boundary and recover again.
+fn recover_and_check(
+    image: Vec<u8>,
+    before: &State,
+    after: &State,
+    what: &str,
+    deep: bool,
+    points: &mut u64,
+) {
+    // Plain recovery.
+    let dev = Arc::new(MemDev::from_image(image.clone()));
+    let d = open_on(dev.clone()).unwrap_or_else(|e| panic!("{what}: recovery failed: {e}"));
+    let got = state(&d);
+    drop(d);
+    assert_clean(dev.as_ref());
+    assert!(
+        got == *before || got == *after,
+        "{what}: state is neither before nor after:\n{got:#?}\nbefore {before:#?}\nafter {after:#?}"
+    );
+    if !deep {
+        return;
+    }
+    // Recovery that crashes, at every one of its writes and flushes.
+    let probe = SimDev::new(image.clone(), None);
+    let _ = open_on(probe.clone()).unwrap();
+    let events = probe.events();
+    for k in 0..events {
+        let sim = SimDev::new(image.clone(), Some(k));
+        assert!(
+            open_on(sim.clone()).is_err(),
+            "{what}: recovery crash {k} did not stop"
+        );
+        for keep in [CrashKeep::None, CrashKeep::All] {
+            *points += 1;
+            let dev = Arc::new(MemDev::from_image(sim.crash_image(keep)));
+            let d = open_on(dev.clone())
+                .unwrap_or_else(|e| panic!("{what}: second recovery after crash {k} failed: {e}"));
+            let again = state(&d);
+            drop(d);
+            assert_clean(dev.as_ref());
+            assert_eq!(
+                again, got,
+                "{what}: recovery crashed at {k} changed the outcome"
+            );
+        }
+    }
+}
+
+#[test]
+fn crash_at_every_boundary_of_every_operation() {
+    let mut total_points = 0u64;
+    let mut rollbacks = 0u64;
+    for (name, op) in ops() {
+        // A clean domain with the fixture, closed cleanly.
+        let dev = Arc::new(MemDev::new(12 << 20));
+        format(
+            dev.as_ref(),
+            &params(),
+            false,
+            &MemLockService::new(),
+            &FixedClock(1),
+        )
+        .unwrap();
+        let d = open_on(dev.clone()).unwrap();
+        let fix = setup(&d);
+        d.close().unwrap();
+        let base = dev.image();
+        // Reference run: how many events, and the states before and after.
+        let sim = SimDev::new(base.clone(), None);
+        let d = open_on(sim.clone()).unwrap();
+        let before = state(&d);
+        let start = sim.events();
+        let flushes_before = sim.stats().flushes;
+        op(&d, &fix).unwrap_or_else(|e| panic!("{name}: reference run failed: {e}"));
+        let end = sim.events();
+        let after = state(&d);
+        assert_ne!(before, after, "{name}: the operation changed nothing");
+        let flushes = sim.stats().flushes - flushes_before;
+        assert!(flushes <= 3, "{name}: {flushes} flushes");
+        drop(d);
+        assert!(end - start >= 4, "{name}: only {} events", end - start);
+        let mut points = 0;
+        for n in start..=end {
+            let sim = SimDev::new(base.clone(), Some(n));
+            let d = open_on(sim.clone()).unwrap();
+            let res = op(&d, &fix);
+            let crashed = sim.crashed();
+            drop(d);
+            for keep in KEEPS {
+                points += 1;
+                let image = sim.crash_image(keep);
+                if res.is_ok() {
+                    // Success was reported: the change must survive.
+                    let dev = Arc::new(MemDev::from_image(image.clone()));
+                    let d = open_on(dev).unwrap();
+                    assert_eq!(
+                        state(&d),
+                        after,
+                        "{name}: reported success but lost it (crash {n})"
+                    );
+                }
+                let dev = Arc::new(MemDev::from_image(image.clone()));
+                let d = open_on(dev).unwrap();
+                rollbacks += d
+                    .recovery_reports()
+                    .iter()
+                    .map(|r| r.back.len() as u64)
+                    .sum::<u64>();
+                drop(d);
+                let deep = matches!(keep, CrashKeep::None | CrashKeep::All);
+                recover_and_check(
+                    image,
+                    &before,
+                    &after,
+                    &format!("{name} crash {n} {keep:?}"),
+                    deep,
+                    &mut points,
+                );
+            }
+            if !crashed {
+                assert!(res.is_ok(), "{name}: failed without a crash: {res:?}");
+            }
+        }
+        println!(
+            "{name}: {} writes and flushes ({} flushes), {points} crash points",
+            end - start,
+            flushes
+        );
+        total_points += points;
+    }
+    println!("crash points covered: {total_points}; intents rolled back: {rollbacks}");
+    assert!(rollbacks > 0, "no crash point exercised a rollback");
+}
