@@ -45,3 +45,6 @@ pub use model::*;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden;
