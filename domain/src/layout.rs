@@ -520,3 +520,8 @@ pub fn put_str(dst: &mut [u8], s: &str) -> usize {
 pub fn get_str(src: &[u8], len: usize) -> String {
     String::from_utf8_lossy(&src[..len.min(src.len())]).into_owned()
 }
+
+/// The bytes of a declared structure (for tools outside this crate).
+pub fn as_bytes<T: IntoBytes + Immutable>(v: &T) -> &[u8] {
+    v.as_bytes()
+}
