@@ -385,7 +385,8 @@ impl Geometry {
         }
         let g = Geometry {
             domain_id: uuid::Uuid::from_bytes(sb.domain_id),
-            name: get_str(&sb.name, sb.name_len as usize),
+            name: get_str(&sb.name, sb.name_len as usize)
+                .map_err(|d| DomainError::corrupt("superblock", offset, d))?,
             created: sb.created.get(),
             device_size: sb.device_size.get(),
             sector_size: sb.sector_size.get(),

@@ -360,3 +360,24 @@ proptest! {
         let _ = crate::journal::scan(&SALT, 0, &bytes, 0);
     }
 }
+
+#[test]
+fn non_utf8_text_is_refused_not_decoded_lossily() {
+    // Regression (found by the `intent` fuzz target): a label of invalid
+    // UTF-8 decoded lossily and did not re-encode to the same bytes.
+    let i = Intent {
+        created: 1,
+        request_id: [0; 16],
+        label: "ok".into(),
+        actions: vec![],
+    };
+    let mut b = i.encode();
+    b[32] = 2; // label length
+    b[40] = 0xff;
+    b[41] = 0xfe;
+    assert!(Intent::decode(&b).is_err());
+    let mut v = encode_volume(&SALT, &sample_volume());
+    v[104] = 0xff;
+    seal(&SALT, &mut v);
+    assert!(decode_volume(&SALT, 3, &v).is_err());
+}

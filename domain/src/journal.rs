@@ -235,7 +235,7 @@ impl Intent {
         Ok(Intent {
             created: h.created.get(),
             request_id: h.request_id,
-            label: get_str(&h.label, h.label_len as usize),
+            label: get_str(&h.label, h.label_len as usize)?,
             actions,
         })
     }

@@ -516,9 +516,12 @@ pub fn put_str(dst: &mut [u8], s: &str) -> usize {
     b.len()
 }
 
-/// Read a length-prefixed string from a fixed buffer, lossily.
-pub fn get_str(src: &[u8], len: usize) -> String {
-    String::from_utf8_lossy(&src[..len.min(src.len())]).into_owned()
+/// Read a length-prefixed UTF-8 string from a fixed buffer; invalid UTF-8
+/// or a length past the buffer is an error (never decoded lossily, so that
+/// whatever decodes re-encodes to the same bytes).
+pub fn get_str(src: &[u8], len: usize) -> Result<String, String> {
+    let b = src.get(..len).ok_or("text length out of range")?;
+    String::from_utf8(b.to_vec()).map_err(|_| "text is not UTF-8".to_string())
 }
 
 /// The bytes of a declared structure (for tools outside this crate).

@@ -181,7 +181,7 @@ pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume
         legality,
         allocation,
         ctime: r.ctime.get(),
-        description: get_str(&r.description, dl),
+        description: get_str(&r.description, dl)?,
         tag_refs: r.tag_refs.get(),
         generation: r.generation.get(),
         token: r.token.get(),
@@ -362,7 +362,7 @@ impl SlotHeader {
             generation: r.generation.get(),
             token: r.token.get(),
             host_id: uuid::Uuid::from_bytes(r.host_id),
-            host_name: get_str(&r.host_name, r.host_name_len as usize),
+            host_name: get_str(&r.host_name, r.host_name_len as usize)?,
             claimed_at: r.claimed_at.get(),
             released_at: r.released_at.get(),
         })
