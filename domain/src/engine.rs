@@ -1767,8 +1767,7 @@ impl<'p> Planner<'p> {
                 self.live_vol(id)?.extent_count = n;
             }
             Op::CreateTag(meta) => {
-                let opts = encode_options(&meta.options)?;
-                let _ = opts;
+                encode_options(&meta.options)?;
                 if meta.size > MAX_CAPACITY {
                     return Err(DomainError::invalid(
                         "size",

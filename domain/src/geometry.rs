@@ -500,11 +500,6 @@ impl Geometry {
     }
 }
 
-/// Encode a zeroed structure helper used by tests and tools.
-pub fn zeroed<T: FromZeros>() -> T {
-    T::new_zeroed()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -649,13 +649,6 @@ impl JournalWriter {
         Ok(seq)
     }
 
-    /// Forget an intent that failed before anything was applied. Its record
-    /// stays in the ring; a commit with outcome BACK closes it.
-    pub fn abandon(&mut self, dev: &dyn BlockDev, intent_seq: u64) -> Result<()> {
-        self.commit(dev, intent_seq, outcome::BACK, self.slot)?;
-        Ok(())
-    }
-
     /// Number of intents not yet committed.
     pub fn open_count(&self) -> usize {
         self.open.len()
