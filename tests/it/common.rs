@@ -64,18 +64,27 @@ pub fn assert_clean(dev: &dyn BlockDev) {
 
 /// The `cairn` binary, built if missing.
 pub fn cairn_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    built_bin(&BUILT, "cairn-cli", "cairn")
+}
+
+/// The `cairn-agent` binary, built if missing.
+pub fn agent_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    built_bin(&BUILT, "cairn-agent", "cairn-agent")
+}
+
+fn built_bin(once: &'static std::sync::Once, package: &str, name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/cairn");
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
+    once.call_once(|| {
         let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "cairn-cli"])
+            .args(["build", "-q", "-p", package])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");
-        assert!(st.success(), "building cairn failed");
+        assert!(st.success(), "building {package} failed");
     });
-    bin
+    target.join("debug").join(name)
 }

@@ -3,6 +3,8 @@
 //! Test names mark what they need: `root_` (loop devices), `slow_` (long
 //! runs), `etcd_` (a real etcd server).
 
+mod agent;
+mod agent_harness;
 mod bitflip;
 mod cli;
 mod common;

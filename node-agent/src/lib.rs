@@ -1,0 +1,30 @@
+//! Cairn's node agent.
+//!
+//! The agent opens the storage domains its host sees, claims a host slot
+//! on each, and serves the domain's repository operations, activation and
+//! the data path over gRPC (`cairn.agent.v1`). The operations themselves
+//! ([`agent::Agent`]) are synchronous and speak domain types; the gRPC
+//! layer ([`service`]) converts messages, runs them on blocking threads,
+//! remembers request ids and maps errors to status codes.
+#![warn(missing_docs)]
+
+pub mod activation;
+pub mod agent;
+pub mod client;
+pub mod error;
+pub mod loopdev;
+pub mod metrics;
+pub mod qcow2;
+pub mod server;
+pub mod service;
+
+pub use agent::{Agent, AgentConfig};
+pub use error::AgentError;
+
+/// Generated gRPC types of `cairn.agent.v1`. They stop at the service layer.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("cairn.agent.v1");
+    /// Encoded file descriptor set for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_agent_v1");
+}

@@ -1,0 +1,79 @@
+//! `cairn-agent`: the node agent daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cairn_agent::server::{init_logging, serve, ServeOptions};
+use cairn_agent::AgentConfig;
+use clap::Parser;
+
+/// Cairn node agent: serves volume operations on the storage domains this
+/// host sees.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// A domain device or file to open (repeat for several).
+    #[arg(long = "domain", required = true)]
+    domains: Vec<PathBuf>,
+    /// Unix socket for local clients (the `cairn` CLI).
+    #[arg(long, default_value = "/run/cairn/agent.sock")]
+    socket: PathBuf,
+    /// Also serve gRPC on this TCP address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this TCP address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Where stable volume paths are made.
+    #[arg(long, default_value = "/run/cairn")]
+    run_dir: PathBuf,
+    /// Single-machine lock directory.
+    #[arg(long, env = "CAIRN_LOCK_DIR", default_value = "/run/cairn/locks")]
+    lock_dir: PathBuf,
+    /// Seconds an operation waits for a lock.
+    #[arg(long, default_value_t = 30)]
+    lock_timeout: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    init_logging(a.log_json);
+    let opts = ServeOptions {
+        agent: AgentConfig {
+            domains: a.domains,
+            run_dir: a.run_dir,
+            host: cairn_domain::HostIdentity::local(),
+            lock_timeout: Duration::from_secs(a.lock_timeout),
+        },
+        lock_dir: a.lock_dir,
+        socket: Some(a.socket),
+        listen: a.listen,
+        metrics: a.metrics,
+    };
+    // One JSON line on stdout says where we listen (ports may be 0).
+    let ready = |b: &cairn_agent::server::Bound| {
+        println!(
+            "{}",
+            serde_json::json!({
+                "socket": b.socket,
+                "listen": b.listen.map(|a| a.to_string()),
+                "metrics": b.metrics.map(|a| a.to_string()),
+            })
+        )
+    };
+    serve(opts, ready, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

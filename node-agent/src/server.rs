@@ -1,0 +1,156 @@
+//! Running the agent: gRPC on a unix socket and/or TCP, with health
+//! checking and reflection, and the metrics endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::agent::{Agent, AgentConfig};
+use crate::loopdev::KernelLoop;
+use crate::metrics::{self, Metrics};
+use crate::pb;
+use crate::service::AgentService;
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The agent.
+    pub agent: AgentConfig,
+    /// Single-machine lock directory.
+    pub lock_dir: PathBuf,
+    /// Unix socket path (the CLI's default way in).
+    pub socket: Option<PathBuf>,
+    /// TCP address for remote clients.
+    pub listen: Option<SocketAddr>,
+    /// TCP address of the Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Addresses actually bound (ports may have been 0).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// Unix socket.
+    pub socket: Option<PathBuf>,
+    /// gRPC over TCP.
+    pub listen: Option<SocketAddr>,
+    /// Metrics.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Open the agent and serve until `shutdown` resolves; `ready` gets the
+/// bound addresses once clients can connect.
+pub async fn serve(
+    opts: ServeOptions,
+    ready: impl FnOnce(&Bound) + Send,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let locks: Arc<dyn cairn_domain::LockService> =
+        Arc::new(cairn_domain::LocalLockService::new(&opts.lock_dir)?);
+    let cfg = opts.agent.clone();
+    let agent = tokio::task::spawn_blocking(move || Agent::open(&cfg, locks, Arc::new(KernelLoop)))
+        .await??;
+    let agent = Arc::new(agent);
+    let metrics = Arc::new(Metrics::new());
+    let svc = AgentService::new(agent.clone(), metrics.clone());
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::agent_server::AgentServer<AgentService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let router = || {
+        tonic::transport::Server::builder()
+            .add_service(health_svc.clone())
+            .add_service(reflection.clone())
+            .add_service(pb::agent_server::AgentServer::new(svc.clone()))
+    };
+
+    let mut bound = Bound {
+        socket: None,
+        listen: None,
+        metrics: None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(path) = &opts.socket {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket left by a dead agent is in the way; a live one answers.
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                anyhow::bail!("another agent is serving on {}", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        bound.socket = Some(path.clone());
+        let r = router();
+        let s = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
+                .await
+        });
+    }
+    if let Some(addr) = opts.listen {
+        let l = TcpListener::bind(addr).await?;
+        bound.listen = Some(l.local_addr()?);
+        let r = router();
+        let s = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s)
+                .await
+        });
+    }
+    let mut metrics_task = None;
+    if let Some(addr) = opts.metrics {
+        let l = TcpListener::bind(addr).await?;
+        bound.metrics = Some(l.local_addr()?);
+        metrics_task = Some(tokio::spawn(metrics::serve(l, metrics.clone())));
+    }
+    tracing::info!(?bound, "agent serving");
+    ready(&bound);
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    if let Some(p) = &bound.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(svc);
+    match Arc::try_unwrap(agent) {
+        Ok(a) => tokio::task::spawn_blocking(move || a.close()).await??,
+        Err(_) => tracing::warn!("requests still running at shutdown"),
+    }
+    Ok(())
+}
+
+/// Set up logging: human-readable or JSON lines, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}

@@ -1,0 +1,186 @@
+//! A real `cairn-agent` process on a domain file, and a gRPC client to it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use cairn_agent::client::{connect, Target};
+use cairn_agent::pb;
+use cairn_agent::pb::agent_client::AgentClient;
+use cairn_domain::io::FileDev;
+use cairn_domain::*;
+use tonic::transport::Channel;
+
+use crate::common::agent_bin;
+
+/// A runtime for driving the async client from plain tests.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Format a sparse domain file of `gib` GiB.
+pub fn make_domain(path: &Path, gib: u64) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(gib << 30)
+        .unwrap();
+    let dev = FileDev::open(path, true).unwrap();
+    let params = FormatParams {
+        name: "it".into(),
+        host_slots: Some(4),
+        volume_slots: Some(1024),
+        tag_slots: Some(1024),
+        extent_size: Some(1 << 20),
+        ..Default::default()
+    };
+    format(&dev, &params, false, &MemLockService::new(), &SystemClock).unwrap();
+}
+
+/// A running agent.
+pub struct AgentProc {
+    child: Option<Child>,
+    /// Scratch directory (socket, run dir, locks).
+    pub dir: PathBuf,
+    /// Domain file.
+    pub domain: PathBuf,
+    /// Unix socket.
+    pub socket: PathBuf,
+    /// Metrics address.
+    pub metrics: String,
+}
+
+impl AgentProc {
+    /// Start an agent on `domain`, its files under `dir`.
+    pub fn start(domain: &Path, dir: &Path) -> AgentProc {
+        let socket = dir.join("agent.sock");
+        let mut child = Command::new(agent_bin())
+            .arg("--domain")
+            .arg(domain)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--lock-dir")
+            .arg(dir.join("locks"))
+            .args(["--metrics", "127.0.0.1:0", "--lock-timeout", "5"])
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn-agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(!line.is_empty(), "cairn-agent exited before it was ready");
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line");
+        AgentProc {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            domain: domain.to_path_buf(),
+            socket,
+            metrics: ready["metrics"].as_str().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> AgentClient<Channel> {
+        connect(&Target::Unix(self.socket.clone()))
+            .await
+            .expect("connect to the agent")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain syscall on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "agent exited with {st}");
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+        detach_loops_of(&self.domain);
+    }
+}
+
+/// Detach every loop device over `path` (test cleanup).
+pub fn detach_loops_of(path: &Path) {
+    let Ok(p) = path.canonicalize() else { return };
+    let lc = cairn_agent::loopdev::KernelLoop;
+    use cairn_agent::loopdev::LoopControl;
+    if let Ok(l) = lc.list() {
+        for d in l.into_iter().filter(|d| d.backing == p) {
+            let _ = lc.detach(d.index);
+        }
+    }
+}
+
+/// Loop devices over `path`.
+pub fn loops_of(path: &Path) -> Vec<u32> {
+    let p = path.canonicalize().unwrap();
+    use cairn_agent::loopdev::LoopControl;
+    cairn_agent::loopdev::KernelLoop
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.backing == p)
+        .map(|d| d.index)
+        .collect()
+}
+
+/// A raw or qcow2 volume request with a strong mutable tag.
+pub fn disk_request(id: &str, format: pb::VolumeFormat, mib: u64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        request_id: id.into(),
+        format: format as i32,
+        capacity: mib << 20,
+        description: "disk".into(),
+        tag: Some(pb::TagSpec {
+            mutable: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Run a command; panic with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The domain's offline check, through the library.
+pub fn domain_clean(path: &Path) {
+    let dev = FileDev::open(path, false).unwrap();
+    crate::common::assert_clean(&dev);
+}
