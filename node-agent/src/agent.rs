@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub host: HostIdentity,
     /// How long an operation waits for a lock.
     pub lock_timeout: Duration,
+    /// Directories of this host that import and export may use.
+    pub io_dirs: Vec<PathBuf>,
 }
 
 /// An open domain with what the agent knows about it.
@@ -198,6 +200,8 @@ pub struct Agent {
     /// Serialises changes to activations.
     act: Mutex<()>,
     client_locks: Mutex<HashMap<String, ClientLock>>,
+    pub(crate) jobs: crate::jobs::Jobs,
+    pub(crate) io_dirs: Vec<PathBuf>,
 }
 
 /// Default lease of a client-held lock.
@@ -242,11 +246,20 @@ impl Agent {
             );
             domains.push(Arc::new(Opened { domain, path, run }));
         }
+        let mut io_dirs = Vec::new();
+        for d in &cfg.io_dirs {
+            io_dirs.push(d.canonicalize().map_err(AgentError::io(format!(
+                "import/export directory {}",
+                d.display()
+            )))?);
+        }
         let agent = Agent {
             domains,
             loops,
             act: Mutex::new(()),
             client_locks: Mutex::new(HashMap::new()),
+            jobs: Default::default(),
+            io_dirs,
         };
         for o in &agent.domains {
             agent.remove_half_made(o)?;
@@ -538,18 +551,52 @@ impl Agent {
             legality: Legality::Illegal,
             description: req.description.clone(),
         };
+        let backing = parent.as_ref().map(|(_, pv)| (pv.id, pv.format));
+        let (vol, guard) = self.begin_volume(o, spec, backing, request_id)?;
+        let (volume, tag) = self.finish_volume(o, &vol, &guard, req.tag.as_ref(), request_id)?;
+        let lock_id = req
+            .keep_locked
+            .map(|lease| self.keep_lock(o, vol.id, guard, lease));
+        Ok(CreatedVolume {
+            volume,
+            tag,
+            lock_id,
+        })
+    }
+
+    /// First step of making a volume: create it ILLEGAL and initialise its
+    /// data area (see the module docs).
+    pub(crate) fn begin_volume(
+        &self,
+        o: &Opened,
+        spec: VolumeSpec,
+        backing: Option<(VolumeId, Format)>,
+        request_id: [u8; 16],
+    ) -> Result<(Volume, LockGuard)> {
         let mut out = o
             .domain
             .tx("create volume")
             .request_id(request_id)
             .create_volume(spec)
             .commit()?;
-        let (mut vol, guard) = out.volumes.remove(0);
-        let backing = parent.as_ref().map(|(_, pv)| (pv.id, pv.format));
+        let (vol, guard) = out.volumes.remove(0);
         if let Err(e) = self.init_data(o, &vol, backing) {
             self.undo_create(o, &vol, &guard);
             return Err(e);
         }
+        Ok((vol, guard))
+    }
+
+    /// Last step: mark the volume LEGAL and create its tag, in one
+    /// transaction. Removes the volume if that fails.
+    pub(crate) fn finish_volume(
+        &self,
+        o: &Opened,
+        vol: &Volume,
+        guard: &LockGuard,
+        tag: Option<&TagSpec>,
+        request_id: [u8; 16],
+    ) -> Result<(Volume, Option<Tag>)> {
         let mut meta = vol.meta();
         meta.legality = Legality::Legal;
         let mut tx = o
@@ -557,32 +604,24 @@ impl Agent {
             .tx("create volume: finish")
             .request_id(request_id)
             .write_volume_meta(vol.id, meta)
-            .held(&[&guard]);
-        if let Some(s) = &req.tag {
-            tx = tx.create_tag(tag_meta(s, VolumeRef::Existing(vol.id), capacity));
+            .held(&[guard]);
+        if let Some(s) = tag {
+            tx = tx.create_tag(tag_meta(s, VolumeRef::Existing(vol.id), vol.capacity));
         }
         let mut fin = match tx.commit() {
             Ok(f) => f,
             Err(e) => {
-                self.undo_create(o, &vol, &guard);
+                self.undo_create(o, vol, guard);
                 return Err(e.into());
             }
         };
-        vol = o.domain.read_volume(&vol.id)?;
         let tag = (!fin.tags.is_empty()).then(|| fin.tags.remove(0));
-        let lock_id = req
-            .keep_locked
-            .map(|lease| self.keep_lock(o, vol.id, guard, lease));
-        Ok(CreatedVolume {
-            volume: vol,
-            tag,
-            lock_id,
-        })
+        Ok((o.domain.read_volume(&vol.id)?, tag))
     }
 
     /// Best effort: remove a volume whose creation failed half way. If this
     /// fails too, the next start removes it.
-    fn undo_create(&self, o: &Opened, v: &Volume, guard: &LockGuard) {
+    pub(crate) fn undo_create(&self, o: &Opened, v: &Volume, guard: &LockGuard) {
         if let Err(e) = o.domain.delete_volume(&v.id, &[guard]) {
             tracing::warn!(volume = %v.id, error = %e, "could not remove a half-made volume");
         }
@@ -794,7 +833,7 @@ impl Agent {
     }
 
     /// A qemu block node for a volume, with its backing chain when asked.
-    fn node(&self, o: &Opened, v: &Volume, chain: bool) -> Result<serde_json::Value> {
+    pub(crate) fn node(&self, o: &Opened, v: &Volume, chain: bool) -> Result<serde_json::Value> {
         let ext = o.extent(v);
         let file = serde_json::json!({
             "driver": "file",
@@ -1361,7 +1400,7 @@ fn validate_capacity(c: u64) -> Result<()> {
     Ok(())
 }
 
-fn validate_description(d: &str) -> Result<()> {
+pub(crate) fn validate_description(d: &str) -> Result<()> {
     cairn_domain::model::validate_text("description", d, cairn_domain::model::MAX_DESCRIPTION)?;
     Ok(())
 }
@@ -1391,7 +1430,7 @@ pub fn validate_name(field: &'static str, n: &str) -> Result<()> {
     Ok(())
 }
 
-fn validate_tag_spec(s: &TagSpec) -> Result<()> {
+pub(crate) fn validate_tag_spec(s: &TagSpec) -> Result<()> {
     cairn_domain::model::encode_options(&s.options)?;
     Ok(())
 }

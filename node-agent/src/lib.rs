@@ -11,7 +11,9 @@
 pub mod activation;
 pub mod agent;
 pub mod client;
+pub mod datapath;
 pub mod error;
+pub mod jobs;
 pub mod loopdev;
 pub mod metrics;
 pub mod qcow2;

@@ -34,6 +34,10 @@ struct Args {
     /// Seconds an operation waits for a lock.
     #[arg(long, default_value_t = 30)]
     lock_timeout: u64,
+    /// A directory whose files may be imported and exported (repeat for
+    /// several; none means no import or export).
+    #[arg(long = "io-dir")]
+    io_dirs: Vec<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
             run_dir: a.run_dir,
             host: cairn_domain::HostIdentity::local(),
             lock_timeout: Duration::from_secs(a.lock_timeout),
+            io_dirs: a.io_dirs,
         },
         lock_dir: a.lock_dir,
         socket: Some(a.socket),

@@ -168,7 +168,7 @@ impl AgentService {
     async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&Agent) -> Result<T, AgentError> + Send + 'static,
+        F: FnOnce(&Arc<Agent>) -> Result<T, AgentError> + Send + 'static,
     {
         let agent = self.agent.clone();
         let t = Instant::now();
@@ -448,8 +448,223 @@ fn lease(secs: u32) -> Duration {
     }
 }
 
+fn target_of(t: Option<&pb::TargetSpec>) -> R<crate::jobs::Target> {
+    let Some(t) = t else {
+        return Ok(crate::jobs::Target {
+            format: None,
+            allocation: Allocation::Sparse,
+            description: String::new(),
+            tag: None,
+        });
+    };
+    let tag = match &t.tag {
+        Some(s) => {
+            if !s.volume.is_empty() {
+                return Err(AgentError::invalid(
+                    "target.tag.volume",
+                    "must be empty: the tag points at the new volume",
+                ));
+            }
+            Some(tag_spec_of(s)?)
+        }
+        None => None,
+    };
+    Ok(crate::jobs::Target {
+        format: if t.format == 0 {
+            None
+        } else {
+            Some(format_of("target.format", t.format)?)
+        },
+        allocation: allocation_of(t.allocation)?,
+        description: t.description.clone(),
+        tag,
+    })
+}
+
+fn pb_job(j: &crate::jobs::Job) -> pb::Job {
+    use crate::jobs::{Outcome, Status as S};
+    use std::sync::atomic::Ordering::Relaxed;
+    let (st, finished) = j.status();
+    let mut out = pb::Job {
+        id: j.id.clone(),
+        kind: j.kind.to_string(),
+        done_bytes: j.progress.done.load(Relaxed),
+        total_bytes: j.progress.total.load(Relaxed),
+        skipped_bytes: j.progress.skipped.load(Relaxed),
+        started: j.started,
+        finished,
+        ..Default::default()
+    };
+    out.state = match st {
+        S::Running => pb::JobState::Running,
+        S::Succeeded(o) => {
+            match o {
+                Outcome::Volume {
+                    domain,
+                    volume,
+                    tag,
+                } => {
+                    out.volume = Some(pb_volume(&domain, &volume));
+                    out.tag = tag.as_ref().map(|t| pb_tag(&domain, t));
+                }
+                Outcome::File(p) => out.path = p.display().to_string(),
+            }
+            pb::JobState::Succeeded
+        }
+        S::Failed(e) => {
+            let s = to_status(&e);
+            out.error_code = s.code() as i32;
+            out.error_reason = e.code().to_string();
+            out.error_message = s.message().to_string();
+            pb::JobState::Failed
+        }
+        S::Cancelled => pb::JobState::Cancelled,
+    } as i32;
+    out
+}
+
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentService {
+    type WatchJobStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::Job, Status>> + Send + 'static>,
+    >;
+
+    async fn copy_volume(
+        &self,
+        r: Request<pb::CopyVolumeRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "copy_volume",
+            &rid,
+            &r,
+            |_| {},
+            self.run("copy_volume", move |a| {
+                let o = a.domain(&req.domain)?;
+                let id = vol_id("volume_id", &req.volume_id)?;
+                let t = target_of(req.target.as_ref())?;
+                let j = a.start_copy(o, &id, t, request_bytes(&req.request_id))?;
+                Ok(pb_job(&j))
+            }),
+        )
+        .await
+    }
+
+    async fn import_volume(
+        &self,
+        r: Request<pb::ImportVolumeRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "import_volume",
+            &rid,
+            &r,
+            |_| {},
+            self.run("import_volume", move |a| {
+                let o = a.domain(&req.domain)?;
+                let f = format_of("source_format", req.source_format)?;
+                let t = target_of(req.target.as_ref())?;
+                let j = a.start_import(o, &req.path, f, t, request_bytes(&req.request_id))?;
+                Ok(pb_job(&j))
+            }),
+        )
+        .await
+    }
+
+    async fn export_volume(
+        &self,
+        r: Request<pb::ExportVolumeRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "export_volume",
+            &rid,
+            &r,
+            |_| {},
+            self.run("export_volume", move |a| {
+                let o = a.domain(&req.domain)?;
+                let id = vol_id("volume_id", &req.volume_id)?;
+                let f = if req.format == 0 {
+                    Format::Raw
+                } else {
+                    format_of("format", req.format)?
+                };
+                let j = a.start_export(o, &id, &req.path, f)?;
+                Ok(pb_job(&j))
+            }),
+        )
+        .await
+    }
+
+    async fn get_job(&self, r: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        self.run("get_job", move |a| {
+            Ok(pb_job(a.jobs().get(&r.job_id)?.as_ref()))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.run("list_jobs", |a| {
+            Ok(pb::ListJobsResponse {
+                jobs: a.jobs().list().iter().map(|j| pb_job(j)).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn cancel_job(
+        &self,
+        r: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        self.run("cancel_job", move |a| {
+            Ok(pb_job(a.cancel_job(&r.job_id)?.as_ref()))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn watch_job(
+        &self,
+        r: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = r.into_inner().job_id;
+        let job = self.agent.jobs().get(&id).map_err(|e| to_status(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let j = pb_job(&job);
+                let running = j.state == pb::JobState::Running as i32;
+                if last.as_ref() != Some(&j) {
+                    if tx.send(Ok(j.clone())).await.is_err() {
+                        return; // the client went away
+                    }
+                    last = Some(j);
+                }
+                if !running {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn list_domains(
         &self,
         _: Request<pb::ListDomainsRequest>,

@@ -440,17 +440,6 @@ fn agent_retried_requests_return_the_first_outcome() {
     domain_clean(&dom);
 }
 
-/// The domain as bytes (all metadata, journals included) and as a dump.
-fn domain_state(path: &Path) -> (Vec<u8>, String) {
-    let dev = cairn_domain::io::FileDev::open(path, false).unwrap();
-    let (g, _) = cairn_domain::engine::read_superblocks(&dev).unwrap();
-    let mut meta = cairn_domain::io::AlignedBuf::zeroed(g.data_off as usize);
-    use cairn_domain::io::BlockDev;
-    dev.read_at(&mut meta, 0).unwrap();
-    let d = cairn_domain::check::dump(&dev).unwrap();
-    (meta.to_vec(), serde_json::to_string(&d).unwrap())
-}
-
 #[test]
 fn root_agent_bad_input_gets_the_right_code_and_changes_nothing() {
     use tonic::Code::*;

@@ -54,10 +54,15 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Start an agent on `domain`, its files under `dir`.
+    /// Start an agent on `domain`, its files under `dir`; `dir/io` is its
+    /// import/export directory.
     pub fn start(domain: &Path, dir: &Path) -> AgentProc {
         let socket = dir.join("agent.sock");
+        let io = dir.join("io");
+        std::fs::create_dir_all(&io).unwrap();
         let mut child = Command::new(agent_bin())
+            .arg("--io-dir")
+            .arg(&io)
             .arg("--domain")
             .arg(domain)
             .arg("--socket")
@@ -87,6 +92,11 @@ impl AgentProc {
             socket,
             metrics: ready["metrics"].as_str().unwrap_or_default().to_string(),
         }
+    }
+
+    /// The import/export directory.
+    pub fn io_dir(&self) -> PathBuf {
+        self.dir.join("io")
     }
 
     /// The run directory.
@@ -183,4 +193,58 @@ pub fn run(cmd: &mut Command) -> String {
 pub fn domain_clean(path: &Path) {
     let dev = FileDev::open(path, false).unwrap();
     crate::common::assert_clean(&dev);
+}
+
+/// Follow a job until it ends.
+pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
+    let mut s = c
+        .watch_job(pb::GetJobRequest { job_id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(j) = s.message().await.unwrap() {
+        last = Some(j);
+    }
+    last.expect("a watched job reports at least once")
+}
+
+/// Write `len` bytes of a file: random-looking data in the first `data`
+/// bytes of every `stride` (multiples of 8), zeros elsewhere (written, not
+/// holes).
+pub fn pattern_file(path: &Path, len: u64, stride: u64, data: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut pos = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        for (i, w) in buf[..n].chunks_mut(8).enumerate() {
+            let at = pos + 8 * i as u64;
+            if at % stride < data {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x.to_le_bytes();
+                w.copy_from_slice(&b[..w.len()]);
+            } else {
+                w.fill(0);
+            }
+        }
+        f.write_all(&buf[..n]).unwrap();
+        pos += n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// The domain as bytes (all metadata, journals included) and as a dump.
+pub fn domain_state(path: &Path) -> (Vec<u8>, String) {
+    let dev = cairn_domain::io::FileDev::open(path, false).unwrap();
+    let (g, _) = cairn_domain::engine::read_superblocks(&dev).unwrap();
+    let mut meta = cairn_domain::io::AlignedBuf::zeroed(g.data_off as usize);
+    use cairn_domain::io::BlockDev;
+    dev.read_at(&mut meta, 0).unwrap();
+    let d = cairn_domain::check::dump(&dev).unwrap();
+    (meta.to_vec(), serde_json::to_string(&d).unwrap())
 }

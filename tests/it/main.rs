@@ -9,4 +9,5 @@ mod bitflip;
 mod cli;
 mod common;
 mod crash;
+mod datapath;
 mod multiprocess;

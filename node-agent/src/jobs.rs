@@ -1,0 +1,604 @@
+//! Long data operations as jobs: copy between volumes, import from a file,
+//! export to a file. Each runs on its own thread, reports progress, can be
+//! cancelled, and leaves nothing behind when it fails: a new volume stays
+//! ILLEGAL until its data is complete and flushed, and is removed on
+//! failure (or, after a crash, when the agent starts again); a partly
+//! written export file is removed.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use cairn_domain::{Allocation, Format, Legality, Tag, Volume, VolumeId, VolumeSpec};
+
+use crate::agent::{Agent, Opened, TagSpec};
+use crate::datapath::{copy_raw, qemu_convert, CopyError, Progress, Region};
+use crate::error::{AgentError, Result};
+use crate::qcow2;
+
+/// What a job made.
+#[derive(Clone)]
+pub enum Outcome {
+    /// A new volume (copy, import).
+    Volume {
+        /// Its domain.
+        domain: Arc<Opened>,
+        /// The volume.
+        volume: Box<Volume>,
+        /// Its tag, if one was asked for.
+        tag: Option<Box<Tag>>,
+    },
+    /// A file (export).
+    File(PathBuf),
+}
+
+/// Where a job is.
+#[derive(Clone)]
+pub enum Status {
+    /// Still working.
+    Running,
+    /// Done.
+    Succeeded(Outcome),
+    /// Failed; nothing is left behind.
+    Failed(Arc<AgentError>),
+    /// Cancelled; nothing is left behind.
+    Cancelled,
+}
+
+/// One job.
+pub struct Job {
+    /// Id.
+    pub id: String,
+    /// "copy", "import" or "export".
+    pub kind: &'static str,
+    /// Progress and the cancel flag.
+    pub progress: Arc<Progress>,
+    /// Seconds since the epoch.
+    pub started: u64,
+    status: Mutex<(Status, u64)>,
+}
+
+impl Job {
+    /// Current status and when it ended (0 while running).
+    pub fn status(&self) -> (Status, u64) {
+        self.status.lock().expect("poisoned").clone()
+    }
+    fn end(&self, s: Status) {
+        *self.status.lock().expect("poisoned") = (s, now());
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The jobs an agent knows (running, and the last finished ones).
+#[derive(Default)]
+pub struct Jobs {
+    map: Mutex<BTreeMap<String, Arc<Job>>>,
+}
+
+const KEEP_FINISHED: usize = 1000;
+
+impl Jobs {
+    fn add(&self, kind: &'static str) -> Arc<Job> {
+        let job = Arc::new(Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            progress: Arc::new(Progress::default()),
+            started: now(),
+            status: Mutex::new((Status::Running, 0)),
+        });
+        let mut m = self.map.lock().expect("poisoned");
+        let finished: Vec<String> = m
+            .iter()
+            .filter(|(_, j)| !matches!(j.status().0, Status::Running))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if finished.len() >= KEEP_FINISHED {
+            for k in &finished[..finished.len() + 1 - KEEP_FINISHED] {
+                m.remove(k);
+            }
+        }
+        m.insert(job.id.clone(), job.clone());
+        job
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &str) -> Result<Arc<Job>> {
+        self.map
+            .lock()
+            .expect("poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "job",
+                id: id.to_string(),
+            })
+    }
+
+    /// Every job.
+    pub fn list(&self) -> Vec<Arc<Job>> {
+        self.map
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// The new volume of a copy or import.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Format; `None` takes the source's.
+    pub format: Option<Format>,
+    /// Provisioning.
+    pub allocation: Allocation,
+    /// Free text.
+    pub description: String,
+    /// Tag to create on it.
+    pub tag: Option<TagSpec>,
+}
+
+fn from_copy(e: CopyError) -> AgentError {
+    match e {
+        CopyError::Cancelled => AgentError::Cancelled,
+        CopyError::Io { context, source } => AgentError::Io { context, source },
+        CopyError::Qemu(detail) => AgentError::Qemu {
+            tool: "qemu-img convert".into(),
+            detail,
+        },
+    }
+}
+
+/// The domain device, opened for data with direct I/O.
+fn open_direct(path: &Path, write: bool) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(AgentError::io(format!("opening {}", path.display())))
+}
+
+/// A path a client named for import or export: absolute, plain, and inside
+/// one of the allowed directories once symlinks are resolved. For export
+/// the file must not exist yet.
+pub fn allowed_path(dirs: &[PathBuf], p: &str, export: bool) -> Result<PathBuf> {
+    let bad = |why: &str| AgentError::invalid("path", format!("{p:?} {why}"));
+    if p.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if p.chars().any(char::is_control) {
+        return Err(bad("has control characters"));
+    }
+    let path = Path::new(p);
+    if !path.is_absolute() {
+        return Err(bad("is not absolute"));
+    }
+    let real = if export {
+        let name = path.file_name().ok_or_else(|| bad("names no file"))?;
+        let parent = path.parent().ok_or_else(|| bad("has no directory"))?;
+        let parent = parent.canonicalize().map_err(|_| AgentError::NotFound {
+            kind: "directory",
+            id: parent.display().to_string(),
+        })?;
+        parent.join(name)
+    } else {
+        path.canonicalize().map_err(|_| AgentError::NotFound {
+            kind: "file",
+            id: p.to_string(),
+        })?
+    };
+    if !dirs.iter().any(|d| real.starts_with(d)) {
+        return Err(bad(&format!(
+            "is outside the allowed import/export directories ({})",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if export {
+        if real.symlink_metadata().is_ok() {
+            return Err(AgentError::Domain(
+                cairn_domain::DomainError::AlreadyExists {
+                    what: format!("{} already exists", real.display()),
+                },
+            ));
+        }
+    } else if !real.is_file() {
+        return Err(bad("is not a regular file"));
+    }
+    Ok(real)
+}
+
+impl Agent {
+    /// The jobs of this agent.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Ask a job to stop.
+    pub fn cancel_job(&self, id: &str) -> Result<Arc<Job>> {
+        let j = self.jobs.get(id)?;
+        j.progress.cancel.store(true, Ordering::Relaxed);
+        Ok(j)
+    }
+
+    fn spawn_job(
+        self: &Arc<Self>,
+        kind: &'static str,
+        work: impl FnOnce(&Arc<Agent>, &Progress) -> Result<Outcome> + Send + 'static,
+    ) -> Arc<Job> {
+        let job = self.jobs.add(kind);
+        let (agent, j) = (self.clone(), job.clone());
+        std::thread::Builder::new()
+            .name(format!("job-{kind}"))
+            .spawn(move || {
+                let r = work(&agent, &j.progress);
+                let s = match r {
+                    Ok(o) => Status::Succeeded(o),
+                    Err(AgentError::Cancelled) => Status::Cancelled,
+                    Err(e) => Status::Failed(Arc::new(e)),
+                };
+                match &s {
+                    Status::Failed(e) => {
+                        tracing::warn!(job = %j.id, kind, error = %e, "job failed")
+                    }
+                    Status::Cancelled => tracing::info!(job = %j.id, kind, "job cancelled"),
+                    _ => tracing::info!(job = %j.id, kind, "job done"),
+                }
+                j.end(s);
+            })
+            .expect("spawning a job thread");
+        job
+    }
+
+    /// Copy a volume's data (its chain, flattened) into a new volume.
+    pub fn start_copy(
+        self: &Arc<Self>,
+        o: Arc<Opened>,
+        src: &VolumeId,
+        target: Target,
+        request_id: [u8; 16],
+    ) -> Result<Arc<Job>> {
+        self.check_target(&target)?;
+        let v = o.domain.read_volume(src)?;
+        let chain = self.volume_chain(&o, &v)?;
+        if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {} of the source chain is not legal",
+                bad.id
+            )));
+        }
+        let format = target.format.unwrap_or(v.format);
+        let src_id = v.id;
+        Ok(self.spawn_job("copy", move |a, p| {
+            // The source keeps still (no delete, no metadata change) while
+            // it is read.
+            let _lock = o.domain.lock_volume(&src_id)?;
+            let v = o.domain.read_volume(&src_id)?;
+            let chain = a.volume_chain(&o, &v)?;
+            let (vol, guard) = a.begin_target(&o, format, v.capacity, &target, request_id)?;
+            let r = (|| {
+                if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
+                    let f = open_direct(&o.path, true)?;
+                    let (s, d) = (o.extent(&v), o.extent(&vol));
+                    copy_raw(
+                        Region {
+                            file: &f,
+                            offset: s.offset,
+                            len: v.capacity,
+                        },
+                        Region {
+                            file: &f,
+                            offset: d.offset,
+                            len: d.len,
+                        },
+                        p,
+                    )
+                    .map_err(from_copy)
+                } else {
+                    let src = a.node(&o, &v, true)?;
+                    let dst = a.node(&o, &vol, false)?;
+                    convert_into(format, &format!("json:{src}"), &dst, v.capacity, p)?;
+                    o.domain
+                        .device()
+                        .flush()
+                        .map_err(AgentError::io("flushing"))
+                }
+            })();
+            a.end_target(&o, vol, guard, &target, request_id, r)
+        }))
+    }
+
+    /// Import a file of this host into a new volume.
+    pub fn start_import(
+        self: &Arc<Self>,
+        o: Arc<Opened>,
+        path: &str,
+        source_format: Format,
+        target: Target,
+        request_id: [u8; 16],
+    ) -> Result<Arc<Job>> {
+        self.check_target(&target)?;
+        let path = allowed_path(&self.io_dirs, path, false)?;
+        let (capacity, src) = match source_format {
+            Format::Raw => {
+                let len = path
+                    .metadata()
+                    .map_err(AgentError::io("reading the file's size"))?
+                    .len();
+                (len.div_ceil(512) * 512, None)
+            }
+            Format::Qcow2 => {
+                let info = qcow2_file_info(&path)?;
+                (info, Some(()))
+            }
+        };
+        if capacity == 0 {
+            return Err(AgentError::invalid("path", "the file is empty"));
+        }
+        let format = target.format.unwrap_or(source_format);
+        Ok(self.spawn_job("import", move |a, p| {
+            let (vol, guard) = a.begin_target(&o, format, capacity, &target, request_id)?;
+            let r = (|| {
+                if src.is_none() && format == Format::Raw {
+                    let f = File::open(&path)
+                        .map_err(AgentError::io(format!("opening {}", path.display())))?;
+                    let len = f.metadata().map_err(AgentError::io("stat"))?.len();
+                    let d = open_direct(&o.path, true)?;
+                    let de = o.extent(&vol);
+                    copy_raw(
+                        Region {
+                            file: &f,
+                            offset: 0,
+                            len,
+                        },
+                        Region {
+                            file: &d,
+                            offset: de.offset,
+                            len: de.len,
+                        },
+                        p,
+                    )
+                    .map_err(from_copy)
+                } else {
+                    let src = file_node(&path, source_format);
+                    let dst = a.node(&o, &vol, false)?;
+                    convert_into(format, &format!("json:{src}"), &dst, capacity, p)?;
+                    o.domain
+                        .device()
+                        .flush()
+                        .map_err(AgentError::io("flushing"))
+                }
+            })();
+            a.end_target(&o, vol, guard, &target, request_id, r)
+        }))
+    }
+
+    /// Export a volume's data (its chain) to a new file of this host.
+    pub fn start_export(
+        self: &Arc<Self>,
+        o: Arc<Opened>,
+        src: &VolumeId,
+        path: &str,
+        format: Format,
+    ) -> Result<Arc<Job>> {
+        let path = allowed_path(&self.io_dirs, path, true)?;
+        let v = o.domain.read_volume(src)?;
+        let chain = self.volume_chain(&o, &v)?;
+        if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {} of the chain is not legal",
+                bad.id
+            )));
+        }
+        let src_id = v.id;
+        Ok(self.spawn_job("export", move |a, p| {
+            let _lock = o.domain.lock_volume(&src_id)?;
+            let v = o.domain.read_volume(&src_id)?;
+            let chain = a.volume_chain(&o, &v)?;
+            let r = (|| {
+                if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
+                    let out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(AgentError::io(format!("creating {}", path.display())))?;
+                    out.set_len(v.capacity)
+                        .map_err(AgentError::io("sizing the file"))?;
+                    let f = open_direct(&o.path, false)?;
+                    let s = o.extent(&v);
+                    copy_raw(
+                        Region {
+                            file: &f,
+                            offset: s.offset,
+                            len: v.capacity,
+                        },
+                        Region {
+                            file: &out,
+                            offset: 0,
+                            len: v.capacity,
+                        },
+                        p,
+                    )
+                    .map_err(from_copy)
+                } else {
+                    let src = a.node(&o, &v, true)?;
+                    let args = vec![
+                        "-T".into(),
+                        "none".into(),
+                        "-O".into(),
+                        format.as_str().into(),
+                        format!("json:{src}"),
+                        path.display().to_string(),
+                    ];
+                    qemu_convert(&args, v.capacity, p).map_err(from_copy)?;
+                    File::open(&path)
+                        .and_then(|f| f.sync_all())
+                        .map_err(AgentError::io("flushing the file"))
+                }
+            })();
+            match r {
+                Ok(()) => Ok(Outcome::File(path)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(e)
+                }
+            }
+        }))
+    }
+
+    fn check_target(&self, t: &Target) -> Result<()> {
+        crate::agent::validate_description(&t.description)?;
+        if let Some(s) = &t.tag {
+            crate::agent::validate_tag_spec(s)?;
+        }
+        Ok(())
+    }
+
+    /// A volume's chain, base first.
+    pub(crate) fn volume_chain(&self, o: &Opened, v: &Volume) -> Result<Vec<Volume>> {
+        let mut out = vec![v.clone()];
+        let mut cur = v.clone();
+        while let Some(p) = cur.parent {
+            if out.len() > 4096 {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "the chain of volume {} is longer than 4096",
+                    v.id
+                )));
+            }
+            let t = o.domain.read_tag(&p)?;
+            cur = o.domain.read_volume(&t.volume)?;
+            out.push(cur.clone());
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn begin_target(
+        &self,
+        o: &Opened,
+        format: Format,
+        capacity: u64,
+        t: &Target,
+        request_id: [u8; 16],
+    ) -> Result<(Volume, cairn_domain::LockGuard)> {
+        let size = match format {
+            Format::Raw => capacity,
+            Format::Qcow2 => qcow2::fully_allocated(capacity),
+        };
+        let spec = VolumeSpec {
+            format,
+            capacity,
+            size,
+            allocation: t.allocation,
+            parent: None,
+            legality: Legality::Illegal,
+            description: t.description.clone(),
+        };
+        self.begin_volume(o, spec, None, request_id)
+    }
+
+    fn end_target(
+        &self,
+        o: &Arc<Opened>,
+        vol: Volume,
+        guard: cairn_domain::LockGuard,
+        t: &Target,
+        request_id: [u8; 16],
+        r: Result<()>,
+    ) -> Result<Outcome> {
+        if let Err(e) = r {
+            self.undo_create(o, &vol, &guard);
+            return Err(e);
+        }
+        let (volume, tag) = self.finish_volume(o, &vol, &guard, t.tag.as_ref(), request_id)?;
+        Ok(Outcome::Volume {
+            domain: o.clone(),
+            volume: Box::new(volume),
+            tag: tag.map(Box::new),
+        })
+    }
+}
+
+/// `qemu-img convert` into an existing volume image (`dst` node), which
+/// reads as zeros.
+fn convert_into(
+    format: Format,
+    src: &str,
+    dst: &serde_json::Value,
+    total: u64,
+    p: &Progress,
+) -> Result<()> {
+    let args = vec![
+        "-n".into(),
+        "--target-is-zero".into(),
+        "-t".into(),
+        "none".into(),
+        "-T".into(),
+        "none".into(),
+        "-O".into(),
+        format.as_str().into(),
+        src.to_string(),
+        format!("json:{dst}"),
+    ];
+    qemu_convert(&args, total, p).map_err(from_copy)
+}
+
+/// A host file as a qemu node; a qcow2 file's own backing reference is
+/// ignored so an import cannot read other files of the host.
+fn file_node(path: &Path, f: Format) -> serde_json::Value {
+    let file = serde_json::json!({"driver": "file", "filename": path});
+    match f {
+        Format::Raw => serde_json::json!({"driver": "raw", "file": file}),
+        Format::Qcow2 => serde_json::json!({"driver": "qcow2", "file": file, "backing": null}),
+    }
+}
+
+/// Virtual size of a qcow2 file, refusing ones that point at other files.
+fn qcow2_file_info(path: &Path) -> Result<u64> {
+    let node = file_node(path, Format::Qcow2);
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(format!("json:{node}"))
+        .output()
+        .map_err(AgentError::io("running qemu-img info"))?;
+    if !out.status.success() {
+        return Err(AgentError::invalid(
+            "path",
+            format!(
+                "{} is not a readable qcow2 image: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let j: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| AgentError::Qemu {
+            tool: "qemu-img info".into(),
+            detail: e.to_string(),
+        })?;
+    if j["format-specific"]["data"]["data-file"].is_string() {
+        return Err(AgentError::invalid(
+            "path",
+            "qcow2 images with an external data file are not imported",
+        ));
+    }
+    j["virtual-size"]
+        .as_u64()
+        .map(|s| s.div_ceil(512) * 512)
+        .ok_or_else(|| AgentError::Qemu {
+            tool: "qemu-img info".into(),
+            detail: "no virtual-size".into(),
+        })
+}
