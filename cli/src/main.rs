@@ -1,8 +1,12 @@
 //! `cairn`: the administrator's command-line tool.
 //!
-//! Exit codes: 0 success; 1 `domain check` found violations; 2 the command
-//! failed or could not run (bad arguments, unreadable device, damaged
-//! domain).
+//! Exit codes: 0 success; 1 the agent refused or failed the operation (the
+//! error's stable code is printed), a job did not succeed, or `domain
+//! check` / `volume check` found problems; 2 the command could not run
+//! (bad arguments, agent unreachable, unreadable device, damaged domain).
+
+mod agent_cmd;
+mod up;
 
 use std::fs::OpenOptions as FsOpen;
 use std::io::Write;
@@ -39,15 +43,22 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    conn: agent_cmd::Conn,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start a single-host Cairn here: a domain in a sparse file, the
+    /// single-machine lock service and the agent (runs until Ctrl-C).
+    Up(up::UpArgs),
     /// Work on a storage domain directly (offline tools).
     #[command(subcommand)]
     Domain(DomainCmd),
+    #[command(flatten)]
+    Agent(agent_cmd::AgentCmd),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -194,6 +205,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Domain(c) => domain(cli, c),
+        Cmd::Agent(c) => agent_cmd::run(&cli.conn, cli.json, c),
+        Cmd::Up(a) => up::up(a, &cli.conn.socket, &cli.lock_dir).map(|_| ExitCode::SUCCESS),
     }
 }
 
@@ -517,16 +530,21 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
+            let refused = e.downcast_ref::<agent_cmd::Refused>();
             if cli.json {
-                let code = e
-                    .downcast_ref::<cairn_domain::DomainError>()
-                    .map(|d| d.code().as_str())
-                    .unwrap_or("error");
+                let code = match refused {
+                    Some(r) => r.reason.as_str(),
+                    None => e
+                        .downcast_ref::<cairn_domain::DomainError>()
+                        .map(|d| d.code().as_str())
+                        .unwrap_or("error"),
+                };
                 let _ = print_json(&serde_json::json!({"error": format!("{e:#}"), "code": code}));
             } else {
                 eprintln!("cairn: {e:#}");
             }
-            ExitCode::from(2)
+            // The agent said no: 1. We could not even ask: 2.
+            ExitCode::from(if refused.is_some() { 1 } else { 2 })
         }
     }
 }

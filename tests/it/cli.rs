@@ -239,3 +239,97 @@ fn completions_are_generated() {
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).contains("cairn"));
 }
+
+/// The README's first session, extracted from the README itself and run
+/// against `cairn up` (with its paths moved into a temporary directory).
+#[test]
+fn root_cairn_up_runs_the_readme_first_session() {
+    use std::io::BufRead;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let block = readme
+        .split("<!-- first-session: begin -->")
+        .nth(1)
+        .and_then(|s| s.split("<!-- first-session: end -->").next())
+        .expect("README has a first-session block");
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = cairn_bin();
+    // cairn-agent is not needed: `cairn up` runs the agent in process.
+    let env = [
+        ("CAIRN_SOCKET", dir.path().join("agent.sock")),
+        ("CAIRN_LOCK_DIR", dir.path().join("locks")),
+        ("CAIRN_DATA_DIR", dir.path().join("data")),
+    ];
+    let start = || {
+        let mut c = Command::new(&bin);
+        c.args([
+            "up",
+            "--size",
+            "4G",
+            "--metrics",
+            "127.0.0.1:0",
+            "--run-dir",
+        ])
+        .arg(dir.path().join("run"))
+        .envs(env.iter().cloned())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("Cairn is up"), "{first:?}");
+        (child, first)
+    };
+    let stop = |mut child: std::process::Child| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(
+            child.wait().unwrap().success(),
+            "cairn up did not exit cleanly"
+        );
+    };
+    let (child, first) = start();
+    assert!(first.contains("formatted now"), "{first}");
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .envs(env.iter().cloned())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the README session failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("backing file format: raw"), "{stdout}");
+    assert!(stdout.contains("No errors were found"), "{stdout}");
+    stop(child);
+    // A second start reuses the domain, which is clean.
+    let (child, first) = start();
+    assert!(first.contains("reused"), "{first}");
+    stop(child);
+    let out = Command::new(&bin)
+        .args(["domain", "check"])
+        .arg(dir.path().join("data/domain.img"))
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -1,0 +1,159 @@
+//! `cairn up`: a single-host Cairn on the embedded default — a domain in a
+//! sparse file under a data directory (formatted on first run, reused
+//! after), the single-machine lock service, and the agent in this process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cairn_agent::server::{init_logging, serve, Bound, ServeOptions};
+use cairn_agent::AgentConfig;
+use cairn_domain::io::FileDev;
+use cairn_domain::{format, FormatParams, HostIdentity, LocalLockService, SystemClock};
+use clap::Args;
+
+use crate::{human_bytes, parse_size};
+
+/// Options of `cairn up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Where the domain file and the import/export directory live.
+    #[arg(long, env = "CAIRN_DATA_DIR", default_value = "/var/lib/cairn")]
+    data_dir: PathBuf,
+    /// Size of the domain file on first run (sparse).
+    #[arg(long, value_parser = parse_size, default_value = "20G")]
+    size: u64,
+    /// Domain name on first run.
+    #[arg(long, default_value = "local")]
+    name: String,
+    /// Where stable volume paths are made.
+    #[arg(long, default_value = "/run/cairn")]
+    run_dir: PathBuf,
+    /// Also serve gRPC on this TCP address (e.g. 127.0.0.1:7070).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics here.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    metrics: SocketAddr,
+    /// Log JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// The domain file, formatted if it is new. Returns (path, created).
+fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("cannot create {}", a.data_dir.display()))?;
+    let path = a.data_dir.join("domain.img");
+    if path.exists() {
+        let dev = FileDev::open(&path, false)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        cairn_domain::engine::read_superblocks(&dev).with_context(|| {
+            format!(
+                "{} exists but is not a usable domain; move it away or run `cairn domain check`",
+                path.display()
+            )
+        })?;
+        return Ok((path, false));
+    }
+    let tmp = a.data_dir.join("domain.img.new");
+    let f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.set_len(a.size)
+        .with_context(|| format!("cannot size {}", tmp.display()))?;
+    drop(f);
+    let dev = FileDev::open(&tmp, true)?;
+    let locks = LocalLockService::new(lock_dir)?;
+    format(
+        &dev,
+        &FormatParams {
+            name: a.name.clone(),
+            ..Default::default()
+        },
+        false,
+        &locks,
+        &SystemClock,
+    )?;
+    drop(dev);
+    // Only a fully formatted file takes the real name.
+    std::fs::rename(&tmp, &path)?;
+    Ok((path, true))
+}
+
+/// Run until Ctrl-C or SIGTERM.
+pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
+    init_logging(a.log_json);
+    if which("qemu-img").is_none() {
+        bail!("qemu-img is missing: install qemu-utils (apt-get install qemu-utils)");
+    }
+    let (domain, created) = ensure_domain(a, lock_dir)?;
+    let io = a.data_dir.join("io");
+    std::fs::create_dir_all(&io)?;
+    let opts = ServeOptions {
+        agent: AgentConfig {
+            domains: vec![domain.clone()],
+            run_dir: a.run_dir.clone(),
+            host: HostIdentity::local(),
+            lock_timeout: Duration::from_secs(30),
+            io_dirs: vec![io.clone()],
+        },
+        lock_dir: lock_dir.to_path_buf(),
+        socket: Some(socket.to_path_buf()),
+        listen: a.listen,
+        metrics: Some(a.metrics),
+    };
+    let size = std::fs::metadata(&domain)?.len();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(serve(
+        opts,
+        |b: &Bound| {
+            // Whoever started us may not read stdout; that is no reason to
+            // stop serving.
+            let mut msg = format!(
+                "Cairn is up: domain {:?} in {} ({}, {}).\n",
+                a.name,
+                domain.display(),
+                human_bytes(size),
+                if created { "formatted now" } else { "reused" }
+            );
+            if let Some(s) = &b.socket {
+                msg += &format!(
+                    "  agent socket:   {} (the cairn CLI's default)\n",
+                    s.display()
+                );
+            }
+            if let Some(l) = b.listen {
+                msg += &format!("  agent gRPC:     http://{l} (cairn --agent http://{l} ...)\n");
+            }
+            if let Some(m) = b.metrics {
+                msg += &format!("  metrics:        http://{m}/metrics\n");
+            }
+            msg += &format!(
+                "  stable paths:   {}/<domain-id>/<tag>/<volume>\n",
+                a.run_dir.display()
+            );
+            msg += &format!("  import/export:  {}\n", io.display());
+            msg += "Try `cairn volume create --size 1G` in another shell. Stop with Ctrl-C.\n";
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(msg.as_bytes()).and_then(|_| out.flush());
+        },
+        async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        },
+    ))
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(cmd))
+            .find(|f| f.is_file())
+    })
+}
