@@ -161,6 +161,9 @@ fn describe(a: &Action) -> String {
         } => {
             format!("user data of tag slot {slot} half {half} ({len} bytes)")
         }
+        Action::VolumeData { slot, len, .. } => {
+            format!("data of volume slot {slot} ({len} bytes)")
+        }
     }
 }
 

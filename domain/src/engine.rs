@@ -1199,6 +1199,17 @@ impl Domain {
     }
 
     fn apply_rest(&self, p: &Planned) -> Result<()> {
+        for (_, off, data) in &p.vol_data {
+            self.dev
+                .zero_range(*off, data.zero)
+                .map_err(DomainError::io("zeroing a new volume's start"))?;
+            for (o, page) in &data.pages {
+                let buf = AlignedBuf::from_slice(page, page.len());
+                self.dev
+                    .write_at(&buf, off + o)
+                    .map_err(DomainError::io("writing a new volume's start"))?;
+            }
+        }
         for (slot, half, blob) in &p.blobs {
             let s = self.geom.sector_size as usize;
             let buf = AlignedBuf::from_slice(blob, blob.len().div_ceil(s) * s);
@@ -1260,6 +1271,18 @@ pub enum Op {
     SetUserData(TagRef, String, Vec<u8>),
     /// Remove a user data item.
     RemoveUserData(TagId, String),
+    /// Initialise the start of a volume created by this transaction:
+    /// zero its first `zero` bytes, then write `pages` (offset within the
+    /// run, bytes; sector-aligned) over them. Part of the transaction: it
+    /// happens entirely or not at all.
+    InitVolumeData {
+        /// The volume (created earlier in the same transaction).
+        volume: VolumeRef,
+        /// Bytes from the start of the run to zero.
+        zero: u64,
+        /// What to write over the zeros.
+        pages: Vec<(u64, Vec<u8>)>,
+    },
 }
 
 /// A set of low-level operations that happen atomically under one intent.
@@ -1313,6 +1336,19 @@ impl<'a> Transaction<'a> {
     pub fn remove_user_data(self, tag: TagId, name: &str) -> Self {
         self.op(Op::RemoveUserData(tag, name.to_string()))
     }
+    /// Initialise the start of a volume this transaction creates.
+    pub fn init_volume_data(
+        self,
+        volume: VolumeRef,
+        zero: u64,
+        pages: Vec<(u64, Vec<u8>)>,
+    ) -> Self {
+        self.op(Op::InitVolumeData {
+            volume,
+            zero,
+            pages,
+        })
+    }
     /// Locks the caller already holds.
     pub fn held(mut self, guards: &[&'a LockGuard]) -> Self {
         self.held.extend_from_slice(guards);
@@ -1331,9 +1367,22 @@ impl<'a> Transaction<'a> {
     fn direct_resources(&self, d: &Domain) -> Vec<Resource> {
         let mut v = Vec::new();
         let mut alloc = false;
+        // Locks an operation is sure to need, so planning rarely has to
+        // stop, take one more lock in order and start over.
         for op in &self.ops {
             match op {
-                Op::CreateVolume(_) | Op::CreateTag(_) => alloc = true,
+                Op::CreateVolume(spec) => {
+                    alloc = true;
+                    if let Some(TagRef::Existing(p)) = spec.parent {
+                        v.push(d.resource(ResourceKind::Tag(p)));
+                    }
+                }
+                Op::CreateTag(meta) => {
+                    alloc = true;
+                    if let VolumeRef::Existing(vol) = meta.volume {
+                        v.push(d.resource(ResourceKind::Volume(vol)));
+                    }
+                }
                 Op::DeleteVolume(id) | Op::ExtendVolume(id, _) => {
                     alloc = true;
                     v.push(d.resource(ResourceKind::Volume(*id)));
@@ -1343,6 +1392,8 @@ impl<'a> Transaction<'a> {
                     alloc = true;
                     v.push(d.resource(ResourceKind::Tag(*id)));
                 }
+                // A changed tag needs its volumes' locks only when it moves;
+                // planning finds that out.
                 Op::ChangeTag(id, _) | Op::RemoveUserData(id, _) => {
                     v.push(d.resource(ResourceKind::Tag(*id)))
                 }
@@ -1350,6 +1401,7 @@ impl<'a> Transaction<'a> {
                     v.push(d.resource(ResourceKind::Tag(*id)))
                 }
                 Op::SetUserData(TagRef::New(_), _, _) => {}
+                Op::InitVolumeData { .. } => {}
             }
         }
         if alloc {
@@ -1390,11 +1442,31 @@ struct Planner<'p> {
     clear_bits: Vec<(u8, u64, u64)>,
     blobs: BTreeMap<u32, (u8, Vec<u8>)>,
     user_data: BTreeMap<u32, UserData>,
+    vol_data: BTreeMap<u32, VolData>,
+}
+
+/// The initial bytes of a new volume's run.
+struct VolData {
+    zero: u64,
+    pages: Vec<(u64, Vec<u8>)>,
+}
+
+impl VolData {
+    /// The region as it will read: zeros with the pages over them.
+    fn image(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.zero as usize];
+        for (off, p) in &self.pages {
+            b[*off as usize..*off as usize + p.len()].copy_from_slice(p);
+        }
+        b
+    }
 }
 
 struct Planned {
     actions: Vec<Action>,
     blobs: Vec<(u32, u8, Vec<u8>)>,
+    /// Volume slot, run offset, data.
+    vol_data: Vec<(u32, u64, VolData)>,
     new_volumes: Vec<(Volume, LockGuard)>,
     new_tags: Vec<Tag>,
     alloc_token: Token,
@@ -1420,6 +1492,7 @@ impl<'p> Planner<'p> {
             clear_bits: Vec::new(),
             blobs: BTreeMap::new(),
             user_data: BTreeMap::new(),
+            vol_data: BTreeMap::new(),
         }
     }
 
@@ -1892,6 +1965,67 @@ impl<'p> Planner<'p> {
                 }
                 self.store_items(id, items)?;
             }
+            Op::InitVolumeData {
+                volume,
+                zero,
+                pages,
+            } => {
+                let id = self.resolve_vol(*volume)?;
+                let sector = self.d.geom.sector_size as u64;
+                let run = {
+                    let e = self.vol(&id)?;
+                    if !e.fresh {
+                        return Err(DomainError::invalid(
+                            "volume",
+                            format!("volume {id} was not created by this transaction"),
+                        )
+                        .into());
+                    }
+                    match &e.cur {
+                        Slot::Live(v) => v.extent_count * self.d.geom.extent_size,
+                        _ => {
+                            return Err(DomainError::NotFound {
+                                kind: "volume",
+                                id: id.to_string(),
+                            }
+                            .into())
+                        }
+                    }
+                };
+                if *zero == 0
+                    || zero % sector != 0
+                    || *zero > run
+                    || *zero > crate::journal::MAX_VOLUME_DATA
+                {
+                    return Err(DomainError::invalid(
+                        "volume_data",
+                        format!(
+                            "{zero} bytes to initialise must be whole sectors, at most the run ({run}) and {}",
+                            crate::journal::MAX_VOLUME_DATA
+                        ),
+                    )
+                    .into());
+                }
+                for (off, p) in pages {
+                    if off % sector != 0
+                        || p.len() as u64 % sector != 0
+                        || off + p.len() as u64 > *zero
+                    {
+                        return Err(DomainError::invalid(
+                            "volume_data",
+                            format!("a page of {} bytes at {off} is not whole sectors inside the {zero} bytes", p.len()),
+                        )
+                        .into());
+                    }
+                }
+                self.vol_data.insert(
+                    id.slot(),
+                    VolData {
+                        zero: *zero,
+                        pages: pages.clone(),
+                    },
+                );
+            }
         }
         Ok(())
     }
@@ -1940,7 +2074,7 @@ impl<'p> Planner<'p> {
         Ok(())
     }
 
-    fn finish(self) -> Result<Planned> {
+    fn finish(mut self) -> Result<Planned> {
         let salt = self.d.salt();
         let mut actions = Vec::new();
         let alloc_token = if self.set_bits.is_empty() && self.clear_bits.is_empty() {
@@ -1961,6 +2095,20 @@ impl<'p> Planner<'p> {
                 len: blob.len() as u32,
                 crc: crate::layout::csum(&salt, blob),
             });
+        }
+        let mut vol_data = Vec::new();
+        for (slot, data) in std::mem::take(&mut self.vol_data) {
+            // The volume may have been deleted again in this transaction.
+            let Some(Slot::Live(v)) = self.vols.get(&slot).map(|e| &e.cur) else {
+                continue;
+            };
+            let off = self.d.geom.extent_off(v.extent_start);
+            actions.push(Action::VolumeData {
+                slot,
+                len: data.zero,
+                crc: crate::layout::csum(&salt, &data.image()),
+            });
+            vol_data.push((slot, off, data));
         }
         let mut new_volumes_rec = Vec::new();
         for (slot, e) in &self.vols {
@@ -2052,6 +2200,7 @@ impl<'p> Planner<'p> {
         Ok(Planned {
             actions,
             blobs,
+            vol_data,
             new_volumes: volumes,
             new_tags: tags,
             alloc_token,

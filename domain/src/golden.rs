@@ -313,10 +313,11 @@ proptest! {
                           recs in proptest::collection::vec((any::<u32>(), any::<u8>()), 0..5)) {
         let mut actions = Vec::new();
         for i in 0..n {
-            actions.push(match i % 4 {
+            actions.push(match i % 5 {
                 0 => Action::SetBits { map: (i % 3) as u8, start: i as u64, count: 3 },
                 1 => Action::ClearBits { map: 1, start: 9, count: i as u64 },
                 2 => Action::UserData { slot: i as u32, half: (i % 2) as u8, len: 77, crc: 5 },
+                3 => Action::VolumeData { slot: i as u32, len: 4096 * (i as u64 + 1), crc: 0xdead_beef },
                 _ => Action::PutTag { slot: 1, before: Box::new([1; RECORD]), after: Box::new([2; RECORD]) },
             });
         }

@@ -70,7 +70,21 @@ pub enum Action {
         /// Salted CRC-32C of the blob.
         crc: u32,
     },
+    /// The start of a new volume's run was initialised (zeroed, then pages
+    /// written) while the intent was open; it must verify to roll forward.
+    VolumeData {
+        /// Volume slot (its after image names the run).
+        slot: u32,
+        /// Bytes from the start of the run.
+        len: u64,
+        /// Salted CRC-32C of those bytes.
+        crc: u32,
+    },
 }
+
+/// Most bytes of a run one intent may initialise: recovery reads them all
+/// back to verify them.
+pub const MAX_VOLUME_DATA: u64 = 64 << 20;
 
 /// A decoded intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +154,13 @@ impl Intent {
                     r.target.set(*slot);
                     r.a.set(*half as u64);
                     r.b.set(*len as u64);
+                    r.c.set(*crc as u64);
+                    None
+                }
+                Action::VolumeData { slot, len, crc } => {
+                    r.kind.set(akind::VOLUME_DATA);
+                    r.target.set(*slot);
+                    r.b.set(*len);
                     r.c.set(*crc as u64);
                     None
                 }
@@ -222,6 +243,20 @@ impl Intent {
                         slot: r.target.get(),
                         half: r.a.get() as u8,
                         len: r.b.get() as u32,
+                        crc: r.c.get() as u32,
+                    }
+                }
+                akind::VOLUME_DATA => {
+                    if r.a.get() != 0
+                        || r.b.get() == 0
+                        || r.b.get() > MAX_VOLUME_DATA
+                        || r.c.get() > u32::MAX as u64
+                    {
+                        return Err(format!("action {i} has bad volume data fields"));
+                    }
+                    Action::VolumeData {
+                        slot: r.target.get(),
+                        len: r.b.get(),
                         crc: r.c.get() as u32,
                     }
                 }

@@ -442,6 +442,10 @@ pub mod akind {
     /// A user data blob of `len` bytes with checksum `crc` was written to
     /// half `half` of tag slot `target`; it must verify to roll forward.
     pub const USER_DATA: u16 = 5;
+    /// The first `b` bytes of the run of the volume in slot `target` were
+    /// written (zeros and pages) with checksum `c`; they must verify to
+    /// roll forward. `a` is 0 (reserved for an offset).
+    pub const VOLUME_DATA: u16 = 6;
 }
 
 /// One action of an intent.

@@ -26,23 +26,27 @@ pub enum RecordState {
     Torn,
 }
 
-/// Decide the direction for an intent: forward unless a user data blob it
-/// depends on does not verify. `blob_ok(slot, half, len, crc)` checks one.
+/// Decide the direction for an intent: forward unless data written beside
+/// the records does not verify — a user data blob (`blob_ok(slot, half,
+/// len, crc)`) or a new volume's initial bytes (`data_ok(slot, len, crc)`).
 pub fn decide(
     intent: &Intent,
     mut blob_ok: impl FnMut(u32, u8, u32, u32) -> Result<bool>,
+    mut data_ok: impl FnMut(u32, u64, u32) -> Result<bool>,
 ) -> Result<u8> {
     for a in &intent.actions {
-        if let Action::UserData {
-            slot,
-            half,
-            len,
-            crc,
-        } = a
-        {
-            if !blob_ok(*slot, *half, *len, *crc)? {
-                return Ok(outcome::BACK);
-            }
+        let ok = match a {
+            Action::UserData {
+                slot,
+                half,
+                len,
+                crc,
+            } => blob_ok(*slot, *half, *len, *crc)?,
+            Action::VolumeData { slot, len, crc } => data_ok(*slot, *len, *crc)?,
+            _ => true,
+        };
+        if !ok {
+            return Ok(outcome::BACK);
         }
     }
     Ok(outcome::FORWARD)
@@ -113,12 +117,36 @@ impl Domain {
     fn resolve_intent(&self, slot: u32, seq: u64, intent: &Intent) -> Result<u8> {
         let g = &self.geom;
         let salt = self.salt();
-        let dir = decide(intent, |ts, half, len, crc| {
-            if ts >= g.tag_slots || len > g.user_data_size {
-                return Ok(false);
-            }
-            Ok(csum(&salt, &self.read_blob(ts, half, len)?) == crc)
-        })?;
+        let dir = decide(
+            intent,
+            |ts, half, len, crc| {
+                if ts >= g.tag_slots || len > g.user_data_size {
+                    return Ok(false);
+                }
+                Ok(csum(&salt, &self.read_blob(ts, half, len)?) == crc)
+            },
+            |vs, len, crc| {
+                // The run is the one the intent's after image of the volume
+                // names.
+                let run = intent.actions.iter().find_map(|a| match a {
+                    Action::PutVolume { slot, after, .. } if *slot == vs => {
+                        decode_volume(&salt, vs, after.as_ref()).ok()?.live()
+                    }
+                    _ => None,
+                });
+                let Some(v) = run else { return Ok(false) };
+                if v.extent_start + v.extent_count > g.extent_count
+                    || len > v.extent_count * g.extent_size
+                {
+                    return Ok(false);
+                }
+                let mut buf = AlignedBuf::zeroed(len as usize);
+                self.dev
+                    .read_at(&mut buf, g.extent_off(v.extent_start))
+                    .map_err(DomainError::io("reading a new volume's start"))?;
+                Ok(csum(&salt, &buf) == crc)
+            },
+        )?;
         // Where does each record stand?
         let mut states = Vec::with_capacity(intent.actions.len());
         for a in &intent.actions {

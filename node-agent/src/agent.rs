@@ -542,7 +542,8 @@ impl Agent {
             let run = size.div_ceil(es).saturating_mul(es);
             qcow2::empty_image(capacity, run, None).map_err(|r| AgentError::invalid("size", r))?;
         }
-        let spec = VolumeSpec {
+        let backing = parent.as_ref().map(|(_, pv)| (pv.id, pv.format));
+        let mut spec = VolumeSpec {
             format: req.format,
             capacity,
             size,
@@ -551,7 +552,38 @@ impl Agent {
             legality: Legality::Illegal,
             description: req.description.clone(),
         };
-        let backing = parent.as_ref().map(|(_, pv)| (pv.id, pv.format));
+        if req.format == Format::Qcow2 {
+            // One transaction: the image's metadata is written with the
+            // records, and recovery verifies it (see InitVolumeData).
+            let es = o.domain.geometry().extent_size;
+            let run = size.div_ceil(es) * es;
+            let (zero, pages) = qcow2_init(capacity, run, backing)?;
+            spec.legality = Legality::Legal;
+            let mut tx = o
+                .domain
+                .tx("create volume")
+                .request_id(request_id)
+                .create_volume(spec)
+                .init_volume_data(VolumeRef::New(0), zero, pages);
+            if let Some(s) = &req.tag {
+                tx = tx.create_tag(tag_meta(s, VolumeRef::New(0), capacity));
+            }
+            let mut out = tx.commit()?;
+            let (volume, guard) = out.volumes.remove(0);
+            if volume.allocation == Allocation::Preallocated {
+                if let Err(e) = preallocate(&o.path, o.extent(&volume)) {
+                    tracing::warn!(volume = %volume.id, error = %e, "could not preallocate");
+                }
+            }
+            let lock_id = req
+                .keep_locked
+                .map(|lease| self.keep_lock(o, volume.id, guard, lease));
+            return Ok(CreatedVolume {
+                volume,
+                tag: out.tags.pop(),
+                lock_id,
+            });
+        }
         let (vol, guard) = self.begin_volume(o, spec, backing, request_id)?;
         let (volume, tag) = self.finish_volume(o, &vol, &guard, req.tag.as_ref(), request_id)?;
         let lock_id = req
@@ -641,17 +673,11 @@ impl Agent {
                 }
             }
             Format::Qcow2 => {
-                let name = backing.map(|(id, _)| id.to_string());
-                let b = backing.map(|(_, f)| match f {
-                    Format::Raw => qcow2::BackingFormat::Raw,
-                    Format::Qcow2 => qcow2::BackingFormat::Qcow2,
-                });
-                let (plan, pages) = qcow2::empty_image(v.capacity, ext.len, name.as_deref().zip(b))
-                    .map_err(|r| AgentError::invalid("size", r))?;
+                let (zero, pages) = qcow2_init(v.capacity, ext.len, backing)?;
                 if v.allocation == Allocation::Preallocated {
                     preallocate(&o.path, ext).map_err(io("preallocating"))?;
                 }
-                dev.zero_range(ext.offset, plan.metadata_bytes())
+                dev.zero_range(ext.offset, zero)
                     .map_err(io("zeroing metadata"))?;
                 for (off, page) in pages {
                     let buf = AlignedBuf::from_slice(&page, page.len());
@@ -1086,39 +1112,31 @@ impl Agent {
             size,
             allocation: Allocation::Sparse,
             parent: Some(TagRef::New(0)),
-            legality: Legality::Illegal,
+            legality: Legality::Legal,
             description,
         };
+        let es = o.domain.geometry().extent_size;
+        let (zero, pages) = qcow2_init(
+            top.capacity,
+            size.div_ceil(es) * es,
+            Some((top.id, top.format)),
+        )?;
+        let mut moved = t.meta();
+        moved.volume = VolumeRef::New(0);
+        // One transaction: the weak tag, the new volume with its image
+        // metadata, and the disk's tag moved onto it.
         let mut out = o
             .domain
             .tx("snapshot")
             .request_id(request_id)
             .create_tag(weak)
             .create_volume(spec)
+            .init_volume_data(VolumeRef::New(0), zero, pages)
+            .change_tag(*disk, moved)
             .held(&[&dlock])
             .commit()?;
         let (vol, vguard) = out.volumes.remove(0);
         let parent_tag = out.tags.remove(0);
-        if let Err(e) = self.init_data(o, &vol, Some((top.id, top.format))) {
-            self.undo_snapshot(o, &vol, &parent_tag, &vguard, &dlock);
-            return Err(e);
-        }
-        let mut moved = t.meta();
-        moved.volume = VolumeRef::Existing(vol.id);
-        let mut meta = vol.meta();
-        meta.legality = Legality::Legal;
-        let fin = o
-            .domain
-            .tx("snapshot: finish")
-            .request_id(request_id)
-            .write_volume_meta(vol.id, meta)
-            .change_tag(*disk, moved)
-            .held(&[&dlock, &vguard])
-            .commit();
-        if let Err(e) = fin {
-            self.undo_snapshot(o, &vol, &parent_tag, &vguard, &dlock);
-            return Err(e.into());
-        }
         drop(vguard);
         drop(dlock);
         // A running VM needs the new top under its disk's directory.
@@ -1126,23 +1144,10 @@ impl Agent {
             self.activate(o, disk)?;
         }
         Ok(Snapshot {
-            volume: o.domain.read_volume(&vol.id)?,
-            parent_tag: o.domain.read_tag(&parent_tag.id)?,
+            volume: vol,
+            parent_tag,
             tag: o.domain.read_tag(disk)?,
         })
-    }
-
-    fn undo_snapshot(&self, o: &Opened, v: &Volume, weak: &Tag, vg: &LockGuard, dg: &LockGuard) {
-        let r = o
-            .domain
-            .tx("snapshot: undo")
-            .delete_volume(v.id)
-            .delete_tag(weak.id)
-            .held(&[dg, vg])
-            .commit();
-        if let Err(e) = r {
-            tracing::warn!(volume = %v.id, error = %e, "could not undo a half-made snapshot");
-        }
     }
 
     // ---- activation -----------------------------------------------------------------------
@@ -1433,6 +1438,23 @@ pub fn validate_name(field: &'static str, n: &str) -> Result<()> {
 pub(crate) fn validate_tag_spec(s: &TagSpec) -> Result<()> {
     cairn_domain::model::encode_options(&s.options)?;
     Ok(())
+}
+
+/// The start of a new qcow2 image of `capacity` in a run of `run` bytes:
+/// bytes to zero, and pages to write over them.
+fn qcow2_init(
+    capacity: u64,
+    run: u64,
+    backing: Option<(VolumeId, Format)>,
+) -> Result<(u64, Vec<qcow2::Page>)> {
+    let name = backing.map(|(id, _)| id.to_string());
+    let b = backing.map(|(_, f)| match f {
+        Format::Raw => qcow2::BackingFormat::Raw,
+        Format::Qcow2 => qcow2::BackingFormat::Qcow2,
+    });
+    let (plan, pages) = qcow2::empty_image(capacity, run, name.as_deref().zip(b))
+        .map_err(|r| AgentError::invalid("size", r))?;
+    Ok((plan.metadata_bytes(), pages))
 }
 
 /// Allocate the blocks of a run in a file domain (a no-op on a block

@@ -16,8 +16,16 @@ struct State(Vec<String>);
 fn state(d: &Domain) -> State {
     let mut s = Vec::new();
     for v in d.list_volumes().unwrap() {
+        // The first 64 KiB of every volume's data, as a checksum.
+        let mut head = cairn_domain::io::AlignedBuf::zeroed(64 << 10);
+        d.device()
+            .read_at(&mut head, d.geometry().extent_off(v.extent_start))
+            .unwrap();
+        let sum = head.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         s.push(format!(
-            "vol {} parent={:?} {} {} cap={} run={}+{} {} {:?} refs={} gen={}",
+            "vol {} data={sum:x} parent={:?} {} {} cap={} run={}+{} {} {:?} refs={} gen={}",
             v.id.slot(),
             v.parent.map(|p| p.slot()),
             v.format,
@@ -133,6 +141,27 @@ fn ops() -> Vec<(&'static str, OpFn)> {
             d.tx("snapshot")
                 .create_tag(weak)
                 .create_volume(top)
+                .change_tag(f.disk, moved)
+                .commit()
+                .map(|_| ())
+        }),
+        ("grouped: snapshot with an initialised image", |d, f| {
+            let mut weak = tag_on(f.disk_vol);
+            weak.tag_type = TagType::Weak;
+            weak.mutable = false;
+            let mut top = raw(1);
+            top.format = Format::Qcow2;
+            top.parent = Some(TagRef::New(0));
+            let mut moved = d.read_tag(&f.disk)?.meta();
+            moved.volume = VolumeRef::New(0);
+            d.tx("snapshot")
+                .create_tag(weak)
+                .create_volume(top)
+                .init_volume_data(
+                    VolumeRef::New(0),
+                    64 << 10,
+                    vec![(0, vec![0x51; 512]), (8192, vec![7; 4096])],
+                )
                 .change_tag(f.disk, moved)
                 .commit()
                 .map(|_| ())

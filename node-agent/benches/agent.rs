@@ -1,0 +1,491 @@
+//! Agent benchmark, through the real gRPC API on a unix socket, each figure
+//! beside a baseline measured in the same run:
+//! - latency (p50, p99) of create (raw, qcow2), snapshot, activate and
+//!   extend, against spawning `qemu-img create` for the same image;
+//! - copy throughput of a 2 GiB volume of random data and of one that is
+//!   90% zeros, against `qemu-img convert` and `dd` with direct I/O between
+//!   the same extents.
+//!
+//! Run as root (activation uses loop devices):
+//! `cargo bench -p cairn-agent --bench agent`. CAIRN_BENCH_DIR picks the
+//! directory (default: a temporary one under /var/tmp), CAIRN_BENCH_N the
+//! number of latency samples (default 200), CAIRN_BENCH_COPY_MIB the copy
+//! size (default 2048).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_agent::client::{connect, Target};
+use cairn_agent::pb;
+use cairn_agent::pb::agent_client::AgentClient;
+use cairn_agent::server::{serve, ServeOptions};
+use cairn_agent::AgentConfig;
+use cairn_domain::io::FileDev;
+use cairn_domain::{format, FormatParams, HostIdentity, MemLockService, SystemClock};
+use tonic::transport::Channel;
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:8.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// A file of `len` bytes: in every 10 MiB, the first `data_mib` MiB random.
+fn make_file(path: &Path, len: u64, data_mib: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for mib in 0..len >> 20 {
+        if mib % 10 < data_mib {
+            for w in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        } else {
+            f.write_all(&vec![0u8; 1 << 20]).unwrap();
+        }
+    }
+    f.flush().unwrap();
+}
+
+struct Bench {
+    c: AgentClient<Channel>,
+    domain: PathBuf,
+    extent_size: u64,
+    data_off: u64,
+}
+
+impl Bench {
+    async fn create(
+        &mut self,
+        f: pb::VolumeFormat,
+        cap: u64,
+        tag: bool,
+    ) -> pb::CreateVolumeResponse {
+        self.c
+            .create_volume(pb::CreateVolumeRequest {
+                format: f as i32,
+                capacity: cap,
+                tag: tag.then(|| pb::TagSpec {
+                    mutable: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn job(&mut self, j: pb::Job) -> (pb::Job, Duration) {
+        let t = Instant::now();
+        loop {
+            let s = self
+                .c
+                .get_job(pb::GetJobRequest {
+                    job_id: j.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.state != pb::JobState::Running as i32 {
+                assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
+                return (s, t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn delete(&mut self, v: &pb::Volume) {
+        self.c
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    fn offset(&self, v: &pb::Volume) -> u64 {
+        self.data_off + v.extent_start * self.extent_size
+    }
+
+    fn node(&self, v: &pb::Volume) -> String {
+        format!(
+            r#"json:{{"driver":"raw","offset":{},"size":{},"file":{{"driver":"file","filename":"{}","locking":"off"}}}}"#,
+            self.offset(v),
+            v.capacity,
+            self.domain.display()
+        )
+    }
+}
+
+fn time_cmd(cmd: &mut Command) -> Duration {
+    let t = Instant::now();
+    let out = cmd.output().expect("spawn");
+    let d = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
+fn main() {
+    let n = env_u64("CAIRN_BENCH_N", 200) as usize;
+    let copy_len = env_u64("CAIRN_BENCH_COPY_MIB", 2048) << 20;
+    let tmp;
+    let dir = match std::env::var_os("CAIRN_BENCH_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(dir.join("io")).unwrap();
+    let domain = dir.join("domain.img");
+    let _ = std::fs::remove_file(&domain);
+    std::fs::File::create(&domain)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let g = format(
+        &FileDev::open(&domain, true).unwrap(),
+        &FormatParams {
+            name: "bench".into(),
+            extent_size: Some(1 << 20),
+            ..Default::default()
+        },
+        false,
+        &MemLockService::new(),
+        &SystemClock,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let socket = dir.join("agent.sock");
+    let opts = ServeOptions {
+        agent: AgentConfig {
+            domains: vec![domain.clone()],
+            run_dir: dir.join("run"),
+            host: HostIdentity::local(),
+            lock_timeout: Duration::from_secs(30),
+            io_dirs: vec![dir.join("io")],
+        },
+        lock_dir: dir.join("locks"),
+        socket: Some(socket.clone()),
+        listen: None,
+        metrics: None,
+    };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(serve(
+        opts,
+        move |_| ready_tx.send(()).unwrap(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    ready_rx.recv().unwrap();
+    let c = rt.block_on(connect(&Target::Unix(socket))).unwrap();
+    let mut b = Bench {
+        c,
+        domain: domain.canonicalize().unwrap(),
+        extent_size: g.extent_size,
+        data_off: g.data_off,
+    };
+    let gib = 1u64 << 30;
+
+    // ---- latency ------------------------------------------------------------------
+    eprintln!("latency: {n} samples each");
+    let mut rows: Vec<(&str, Vec<Duration>)> = Vec::new();
+    let mut lat = |name: &'static str, v: Vec<Duration>| rows.push((name, v));
+    rt.block_on(async {
+        let mut raw = Vec::new();
+        let mut q = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            let r = b.create(pb::VolumeFormat::Raw, gib, false).await;
+            raw.push(t.elapsed());
+            b.delete(r.volume.as_ref().unwrap()).await;
+            let t = Instant::now();
+            let r = b.create(pb::VolumeFormat::Qcow2, gib, false).await;
+            q.push(t.elapsed());
+            b.delete(r.volume.as_ref().unwrap()).await;
+        }
+        lat("create raw 1 GiB", raw);
+        lat("create qcow2 1 GiB", q);
+
+        let disk = b
+            .create(pb::VolumeFormat::Raw, gib, true)
+            .await
+            .tag
+            .unwrap();
+        let mut snaps = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            b.c.snapshot(pb::SnapshotRequest {
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            snaps.push(t.elapsed());
+        }
+        lat("snapshot (qcow2 on a weak tag)", snaps);
+
+        let mut act = Vec::new();
+        for _ in 0..n.min(100) {
+            let d = b
+                .create(pb::VolumeFormat::Raw, gib, true)
+                .await
+                .tag
+                .unwrap();
+            let t = Instant::now();
+            b.c.activate(pb::ActivateRequest {
+                tag_id: d.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            act.push(t.elapsed());
+            b.c.deactivate(pb::DeactivateRequest {
+                tag_id: d.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        lat("activate (one loop device)", act);
+
+        let mut ext = Vec::new();
+        let mut extq = Vec::new();
+        for _ in 0..n {
+            for (f, out) in [
+                (pb::VolumeFormat::Raw, &mut ext),
+                (pb::VolumeFormat::Qcow2, &mut extq),
+            ] {
+                // The newest volume has free extents after it.
+                let v = b.create(f, gib, false).await.volume.unwrap();
+                let t = Instant::now();
+                b.c.extend_volume(pb::ExtendVolumeRequest {
+                    volume_id: v.id.clone(),
+                    capacity: gib + (64 << 20),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                out.push(t.elapsed());
+                b.delete(&v).await;
+            }
+        }
+        lat("extend raw +64 MiB", ext);
+        lat("extend qcow2 +64 MiB", extq);
+    });
+    let f = dir.join("io/q.qcow2");
+    let base = dir.join("io/base.raw");
+    std::fs::File::create(&base).unwrap().set_len(gib).unwrap();
+    let mut qc = Vec::new();
+    let mut qr = Vec::new();
+    let mut qb = Vec::new();
+    for _ in 0..n {
+        let _ = std::fs::remove_file(&f);
+        qc.push(time_cmd(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&f)
+                .arg("1G"),
+        ));
+        let _ = std::fs::remove_file(&f);
+        qr.push(time_cmd(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&f)
+                .arg("1G"),
+        ));
+        let _ = std::fs::remove_file(&f);
+        qb.push(time_cmd(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&base)
+                .arg(&f),
+        ));
+    }
+    rows.push(("baseline: qemu-img create raw 1G", qr));
+    rows.push(("baseline: qemu-img create qcow2 1G", qc));
+    rows.push(("baseline: qemu-img create qcow2 -b", qb));
+
+    println!(
+        "\n{:<38} {:>11} {:>11}",
+        "through gRPC (unix socket)", "p50", "p99"
+    );
+    let mut p50 = std::collections::BTreeMap::new();
+    for (name, mut v) in rows {
+        let a = pct(&mut v, 0.5);
+        let z = pct(&mut v, 0.99);
+        p50.insert(name, a);
+        println!("{name:<38} {} {}", ms(a), ms(z));
+    }
+    let snap = p50["snapshot (qcow2 on a weak tag)"];
+    let qcb = p50["baseline: qemu-img create qcow2 -b"];
+    println!(
+        "snapshot p50 / qemu-img create -b p50: x{:.2}",
+        snap.as_secs_f64() / qcb.as_secs_f64()
+    );
+
+    // ---- copy throughput ---------------------------------------------------------------
+    eprintln!("copy: preparing two {} MiB volumes", copy_len >> 20);
+    let kinds = [("random", 10u64), ("90% zeros", 1)];
+    let mut srcs = Vec::new();
+    for (name, data) in kinds {
+        let p = dir.join(format!("io/{}.raw", data));
+        make_file(&p, copy_len, data);
+        let v = rt.block_on(async {
+            let j =
+                b.c.import_volume(pb::ImportVolumeRequest {
+                    path: p.display().to_string(),
+                    source_format: pb::VolumeFormat::Raw as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            b.job(j).await.0.volume.unwrap()
+        });
+        std::fs::remove_file(&p).unwrap();
+        srcs.push((name, v));
+    }
+    let runs = 3;
+    let mut table: Vec<(String, Vec<f64>)> = Vec::new();
+    for method in [
+        "cairn copy raw->raw (native)",
+        "cairn copy raw->qcow2 (qemu-img)",
+        "baseline: qemu-img convert raw->raw",
+        "baseline: dd direct bs=4M",
+    ] {
+        let mut per_kind = Vec::new();
+        for (_, src) in &srcs {
+            let mut secs = Vec::new();
+            for _ in 0..runs {
+                let s = rt.block_on(async {
+                    match method {
+                        "cairn copy raw->raw (native)" | "cairn copy raw->qcow2 (qemu-img)" => {
+                            let fmt = if method.contains("qcow2") {
+                                pb::VolumeFormat::Qcow2
+                            } else {
+                                pb::VolumeFormat::Raw
+                            };
+                            let t = Instant::now();
+                            let j =
+                                b.c.copy_volume(pb::CopyVolumeRequest {
+                                    volume_id: src.id.clone(),
+                                    target: Some(pb::TargetSpec {
+                                        format: fmt as i32,
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                })
+                                .await
+                                .unwrap()
+                                .into_inner();
+                            let (j, _) = b.job(j).await;
+                            let d = t.elapsed();
+                            b.delete(j.volume.as_ref().unwrap()).await;
+                            d
+                        }
+                        _ => {
+                            let dst = b.create(pb::VolumeFormat::Raw, copy_len, false).await;
+                            let dst = dst.volume.unwrap();
+                            let d = if method.contains("qemu-img") {
+                                time_cmd(
+                                    Command::new("qemu-img")
+                                        .args([
+                                            "convert",
+                                            "-n",
+                                            "--target-is-zero",
+                                            "-t",
+                                            "none",
+                                            "-T",
+                                            "none",
+                                            "-O",
+                                            "raw",
+                                        ])
+                                        .arg(b.node(src))
+                                        .arg(b.node(&dst)),
+                                )
+                            } else {
+                                time_cmd(
+                                    Command::new("dd")
+                                        .arg(format!("if={}", b.domain.display()))
+                                        .arg(format!("of={}", b.domain.display()))
+                                        .args([
+                                            "bs=4M",
+                                            "iflag=direct,skip_bytes,count_bytes",
+                                            "oflag=direct,seek_bytes",
+                                            "conv=notrunc",
+                                            "status=none",
+                                        ])
+                                        .arg(format!("skip={}", b.offset(src)))
+                                        .arg(format!("seek={}", b.offset(&dst)))
+                                        .arg(format!("count={copy_len}")),
+                                )
+                            };
+                            b.delete(&dst).await;
+                            d
+                        }
+                    }
+                });
+                secs.push(s.as_secs_f64());
+            }
+            per_kind.push(median(secs));
+        }
+        table.push((method.to_string(), per_kind));
+    }
+    println!(
+        "\ncopy of {} MiB, median of {runs}      {:>22} {:>22} {:>12}",
+        copy_len >> 20,
+        "random",
+        "90% zeros",
+        "zeros/random"
+    );
+    let mbps = |s: f64| (copy_len as f64 / s) / 1e6;
+    for (m, v) in &table {
+        println!(
+            "{m:<38} {:>8.2} s {:>7.0} MB/s {:>8.2} s {:>7.0} MB/s {:>11.2}",
+            v[0],
+            mbps(v[0]),
+            v[1],
+            mbps(v[1]),
+            v[1] / v[0]
+        );
+    }
+    let native = &table[0].1;
+    let qemu = &table[2].1;
+    println!(
+        "native copy throughput / qemu-img convert: random x{:.2}, 90% zeros x{:.2}",
+        qemu[0] / native[0],
+        qemu[1] / native[1]
+    );
+    let _ = stop_tx.send(());
+    rt.block_on(server).unwrap().unwrap();
+}
