@@ -333,3 +333,53 @@ fn root_cairn_up_runs_the_readme_first_session() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Format, check and use a domain on a real block device (a loop device
+/// over a file), the way a LUN is used.
+#[test]
+fn root_format_and_check_a_block_device() {
+    use cairn_agent::loopdev::{KernelLoop, LoopControl};
+    let dir = tempfile::tempdir().unwrap();
+    let locks = dir.path().join("locks");
+    let backing = dir.path().join("lun.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let lo = KernelLoop.attach(&backing, 0, 512 << 20).unwrap();
+    struct Detach(u32);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = KernelLoop.detach(self.0);
+        }
+    }
+    let _d = Detach(lo.index);
+    let dev = lo.device();
+    let p = dev.to_str().unwrap();
+    let o = cairn(&locks, &["domain", "format", p, "--name", "lun"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // It is a block device: --size makes no sense, and a second format
+    // needs --force.
+    let o = cairn(&locks, &["domain", "format", p, "--name", "again"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("already"), "{}", text(&o));
+    let o = cairn(&locks, &["domain", "check", p]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cairn(&locks, &["--json", "domain", "info", p]);
+    assert!(o.status.success(), "{}", text(&o));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["geometry"]["name"], "lun", "{info}");
+    // The engine works on it through the block device's own I/O path.
+    let d = Domain::open(
+        Arc::new(cairn_domain::io::FileDev::open(&dev, true).unwrap()),
+        Arc::new(LocalLockService::new(&locks).unwrap()),
+        opts(1),
+    )
+    .unwrap();
+    let (v, g) = d.create_volume(raw(4)).unwrap();
+    d.delete_volume(&v.id, &[&g]).unwrap();
+    drop(g);
+    d.close().unwrap();
+    let o = cairn(&locks, &["domain", "check", p]);
+    assert!(o.status.success(), "{}", text(&o));
+}
