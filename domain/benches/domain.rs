@@ -54,6 +54,9 @@ struct Row {
     delete_p99: Duration,
     flushes_create: f64,
     flushes_delete: f64,
+    /// Reads, writes and bytes moved per create and per delete.
+    io_create: (f64, f64, f64),
+    io_delete: (f64, f64, f64),
     sync_p50: Duration,
 }
 
@@ -104,6 +107,15 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
 
     // Create and delete latency.
     let ops = 300;
+    let per_op = |a: cairn_domain::io::IoStats, b: cairn_domain::io::IoStats| {
+        (
+            (b.reads - a.reads) as f64 / ops as f64,
+            (b.writes - a.writes) as f64 / ops as f64,
+            ((b.bytes_read - a.bytes_read) + (b.bytes_written - a.bytes_written)) as f64
+                / ops as f64,
+        )
+    };
+    let s0 = dev.stats();
     let before = dev.stats().flushes;
     let mut creates = Vec::new();
     let mut ids = Vec::new();
@@ -114,6 +126,8 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
         ids.push(v.id);
     }
     let flushes_create = (dev.stats().flushes - before) as f64 / ops as f64;
+    let io_create = per_op(s0, dev.stats());
+    let s0 = dev.stats();
     let before = dev.stats().flushes;
     let mut deletes = Vec::new();
     for id in &ids {
@@ -122,6 +136,7 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
         deletes.push(t.elapsed());
     }
     let flushes_delete = (dev.stats().flushes - before) as f64 / ops as f64;
+    let io_delete = per_op(s0, dev.stats());
 
     // List.
     let mut lists = Vec::new();
@@ -177,6 +192,8 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
         delete_p99: pct(&mut deletes, 0.99),
         flushes_create,
         flushes_delete,
+        io_create,
+        io_delete,
         sync_p50: pct(&mut sync, 0.5),
     }
 }
@@ -221,9 +238,28 @@ fn main() {
             r.flushes_delete,
             ms(r.sync_p50)
         );
-        eprintln!("  open read {} bytes", r.open_bytes);
+        eprintln!(
+            "  open read {} bytes; per create {:.1} reads {:.1} writes {:.0} bytes; per delete {:.1} reads {:.1} writes {:.0} bytes",
+            r.open_bytes,
+            r.io_create.0,
+            r.io_create.1,
+            r.io_create.2,
+            r.io_delete.0,
+            r.io_delete.1,
+            r.io_delete.2
+        );
     }
     if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+        println!(
+            "fsync floor {}→{} volumes: x{:.2}; create p50 / floor: {:.2} → {:.2}; delete p50 / floor: {:.2} → {:.2}",
+            a.n,
+            b.n,
+            b.sync_p50.as_secs_f64() / a.sync_p50.as_secs_f64(),
+            a.create_p50.as_secs_f64() / a.sync_p50.as_secs_f64(),
+            b.create_p50.as_secs_f64() / b.sync_p50.as_secs_f64(),
+            a.delete_p50.as_secs_f64() / a.sync_p50.as_secs_f64(),
+            b.delete_p50.as_secs_f64() / b.sync_p50.as_secs_f64()
+        );
         let c = b.create_p50.as_secs_f64() / a.create_p50.as_secs_f64();
         let d = b.delete_p50.as_secs_f64() / a.delete_p50.as_secs_f64();
         println!(

@@ -1022,3 +1022,263 @@ fn root_agent_bad_input_gets_the_right_code_and_changes_nothing() {
     drop(agent);
     domain_clean(&dom);
 }
+
+#[test]
+fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 2);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let disk = c
+            .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        let snap = c
+            .snapshot(pb::SnapshotRequest {
+                request_id: "s".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let weak = snap.parent_tag.unwrap();
+        let top = c
+            .activate(activate_req("a", &disk.id))
+            .await
+            .unwrap()
+            .into_inner()
+            .activation
+            .unwrap();
+        c.activate(activate_req("a2", &weak.id)).await.unwrap();
+        // The disk's chain goes through the weak tag's volume.
+        let e = c
+            .deactivate(pb::DeactivateRequest {
+                request_id: "d1".into(),
+                tag_id: weak.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(
+            e.message().contains("needed by the active chain"),
+            "{}",
+            e.message()
+        );
+        // A process holds the top open.
+        let mut holder = Command::new("bash")
+            .args(["-c", "exec 3<\"$0\"; sleep 30"])
+            .arg(&top.path)
+            .spawn()
+            .unwrap();
+        // Wait until the shell has the device open.
+        let device = std::fs::read_link(&top.path).unwrap();
+        let fd_dir = format!("/proc/{}/fd", holder.id());
+        let t = std::time::Instant::now();
+        while !std::fs::read_dir(&fd_dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l == device))
+            })
+            .unwrap_or(false)
+        {
+            assert!(
+                t.elapsed().as_secs() < 10,
+                "the holder never opened {device:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let e = c
+            .deactivate(pb::DeactivateRequest {
+                request_id: "d2".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("open by process"), "{}", e.message());
+        assert!(Path::new(&top.path).exists());
+        // Forced, it goes (the kernel detaches once the holder closes).
+        let r = c
+            .deactivate(pb::DeactivateRequest {
+                request_id: "d3".into(),
+                tag_id: disk.id.clone(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.changed);
+        assert!(!Path::new(&top.path).exists());
+        let _ = holder.kill();
+        let _ = holder.wait();
+        c.deactivate(pb::DeactivateRequest {
+            request_id: "d4".into(),
+            tag_id: weak.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_extend_in_place_or_resource_exhausted_and_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let a = c
+            .create_volume(disk_request("a", pb::VolumeFormat::Qcow2, 16))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let b = c
+            .create_volume(disk_request("b", pb::VolumeFormat::Raw, 16))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        // b is last: it grows in place.
+        let r = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x1".into(),
+                volume_id: b.id.clone(),
+                capacity: 32 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.changed);
+        let v = r.volume.unwrap();
+        assert_eq!((v.capacity, v.extent_start), (32 << 20, b.extent_start));
+        // a is followed by b: no room in place.
+        let before = domain_state(&dom);
+        let e = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x2".into(),
+                volume_id: a.id.clone(),
+                capacity: 64 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+        use tonic_types::StatusExt;
+        assert_eq!(
+            e.get_details_error_info().unwrap().reason,
+            "extents_exhausted"
+        );
+        assert!(
+            before == domain_state(&dom),
+            "a refused extend changed the domain"
+        );
+        // A qcow2 grows its virtual size within the slack of its run (a
+        // header rewrite), and stays a valid image.
+        let r = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x3".into(),
+                volume_id: a.id.clone(),
+                capacity: (16 << 20) + (512 << 10),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let grown = r.volume.unwrap();
+        assert_eq!(grown.capacity, (16 << 20) + (512 << 10));
+        assert_eq!(grown.extent_count, a.extent_count, "the run moved or grew");
+        let chk = c
+            .check_volume(pb::CheckVolumeRequest {
+                volume_id: a.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(chk.clean, "{}", chk.report_json);
+        let m = c
+            .measure_volume(pb::MeasureVolumeRequest {
+                volume_id: b.id.clone(),
+                target_format: pb::VolumeFormat::Qcow2 as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // An empty raw volume needs only qcow2 metadata; fully written, all.
+        assert!(m.required < 1 << 20, "{m:?}");
+        assert!(m.fully_allocated > 32 << 20, "{m:?}");
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_serves_health_and_reflection() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let ch =
+            cairn_agent::client::channel(&cairn_agent::client::Target::Unix(agent.socket.clone()))
+                .await
+                .unwrap();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let st = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "cairn.agent.v1.Agent".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            st.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        let mut r = ServerReflectionClient::new(ch);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut s = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let resp = s.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
+            panic!("unexpected reflection answer {resp:?}");
+        };
+        let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"cairn.agent.v1.Agent".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_string()),
+            "{names:?}"
+        );
+    });
+}
