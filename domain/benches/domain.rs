@@ -5,6 +5,10 @@
 //! a 4 KiB direct write followed by fdatasync; for open, a direct read of as
 //! many bytes as open reads.
 //!
+//! Create and delete are measured in rounds that alternate between the
+//! domains, so noise from other tenants of the machine lands on every size
+//! alike.
+//!
 //! Run: `cargo bench -p cairn-domain --bench domain` (set CAIRN_BENCH_SIZES
 //! to e.g. "1000,10000" for a shorter run, CAIRN_BENCH_DIR for the file).
 
@@ -60,7 +64,16 @@ struct Row {
     sync_p50: Duration,
 }
 
-fn run(n: usize, dir: &std::path::Path) -> Row {
+/// A populated domain, open.
+struct Setup {
+    n: usize,
+    path: std::path::PathBuf,
+    dev: Arc<dyn BlockDev>,
+    locks: Arc<dyn LockService>,
+    d: Domain,
+}
+
+fn setup(n: usize, dir: &std::path::Path) -> Setup {
     let path = dir.join(format!("bench-{n}.img"));
     let _ = std::fs::remove_file(&path);
     let size = ((n as u64 + 4096) << 20) + (1 << 30);
@@ -93,50 +106,87 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
         "  populated {n} volumes in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-
-    // Baseline: the floor of one durable change.
-    let page = AlignedBuf::zeroed(4096);
-    let scratch = d.geometry().extent_off(d.geometry().extent_count - 1);
-    let mut sync = Vec::new();
-    for i in 0..200 {
-        let t = Instant::now();
-        dev.write_at(&page, scratch + (i % 64) * 4096).unwrap();
-        dev.flush().unwrap();
-        sync.push(t.elapsed());
+    Setup {
+        n,
+        path,
+        dev,
+        locks,
+        d,
     }
+}
 
-    // Create and delete latency.
-    let ops = 300;
-    let per_op = |a: cairn_domain::io::IoStats, b: cairn_domain::io::IoStats| {
-        (
-            (b.reads - a.reads) as f64 / ops as f64,
-            (b.writes - a.writes) as f64 / ops as f64,
-            ((b.bytes_read - a.bytes_read) + (b.bytes_written - a.bytes_written)) as f64
-                / ops as f64,
-        )
-    };
-    let s0 = dev.stats();
-    let before = dev.stats().flushes;
-    let mut creates = Vec::new();
-    let mut ids = Vec::new();
-    for _ in 0..ops {
+/// Latency samples of one domain.
+#[derive(Default)]
+struct Samples {
+    creates: Vec<Duration>,
+    deletes: Vec<Duration>,
+    sync: Vec<Duration>,
+    flushes_create: u64,
+    flushes_delete: u64,
+    io_create: [u64; 3],
+    io_delete: [u64; 3],
+}
+
+fn io_delta(a: cairn_domain::io::IoStats, b: cairn_domain::io::IoStats) -> [u64; 3] {
+    [
+        b.reads - a.reads,
+        b.writes - a.writes,
+        (b.bytes_read - a.bytes_read) + (b.bytes_written - a.bytes_written),
+    ]
+}
+
+/// One round on one domain: the fsync floor, `k` creates, `k` deletes.
+fn round(st: &Setup, k: usize, out: &mut Samples) {
+    let page = AlignedBuf::zeroed(4096);
+    let scratch = st.d.geometry().extent_off(st.d.geometry().extent_count - 1);
+    for i in 0..k as u64 {
         let t = Instant::now();
-        let (v, _g) = d.create_volume(spec()).unwrap();
-        creates.push(t.elapsed());
+        st.dev.write_at(&page, scratch + (i % 64) * 4096).unwrap();
+        st.dev.flush().unwrap();
+        out.sync.push(t.elapsed());
+    }
+    let s0 = st.dev.stats();
+    let mut ids = Vec::new();
+    for _ in 0..k {
+        let t = Instant::now();
+        let (v, _g) = st.d.create_volume(spec()).unwrap();
+        out.creates.push(t.elapsed());
         ids.push(v.id);
     }
-    let flushes_create = (dev.stats().flushes - before) as f64 / ops as f64;
-    let io_create = per_op(s0, dev.stats());
-    let s0 = dev.stats();
-    let before = dev.stats().flushes;
-    let mut deletes = Vec::new();
+    let s1 = st.dev.stats();
     for id in &ids {
         let t = Instant::now();
-        d.delete_volume(id, &[]).unwrap();
-        deletes.push(t.elapsed());
+        st.d.delete_volume(id, &[]).unwrap();
+        out.deletes.push(t.elapsed());
     }
-    let flushes_delete = (dev.stats().flushes - before) as f64 / ops as f64;
-    let io_delete = per_op(s0, dev.stats());
+    let s2 = st.dev.stats();
+    out.flushes_create += s1.flushes - s0.flushes;
+    out.flushes_delete += s2.flushes - s1.flushes;
+    for (i, v) in io_delta(s0, s1).into_iter().enumerate() {
+        out.io_create[i] += v;
+    }
+    for (i, v) in io_delta(s1, s2).into_iter().enumerate() {
+        out.io_delete[i] += v;
+    }
+}
+
+fn finish(st: Setup, mut smp: Samples, dir: &std::path::Path) -> Row {
+    let Setup {
+        n,
+        path,
+        dev: _,
+        locks,
+        d,
+    } = st;
+    let ops = smp.creates.len() as f64;
+    let per = |x: [u64; 3]| (x[0] as f64 / ops, x[1] as f64 / ops, x[2] as f64 / ops);
+    let flushes_create = smp.flushes_create as f64 / ops;
+    let flushes_delete = smp.flushes_delete as f64 / ops;
+    let io_create = per(smp.io_create);
+    let io_delete = per(smp.io_delete);
+    let creates = &mut smp.creates;
+    let deletes = &mut smp.deletes;
+    let sync = &mut smp.sync;
 
     // List.
     let mut lists = Vec::new();
@@ -186,15 +236,15 @@ fn run(n: usize, dir: &std::path::Path) -> Row {
         open_bytes,
         open_baseline: pct(&mut base, 0.5),
         list: pct(&mut lists, 0.5),
-        create_p50: pct(&mut creates.clone(), 0.5),
-        create_p99: pct(&mut creates, 0.99),
-        delete_p50: pct(&mut deletes.clone(), 0.5),
-        delete_p99: pct(&mut deletes, 0.99),
+        create_p50: pct(creates, 0.5),
+        create_p99: pct(creates, 0.99),
+        delete_p50: pct(deletes, 0.5),
+        delete_p99: pct(deletes, 0.99),
         flushes_create,
         flushes_delete,
         io_create,
         io_delete,
-        sync_p50: pct(&mut sync, 0.5),
+        sync_p50: pct(sync, 0.5),
     }
 }
 
@@ -208,11 +258,24 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("cairn-bench"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut rows = Vec::new();
+    let mut setups = Vec::new();
     for n in sizes {
         eprintln!("volumes: {n}");
-        rows.push(run(n, &dir));
+        setups.push(setup(n, &dir));
     }
+    // Create and delete latency, interleaved across the domains in short
+    // rounds so that the machine's noise falls on every size alike.
+    let mut samples: Vec<Samples> = setups.iter().map(|_| Samples::default()).collect();
+    for _ in 0..15 {
+        for (st, smp) in setups.iter().zip(samples.iter_mut()) {
+            round(st, 20, smp);
+        }
+    }
+    let rows: Vec<Row> = setups
+        .into_iter()
+        .zip(samples)
+        .map(|(st, smp)| finish(st, smp, &dir))
+        .collect();
     println!(
         "\n{:>8} | {:>22} | {:>10} | {:>22} | {:>22} | {:>13} | {:>12}",
         "volumes",
