@@ -105,6 +105,16 @@ pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
     };
     let size = std::fs::metadata(&domain)?.len();
     let rt = tokio::runtime::Runtime::new()?;
+    // Listen for signals before announcing anything: a SIGTERM right after
+    // "Cairn is up" must stop us cleanly, not kill us.
+    let mut term = {
+        let _g = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?
+    };
+    let mut int = {
+        let _g = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+    };
     rt.block_on(serve(
         opts,
         |b: &Bound| {
@@ -139,11 +149,9 @@ pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(msg.as_bytes()).and_then(|_| out.flush());
         },
-        async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("signal handler");
+        async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         },

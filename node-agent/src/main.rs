@@ -71,14 +71,16 @@ async fn main() -> anyhow::Result<()> {
             })
         )
     };
-    serve(opts, ready, shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
+    // Listen for signals before announcing readiness, so that a SIGTERM
+    // right after the ready line stops the agent cleanly.
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    };
+    serve(opts, ready, shutdown).await
 }

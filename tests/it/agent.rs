@@ -1282,3 +1282,103 @@ fn agent_serves_health_and_reflection() {
         );
     });
 }
+
+#[test]
+fn agent_client_locks_exclude_others_until_unlocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let mut req = disk_request("v", pb::VolumeFormat::Raw, 4);
+        req.tag = None;
+        req.keep_locked = true;
+        let r = c.create_volume(req).await.unwrap().into_inner();
+        let v = r.volume.unwrap();
+        assert!(!r.lock_id.is_empty(), "keep_locked gave no lock id");
+        // With the lock id the holder changes the volume at once.
+        let u = c
+            .update_volume(pb::UpdateVolumeRequest {
+                request_id: "u1".into(),
+                volume_id: v.id.clone(),
+                description: "mine".into(),
+                legality: pb::Legality::Legal as i32,
+                lock_id: r.lock_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(u.volume.unwrap().description, "mine");
+        // Without it, a change waits for the lock and gives up (ABORTED
+        // after the agent's 5 s lock timeout).
+        let t = std::time::Instant::now();
+        let e = c
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: "d1".into(),
+                volume_id: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Aborted, "{}", e.message());
+        assert!(t.elapsed().as_secs_f64() > 4.0);
+        // Someone else's lock id does not fit this volume.
+        let other = c
+            .create_volume(disk_request("w", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let e = c
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: "d2".into(),
+                volume_id: other.id.clone(),
+                lock_id: r.lock_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        let un = c
+            .unlock_volume(pb::UnlockVolumeRequest {
+                lock_id: r.lock_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(un.released);
+        let again = c
+            .unlock_volume(pb::UnlockVolumeRequest {
+                lock_id: r.lock_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.released);
+        // Now anyone may delete it; LockVolume takes it again on request.
+        let l = c
+            .lock_volume(pb::LockVolumeRequest {
+                request_id: "l".into(),
+                volume_id: v.id.clone(),
+                lease_seconds: 60,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.token > 0);
+        c.delete_volume(pb::DeleteVolumeRequest {
+            request_id: "d3".into(),
+            volume_id: v.id.clone(),
+            lock_id: l.lock_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    drop(agent);
+    domain_clean(&dom);
+}

@@ -383,3 +383,55 @@ fn root_format_and_check_a_block_device() {
     let o = cairn(&locks, &["domain", "check", p]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// Regression: the signal handler was installed only after the ready line,
+/// so a SIGTERM right after it killed `cairn up` (and `cairn-agent`)
+/// instead of stopping it cleanly.
+#[test]
+fn sigterm_right_after_ready_stops_cleanly() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("d.img");
+    crate::agent_harness::make_domain(&dom, 1);
+    for i in 0..5 {
+        for agent in [false, true] {
+            let mut c = if agent {
+                let mut c = Command::new(agent_bin());
+                c.arg("--domain")
+                    .arg(&dom)
+                    .arg("--run-dir")
+                    .arg(dir.path().join("run"));
+                c
+            } else {
+                let mut c = Command::new(cairn_bin());
+                c.args([
+                    "up",
+                    "--size",
+                    "1G",
+                    "--metrics",
+                    "127.0.0.1:0",
+                    "--run-dir",
+                ])
+                .arg(dir.path().join("run"))
+                .env("CAIRN_DATA_DIR", dir.path().join("data"));
+                c
+            };
+            c.arg("--socket")
+                .arg(dir.path().join("s.sock"))
+                .env("CAIRN_SOCKET", dir.path().join("s.sock"))
+                .env("CAIRN_LOCK_DIR", dir.path().join("locks"))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert!(!line.is_empty(), "round {i}: no ready line");
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let st = child.wait().unwrap();
+            assert!(st.success(), "round {i} (agent: {agent}): {st}");
+        }
+    }
+}
