@@ -714,25 +714,52 @@ impl Agent {
         Ok(())
     }
 
-    /// Replace a volume's description and legality.
+    /// Replace a volume's description and legality, and its parent when
+    /// `parent` is given.
+    #[allow(clippy::too_many_arguments)]
     pub fn update_volume(
         &self,
         o: &Opened,
         id: &VolumeId,
         description: String,
         legality: Legality,
+        parent: Option<Option<TagId>>,
         lock_id: &str,
         request_id: [u8; 16],
     ) -> Result<(Volume, bool)> {
         validate_description(&description)?;
         let held = self.client_lock(o, id, lock_id)?;
         let v = o.domain.read_volume(id)?;
-        if v.description == description && v.legality == legality {
+        let parent = parent.unwrap_or(v.parent);
+        if let Some(p) = parent {
+            if v.format != Format::Qcow2 {
+                return Err(AgentError::invalid(
+                    "parent_tag",
+                    "only a qcow2 volume can have a parent",
+                ));
+            }
+            let t = o.domain.read_tag(&p).map_err(|e| match e {
+                DomainError::NotFound { .. } => AgentError::NotFound {
+                    kind: "parent tag",
+                    id: p.to_string(),
+                },
+                e => e.into(),
+            })?;
+            // The new parent's chain must not go through this volume.
+            let pv = o.domain.read_volume(&t.volume)?;
+            if self.volume_chain(o, &pv)?.iter().any(|c| c.id == v.id) {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "tag {p} is on the chain below volume {id}: that would make a loop"
+                )));
+            }
+        }
+        if v.description == description && v.legality == legality && v.parent == parent {
             return Ok((v, false));
         }
         let meta = VolumeMeta {
             description,
             legality,
+            parent,
             ..v.meta()
         };
         let h: Vec<&LockGuard> = held.iter().map(|g| g.as_ref()).collect();

@@ -798,11 +798,23 @@ impl pb::agent_server::Agent for AgentService {
                 let o = a.domain(&req.domain)?;
                 let id = vol_id("volume_id", &req.volume_id)?;
                 let legality = legality_of(req.legality)?;
+                let parent = match (req.set_parent, req.parent_tag.as_str()) {
+                    (false, "") => None,
+                    (false, _) => {
+                        return Err(AgentError::invalid(
+                            "parent_tag",
+                            "is only read with set_parent",
+                        ))
+                    }
+                    (true, "") => Some(None),
+                    (true, p) => Some(Some(tag_id("parent_tag", p)?)),
+                };
                 let (v, changed) = a.update_volume(
                     &o,
                     &id,
                     req.description.clone(),
                     legality,
+                    parent,
                     &req.lock_id,
                     request_bytes(&req.request_id),
                 )?;

@@ -1382,3 +1382,90 @@ fn agent_client_locks_exclude_others_until_unlocked() {
     drop(agent);
     domain_clean(&dom);
 }
+
+#[test]
+fn agent_rebase_changes_the_parent_and_refuses_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let base = c
+            .create_volume(disk_request("a", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner();
+        let base_tag = base.tag.unwrap();
+        let mut q = disk_request("q", pb::VolumeFormat::Qcow2, 4);
+        q.parent_tag = base_tag.id.clone();
+        let q = c.create_volume(q).await.unwrap().into_inner();
+        let qv = q.volume.unwrap();
+        let q_tag = q.tag.unwrap();
+        assert_eq!(qv.parent_tag, base_tag.id);
+        let r = c
+            .create_volume(disk_request("r", pb::VolumeFormat::Qcow2, 4))
+            .await
+            .unwrap()
+            .into_inner();
+        let (rv, r_tag) = (r.volume.unwrap(), r.tag.unwrap());
+        let upd = |id: &str, parent: &str, rid: &str| pb::UpdateVolumeRequest {
+            request_id: rid.into(),
+            volume_id: id.into(),
+            legality: pb::Legality::Legal as i32,
+            description: "disk".into(),
+            set_parent: true,
+            parent_tag: parent.into(),
+            ..Default::default()
+        };
+        // A raw volume cannot get a parent.
+        let e = c
+            .update_volume(upd(&base.volume.unwrap().id, &r_tag.id, "u0"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        // Rebase q onto r.
+        let u = c
+            .update_volume(upd(&qv.id, &r_tag.id, "u1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(u.changed);
+        assert_eq!(u.volume.unwrap().parent_tag, r_tag.id);
+        // r onto q's tag would be a loop (q's chain goes through r).
+        let e = c
+            .update_volume(upd(&rv.id, &q_tag.id, "u2"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("loop"), "{}", e.message());
+        // The old parent's child count went down, the new one's up.
+        let t = c
+            .get_tag(pb::GetTagRequest {
+                tag_id: base_tag.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.child_refs, 0);
+        let t = c
+            .get_tag(pb::GetTagRequest {
+                tag_id: r_tag.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.child_refs, 1);
+        // No parent at all.
+        let u = c
+            .update_volume(upd(&qv.id, "", "u3"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(u.volume.unwrap().parent_tag, "");
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
