@@ -142,6 +142,13 @@ pub enum VolumeCmd {
         /// legal or illegal.
         #[arg(long)]
         legality: Option<String>,
+        /// New parent tag (metadata only; rewrite the image's backing
+        /// reference with qemu-img rebase -u).
+        #[arg(long, conflicts_with = "no_parent")]
+        parent: Option<String>,
+        /// Remove the parent.
+        #[arg(long)]
+        no_parent: bool,
     },
     /// How much space the volume's data needs in a format (qemu-img measure).
     Measure {
@@ -959,6 +966,8 @@ async fn volume(
             id,
             description,
             legality,
+            parent,
+            no_parent,
         } => {
             let cur = c
                 .get_volume(pb::GetVolumeRequest {
@@ -982,6 +991,8 @@ async fn volume(
                     description: description.clone().unwrap_or(cur.description),
                     legality,
                     lock_id: String::new(),
+                    set_parent: parent.is_some() || *no_parent,
+                    parent_tag: parent.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(refused)?
