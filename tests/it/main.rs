@@ -10,4 +10,5 @@ mod cli;
 mod common;
 mod crash;
 mod datapath;
+mod etcd;
 mod multiprocess;

@@ -1,0 +1,467 @@
+//! The etcd lock service.
+//!
+//! One session lease per process (TTL 10 s by default) kept alive by a
+//! background task that reconnects after errors and after an etcd restart.
+//! A lock is the key `Resource::key()` created under the session lease if it
+//! does not exist (a transaction comparing its create revision with 0); a
+//! waiter watches the key until it is deleted. The fencing token is the
+//! domain's token base plus the key's create revision: revisions grow with
+//! every write to etcd, and the base, kept in `cairn/<domain>/token-base`,
+//! is a clock reading taken when that key was first made, so tokens keep
+//! growing even after etcd's data is wiped (the key is then made again,
+//! later).
+//!
+//! Self-fencing: a held lock is only as good as the last keep-alive that
+//! etcd confirmed. `check()` fails once the time since that keep-alive's
+//! request was sent exceeds the TTL minus a safety margin, before the lease
+//! can have expired on the server; it passes again when etcd answers, as
+//! long as the lease survived. If the lease is lost the session is renewed
+//! under a new lease and every guard of the old one fails for good.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_domain::lock::{token_floor, HeldLock, Resource, Token};
+use cairn_domain::{DomainError, LockGuard, LockService, Result};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+
+/// How to reach etcd and how long a session lives.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Session lease TTL.
+    pub ttl: Duration,
+    /// How long before the lease could expire a holder stops writing.
+    pub margin: Duration,
+    /// Who we are (stored as the lock keys' values, for operators).
+    pub holder: String,
+}
+
+impl EtcdConfig {
+    /// Defaults: TTL 10 s, margin 3 s.
+    pub fn new(endpoints: Vec<String>, holder: impl Into<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            ttl: Duration::from_secs(10),
+            margin: Duration::from_secs(3),
+            holder: holder.into(),
+        }
+    }
+}
+
+/// The current session: a lease and its generation.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    lease: i64,
+    epoch: u64,
+}
+
+struct Inner {
+    cfg: EtcdConfig,
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    session: Mutex<Option<Session>>,
+    /// Sessions started so far (the next one's epoch is this plus one).
+    epochs: AtomicU64,
+    /// Milliseconds since `start` at which the last confirmed keep-alive
+    /// request was sent (0: never).
+    confirmed_ms: AtomicU64,
+    start: Instant,
+    bases: Mutex<HashMap<uuid::Uuid, u64>>,
+}
+
+/// Locks in etcd. Cloning shares the session.
+#[derive(Clone)]
+pub struct EtcdLockService {
+    inner: Arc<Inner>,
+}
+
+fn lock_err(context: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> DomainError {
+    let context = context.into();
+    move |e| DomainError::Lock {
+        context,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl Inner {
+    fn since_start(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Whether a lock of session `epoch` may still be relied on.
+    fn valid(&self, epoch: u64) -> std::result::Result<(), String> {
+        let s = *self.session.lock().expect("poisoned");
+        match s {
+            Some(s) if s.epoch == epoch => {}
+            _ => return Err("the etcd session that held this lock is gone".into()),
+        }
+        let confirmed = self.confirmed_ms.load(Ordering::SeqCst);
+        let age = Duration::from_millis(self.since_start().saturating_sub(confirmed));
+        let limit = self.cfg.ttl.saturating_sub(self.cfg.margin);
+        if confirmed == 0 || age >= limit {
+            return Err(format!(
+                "the etcd lease was last confirmed {:.1} s ago (limit {:.1} s)",
+                age.as_secs_f64(),
+                limit.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keep the session alive forever (until the runtime stops): grant a
+    /// lease when there is none, send keep-alives every TTL/3, renew the
+    /// session when the lease is lost.
+    async fn keep_alive(self: Arc<Self>) {
+        let ttl = self.cfg.ttl.as_secs().max(2) as i64;
+        let every = self.cfg.ttl / 3;
+        loop {
+            let mut c = self.client.clone();
+            let cur = *self.session.lock().expect("poisoned");
+            let s = match cur {
+                Some(s) => s,
+                None => match c.lease_grant(ttl, None).await {
+                    Ok(r) => {
+                        let epoch = self.epochs.fetch_add(1, Ordering::SeqCst) + 1;
+                        let s = Session {
+                            lease: r.id(),
+                            epoch,
+                        };
+                        *self.session.lock().expect("poisoned") = Some(s);
+                        // The grant itself confirms the lease.
+                        self.confirmed_ms
+                            .store(self.since_start(), Ordering::SeqCst);
+                        tracing::info!(lease = r.id(), epoch, "etcd session started");
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd lease grant failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
+            };
+            let (mut keeper, mut stream) = match c.lease_keep_alive(s.lease).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd keep-alive stream failed; retrying");
+                    self.expire_if_stale(s);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            loop {
+                let sent = self.since_start();
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(every.max(Duration::from_millis(200)), stream.message())
+                    .await
+                {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                        self.confirmed_ms.fetch_max(sent.max(1), Ordering::SeqCst);
+                    }
+                    Ok(Ok(Some(_))) => {
+                        // TTL 0: the lease expired on the server.
+                        tracing::warn!(lease = s.lease, "etcd lease expired; new session");
+                        self.drop_session(s);
+                        break;
+                    }
+                    _ => {
+                        self.expire_if_stale(s);
+                        break;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// When etcd has not confirmed the lease for a whole TTL, it may have
+    /// expired: start over with a new session.
+    fn expire_if_stale(&self, s: Session) {
+        let confirmed = self.confirmed_ms.load(Ordering::SeqCst);
+        if Duration::from_millis(self.since_start().saturating_sub(confirmed)) >= self.cfg.ttl {
+            self.drop_session(s);
+        }
+    }
+
+    fn drop_session(&self, s: Session) {
+        let mut g = self.session.lock().expect("poisoned");
+        if g.map(|c| c.epoch) == Some(s.epoch) {
+            *g = None;
+            self.confirmed_ms.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// The current session, waiting for one until `deadline`.
+    async fn current(&self, deadline: Instant) -> Result<Session> {
+        loop {
+            // Copy the session out first: `valid` takes the same lock.
+            let cur = *self.session.lock().expect("poisoned");
+            if let Some(s) = cur {
+                if self.valid(s.epoch).is_ok() {
+                    return Ok(s);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(DomainError::Fenced(
+                    "no confirmed etcd session (is etcd reachable?)".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The token base of a domain, making it on first use.
+    async fn base(&self, domain: uuid::Uuid) -> Result<u64> {
+        if let Some(b) = self.bases.lock().expect("poisoned").get(&domain) {
+            return Ok(*b);
+        }
+        let key = base_key(domain);
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), token_floor().to_string(), None)])
+            .or_else([]);
+        c.txn(txn)
+            .await
+            .map_err(lock_err("creating the token base"))?;
+        let r = c
+            .get(key.clone(), None)
+            .await
+            .map_err(lock_err("reading the token base"))?;
+        let b = parse_base(r.kvs().first().map(|kv| kv.value()))?;
+        self.bases.lock().expect("poisoned").insert(domain, b);
+        Ok(b)
+    }
+
+    async fn acquire(self: &Arc<Self>, r: &Resource, timeout: Duration) -> Result<LockGuard> {
+        let deadline = Instant::now() + timeout;
+        let key = r.key();
+        let timeout_err = || DomainError::LockTimeout {
+            resource: key.clone(),
+        };
+        loop {
+            let s = self.current(deadline).await?;
+            let base = self.base(r.domain).await?;
+            let bkey = base_key(r.domain);
+            let mut c = self.client.clone();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(
+                        key.clone(),
+                        self.cfg.holder.clone(),
+                        Some(PutOptions::new().with_lease(s.lease)),
+                    ),
+                    TxnOp::get(bkey.clone(), None),
+                ])
+                .or_else([TxnOp::get(key.clone(), None), TxnOp::get(bkey, None)]);
+            let resp = match c.txn(txn).await {
+                Ok(r) => r,
+                // etcd lost our lease (its data was wiped, or the lease
+                // expired before the keep-alive task noticed): renew the
+                // session and try again.
+                Err(e) if e.to_string().contains("lease not found") => {
+                    tracing::warn!(lease = s.lease, "etcd does not know our lease; new session");
+                    self.drop_session(s);
+                    continue;
+                }
+                Err(e) => return Err(lock_err(format!("locking {key}"))(e)),
+            };
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let ops = resp.op_responses();
+            // The base as etcd has it now: a wiped etcd lost it.
+            let now_base = match ops.last() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            };
+            if now_base.as_deref().map(|v| parse_base(Some(v)).ok()) != Some(Some(base)) {
+                self.bases.lock().expect("poisoned").remove(&r.domain);
+                if resp.succeeded() {
+                    let _ = c.delete(key.clone(), None).await;
+                }
+                continue;
+            }
+            if resp.succeeded() {
+                let token = base + rev as u64;
+                return Ok(LockGuard::new(
+                    r.clone(),
+                    Box::new(EtcdHeld {
+                        inner: self.clone(),
+                        key: key.clone(),
+                        revision: rev,
+                        epoch: s.epoch,
+                        token,
+                    }),
+                ));
+            }
+            if timeout.is_zero() || Instant::now() >= deadline {
+                return Err(timeout_err());
+            }
+            // Held: wait for the key to go (or the deadline).
+            let held_rev = match ops.first() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.mod_revision()),
+                _ => None,
+            };
+            let Some(from) = held_rev else { continue };
+            let mut stream = c
+                .watch(
+                    key.clone(),
+                    Some(WatchOptions::new().with_start_revision(from + 1)),
+                )
+                .await
+                .map_err(lock_err(format!("watching {key}")))?;
+            let wait = async {
+                while let Ok(Some(m)) = stream.message().await {
+                    if m.events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return;
+                    }
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Poll at least every second in case the watch misses a beat.
+            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), wait).await;
+        }
+    }
+
+    async fn release(&self, key: &str, revision: i64) {
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(key, None)])
+            .or_else([]);
+        if let Err(e) = c.txn(txn).await {
+            // The lease ends it anyway.
+            tracing::warn!(key, error = %e, "could not release an etcd lock");
+        }
+    }
+}
+
+fn base_key(domain: uuid::Uuid) -> String {
+    format!("cairn/{domain}/token-base")
+}
+
+fn parse_base(v: Option<&[u8]>) -> Result<u64> {
+    v.and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+        .ok_or_else(|| DomainError::Lock {
+            context: "reading the token base".into(),
+            source: std::io::Error::other("missing or not a number"),
+        })
+}
+
+/// A lock held in etcd.
+struct EtcdHeld {
+    inner: Arc<Inner>,
+    key: String,
+    revision: i64,
+    epoch: u64,
+    token: Token,
+}
+
+impl HeldLock for EtcdHeld {
+    fn token(&self) -> Token {
+        self.token
+    }
+    fn check(&self) -> Result<()> {
+        self.inner.valid(self.epoch).map_err(DomainError::Fenced)
+    }
+}
+
+impl Drop for EtcdHeld {
+    fn drop(&mut self) {
+        let inner = self.inner.clone();
+        let (key, rev) = (self.key.clone(), self.revision);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Inside some runtime: cannot block here; release in the
+            // background (the lease ends it at worst).
+            inner.rt.spawn({
+                let inner = inner.clone();
+                async move { inner.release(&key, rev).await }
+            });
+        } else {
+            inner.rt.block_on(inner.release(&key, rev));
+        }
+    }
+}
+
+impl EtcdLockService {
+    /// Connect and start the session (waits up to `ttl` for the first
+    /// lease).
+    pub fn connect(cfg: EtcdConfig) -> Result<EtcdLockService> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-session")
+            .enable_all()
+            .build()
+            .map_err(|e| DomainError::Lock {
+                context: "starting the etcd runtime".into(),
+                source: e,
+            })?;
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(cfg.ttl / 2)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = rt
+            .block_on(Client::connect(cfg.endpoints.clone(), Some(opts)))
+            .map_err(lock_err(format!(
+                "connecting to etcd at {:?}",
+                cfg.endpoints
+            )))?;
+        let inner = Arc::new(Inner {
+            cfg,
+            rt,
+            client,
+            session: Mutex::new(None),
+            epochs: AtomicU64::new(0),
+            confirmed_ms: AtomicU64::new(0),
+            start: Instant::now(),
+            bases: Mutex::new(HashMap::new()),
+        });
+        inner.rt.spawn(inner.clone().keep_alive());
+        let deadline = Instant::now() + inner.cfg.ttl;
+        inner.rt.block_on(inner.current(deadline))?;
+        Ok(EtcdLockService { inner })
+    }
+
+    /// Whether locks taken now would be valid (a confirmed session).
+    pub fn healthy(&self) -> bool {
+        let s = *self.inner.session.lock().expect("poisoned");
+        s.is_some_and(|s| self.inner.valid(s.epoch).is_ok())
+    }
+}
+
+impl LockService for EtcdLockService {
+    fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard> {
+        let inner = self.inner.clone();
+        let r = resource.clone();
+        inner
+            .rt
+            .block_on(async { inner.acquire(&r, timeout).await })
+    }
+
+    fn holder(&self, resource: &Resource) -> Result<Option<Token>> {
+        let inner = self.inner.clone();
+        let key = resource.key();
+        inner.rt.block_on(async {
+            let base = inner.base(resource.domain).await?;
+            let mut c = inner.client.clone();
+            let r = c
+                .get(key.clone(), Some(GetOptions::new()))
+                .await
+                .map_err(lock_err(format!("reading {key}")))?;
+            Ok(r.kvs().first().map(|kv| base + kv.create_revision() as u64))
+        })
+    }
+}

@@ -1,0 +1,295 @@
+//! The etcd lock service against a real etcd (Debian's etcd-server) that
+//! the test starts on free loopback ports and stops afterwards.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_cluster::{EtcdConfig, EtcdLockService};
+use cairn_domain::lock::{conformance, Resource, ResourceKind};
+use cairn_domain::{DomainError, LockService};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A single-member etcd on loopback.
+pub struct Etcd {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Etcd {
+            child: None,
+            data: dir.path().join("data"),
+            _dir: dir,
+            client: free_port(),
+            peer: free_port(),
+        };
+        e.spawn();
+        e
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--name=t")
+            .arg(format!("--data-dir={}", self.data.display()))
+            .arg(format!("--listen-client-urls={}", self.url()))
+            .arg(format!("--advertise-client-urls={}", self.url()))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=t={peer}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (apt-get install etcd-server)");
+        self.child = Some(child);
+        // Ready when it answers a read.
+        let t = Instant::now();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        loop {
+            let ok = rt.block_on(async {
+                let Ok(mut c) = etcd_client::Client::connect([self.url()], None).await else {
+                    return false;
+                };
+                c.get("probe", None).await.is_ok()
+            });
+            if ok {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGSTOP: etcd stops answering without closing connections.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Kill it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Start it again with no data at all.
+    pub fn wipe(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(&self.data).unwrap();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.resume();
+        self.stop();
+    }
+}
+
+fn cfg(e: &Etcd, ttl: u64, margin_ms: u64) -> EtcdConfig {
+    let mut c = EtcdConfig::new(vec![e.url()], "test");
+    c.ttl = Duration::from_secs(ttl);
+    c.margin = Duration::from_millis(margin_ms);
+    c
+}
+
+fn res(d: uuid::Uuid, i: u32) -> Resource {
+    Resource {
+        domain: d,
+        kind: ResourceKind::HostSlot(i),
+    }
+}
+
+#[test]
+fn etcd_lock_service_conforms() {
+    let e = Etcd::start();
+    let c = cfg(&e, 10, 3000);
+    // Each handle is its own session, like separate processes.
+    conformance::run_all(&move || {
+        Arc::new(EtcdLockService::connect(c.clone()).unwrap()) as Arc<dyn LockService>
+    });
+}
+
+#[test]
+fn etcd_tokens_keep_growing_across_an_etcd_restart_and_wipe() {
+    let mut e = Etcd::start();
+    let s = EtcdLockService::connect(cfg(&e, 4, 1000)).unwrap();
+    let d = uuid::Uuid::new_v4();
+    let g1 = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+    let t1 = g1.token();
+    drop(g1);
+    // Restart: the session survives (the lease outlives a quick restart).
+    e.restart();
+    let t2 = s
+        .acquire(&res(d, 1), Duration::from_secs(10))
+        .unwrap()
+        .token();
+    assert!(t2 > t1, "{t2} after {t1}");
+    // Wipe: revisions start over, the token base is made again, later.
+    e.wipe();
+    let t3 = s
+        .acquire(&res(d, 1), Duration::from_secs(15))
+        .unwrap()
+        .token();
+    assert!(t3 > t2, "{t3} after a wipe, {t2} before");
+    assert!(s.healthy());
+}
+
+#[test]
+fn etcd_unconfirmed_lease_fences_the_holder_until_etcd_answers() {
+    let e = Etcd::start();
+    // TTL 3 s, margin 1 s: a holder stops trusting its locks 2 s after the
+    // last confirmed keep-alive.
+    let s = EtcdLockService::connect(cfg(&e, 3, 1000)).unwrap();
+    let d = uuid::Uuid::new_v4();
+    let g = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
+    g.check().unwrap();
+    e.pause();
+    let t = Instant::now();
+    while g.check().is_ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "still trusted after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fenced_after = t.elapsed();
+    assert!(
+        fenced_after <= Duration::from_millis(2100),
+        "fenced only after {fenced_after:?}"
+    );
+    assert!(matches!(g.check(), Err(DomainError::Fenced(_))));
+    // Back within the TTL: the lease survived, the lock is good again.
+    std::thread::sleep(Duration::from_millis(300));
+    e.resume();
+    let t = Instant::now();
+    while g.check().is_err() {
+        assert!(t.elapsed() < Duration::from_secs(3), "not trusted again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Gone past the TTL: the lease is lost for good; the old guard never
+    // becomes valid again, and the lock can be taken anew.
+    e.pause();
+    std::thread::sleep(Duration::from_secs(5));
+    e.resume();
+    let g2 = s.acquire(&res(d, 1), Duration::from_secs(10)).unwrap();
+    assert!(g2.token() > g.token());
+    assert!(g.check().is_err(), "a guard of a lost session came back");
+    g2.check().unwrap();
+}
+
+fn open_domain(path: &std::path::Path, s: &EtcdLockService, host: u8) -> cairn_domain::Domain {
+    cairn_domain::Domain::open(
+        Arc::new(cairn_domain::io::FileDev::open(path, true).unwrap()),
+        Arc::new(s.clone()),
+        crate::common::opts(host),
+    )
+    .unwrap()
+}
+
+#[test]
+fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
+    let e = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.img");
+    crate::agent_harness::make_domain(&path, 1);
+    let (s1, s2) = (
+        EtcdLockService::connect(cfg(&e, 3, 1000)).unwrap(),
+        EtcdLockService::connect(cfg(&e, 3, 1000)).unwrap(),
+    );
+    let d1 = Arc::new(open_domain(&path, &s1, 1));
+    let d2 = Arc::new(open_domain(&path, &s2, 2));
+    assert_ne!(d1.slot(), d2.slot());
+    // Both hosts create, tag and delete at once; etcd serializes the
+    // allocation map between them.
+    let mut threads = Vec::new();
+    for d in [d1.clone(), d2.clone()] {
+        threads.push(std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for i in 0..15 {
+                let (v, g) = d.create_volume(crate::common::raw(1)).unwrap();
+                let t = d.create_tag(crate::common::tag_on(v.id), &[&g]).unwrap();
+                if i % 3 == 0 {
+                    d.delete_tag(&t.id, &[&g]).unwrap();
+                    d.delete_volume(&v.id, &[&g]).unwrap();
+                } else {
+                    kept.push(v.id);
+                }
+            }
+            kept
+        }));
+    }
+    let kept: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(kept.len(), 20);
+    for v in &kept {
+        d2.read_volume(v).unwrap();
+    }
+    // Host 1 holds a volume's lock; etcd stops answering; host 1 must not
+    // write under that lock any more.
+    let v = kept[0];
+    let g = d1.lock_volume(&v).unwrap();
+    let before = crate::agent_harness::domain_state(&path);
+    e.pause();
+    let t = Instant::now();
+    while g.check().is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(3));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut m = d1.read_volume(&v).unwrap().meta();
+    m.description = "stale write".into();
+    let err = d1.write_volume_meta(&v, m, &[&g]).unwrap_err();
+    assert!(matches!(err, DomainError::Fenced(_)), "{err}");
+    let after = crate::agent_harness::domain_state(&path);
+    assert!(before == after, "a fenced holder changed the domain");
+    e.resume();
+    drop(g);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(d1);
+    drop(d2);
+    crate::agent_harness::domain_clean(&path);
+}
