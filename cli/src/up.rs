@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_agent::server::{init_logging, serve, Bound, ServeOptions};
+use cairn_agent::server::{init_logging, serve, Bound, Locks, ServeOptions};
 use cairn_agent::AgentConfig;
 use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, LocalLockService, SystemClock};
@@ -98,7 +98,7 @@ pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
             lock_timeout: Duration::from_secs(30),
             io_dirs: vec![io.clone()],
         },
-        lock_dir: lock_dir.to_path_buf(),
+        locks: Locks::Local(lock_dir.to_path_buf()),
         socket: Some(socket.to_path_buf()),
         listen: a.listen,
         metrics: Some(a.metrics),

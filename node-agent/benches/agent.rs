@@ -192,7 +192,7 @@ fn main() {
             lock_timeout: Duration::from_secs(30),
             io_dirs: vec![dir.join("io")],
         },
-        lock_dir: dir.join("locks"),
+        locks: cairn_agent::server::Locks::Local(dir.join("locks")),
         socket: Some(socket.clone()),
         listen: None,
         metrics: None,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cairn_agent::server::{init_logging, serve, ServeOptions};
+use cairn_agent::server::{init_logging, serve, Locks, ServeOptions};
 use cairn_agent::AgentConfig;
 use clap::Parser;
 
@@ -28,9 +28,23 @@ struct Args {
     /// Where stable volume paths are made.
     #[arg(long, default_value = "/run/cairn")]
     run_dir: PathBuf,
-    /// Single-machine lock directory.
+    /// Single-machine lock directory (when no --etcd is given).
     #[arg(long, env = "CAIRN_LOCK_DIR", default_value = "/run/cairn/locks")]
     lock_dir: PathBuf,
+    /// etcd client URL (repeat for several): use cluster locks, so that
+    /// agents of several hosts can share domains.
+    #[arg(long = "etcd", env = "CAIRN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// This host's id (default: /etc/machine-id). Only for running several
+    /// agents on one machine, as the local cluster script does.
+    #[arg(long)]
+    host_id: Option<uuid::Uuid>,
+    /// This host's name (default: the host name).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// Seconds of the etcd session lease.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
     /// Seconds an operation waits for a lock.
     #[arg(long, default_value_t = 30)]
     lock_timeout: u64,
@@ -47,15 +61,30 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     init_logging(a.log_json);
+    let mut host = cairn_domain::HostIdentity::local();
+    if let Some(id) = a.host_id {
+        host.id = id;
+    }
+    if let Some(n) = &a.host_name {
+        host.name = n.clone();
+    }
     let opts = ServeOptions {
         agent: AgentConfig {
             domains: a.domains,
             run_dir: a.run_dir,
-            host: cairn_domain::HostIdentity::local(),
+            host: host.clone(),
             lock_timeout: Duration::from_secs(a.lock_timeout),
             io_dirs: a.io_dirs,
         },
-        lock_dir: a.lock_dir,
+        locks: if a.etcd.is_empty() {
+            Locks::Local(a.lock_dir)
+        } else {
+            let mut c =
+                cairn_cluster::EtcdConfig::new(a.etcd, format!("{} ({})", host.name, host.id));
+            c.ttl = Duration::from_secs(a.lease_ttl.max(2));
+            c.margin = (c.ttl / 3).max(Duration::from_secs(1));
+            Locks::Etcd(c)
+        },
         socket: Some(a.socket),
         listen: a.listen,
         metrics: a.metrics,

@@ -14,13 +14,22 @@ use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::AgentService;
 
+/// Which lock service the agent uses.
+#[derive(Debug, Clone)]
+pub enum Locks {
+    /// The single-machine service: lock files in this directory.
+    Local(PathBuf),
+    /// etcd, for hosts that share domains.
+    Etcd(cairn_cluster::EtcdConfig),
+}
+
 /// Where and how to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// The agent.
     pub agent: AgentConfig,
-    /// Single-machine lock directory.
-    pub lock_dir: PathBuf,
+    /// The lock service.
+    pub locks: Locks,
     /// Unix socket path (the CLI's default way in).
     pub socket: Option<PathBuf>,
     /// TCP address for remote clients.
@@ -47,8 +56,15 @@ pub async fn serve(
     ready: impl FnOnce(&Bound) + Send,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let locks: Arc<dyn cairn_domain::LockService> =
-        Arc::new(cairn_domain::LocalLockService::new(&opts.lock_dir)?);
+    let choice = opts.locks.clone();
+    // The etcd service runs its own runtime; start it off this one.
+    let locks: Arc<dyn cairn_domain::LockService> = tokio::task::spawn_blocking(move || {
+        Ok::<Arc<dyn cairn_domain::LockService>, cairn_domain::DomainError>(match choice {
+            Locks::Local(dir) => Arc::new(cairn_domain::LocalLockService::new(&dir)?),
+            Locks::Etcd(c) => Arc::new(cairn_cluster::EtcdLockService::connect(c)?),
+        })
+    })
+    .await??;
     let cfg = opts.agent.clone();
     let agent = tokio::task::spawn_blocking(move || Agent::open(&cfg, locks, Arc::new(KernelLoop)))
         .await??;

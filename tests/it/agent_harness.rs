@@ -57,6 +57,12 @@ impl AgentProc {
     /// Start an agent on `domain`, its files under `dir`; `dir/io` is its
     /// import/export directory.
     pub fn start(domain: &Path, dir: &Path) -> AgentProc {
+        AgentProc::start_with(domain, dir, &[])
+    }
+
+    /// Start with more arguments (e.g. `--etcd URL --host-id ID`).
+    pub fn start_with(domain: &Path, dir: &Path, extra: &[String]) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("agent.sock");
         let io = dir.join("io");
         std::fs::create_dir_all(&io).unwrap();
@@ -72,6 +78,7 @@ impl AgentProc {
             .arg("--lock-dir")
             .arg(dir.join("locks"))
             .args(["--metrics", "127.0.0.1:0", "--lock-timeout", "5"])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -293,3 +293,81 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
     drop(d2);
     crate::agent_harness::domain_clean(&path);
 }
+
+#[test]
+fn etcd_two_agents_on_one_domain_work_on_the_same_disk() {
+    use crate::agent_harness::*;
+    use cairn_agent::pb;
+    let e = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 2);
+    let start = |n: u8| {
+        AgentProc::start_with(
+            &dom,
+            &dir.path().join(format!("host{n}")),
+            &[
+                "--etcd".into(),
+                e.url(),
+                "--lease-ttl".into(),
+                "4".into(),
+                "--host-id".into(),
+                uuid::Uuid::from_bytes([n; 16]).to_string(),
+            ],
+        )
+    };
+    let (a, b) = (start(1), start(2));
+    rt().block_on(async {
+        let mut ca = a.client().await;
+        let mut cb = b.client().await;
+        let disk = ca
+            .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        // The other host snapshots it, the first sees the result.
+        let snap = cb
+            .snapshot(pb::SnapshotRequest {
+                request_id: "s".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let t = ca
+            .get_tag(pb::GetTagRequest {
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.volume, snap.volume.unwrap().id);
+        let chk = ca
+            .check_volume(pb::CheckVolumeRequest {
+                volume_id: t.volume.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(chk.clean, "{}", chk.report_json);
+        let da = ca
+            .list_domains(pb::ListDomainsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let db = cb
+            .list_domains(pb::ListDomainsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(da.domains[0].host_slot, db.domains[0].host_slot);
+    });
+    drop(a);
+    drop(b);
+    domain_clean(&dom);
+}
