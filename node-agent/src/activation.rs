@@ -242,6 +242,7 @@ mod tests {
             offset,
             size,
             direct_io: true,
+            owner: "cairn:x".into(),
         }
     }
 

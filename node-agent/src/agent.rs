@@ -202,6 +202,8 @@ pub struct Agent {
     client_locks: Mutex<HashMap<String, ClientLock>>,
     pub(crate) jobs: crate::jobs::Jobs,
     pub(crate) io_dirs: Vec<PathBuf>,
+    /// The mark on this agent's loop devices: `cairn:<host id>`.
+    owner: String,
 }
 
 /// Default lease of a client-held lock.
@@ -260,6 +262,7 @@ impl Agent {
             client_locks: Mutex::new(HashMap::new()),
             jobs: Default::default(),
             io_dirs,
+            owner: format!("cairn:{}", cfg.host.id),
         };
         for o in &agent.domains {
             agent.remove_half_made(o)?;
@@ -340,7 +343,7 @@ impl Agent {
             .list()
             .map_err(AgentError::io("listing loop devices"))?
             .into_iter()
-            .filter(|l| l.backing == o.path)
+            .filter(|l| l.backing == o.path && l.owner == self.owner)
             .collect())
     }
 
@@ -381,7 +384,7 @@ impl Agent {
                     let ext = vols[volume].expect("planned for live volumes");
                     let d = self
                         .loops
-                        .attach(&o.path, ext.offset, ext.len)
+                        .attach(&o.path, ext.offset, ext.len, &self.owner)
                         .map_err(AgentError::io("attaching a loop device"))?;
                     for t in tags {
                         o.run
@@ -1242,7 +1245,7 @@ impl Agent {
                 None => {
                     let d = self
                         .loops
-                        .attach(&o.path, ext.offset, ext.len)
+                        .attach(&o.path, ext.offset, ext.len, &self.owner)
                         .map_err(AgentError::io(format!("attaching volume {vname}")))?;
                     loops.push(d.clone());
                     changed = true;

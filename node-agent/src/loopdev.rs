@@ -26,6 +26,10 @@ pub struct LoopInfo {
     pub size: u64,
     /// Whether direct I/O is on.
     pub direct_io: bool,
+    /// The owner's mark given at attach (the kernel keeps it as the
+    /// device's file name), so agents sharing a machine tell their devices
+    /// apart.
+    pub owner: String,
 }
 
 impl LoopInfo {
@@ -38,8 +42,8 @@ impl LoopInfo {
 /// What the agent needs from loop devices.
 pub trait LoopControl: Send + Sync {
     /// Attach a new device over `size` bytes of `backing` at `offset`,
-    /// with direct I/O.
-    fn attach(&self, backing: &Path, offset: u64, size: u64) -> io::Result<LoopInfo>;
+    /// with direct I/O, marked as `owner`'s (at most 63 bytes).
+    fn attach(&self, backing: &Path, offset: u64, size: u64, owner: &str) -> io::Result<LoopInfo>;
     /// Detach a device. Detaching one that is gone is not an error.
     fn detach(&self, index: u32) -> io::Result<()>;
     /// Change how many bytes a device exposes.
@@ -135,6 +139,23 @@ impl KernelLoop {
         )
     }
 
+    /// The name given at attach (LOOP_GET_STATUS64's file name).
+    fn owner(index: u32) -> io::Result<String> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/dev/loop{index}"))?;
+        let mut info = zeroed_info();
+        // SAFETY: LOOP_GET_STATUS64 writes a struct loop_info64.
+        cvt(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) })?;
+        let n = info
+            .lo_file_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(LO_NAME_SIZE);
+        Ok(String::from_utf8_lossy(&info.lo_file_name[..n]).into_owned())
+    }
+
     fn info(index: u32) -> io::Result<Option<LoopInfo>> {
         let backing = match Self::read_sys(index, "backing_file") {
             Ok(b) => b,
@@ -166,12 +187,13 @@ impl KernelLoop {
             offset,
             size,
             direct_io,
+            owner: Self::owner(index).unwrap_or_default(),
         }))
     }
 }
 
 impl LoopControl for KernelLoop {
-    fn attach(&self, backing: &Path, offset: u64, size: u64) -> io::Result<LoopInfo> {
+    fn attach(&self, backing: &Path, offset: u64, size: u64, owner: &str) -> io::Result<LoopInfo> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -192,7 +214,7 @@ impl LoopControl for KernelLoop {
             info.lo_offset = offset;
             info.lo_sizelimit = size;
             info.lo_flags = LO_FLAGS_DIRECT_IO;
-            let name = backing.as_os_str().as_encoded_bytes();
+            let name = owner.as_bytes();
             let n = name.len().min(LO_NAME_SIZE - 1);
             info.lo_file_name[..n].copy_from_slice(&name[..n]);
             let cfg = LoopConfig {
@@ -321,7 +343,7 @@ impl MemLoop {
 }
 
 impl LoopControl for MemLoop {
-    fn attach(&self, backing: &Path, offset: u64, size: u64) -> io::Result<LoopInfo> {
+    fn attach(&self, backing: &Path, offset: u64, size: u64, owner: &str) -> io::Result<LoopInfo> {
         let mut s = self.state.lock().expect("poisoned");
         let index = (0..).find(|i| !s.devs.contains_key(i)).expect("u32 space");
         let info = LoopInfo {
@@ -330,6 +352,7 @@ impl LoopControl for MemLoop {
             offset,
             size,
             direct_io: true,
+            owner: owner.to_string(),
         };
         s.devs.insert(index, info.clone());
         Ok(info)
@@ -378,11 +401,12 @@ pub(crate) mod conformance {
     use super::*;
 
     pub fn attach_list_resize_detach(lc: &dyn LoopControl, backing: &Path) {
-        let a = lc.attach(backing, 1 << 20, 2 << 20).unwrap();
+        let a = lc.attach(backing, 1 << 20, 2 << 20, "cairn:test").unwrap();
         assert_eq!(a.offset, 1 << 20);
+        assert_eq!(a.owner, "cairn:test");
         assert_eq!(a.size, 2 << 20);
         assert!(a.direct_io, "direct I/O must be on");
-        let b = lc.attach(backing, 4 << 20, 1 << 20).unwrap();
+        let b = lc.attach(backing, 4 << 20, 1 << 20, "cairn:other").unwrap();
         assert_ne!(a.index, b.index);
         let l = lc.list().unwrap();
         assert!(l.iter().any(|i| i.index == a.index && i.offset == 1 << 20));

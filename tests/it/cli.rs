@@ -346,7 +346,9 @@ fn root_format_and_check_a_block_device() {
         .unwrap()
         .set_len(512 << 20)
         .unwrap();
-    let lo = KernelLoop.attach(&backing, 0, 512 << 20).unwrap();
+    let lo = KernelLoop
+        .attach(&backing, 0, 512 << 20, "cairn:test")
+        .unwrap();
     struct Detach(u32);
     impl Drop for Detach {
         fn drop(&mut self) {

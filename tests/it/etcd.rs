@@ -295,7 +295,7 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
 }
 
 #[test]
-fn etcd_two_agents_on_one_domain_work_on_the_same_disk() {
+fn root_etcd_two_agents_on_one_domain_work_on_the_same_disk() {
     use crate::agent_harness::*;
     use cairn_agent::pb;
     let e = Etcd::start();
@@ -317,7 +317,7 @@ fn etcd_two_agents_on_one_domain_work_on_the_same_disk() {
         )
     };
     let (a, b) = (start(1), start(2));
-    rt().block_on(async {
+    let disk = rt().block_on(async {
         let mut ca = a.client().await;
         let mut cb = b.client().await;
         let disk = ca
@@ -366,6 +366,43 @@ fn etcd_two_agents_on_one_domain_work_on_the_same_disk() {
             .unwrap()
             .into_inner();
         assert_ne!(da.domains[0].host_slot, db.domains[0].host_slot);
+        disk.id
+    });
+    // B activates the disk; A restarts and reconciles its own activations:
+    // it must leave B's loop devices alone (regression: it detached every
+    // unlinked device over the domain, whoever had made it).
+    let path = rt().block_on(async {
+        let mut cb = b.client().await;
+        cb.activate(pb::ActivateRequest {
+            request_id: "act".into(),
+            tag_id: disk.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .activation
+        .unwrap()
+        .path
+    });
+    let before = loops_of(&dom);
+    assert_eq!(before.len(), 2);
+    let mut a = a;
+    a.kill();
+    let a = start(1);
+    assert_eq!(loops_of(&dom), before, "A's restart touched B's devices");
+    run(std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&path));
+    rt().block_on(async {
+        let mut cb = b.client().await;
+        cb.deactivate(pb::DeactivateRequest {
+            request_id: "deact".into(),
+            tag_id: disk.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     });
     drop(a);
     drop(b);
