@@ -74,6 +74,8 @@ struct Inner {
     confirmed_ms: AtomicU64,
     start: Instant,
     bases: Mutex<HashMap<uuid::Uuid, u64>>,
+    /// Keys kept under the session lease (put again for every new session).
+    registrations: Mutex<Vec<(String, String)>>,
 }
 
 /// Locks in etcd. Cloning shares the session.
@@ -123,10 +125,14 @@ impl Inner {
         let every = self.cfg.ttl / 3;
         loop {
             let mut c = self.client.clone();
+            let sent;
             let cur = *self.session.lock().expect("poisoned");
             let s = match cur {
                 Some(s) => s,
-                None => match c.lease_grant(ttl, None).await {
+                None => match {
+                    sent = self.since_start();
+                    c.lease_grant(ttl, None).await
+                } {
                     Ok(r) => {
                         let epoch = self.epochs.fetch_add(1, Ordering::SeqCst) + 1;
                         let s = Session {
@@ -134,10 +140,10 @@ impl Inner {
                             epoch,
                         };
                         *self.session.lock().expect("poisoned") = Some(s);
-                        // The grant itself confirms the lease.
-                        self.confirmed_ms
-                            .store(self.since_start(), Ordering::SeqCst);
+                        // The grant confirms the lease from when it was asked.
+                        self.confirmed_ms.store(sent.max(1), Ordering::SeqCst);
                         tracing::info!(lease = r.id(), epoch, "etcd session started");
+                        self.put_registrations(s.lease).await;
                         s
                     }
                     Err(e) => {
@@ -181,6 +187,20 @@ impl Inner {
                 tokio::time::sleep(every).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Put every registration under `lease`.
+    async fn put_registrations(&self, lease: i64) {
+        let regs = self.registrations.lock().expect("poisoned").clone();
+        let mut c = self.client.clone();
+        for (k, v) in regs {
+            if let Err(e) = c
+                .put(k.clone(), v, Some(PutOptions::new().with_lease(lease)))
+                .await
+            {
+                tracing::warn!(key = %k, error = %e, "could not register in etcd");
+            }
         }
     }
 
@@ -428,11 +448,33 @@ impl EtcdLockService {
             confirmed_ms: AtomicU64::new(0),
             start: Instant::now(),
             bases: Mutex::new(HashMap::new()),
+            registrations: Mutex::new(Vec::new()),
         });
         inner.rt.spawn(inner.clone().keep_alive());
         let deadline = Instant::now() + inner.cfg.ttl;
         inner.rt.block_on(inner.current(deadline))?;
         Ok(EtcdLockService { inner })
+    }
+
+    /// Keep `key` = `value` in etcd for as long as this process's session
+    /// lives (it goes when the process dies and its lease expires), and put
+    /// it again under every new session.
+    pub fn register(&self, key: &str, value: &str) -> Result<()> {
+        {
+            let mut r = self.inner.registrations.lock().expect("poisoned");
+            r.retain(|(k, _)| k != key);
+            r.push((key.to_string(), value.to_string()));
+        }
+        let inner = self.inner.clone();
+        let deadline = Instant::now() + inner.cfg.ttl;
+        inner.rt.block_on(async {
+            let s = inner.current(deadline).await?;
+            let mut c = inner.client.clone();
+            c.put(key, value, Some(PutOptions::new().with_lease(s.lease)))
+                .await
+                .map_err(lock_err(format!("registering {key}")))?;
+            Ok(())
+        })
     }
 
     /// Whether locks taken now would be valid (a confirmed session).

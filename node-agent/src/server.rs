@@ -58,10 +58,20 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let choice = opts.locks.clone();
     // The etcd service runs its own runtime; start it off this one.
-    let locks: Arc<dyn cairn_domain::LockService> = tokio::task::spawn_blocking(move || {
-        Ok::<Arc<dyn cairn_domain::LockService>, cairn_domain::DomainError>(match choice {
-            Locks::Local(dir) => Arc::new(cairn_domain::LocalLockService::new(&dir)?),
-            Locks::Etcd(c) => Arc::new(cairn_cluster::EtcdLockService::connect(c)?),
+    let (locks, etcd) = tokio::task::spawn_blocking(move || {
+        Ok::<_, cairn_domain::DomainError>(match choice {
+            Locks::Local(dir) => (
+                Arc::new(cairn_domain::LocalLockService::new(&dir)?)
+                    as Arc<dyn cairn_domain::LockService>,
+                None,
+            ),
+            Locks::Etcd(c) => {
+                let e = cairn_cluster::EtcdLockService::connect(c)?;
+                (
+                    Arc::new(e.clone()) as Arc<dyn cairn_domain::LockService>,
+                    Some(e),
+                )
+            }
         })
     })
     .await??;
@@ -133,6 +143,25 @@ pub async fn serve(
         let l = TcpListener::bind(addr).await?;
         bound.metrics = Some(l.local_addr()?);
         metrics_task = Some(tokio::spawn(metrics::serve(l, metrics.clone())));
+    }
+    if let Some(e) = etcd {
+        // Tell the cluster who we are, where we listen and what we see,
+        // for as long as our session lives.
+        let host = &opts.agent.host;
+        let value = serde_json::json!({
+            "host_id": host.id,
+            "host_name": host.name,
+            "address": bound.listen.map(|a| format!("http://{a}")),
+            "domains": agent.domains().iter().map(|o| serde_json::json!({
+                "id": o.id(),
+                "name": o.name(),
+                "path": o.path,
+                "host_slot": o.domain.slot(),
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let key = format!("cairn/agents/{}", host.id);
+        tokio::task::spawn_blocking(move || e.register(&key, &value)).await??;
     }
     tracing::info!(?bound, "agent serving");
     ready(&bound);

@@ -408,3 +408,68 @@ fn root_etcd_two_agents_on_one_domain_work_on_the_same_disk() {
     drop(b);
     domain_clean(&dom);
 }
+
+#[test]
+fn etcd_agent_registers_while_alive() {
+    use crate::agent_harness::*;
+    let mut e = Etcd::start();
+    let url = e.url();
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let id = uuid::Uuid::from_bytes([7; 16]);
+    let mut a = AgentProc::start_with(
+        &dom,
+        &dir.path().join("a"),
+        &[
+            "--etcd".into(),
+            e.url(),
+            "--lease-ttl".into(),
+            "3".into(),
+            "--host-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+    );
+    let rt = rt();
+    let get = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([url.clone()], None)
+                .await
+                .unwrap();
+            let r = c.get(format!("cairn/agents/{id}"), None).await.unwrap();
+            r.kvs()
+                .first()
+                .map(|kv| serde_json::from_slice::<serde_json::Value>(kv.value()).unwrap())
+        })
+    };
+    let reg = get(&rt).expect("the agent registered itself");
+    assert_eq!(reg["host_id"], id.to_string());
+    assert!(
+        reg["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{reg}"
+    );
+    assert_eq!(reg["domains"].as_array().unwrap().len(), 1);
+    assert!(reg["domains"][0]["host_slot"].is_u64(), "{reg}");
+    // etcd loses everything: the agent's next session registers it again.
+    e.wipe();
+    let t = Instant::now();
+    while get(&rt).is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "not registered again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Killed, it drops out once its lease expires.
+    a.kill();
+    let t = Instant::now();
+    while get(&rt).is_some() {
+        assert!(t.elapsed() < Duration::from_secs(8), "still registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
