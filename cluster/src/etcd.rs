@@ -125,33 +125,33 @@ impl Inner {
         let every = self.cfg.ttl / 3;
         loop {
             let mut c = self.client.clone();
-            let sent;
             let cur = *self.session.lock().expect("poisoned");
             let s = match cur {
                 Some(s) => s,
-                None => match {
-                    sent = self.since_start();
-                    c.lease_grant(ttl, None).await
-                } {
-                    Ok(r) => {
-                        let epoch = self.epochs.fetch_add(1, Ordering::SeqCst) + 1;
-                        let s = Session {
-                            lease: r.id(),
-                            epoch,
-                        };
-                        *self.session.lock().expect("poisoned") = Some(s);
-                        // The grant confirms the lease from when it was asked.
-                        self.confirmed_ms.store(sent.max(1), Ordering::SeqCst);
-                        tracing::info!(lease = r.id(), epoch, "etcd session started");
-                        self.put_registrations(s.lease).await;
-                        s
+                None => {
+                    let sent = self.since_start();
+                    let granted = c.lease_grant(ttl, None).await;
+                    match granted {
+                        Ok(r) => {
+                            let epoch = self.epochs.fetch_add(1, Ordering::SeqCst) + 1;
+                            let s = Session {
+                                lease: r.id(),
+                                epoch,
+                            };
+                            *self.session.lock().expect("poisoned") = Some(s);
+                            // The grant confirms the lease from when it was asked.
+                            self.confirmed_ms.store(sent.max(1), Ordering::SeqCst);
+                            tracing::info!(lease = r.id(), epoch, "etcd session started");
+                            self.put_registrations(s.lease).await;
+                            s
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "etcd lease grant failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "etcd lease grant failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                },
+                }
             };
             let (mut keeper, mut stream) = match c.lease_keep_alive(s.lease).await {
                 Ok(k) => k,
