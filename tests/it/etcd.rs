@@ -473,3 +473,64 @@ fn etcd_agent_registers_while_alive() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `deploy/local-cluster` starts etcd and three agents, they share the
+/// domain, and SIGTERM stops everything it started.
+#[test]
+fn etcd_local_cluster_script_runs_and_stops() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = crate::common::cairn_bin();
+    let _ = crate::common::agent_bin();
+    let base = free_port().saturating_sub(10).max(20000);
+    let mut child = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/local-cluster"
+    ))
+    .env("CAIRN_CLUSTER_DIR", dir.path())
+    .env("CAIRN_BIN", bin.parent().unwrap())
+    .env("CAIRN_ETCD_PORT", free_port().to_string())
+    .env("CAIRN_PORT_BASE", base.to_string())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("Local Cairn cluster up"), "{first:?}");
+    let cairn = |sock: &str, args: &[&str]| {
+        let out = Command::new(&bin)
+            .arg("--socket")
+            .arg(dir.path().join(sock))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let disk = cairn("agent1.sock", &["volume", "create", "--size", "64M", "-q"]);
+    cairn("agent2.sock", &["snapshot", disk.trim()]);
+    let tags = cairn("agent3.sock", &["--json", "tag", "list"]);
+    let tags: serde_json::Value = serde_json::from_str(&tags).unwrap();
+    assert_eq!(tags.as_array().unwrap().len(), 2, "{tags}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    // Nothing it started is left.
+    let left = Command::new("pgrep")
+        .args(["-f", &dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    crate::agent_harness::domain_clean(&dir.path().join("domain.img"));
+}
