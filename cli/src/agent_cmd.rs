@@ -225,8 +225,13 @@ pub enum TagCmd {
         #[command(flatten)]
         tag: TagArgs,
     },
-    /// Delete a tag.
-    Delete { id: String },
+    /// Delete a tag (with --chain: and every volume and weak tag of its
+    /// chain that nothing else references, in one transaction).
+    Delete {
+        id: String,
+        #[arg(long)]
+        chain: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -642,7 +647,7 @@ async fn run_async(conn: &Conn, j: bool, cmd: &AgentCmd) -> Result<ExitCode> {
                     .into_inner();
                 show(j, tag_json(&r.tag.unwrap_or_default()))?;
             }
-            TagCmd::Delete { id } => {
+            TagCmd::Delete { id, chain: false } => {
                 c.delete_tag(pb::DeleteTagRequest {
                     request_id: rid(),
                     domain: d,
@@ -651,6 +656,21 @@ async fn run_async(conn: &Conn, j: bool, cmd: &AgentCmd) -> Result<ExitCode> {
                 .await
                 .map_err(refused)?;
                 show(j, json!({"deleted": id}))?;
+            }
+            TagCmd::Delete { id, chain: true } => {
+                let r = c
+                    .delete_disk(pb::DeleteDiskRequest {
+                        request_id: rid(),
+                        domain: d,
+                        tag_id: id.clone(),
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                show(
+                    j,
+                    json!({"tags_removed": r.tags_removed, "volumes_removed": r.volumes_removed}),
+                )?;
             }
         },
         AgentCmd::UserData(u) => match u {

@@ -1037,6 +1037,67 @@ impl Agent {
         Ok(())
     }
 
+    /// Delete a tag and every volume and weak tag of its chain that nothing
+    /// else references once it is gone, in one transaction. Refused while
+    /// any of them is active.
+    pub fn delete_disk(
+        &self,
+        o: &Opened,
+        id: &TagId,
+        request_id: [u8; 16],
+    ) -> Result<(Vec<TagId>, Vec<VolumeId>)> {
+        let lock = o.domain.lock_tag(id)?;
+        let t = o.domain.read_tag(id)?;
+        let plan = self.plan_delete_disk(o, &t)?;
+        let links = o
+            .run
+            .links()
+            .map_err(AgentError::io("reading the run directory"))?;
+        if let Some(l) = links.iter().find(|l| {
+            plan.0.iter().any(|t| t.to_string() == l.tag)
+                || plan.1.iter().any(|v| v.to_string() == l.volume)
+        }) {
+            return Err(AgentError::InUse(format!(
+                "volume {} of the disk is active under tag {}; deactivate it first",
+                l.volume, l.tag
+            )));
+        }
+        let mut tx = o.domain.tx("delete disk").request_id(request_id);
+        // Interleave as the chain goes: tag, its volume, the parent tag...
+        let mut vols = plan.1.iter();
+        for tag in &plan.0 {
+            tx = tx.delete_tag(*tag);
+            if let Some(v) = vols.next() {
+                tx = tx.delete_volume(*v);
+            }
+        }
+        tx.held(&[&lock]).commit()?;
+        Ok(plan)
+    }
+
+    /// What deleting `t` takes with it: walk down the chain while each
+    /// volume loses its last tag and each weak parent tag its last child.
+    fn plan_delete_disk(&self, o: &Opened, t: &Tag) -> Result<(Vec<TagId>, Vec<VolumeId>)> {
+        let mut tags = vec![t.id];
+        let mut vols = Vec::new();
+        let mut cur = t.clone();
+        loop {
+            let v = o.domain.read_volume(&cur.volume)?;
+            if v.tag_refs > 1 {
+                break; // another tag keeps the volume
+            }
+            vols.push(v.id);
+            let Some(p) = v.parent else { break };
+            let pt = o.domain.read_tag(&p)?;
+            if pt.tag_type != TagType::Weak || pt.child_refs > 1 {
+                break; // a strong tag, or another child, keeps the parent
+            }
+            tags.push(pt.id);
+            cur = pt;
+        }
+        Ok((tags, vols))
+    }
+
     /// Set a user data item; false if it already had this value.
     pub fn set_user_data(
         &self,

@@ -1081,6 +1081,32 @@ impl pb::agent_server::Agent for AgentService {
         .await
     }
 
+    async fn delete_disk(
+        &self,
+        r: Request<pb::DeleteDiskRequest>,
+    ) -> Result<Response<pb::DeleteDiskResponse>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "delete_disk",
+            &rid,
+            &r,
+            |x| x.deleted = false,
+            self.run("delete_disk", move |a| {
+                let o = a.domain(&req.domain)?;
+                let id = tag_id("tag_id", &req.tag_id)?;
+                let (tags, vols) = a.delete_disk(&o, &id, request_bytes(&req.request_id))?;
+                Ok(pb::DeleteDiskResponse {
+                    tags_removed: tags.iter().map(|t| t.to_string()).collect(),
+                    volumes_removed: vols.iter().map(|v| v.to_string()).collect(),
+                    deleted: true,
+                })
+            }),
+        )
+        .await
+    }
+
     async fn set_user_data(
         &self,
         r: Request<pb::SetUserDataRequest>,

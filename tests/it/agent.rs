@@ -1469,3 +1469,98 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
     drop(agent);
     domain_clean(&dom);
 }
+
+#[test]
+fn agent_delete_disk_reclaims_what_only_it_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let disk = c
+            .create_volume(disk_request("d", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        let mut weak = Vec::new();
+        for i in 0..3 {
+            let s = c
+                .snapshot(pb::SnapshotRequest {
+                    request_id: format!("s{i}"),
+                    tag_id: disk.id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            weak.push(s.parent_tag.unwrap().id);
+        }
+        // A thin clone on the first snapshot's weak tag keeps that part of
+        // the chain alive.
+        let mut clone = disk_request("clone", pb::VolumeFormat::Qcow2, 4);
+        clone.parent_tag = weak[0].clone();
+        let clone = c
+            .create_volume(clone)
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        let counts = |c: &mut cairn_agent::pb::agent_client::AgentClient<_>| {
+            let mut c = c.clone();
+            async move {
+                let v = c
+                    .list_volumes(pb::ListVolumesRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .volumes
+                    .len();
+                let t = c
+                    .list_tags(pb::ListTagsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .tags
+                    .len();
+                (v, t)
+            }
+        };
+        assert_eq!(counts(&mut c).await, (5, 5));
+        let r = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "del".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The disk, its top three volumes and the two upper weak tags go;
+        // the base and its weak tag stay for the clone.
+        assert_eq!(r.tags_removed.len(), 3, "{r:?}");
+        assert_eq!(r.volumes_removed.len(), 3, "{r:?}");
+        assert!(!r.tags_removed.contains(&weak[0]));
+        assert_eq!(counts(&mut c).await, (2, 2));
+        let r = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "del2".into(),
+                tag_id: clone.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.tags_removed.len(), r.volumes_removed.len()),
+            (2, 2),
+            "{r:?}"
+        );
+        assert_eq!(counts(&mut c).await, (0, 0));
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
