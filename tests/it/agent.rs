@@ -1564,3 +1564,48 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
     drop(agent);
     domain_clean(&dom);
 }
+
+#[test]
+fn agent_preallocated_volumes_own_their_blocks() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("domain.img");
+    make_domain(&dom, 1);
+    let agent = AgentProc::start(&dom, dir.path());
+    let blocks = || std::fs::metadata(&dom).unwrap().blocks() * 512;
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        for (i, f) in [pb::VolumeFormat::Raw, pb::VolumeFormat::Qcow2]
+            .into_iter()
+            .enumerate()
+        {
+            let before = blocks();
+            let mut sparse = disk_request(&format!("s{i}"), f, 32);
+            sparse.tag = None;
+            c.create_volume(sparse).await.unwrap();
+            let mid = blocks();
+            let mut pre = disk_request(&format!("p{i}"), f, 32);
+            pre.tag = None;
+            pre.allocation = pb::Allocation::Preallocated as i32;
+            let v = c
+                .create_volume(pre)
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            assert_eq!(v.allocation, pb::Allocation::Preallocated as i32);
+            let after = blocks();
+            // A sparse volume costs next to nothing; a preallocated one its
+            // whole run.
+            assert!(mid - before < 4 << 20, "{f:?} sparse took {}", mid - before);
+            assert!(
+                after - mid >= 32 << 20,
+                "{f:?} preallocated took {}",
+                after - mid
+            );
+        }
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
