@@ -502,20 +502,7 @@ impl Agent {
         let parent = match req.parent {
             None => None,
             Some(p) => {
-                if req.format != Format::Qcow2 {
-                    return Err(AgentError::invalid(
-                        "parent_tag",
-                        "only a qcow2 volume can have a parent",
-                    ));
-                }
-                let t = o.domain.read_tag(&p).map_err(|e| match e {
-                    DomainError::NotFound { .. } => AgentError::NotFound {
-                        kind: "parent tag",
-                        id: p.to_string(),
-                    },
-                    e => e.into(),
-                })?;
-                let pv = o.domain.read_volume(&t.volume)?;
+                let (t, pv) = read_parent(o, req.format, &p)?;
                 if pv.legality != Legality::Legal {
                     return Err(AgentError::FailedPrecondition(format!(
                         "parent tag {p} points at volume {} which is not legal",
@@ -735,21 +722,8 @@ impl Agent {
         let v = o.domain.read_volume(id)?;
         let parent = parent.unwrap_or(v.parent);
         if let Some(p) = parent {
-            if v.format != Format::Qcow2 {
-                return Err(AgentError::invalid(
-                    "parent_tag",
-                    "only a qcow2 volume can have a parent",
-                ));
-            }
-            let t = o.domain.read_tag(&p).map_err(|e| match e {
-                DomainError::NotFound { .. } => AgentError::NotFound {
-                    kind: "parent tag",
-                    id: p.to_string(),
-                },
-                e => e.into(),
-            })?;
             // The new parent's chain must not go through this volume.
-            let pv = o.domain.read_volume(&t.volume)?;
+            let (_, pv) = read_parent(o, v.format, &p)?;
             if self.volume_chain(o, &pv)?.iter().any(|c| c.id == v.id) {
                 return Err(AgentError::FailedPrecondition(format!(
                     "tag {p} is on the chain below volume {id}: that would make a loop"
@@ -1246,23 +1220,24 @@ impl Agent {
     /// The chain of a tag's volume, base first.
     pub fn chain(&self, o: &Opened, tag: &TagId) -> Result<Vec<Volume>> {
         let t = o.domain.read_tag(tag)?;
-        let mut v = o.domain.read_volume(&t.volume)?;
-        let mut out = vec![];
-        loop {
-            let parent = v.parent;
-            out.push(v);
-            match parent {
-                None => break,
-                Some(p) => {
-                    if out.len() > 4096 {
-                        return Err(AgentError::FailedPrecondition(format!(
-                            "the chain of tag {tag} is longer than 4096 (a loop?)"
-                        )));
-                    }
-                    let pt = o.domain.read_tag(&p)?;
-                    v = o.domain.read_volume(&pt.volume)?;
-                }
+        let v = o.domain.read_volume(&t.volume)?;
+        self.volume_chain(o, &v)
+    }
+
+    /// A volume's chain, base first.
+    pub(crate) fn volume_chain(&self, o: &Opened, v: &Volume) -> Result<Vec<Volume>> {
+        let mut out = vec![v.clone()];
+        let mut cur = v.clone();
+        while let Some(p) = cur.parent {
+            if out.len() > 4096 {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "the chain of volume {} is longer than 4096 (a loop?)",
+                    v.id
+                )));
             }
+            let t = o.domain.read_tag(&p)?;
+            cur = o.domain.read_volume(&t.volume)?;
+            out.push(cur.clone());
         }
         out.reverse();
         Ok(out)
@@ -1447,9 +1422,8 @@ impl Agent {
     fn resize_active(&self, o: &Opened, v: &Volume) -> Result<()> {
         let _g = self.act.lock().expect("poisoned");
         let ext = o.extent(v);
-        let old = ext.offset;
         for d in self.domain_loops(o)? {
-            if d.offset == old && d.size != ext.len {
+            if d.offset == ext.offset && d.size != ext.len {
                 self.loops
                     .resize(d.index, ext.len)
                     .map_err(AgentError::io("resizing a loop device"))?;
@@ -1529,6 +1503,26 @@ pub fn validate_name(field: &'static str, n: &str) -> Result<()> {
 pub(crate) fn validate_tag_spec(s: &TagSpec) -> Result<()> {
     cairn_domain::model::encode_options(&s.options)?;
     Ok(())
+}
+
+/// A parent tag for a volume of `format` and the volume it points at; only
+/// qcow2 volumes have parents.
+fn read_parent(o: &Opened, format: Format, p: &TagId) -> Result<(Tag, Volume)> {
+    if format != Format::Qcow2 {
+        return Err(AgentError::invalid(
+            "parent_tag",
+            "only a qcow2 volume can have a parent",
+        ));
+    }
+    let t = o.domain.read_tag(p).map_err(|e| match e {
+        DomainError::NotFound { .. } => AgentError::NotFound {
+            kind: "parent tag",
+            id: p.to_string(),
+        },
+        e => e.into(),
+    })?;
+    let v = o.domain.read_volume(&t.volume)?;
+    Ok((t, v))
 }
 
 /// The start of a new qcow2 image of `capacity` in a run of `run` bytes:

@@ -331,18 +331,15 @@ impl Agent {
     ) -> Result<Arc<Job>> {
         self.check_target(&target)?;
         let path = allowed_path(&self.io_dirs, path, false)?;
-        let (capacity, src) = match source_format {
+        let capacity = match source_format {
             Format::Raw => {
                 let len = path
                     .metadata()
                     .map_err(AgentError::io("reading the file's size"))?
                     .len();
-                (len.div_ceil(512) * 512, None)
+                len.div_ceil(512) * 512
             }
-            Format::Qcow2 => {
-                let info = qcow2_file_info(&path)?;
-                (info, Some(()))
-            }
+            Format::Qcow2 => qcow2_file_info(&path)?,
         };
         if capacity == 0 {
             return Err(AgentError::invalid("path", "the file is empty"));
@@ -351,7 +348,7 @@ impl Agent {
         Ok(self.spawn_job("import", move |a, p| {
             let (vol, guard) = a.begin_target(&o, format, capacity, &target, request_id)?;
             let r = (|| {
-                if src.is_none() && format == Format::Raw {
+                if source_format == Format::Raw && format == Format::Raw {
                     let f = File::open(&path)
                         .map_err(AgentError::io(format!("opening {}", path.display())))?;
                     let len = f.metadata().map_err(AgentError::io("stat"))?.len();
@@ -464,25 +461,6 @@ impl Agent {
             crate::agent::validate_tag_spec(s)?;
         }
         Ok(())
-    }
-
-    /// A volume's chain, base first.
-    pub(crate) fn volume_chain(&self, o: &Opened, v: &Volume) -> Result<Vec<Volume>> {
-        let mut out = vec![v.clone()];
-        let mut cur = v.clone();
-        while let Some(p) = cur.parent {
-            if out.len() > 4096 {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "the chain of volume {} is longer than 4096",
-                    v.id
-                )));
-            }
-            let t = o.domain.read_tag(&p)?;
-            cur = o.domain.read_volume(&t.volume)?;
-            out.push(cur.clone());
-        }
-        out.reverse();
-        Ok(out)
     }
 
     fn begin_target(
