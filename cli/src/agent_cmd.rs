@@ -292,8 +292,8 @@ pub enum AgentCmd {
     },
     /// List activations.
     Activations,
-    /// Data jobs.
-    #[command(subcommand)]
+    /// The agent's own data jobs (copy, import, export, merge).
+    #[command(subcommand, name = "agent-job")]
     Job(JobCmd),
     /// The domains the agent has open.
     Domains,
@@ -308,7 +308,7 @@ pub struct Refused {
     pub message: String,
 }
 
-fn refused(s: tonic::Status) -> anyhow::Error {
+pub fn refused(s: tonic::Status) -> anyhow::Error {
     let reason = s
         .get_details_error_info()
         .map(|i| i.reason)
@@ -382,7 +382,7 @@ fn activation_json(a: &pb::Activation) -> Value {
 }
 
 /// Print rows as aligned columns under a header.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -493,6 +493,20 @@ async fn client(c: &Conn) -> Result<AgentClient<Channel>> {
     })
 }
 
+/// A progress bar for a job of `total` bytes.
+pub fn progress_bar(total: u64, msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total.max(1));
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b.set_message(msg.to_string());
+    b
+}
+
 /// Follow a job with a progress bar (or quietly with --json).
 async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> Result<pb::Job> {
     let mut s = c
@@ -502,18 +516,7 @@ async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> R
         .await
         .map_err(refused)?
         .into_inner();
-    let bar = (!json_out).then(|| {
-        let b = indicatif::ProgressBar::new(job.total_bytes.max(1));
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:8} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b.set_message(job.kind.clone());
-        b
-    });
+    let bar = (!json_out).then(|| progress_bar(job.total_bytes, &job.kind));
     let mut last = job;
     while let Some(j) = s.message().await.map_err(refused)? {
         if let Some(b) = &bar {
@@ -752,6 +755,7 @@ async fn run_async(conn: &Conn, j: bool, cmd: &AgentCmd) -> Result<ExitCode> {
                     tag_id: tag.clone(),
                     description: description.clone(),
                     size: 0,
+                    clone: None,
                 })
                 .await
                 .map_err(refused)?
@@ -976,6 +980,7 @@ async fn volume(
                     volume_id: id.clone(),
                     capacity: *size,
                     lock_id: String::new(),
+                    tag_id: String::new(),
                 })
                 .await
                 .map_err(refused)?
@@ -1063,6 +1068,7 @@ async fn volume(
                     domain: d,
                     volume_id: id.clone(),
                     target: Some(target(*format, *tag)),
+                    target_domain: String::new(),
                 })
                 .await
                 .map_err(refused)?

@@ -6,6 +6,7 @@
 //! (bad arguments, agent unreachable, unreadable device, damaged domain).
 
 mod agent_cmd;
+mod disk_cmd;
 mod up;
 
 use std::fs::OpenOptions as FsOpen;
@@ -45,6 +46,8 @@ struct Cli {
     json: bool,
     #[command(flatten)]
     conn: agent_cmd::Conn,
+    #[command(flatten)]
+    coord: disk_cmd::CoordConn,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -59,6 +62,8 @@ enum Cmd {
     Domain(DomainCmd),
     #[command(flatten)]
     Agent(agent_cmd::AgentCmd),
+    #[command(flatten)]
+    Coord(disk_cmd::CoordCmd),
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -206,7 +211,14 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Cmd::Domain(c) => domain(cli, c),
         Cmd::Agent(c) => agent_cmd::run(&cli.conn, cli.json, c),
-        Cmd::Up(a) => up::up(a, &cli.conn.socket, &cli.lock_dir).map(|_| ExitCode::SUCCESS),
+        Cmd::Coord(c) => disk_cmd::run(&cli.coord, &cli.conn, cli.json, c),
+        Cmd::Up(a) => up::up(
+            a,
+            &cli.conn.socket,
+            Path::new(&cli.coord.coordinator),
+            &cli.lock_dir,
+        )
+        .map(|_| ExitCode::SUCCESS),
     }
 }
 

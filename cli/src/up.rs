@@ -1,6 +1,7 @@
 //! `cairn up`: a single-host Cairn on the embedded default — a domain in a
 //! sparse file under a data directory (formatted on first run, reused
-//! after), the single-machine lock service, and the agent in this process.
+//! after), the single-machine lock service, and the agent and a coordinator
+//! in this process.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,9 +31,12 @@ pub struct UpArgs {
     /// Where stable volume paths are made.
     #[arg(long, default_value = "/run/cairn")]
     run_dir: PathBuf,
-    /// Also serve gRPC on this TCP address (e.g. 127.0.0.1:7070).
+    /// Also serve the agent's gRPC on this TCP address (e.g. 127.0.0.1:7070).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Also serve the coordinator's gRPC on this TCP address.
+    #[arg(long)]
+    coordinator_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics here.
     #[arg(long, default_value = "127.0.0.1:9465")]
     metrics: SocketAddr,
@@ -82,7 +86,7 @@ fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
 }
 
 /// Run until Ctrl-C or SIGTERM.
-pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
+pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Result<()> {
     init_logging(a.log_json);
     if which("qemu-img").is_none() {
         bail!("qemu-img is missing: install qemu-utils (apt-get install qemu-utils)");
@@ -115,47 +119,85 @@ pub fn up(a: &UpArgs, socket: &Path, lock_dir: &Path) -> Result<()> {
         let _g = rt.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
     };
-    rt.block_on(serve(
-        opts,
-        |b: &Bound| {
-            // Whoever started us may not read stdout; that is no reason to
-            // stop serving.
-            let mut msg = format!(
-                "Cairn is up: domain {:?} in {} ({}, {}).\n",
-                a.name,
-                domain.display(),
-                human_bytes(size),
-                if created { "formatted now" } else { "reused" }
-            );
-            if let Some(s) = &b.socket {
-                msg += &format!(
-                    "  agent socket:   {} (the cairn CLI's default)\n",
-                    s.display()
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (agent_tx, agent_rx) = tokio::sync::oneshot::channel::<Bound>();
+    let coord_opts = cairn_coordinator::server::ServeOptions {
+        id: format!("{}-coordinator", HostIdentity::local().id),
+        cluster: cairn_coordinator::server::Cluster::Local {
+            dir: a.data_dir.join("coordinator"),
+            agents: vec![socket.display().to_string()],
+        },
+        socket: Some(coordinator.to_path_buf()),
+        listen: a.coordinator_listen,
+        duty_interval: Duration::from_secs(2),
+        lock_wait: Duration::from_secs(60),
+    };
+    let (name, run_dir) = (a.name.clone(), a.run_dir.clone());
+    rt.block_on(async move {
+        let agent = tokio::spawn(serve(
+            opts,
+            move |b: &Bound| {
+                let _ = agent_tx.send(b.clone());
+            },
+            stopped(stop_rx.clone()),
+        ));
+        let Ok(b) = agent_rx.await else {
+            // The agent failed before it was ready: say why.
+            return agent.await?;
+        };
+        let coord = tokio::spawn(cairn_coordinator::server::serve(
+            coord_opts,
+            move |c: &cairn_coordinator::server::Bound| {
+                // Whoever started us may not read stdout; that is no reason
+                // to stop serving.
+                let mut msg = format!(
+                    "Cairn is up: domain {:?} in {} ({}, {}).\n",
+                    name,
+                    domain.display(),
+                    human_bytes(size),
+                    if created { "formatted now" } else { "reused" }
                 );
-            }
-            if let Some(l) = b.listen {
-                msg += &format!("  agent gRPC:     http://{l} (cairn --agent http://{l} ...)\n");
-            }
-            if let Some(m) = b.metrics {
-                msg += &format!("  metrics:        http://{m}/metrics\n");
-            }
-            msg += &format!(
-                "  stable paths:   {}/<domain-id>/<tag>/<volume>\n",
-                a.run_dir.display()
-            );
-            msg += &format!("  import/export:  {}\n", io.display());
-            msg += "Try `cairn volume create --size 1G` in another shell. Stop with Ctrl-C.\n";
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(msg.as_bytes()).and_then(|_| out.flush());
-        },
-        async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        },
-    ))
+                if let Some(s) = &b.socket {
+                    msg += &format!("  agent socket:   {} (cairn --socket)\n", s.display());
+                }
+                if let Some(l) = b.listen {
+                    msg +=
+                        &format!("  agent gRPC:     http://{l} (cairn --agent http://{l} ...)\n");
+                }
+                if let Some(s) = &c.socket {
+                    msg += &format!("  coordinator:    {} (cairn --coordinator)\n", s.display());
+                }
+                if let Some(l) = c.listen {
+                    msg += &format!("  coordinator gRPC: http://{l}\n");
+                }
+                if let Some(m) = b.metrics {
+                    msg += &format!("  metrics:        http://{m}/metrics\n");
+                }
+                msg += &format!(
+                    "  stable paths:   {}/<domain-id>/<tag>/<volume>\n",
+                    run_dir.display()
+                );
+                msg += &format!("  import/export:  {}\n", io.display());
+                msg += "Try `cairn disk create --size 1G` in another shell. Stop with Ctrl-C.\n";
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(msg.as_bytes()).and_then(|_| out.flush());
+            },
+            stopped(stop_rx.clone()),
+        ));
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        // The coordinator first: it uses the agent.
+        let c = coord.await?;
+        let r = agent.await?;
+        c.and(r)
+    })
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {

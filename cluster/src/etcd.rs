@@ -19,7 +19,7 @@
 //! under a new lease and every guard of the old one fails for good.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,11 @@ struct Session {
 
 struct Inner {
     cfg: EtcdConfig,
-    rt: tokio::runtime::Runtime,
+    /// Taken only when `Inner` is dropped.
+    rt: Option<tokio::runtime::Runtime>,
+    /// Set when the last handle goes: the keep-alive task ends.
+    stopped: AtomicBool,
+    stop: tokio::sync::Notify,
     client: Client,
     session: Mutex<Option<Session>>,
     /// Sessions started so far (the next one's epoch is this plus one).
@@ -78,10 +82,35 @@ struct Inner {
     registrations: Mutex<Vec<(String, String)>>,
 }
 
-/// Locks in etcd. Cloning shares the session.
+/// Locks in etcd. Cloning shares the session; when the last clone goes,
+/// the session ends (its lease is revoked, so its locks and registrations
+/// go at once).
 #[derive(Clone)]
 pub struct EtcdLockService {
     inner: Arc<Inner>,
+    _life: Arc<Life>,
+}
+
+/// Ends the session when the last handle is dropped.
+struct Life(Arc<Inner>);
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        let inner = self.0.clone();
+        inner.stopped.store(true, Ordering::SeqCst);
+        inner.stop.notify_waiters();
+        let lease = inner.session.lock().expect("poisoned").map(|s| s.lease);
+        let Some(lease) = lease else { return };
+        let mut c = inner.client.clone();
+        let revoke = async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            inner.rt().spawn(revoke);
+        } else {
+            inner.rt().block_on(revoke);
+        }
+    }
 }
 
 fn lock_err(context: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> DomainError {
@@ -92,7 +121,23 @@ fn lock_err(context: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> Do
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // This may run on the runtime's own thread (the keep-alive task's
+        // last reference): shut it down without blocking.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 impl Inner {
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as Inner")
+    }
+
     fn since_start(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -121,6 +166,24 @@ impl Inner {
     /// lease when there is none, send keep-alives every TTL/3, renew the
     /// session when the lease is lost.
     async fn keep_alive(self: Arc<Self>) {
+        let stopped = async {
+            loop {
+                let n = self.stop.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                if self.stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                n.await;
+            }
+        };
+        tokio::select! {
+            _ = self.clone().keep_alive_loop() => {}
+            _ = stopped => {}
+        }
+    }
+
+    async fn keep_alive_loop(self: Arc<Self>) {
         let ttl = self.cfg.ttl.as_secs().max(2) as i64;
         let every = self.cfg.ttl / 3;
         loop {
@@ -406,12 +469,12 @@ impl Drop for EtcdHeld {
         if tokio::runtime::Handle::try_current().is_ok() {
             // Inside some runtime: cannot block here; release in the
             // background (the lease ends it at worst).
-            inner.rt.spawn({
+            inner.rt().spawn({
                 let inner = inner.clone();
                 async move { inner.release(&key, rev).await }
             });
         } else {
-            inner.rt.block_on(inner.release(&key, rev));
+            inner.rt().block_on(inner.release(&key, rev));
         }
     }
 }
@@ -441,7 +504,9 @@ impl EtcdLockService {
             )))?;
         let inner = Arc::new(Inner {
             cfg,
-            rt,
+            rt: Some(rt),
+            stopped: Default::default(),
+            stop: tokio::sync::Notify::new(),
             client,
             session: Mutex::new(None),
             epochs: AtomicU64::new(0),
@@ -450,10 +515,13 @@ impl EtcdLockService {
             bases: Mutex::new(HashMap::new()),
             registrations: Mutex::new(Vec::new()),
         });
-        inner.rt.spawn(inner.clone().keep_alive());
+        inner.rt().spawn(inner.clone().keep_alive());
         let deadline = Instant::now() + inner.cfg.ttl;
-        inner.rt.block_on(inner.current(deadline))?;
-        Ok(EtcdLockService { inner })
+        inner.rt().block_on(inner.current(deadline))?;
+        Ok(EtcdLockService {
+            _life: Arc::new(Life(inner.clone())),
+            inner,
+        })
     }
 
     /// Keep `key` = `value` in etcd for as long as this process's session
@@ -467,7 +535,7 @@ impl EtcdLockService {
         }
         let inner = self.inner.clone();
         let deadline = Instant::now() + inner.cfg.ttl;
-        inner.rt.block_on(async {
+        inner.rt().block_on(async {
             let s = inner.current(deadline).await?;
             let mut c = inner.client.clone();
             c.put(key, value, Some(PutOptions::new().with_lease(s.lease)))
@@ -489,14 +557,18 @@ impl LockService for EtcdLockService {
         let inner = self.inner.clone();
         let r = resource.clone();
         inner
-            .rt
+            .rt()
             .block_on(async { inner.acquire(&r, timeout).await })
+    }
+
+    fn takeover_delay(&self) -> Duration {
+        self.inner.cfg.margin
     }
 
     fn holder(&self, resource: &Resource) -> Result<Option<Token>> {
         let inner = self.inner.clone();
         let key = resource.key();
-        inner.rt.block_on(async {
+        inner.rt().block_on(async {
             let base = inner.base(resource.domain).await?;
             let mut c = inner.client.clone();
             let r = c
@@ -505,5 +577,73 @@ impl LockService for EtcdLockService {
                 .map_err(lock_err(format!("reading {key}")))?;
             Ok(r.kvs().first().map(|kv| base + kv.create_revision() as u64))
         })
+    }
+}
+
+impl crate::kv::Kv for EtcdLockService {
+    fn put(&self, key: &str, value: &str) -> Result<()> {
+        crate::kv::check_key(key)?;
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut c = inner.client.clone();
+            c.put(key, value, None)
+                .await
+                .map_err(lock_err(format!("writing {key}")))?;
+            Ok(())
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Option<String>> {
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut c = inner.client.clone();
+            let r = c
+                .get(key, None)
+                .await
+                .map_err(lock_err(format!("reading {key}")))?;
+            Ok(r.kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut c = inner.client.clone();
+            let r = c
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(lock_err(format!("listing {prefix}")))?;
+            let mut out: Vec<(String, String)> = r
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect();
+            out.sort();
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, key: &str) -> Result<bool> {
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut c = inner.client.clone();
+            let r = c
+                .delete(key, None)
+                .await
+                .map_err(lock_err(format!("removing {key}")))?;
+            Ok(r.deleted() > 0)
+        })
+    }
+
+    fn register(&self, key: &str, value: &str) -> Result<()> {
+        crate::kv::check_key(key)?;
+        EtcdLockService::register(self, key, value)
     }
 }

@@ -564,8 +564,9 @@ impl Domain {
                 }
                 Err(e) => return Err(e),
             };
-            let (writer, report) = self.recover_ring(s, &guard)?;
             let old = self.read_slot_header(s)?;
+            self.wait_takeover(s, &old);
+            let (writer, report) = self.recover_ring(s, &guard)?;
             let header = SlotHeader {
                 state: slot_state::ACTIVE,
                 generation: old.generation + 1,
@@ -635,9 +636,49 @@ impl Domain {
         }
     }
 
+    /// Before recovering slot `i`, whose owner died without releasing it
+    /// (its lease expired, but it may not know yet), wait out the margin by
+    /// which a live holder stops writing before that.
+    fn wait_takeover(&self, i: u32, h: &SlotHeader) {
+        let wait = self.locks.takeover_delay();
+        if h.state == slot_state::ACTIVE && !wait.is_zero() {
+            tracing::info!(slot = i, wait = ?wait, "waiting out a dead host's margin");
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Recover the journal of every host slot whose owner died (its lock is
+    /// free but the slot was never released). Returns the slots recovered;
+    /// slots of live hosts, and a dead one someone else is recovering, are
+    /// left alone.
+    pub fn recover_dead_hosts(&self) -> Result<Vec<(u32, RecoveryReport)>> {
+        let me = self.claim.as_ref().map(|c| c.slot);
+        let mut out = Vec::new();
+        for (i, h) in self.read_slot_headers()?.into_iter().enumerate() {
+            let i = i as u32;
+            if Some(i) == me {
+                continue;
+            }
+            let h = h.map_err(|d| {
+                DomainError::corrupt(format!("host slot {i} header"), self.geom.slot_off(i), d)
+            })?;
+            if h.state != slot_state::ACTIVE {
+                continue;
+            }
+            let res = self.resource(ResourceKind::HostSlot(i));
+            match self.locks.acquire(&res, Duration::ZERO) {
+                Ok(g) => out.push((i, self.recover_dead_slot(i, &g)?)),
+                Err(DomainError::LockTimeout { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// Recover host slot `i`, whose owner is dead, while holding its lock.
     pub(crate) fn recover_dead_slot(&self, i: u32, guard: &LockGuard) -> Result<RecoveryReport> {
         let h = self.read_slot_header(i)?;
+        self.wait_takeover(i, &h);
         let (_, report) = self.recover_ring(i, guard)?;
         if h.state == slot_state::ACTIVE {
             let freed = SlotHeader {

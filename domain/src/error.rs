@@ -150,7 +150,8 @@ impl DomainError {
         move |source| DomainError::Io { context, source }
     }
 
-    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> DomainError {
+    /// An invalid argument naming its field.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> DomainError {
         DomainError::InvalidArgument {
             field,
             reason: reason.into(),

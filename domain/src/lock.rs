@@ -41,10 +41,14 @@ pub fn next_token(last: Token) -> Token {
     (last + 1).max(token_floor())
 }
 
-/// What a lock protects, in lock order: tags before volumes before the
-/// allocation map. Host slot locks are taken alone.
+/// What a lock protects, in lock order: a disk's operation lock before
+/// tags before volumes before the allocation map. Host slot and named locks
+/// are taken alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceKind {
+    /// A high-level operation on a disk (the coordinator holds it across
+    /// the agent calls the operation makes; agents never take it).
+    Disk(TagId),
     /// A tag and the chain under it.
     Tag(TagId),
     /// One volume.
@@ -53,6 +57,9 @@ pub enum ResourceKind {
     Alloc,
     /// A host slot and its journal.
     HostSlot(u32),
+    /// A cluster-wide lock outside the domain's data, e.g. the
+    /// coordinator's leadership (its key ignores the domain).
+    Named(String),
 }
 
 /// A lockable resource of one domain.
@@ -69,18 +76,22 @@ impl Resource {
     pub fn key(&self) -> String {
         let d = self.domain;
         match &self.kind {
+            ResourceKind::Disk(t) => format!("cairn/{d}/disk/{t}"),
             ResourceKind::Tag(t) => format!("cairn/{d}/tag/{t}"),
             ResourceKind::Volume(v) => format!("cairn/{d}/volume/{v}"),
             ResourceKind::Alloc => format!("cairn/{d}/alloc"),
             ResourceKind::HostSlot(i) => format!("cairn/{d}/slot/{i}"),
+            ResourceKind::Named(n) => format!("cairn/lock/{n}"),
         }
     }
     fn file_name(&self) -> String {
         match &self.kind {
+            ResourceKind::Disk(t) => format!("disk-{t}.lock"),
             ResourceKind::Tag(t) => format!("tag-{t}.lock"),
             ResourceKind::Volume(v) => format!("volume-{v}.lock"),
             ResourceKind::Alloc => "alloc.lock".into(),
             ResourceKind::HostSlot(i) => format!("slot-{i}.lock"),
+            ResourceKind::Named(n) => format!("named-{n}.lock"),
         }
     }
 }
@@ -136,6 +147,13 @@ pub trait LockService: Send + Sync {
     fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard>;
     /// The token of whoever holds the lock now, if anyone does.
     fn holder(&self, resource: &Resource) -> Result<Option<Token>>;
+    /// How long a new holder of a lock whose previous holder died waits
+    /// before touching what that holder may have been writing: the margin
+    /// by which a lease-based holder stops writing before its lease can
+    /// expire, covering clock drift. Zero where death is certain at once.
+    fn takeover_delay(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 struct Table {
@@ -602,6 +620,10 @@ mod tests {
             domain: d,
             kind: ResourceKind::Alloc,
         };
-        assert!(t < v && v < a);
+        let disk = Resource {
+            domain: d,
+            kind: ResourceKind::Disk(TagId::generate(9)),
+        };
+        assert!(disk < t && t < v && v < a);
     }
 }

@@ -141,6 +141,8 @@ pub struct Snapshot {
     pub parent_tag: Tag,
     /// The disk's tag, moved.
     pub tag: Tag,
+    /// The thin clone's volume and strong tag, when one was asked for.
+    pub clone: Option<(Volume, Tag)>,
 }
 
 /// One activated volume.
@@ -206,6 +208,38 @@ pub struct Agent {
     owner: String,
 }
 
+/// Directory name prefix of scratch activations.
+const SCRATCH_PREFIX: &str = ".job-";
+
+/// A chain activated for a job; taken down when dropped.
+pub(crate) struct Scratch<'a> {
+    agent: &'a Agent,
+    o: &'a Opened,
+    dir: String,
+    /// The top volume's path.
+    pub path: PathBuf,
+    /// The top volume's format.
+    pub format: Format,
+}
+
+impl Scratch<'_> {
+    /// The top as a qemu node (its parents follow by name).
+    pub fn node(&self) -> serde_json::Value {
+        serde_json::json!({
+            "driver": self.format.as_str(),
+            "file": {"driver": "host_device", "filename": self.path, "locking": "off"},
+        })
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.agent.deactivate_dir(self.o, &self.dir, None, true) {
+            tracing::warn!(dir = %self.dir, error = %e, "could not take down a scratch activation");
+        }
+    }
+}
+
 /// Default lease of a client-held lock.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
 
@@ -266,6 +300,7 @@ impl Agent {
         };
         for o in &agent.domains {
             agent.remove_half_made(o)?;
+            agent.remove_scratch(o)?;
             agent.reconcile(o)?;
         }
         Ok(agent)
@@ -756,9 +791,26 @@ impl Agent {
         id: &VolumeId,
         capacity: u64,
         lock_id: &str,
+        tag: Option<&TagId>,
         request_id: [u8; 16],
     ) -> Result<(Volume, bool)> {
         validate_capacity(capacity)?;
+        // The disk's tag, whose size follows the capacity; its lock comes
+        // before the volume's.
+        let tlock = tag.map(|t| o.domain.lock_tag(t)).transpose()?;
+        let tag = match tag {
+            Some(t) => {
+                let t = o.domain.read_tag(t)?;
+                if t.volume != *id {
+                    return Err(AgentError::invalid(
+                        "tag_id",
+                        format!("tag {} points at volume {}, not {id}", t.id, t.volume),
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        };
         let held = self.client_lock(o, id, lock_id)?;
         let own;
         let guard: &LockGuard = match &held {
@@ -769,7 +821,7 @@ impl Agent {
             }
         };
         let v = o.domain.read_volume(id)?;
-        if capacity == v.capacity {
+        if capacity == v.capacity && tag.as_ref().is_none_or(|t| t.size == capacity) {
             return Ok((v, false));
         }
         if capacity < v.capacity {
@@ -804,9 +856,14 @@ impl Agent {
             match grown {
                 Ok(_) => {}
                 Err(DomainError::NoSpace(m)) => {
+                    // A disk's top can move to where there is room.
+                    if let (Some(t), Some(tl)) = (&tag, &tlock) {
+                        let nv = self.relocate_top(o, t, &v, capacity, &[guard, tl], request_id)?;
+                        return Ok((nv, true));
+                    }
                     return Err(AgentError::CannotGrowInPlace(format!(
                         "volume {id} cannot grow in place to {need} bytes: {m}"
-                    )))
+                    )));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -818,25 +875,32 @@ impl Agent {
             )
             .map_err(AgentError::io("zeroing the grown run"))?;
         }
-        if v.format == Format::Qcow2 {
+        if v.format == Format::Qcow2 && capacity > v.capacity {
             self.grow_qcow2(o, &v, capacity)?;
         }
         let meta = VolumeMeta {
             capacity,
             ..v.meta()
         };
-        o.domain
+        let mut tx = o
+            .domain
             .tx("extend volume: capacity")
             .request_id(request_id)
-            .write_volume_meta(*id, meta)
-            .held(&[guard])
-            .commit()?;
+            .write_volume_meta(*id, meta);
+        if let Some(t) = &tag {
+            let mut m = t.meta();
+            m.size = capacity;
+            tx = tx.change_tag(t.id, m);
+        }
+        let mut held = vec![guard];
+        held.extend(tlock.as_ref());
+        tx.held(&held).commit()?;
         let v = o.domain.read_volume(id)?;
         self.resize_active(o, &v)?;
         Ok((v, true))
     }
 
-    fn grow_qcow2(&self, o: &Opened, v: &Volume, capacity: u64) -> Result<()> {
+    pub(crate) fn grow_qcow2(&self, o: &Opened, v: &Volume, capacity: u64) -> Result<()> {
         let ext = o.extent(v);
         let dev = o.dev();
         let mut page = AlignedBuf::zeroed(qcow2::HEADER_PAGE);
@@ -851,7 +915,7 @@ impl Agent {
             }
             None => {
                 // The L1 table must move: let qemu-img do it.
-                let node = self.node(o, v, false)?;
+                let node = self.node(o, v);
                 qemu_img(&[
                     "resize".into(),
                     format!("json:{node}"),
@@ -862,40 +926,46 @@ impl Agent {
         Ok(())
     }
 
-    /// A qemu block node for a volume, with its backing chain when asked.
-    pub(crate) fn node(&self, o: &Opened, v: &Volume, chain: bool) -> Result<serde_json::Value> {
+    /// A qemu block node for one volume (a qcow2 one without its parents).
+    pub(crate) fn node(&self, o: &Opened, v: &Volume) -> serde_json::Value {
         let ext = o.extent(v);
         let file = serde_json::json!({
             "driver": "file",
             "filename": o.path,
             "locking": "off",
         });
-        Ok(match v.format {
+        match v.format {
             Format::Raw => serde_json::json!({
                 "driver": "raw", "offset": ext.offset, "size": v.capacity, "file": file,
             }),
-            Format::Qcow2 => {
-                let backing = match (chain, v.parent) {
-                    (true, Some(p)) => {
-                        let t = o.domain.read_tag(&p)?;
-                        let pv = o.domain.read_volume(&t.volume)?;
-                        self.node(o, &pv, true)?
-                    }
-                    _ => serde_json::Value::Null,
-                };
-                serde_json::json!({
-                    "driver": "qcow2",
-                    "file": {"driver": "raw", "offset": ext.offset, "size": ext.len, "file": file},
-                    "backing": backing,
-                })
-            }
-        })
+            Format::Qcow2 => serde_json::json!({
+                "driver": "qcow2",
+                "file": {"driver": "raw", "offset": ext.offset, "size": ext.len, "file": file},
+                "backing": serde_json::Value::Null,
+            }),
+        }
+    }
+
+    /// A qemu block node for a volume with its whole chain. A volume with
+    /// parents is read through a scratch activation (qemu cannot nest
+    /// offset nodes as backing files more than one deep), which the
+    /// returned guard keeps up.
+    pub(crate) fn chain_node<'a>(
+        &'a self,
+        o: &'a Opened,
+        v: &Volume,
+    ) -> Result<(serde_json::Value, Option<Scratch<'a>>)> {
+        if v.parent.is_none() {
+            return Ok((self.node(o, v), None));
+        }
+        let s = self.scratch_chain(o, v)?;
+        Ok((s.node(), Some(s)))
     }
 
     /// `qemu-img measure` of a volume and its chain.
     pub fn measure(&self, o: &Opened, id: &VolumeId, target: Format) -> Result<Measure> {
         let v = o.domain.read_volume(id)?;
-        let node = self.node(o, &v, true)?;
+        let (node, _scratch) = self.chain_node(o, &v)?;
         let out = qemu_img(&[
             "measure".into(),
             "--output=json".into(),
@@ -926,7 +996,7 @@ impl Agent {
                 report: "{}".into(),
             });
         }
-        let node = self.node(o, &v, false)?;
+        let node = self.node(o, &v);
         let out = Command::new("qemu-img")
             .args(["check", "--output=json"])
             .arg(format!("json:{node}"))
@@ -1051,7 +1121,11 @@ impl Agent {
 
     /// What deleting `t` takes with it: walk down the chain while each
     /// volume loses its last tag and each weak parent tag its last child.
-    fn plan_delete_disk(&self, o: &Opened, t: &Tag) -> Result<(Vec<TagId>, Vec<VolumeId>)> {
+    pub(crate) fn plan_delete_disk(
+        &self,
+        o: &Opened,
+        t: &Tag,
+    ) -> Result<(Vec<TagId>, Vec<VolumeId>)> {
         let mut tags = vec![t.id];
         let mut vols = Vec::new();
         let mut cur = t.clone();
@@ -1140,9 +1214,16 @@ impl Agent {
         disk: &TagId,
         description: String,
         size: u64,
+        clone: Option<&TagSpec>,
         request_id: [u8; 16],
     ) -> Result<Snapshot> {
         validate_description(&description)?;
+        if let Some(c) = clone {
+            validate_tag_spec(c)?;
+            if c.tag_type != TagType::Strong {
+                return Err(AgentError::invalid("clone", "a clone's tag must be strong"));
+            }
+        }
         let dlock = o.domain.lock_tag(disk)?;
         let t = o.domain.read_tag(disk)?;
         if t.tag_type != TagType::Strong || !t.mutable {
@@ -1167,7 +1248,12 @@ impl Agent {
             size: t.size,
             mutable: false,
             strategy: t.strategy,
-            options: vec![(SNAP_KEY.into(), disk.to_string())],
+            options: std::iter::once((SNAP_KEY.into(), disk.to_string()))
+                .chain(
+                    (!description.is_empty())
+                        .then(|| (SNAP_DESC_KEY.into(), clip(&description, 256).to_string())),
+                )
+                .collect(),
             tag_type: TagType::Weak,
             state: TagState::Optimized,
         };
@@ -1189,19 +1275,36 @@ impl Agent {
         let mut moved = t.meta();
         moved.volume = VolumeRef::New(0);
         // One transaction: the weak tag, the new volume with its image
-        // metadata, and the disk's tag moved onto it.
-        let mut out = o
+        // metadata, and the disk's tag moved onto it (and the clone's
+        // volume and tag beside it).
+        let mut tx = o
             .domain
             .tx("snapshot")
             .request_id(request_id)
             .create_tag(weak)
-            .create_volume(spec)
-            .init_volume_data(VolumeRef::New(0), zero, pages)
-            .change_tag(*disk, moved)
-            .held(&[&dlock])
-            .commit()?;
+            .create_volume(spec.clone())
+            .init_volume_data(VolumeRef::New(0), zero, pages.clone())
+            .change_tag(*disk, moved);
+        if let Some(c) = clone {
+            tx = tx
+                .create_volume(VolumeSpec {
+                    description: format!("clone of {disk}"),
+                    ..spec
+                })
+                .init_volume_data(VolumeRef::New(1), zero, pages)
+                .create_tag(tag_meta(c, VolumeRef::New(1), top.capacity));
+        }
+        let mut out = tx.held(&[&dlock]).commit()?;
         let (vol, vguard) = out.volumes.remove(0);
         let parent_tag = out.tags.remove(0);
+        let clone = match clone {
+            Some(_) => {
+                let (cv, cg) = out.volumes.remove(0);
+                drop(cg);
+                Some((cv, out.tags.remove(0)))
+            }
+            None => None,
+        };
         drop(vguard);
         drop(dlock);
         // A running VM needs the new top under its disk's directory.
@@ -1212,6 +1315,7 @@ impl Agent {
             volume: vol,
             parent_tag,
             tag: o.domain.read_tag(disk)?,
+            clone,
         })
     }
 
@@ -1255,6 +1359,16 @@ impl Agent {
     /// Activate a tag's chain. Returns whether anything was set up.
     pub fn activate(&self, o: &Opened, tag: &TagId) -> Result<(Activation, bool)> {
         let chain = self.chain(o, tag)?;
+        self.activate_chain(o, &tag.to_string(), &chain)
+    }
+
+    /// Activate `chain` (base first) under the directory `tname`.
+    fn activate_chain(
+        &self,
+        o: &Opened,
+        tname: &str,
+        chain: &[Volume],
+    ) -> Result<(Activation, bool)> {
         if let Some(v) = chain.iter().find(|v| v.legality != Legality::Legal) {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {} of the chain is not legal",
@@ -1262,7 +1376,7 @@ impl Agent {
             )));
         }
         let _g = self.act.lock().expect("poisoned");
-        let tname = tag.to_string();
+        let tname = tname.to_string();
         let links = o
             .run
             .links()
@@ -1270,7 +1384,7 @@ impl Agent {
         let mut loops = self.domain_loops(o)?;
         let mut changed = false;
         let mut vols = Vec::new();
-        for v in &chain {
+        for v in chain {
             let ext = o.extent(v);
             let vname = v.id.to_string();
             let dev = match loops
@@ -1320,8 +1434,19 @@ impl Agent {
     /// process, or while another active tag's chain goes through its
     /// volume, unless forced.
     pub fn deactivate(&self, o: &Opened, tag: &TagId, force: bool) -> Result<bool> {
+        let top = o.domain.read_tag(tag).ok().map(|t| t.volume.to_string());
+        self.deactivate_dir(o, &tag.to_string(), top, force)
+    }
+
+    /// Take down the activation directory `tname` whose top volume is `top`.
+    fn deactivate_dir(
+        &self,
+        o: &Opened,
+        tname: &str,
+        top: Option<String>,
+        force: bool,
+    ) -> Result<bool> {
         let _g = self.act.lock().expect("poisoned");
-        let tname = tag.to_string();
         let links = o
             .run
             .links()
@@ -1330,7 +1455,6 @@ impl Agent {
         if mine.is_empty() {
             return Ok(false);
         }
-        let top = o.domain.read_tag(tag).ok().map(|t| t.volume.to_string());
         if !force {
             for l in &mine {
                 let Some(i) = l.loop_index else { continue };
@@ -1374,6 +1498,45 @@ impl Agent {
             }
         }
         Ok(true)
+    }
+
+    /// Make a volume's whole chain readable by qemu for a while: its
+    /// volumes as loop devices under a private directory (`.job-<uuid>`),
+    /// where the images' parent names resolve. Taken down when the guard
+    /// goes (and at the next start if the agent dies first).
+    pub(crate) fn scratch_chain<'a>(&'a self, o: &'a Opened, v: &Volume) -> Result<Scratch<'a>> {
+        let chain = self.volume_chain(o, v)?;
+        let dir = format!("{SCRATCH_PREFIX}{}", uuid::Uuid::new_v4());
+        let (act, _) = self.activate_chain(o, &dir, &chain)?;
+        Ok(Scratch {
+            agent: self,
+            o,
+            dir,
+            path: act.path,
+            format: v.format,
+        })
+    }
+
+    /// Remove scratch activations a dead agent left (no job runs yet).
+    fn remove_scratch(&self, o: &Opened) -> Result<()> {
+        let links = o
+            .run
+            .links()
+            .map_err(AgentError::io("reading the run directory"))?;
+        let mut dirs: Vec<&str> = links
+            .iter()
+            .map(|l| l.tag.as_str())
+            .filter(|t| t.starts_with(SCRATCH_PREFIX))
+            .collect();
+        dirs.dedup();
+        for d in dirs {
+            tracing::info!(
+                dir = d,
+                "removing a scratch activation left by a dead agent"
+            );
+            self.deactivate_dir(o, d, None, true)?;
+        }
+        Ok(())
     }
 
     /// Activations of one domain.
@@ -1435,6 +1598,19 @@ impl Agent {
 
 /// Option key marking a weak tag made by a snapshot (value: the disk).
 pub const SNAP_KEY: &str = "cairn.snapshot-of";
+/// Option of a snapshot's weak tag: the snapshot's description (its first
+/// 256 bytes; the new top volume has all of it).
+pub const SNAP_DESC_KEY: &str = "cairn.description";
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 fn tag_meta(s: &TagSpec, volume: VolumeRef, capacity: u64) -> TagMeta {
     TagMeta {

@@ -248,9 +248,20 @@ fn write_nonzero(buf: &[u8], dst: Region, off: u64, n: usize, p: &Progress) -> i
 /// Run `qemu-img convert` with `-p`, turning its percentage into progress
 /// over `total` bytes, and killing it when cancelled.
 pub fn qemu_convert(args: &[String], total: u64, p: &Progress) -> Result<(), CopyError> {
+    qemu_with_progress("convert", args, total, p)
+}
+
+/// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping its
+/// percentage onto `total` bytes of progress; killed when cancelled.
+pub fn qemu_with_progress(
+    sub: &str,
+    args: &[String],
+    total: u64,
+    p: &Progress,
+) -> Result<(), CopyError> {
     p.total.store(total, Ordering::Relaxed);
     let mut child = Command::new("qemu-img")
-        .arg("convert")
+        .arg(sub)
         .arg("-p")
         .args(args)
         .stdin(Stdio::null())

@@ -233,7 +233,7 @@ impl Agent {
         Ok(j)
     }
 
-    fn spawn_job(
+    pub(crate) fn spawn_job(
         self: &Arc<Self>,
         kind: &'static str,
         work: impl FnOnce(&Arc<Agent>, &Progress) -> Result<Outcome> + Send + 'static,
@@ -262,14 +262,17 @@ impl Agent {
         job
     }
 
-    /// Copy a volume's data (its chain, flattened) into a new volume.
+    /// Copy a volume's data (its chain, flattened) into a new volume, on
+    /// the same domain or on `to`.
     pub fn start_copy(
         self: &Arc<Self>,
         o: Arc<Opened>,
         src: &VolumeId,
+        to: Option<Arc<Opened>>,
         target: Target,
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
+        let d = to.unwrap_or_else(|| o.clone());
         self.check_target(&target)?;
         let v = o.domain.read_volume(src)?;
         let chain = self.volume_chain(&o, &v)?;
@@ -287,36 +290,45 @@ impl Agent {
             let _lock = o.domain.lock_volume(&src_id)?;
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
-            let (vol, guard) = a.begin_target(&o, format, v.capacity, &target, request_id)?;
+            let (vol, guard) = a.begin_target(&d, format, v.capacity, &target, request_id)?;
             let r = (|| {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
-                    let f = open_direct(&o.path, true)?;
-                    let (s, d) = (o.extent(&v), o.extent(&vol));
+                    let f = open_direct(&o.path, false)?;
+                    let g = if d.path == o.path {
+                        None
+                    } else {
+                        Some(open_direct(&d.path, true)?)
+                    };
+                    let out = match &g {
+                        Some(g) => g,
+                        None => &open_direct(&o.path, true)?,
+                    };
+                    let (se, de) = (o.extent(&v), d.extent(&vol));
                     copy_raw(
                         Region {
                             file: &f,
-                            offset: s.offset,
+                            offset: se.offset,
                             len: v.capacity,
                         },
                         Region {
-                            file: &f,
-                            offset: d.offset,
-                            len: d.len,
+                            file: out,
+                            offset: de.offset,
+                            len: de.len,
                         },
                         p,
                     )
                     .map_err(from_copy)
                 } else {
-                    let src = a.node(&o, &v, true)?;
-                    let dst = a.node(&o, &vol, false)?;
+                    let (src, _scratch) = a.chain_node(&o, &v)?;
+                    let dst = a.node(&d, &vol);
                     convert_into(format, &format!("json:{src}"), &dst, v.capacity, p)?;
-                    o.domain
+                    d.domain
                         .device()
                         .flush()
                         .map_err(AgentError::io("flushing"))
                 }
             })();
-            a.end_target(&o, vol, guard, &target, request_id, r)
+            a.end_target(&d, vol, guard, &target, request_id, r)
         }))
     }
 
@@ -370,7 +382,7 @@ impl Agent {
                     .map_err(from_copy)
                 } else {
                     let src = file_node(&path, source_format);
-                    let dst = a.node(&o, &vol, false)?;
+                    let dst = a.node(&o, &vol);
                     convert_into(format, &format!("json:{src}"), &dst, capacity, p)?;
                     o.domain
                         .device()
@@ -430,7 +442,7 @@ impl Agent {
                     )
                     .map_err(from_copy)
                 } else {
-                    let src = a.node(&o, &v, true)?;
+                    let (src, _scratch) = a.chain_node(&o, &v)?;
                     let args = vec![
                         "-T".into(),
                         "none".into(),

@@ -11,6 +11,7 @@
 pub mod activation;
 pub mod agent;
 pub mod client;
+pub mod compose;
 pub mod datapath;
 pub mod error;
 pub mod jobs;

@@ -98,46 +98,20 @@ pub async fn serve(
             .add_service(pb::agent_server::AgentServer::new(svc.clone()))
     };
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (socket, listen, mut tasks) = serve_router(
+        router,
+        opts.socket.as_deref(),
+        opts.listen,
+        stop_rx,
+        "agent",
+    )
+    .await?;
     let mut bound = Bound {
-        socket: None,
-        listen: None,
+        socket,
+        listen,
         metrics: None,
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    if let Some(path) = &opts.socket {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        // A socket left by a dead agent is in the way; a live one answers.
-        if path.exists() {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                anyhow::bail!("another agent is serving on {}", path.display());
-            }
-            std::fs::remove_file(path)?;
-        }
-        let l = UnixListener::bind(path)?;
-        bound.socket = Some(path.clone());
-        let r = router();
-        let s = stopped(stop_rx.clone());
-        tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
-                .await
-        });
-    }
-    if let Some(addr) = opts.listen {
-        let l = TcpListener::bind(addr).await?;
-        bound.listen = Some(l.local_addr()?);
-        let r = router();
-        let s = stopped(stop_rx.clone());
-        tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s)
-                .await
-        });
-    }
     let mut metrics_task = None;
     if let Some(addr) = opts.metrics {
         let l = TcpListener::bind(addr).await?;
@@ -183,6 +157,55 @@ pub async fn serve(
         Err(_) => tracing::warn!("requests still running at shutdown"),
     }
     Ok(())
+}
+
+/// Tasks serving gRPC, each ending with its server.
+pub type ServerTasks = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
+
+/// Serve what `router` makes on a unix socket (replacing one a dead
+/// process left, refusing one a live process serves) and/or a TCP address,
+/// until `stop` turns true. Returns the socket and the bound address.
+pub async fn serve_router(
+    router: impl Fn() -> tonic::transport::server::Router,
+    socket: Option<&std::path::Path>,
+    listen: Option<SocketAddr>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> anyhow::Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks)> {
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = ServerTasks::new();
+    let mut bound = (None, None);
+    if let Some(path) = socket {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket left by a dead process is in the way; a live one answers.
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                anyhow::bail!("another {what} is serving on {}", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        bound.0 = Some(path.to_path_buf());
+        let (r, s) = (router(), stopped(stop.clone()));
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
+                .await
+        });
+    }
+    if let Some(addr) = listen {
+        let l = TcpListener::bind(addr).await?;
+        bound.1 = Some(l.local_addr()?);
+        let (r, s) = (router(), stopped(stop.clone()));
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(TcpListenerStream::new(l), s)
+                .await
+        });
+    }
+    Ok((bound.0, bound.1, tasks))
 }
 
 /// Set up logging: human-readable or JSON lines, filtered by `RUST_LOG`

@@ -529,6 +529,76 @@ impl pb::agent_server::Agent for AgentService {
         Box<dyn tokio_stream::Stream<Item = Result<pb::Job, Status>> + Send + 'static>,
     >;
 
+    async fn merge_snapshot(
+        &self,
+        r: Request<pb::MergeSnapshotRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "merge_snapshot",
+            &rid,
+            &r,
+            |_| {},
+            self.run("merge_snapshot", move |a| {
+                let o = a.domain(&req.domain)?;
+                let id = tag_id("tag_id", &req.tag_id)?;
+                let j = a.start_merge(o, &id, request_bytes(&req.request_id))?;
+                Ok(pb_job(&j))
+            }),
+        )
+        .await
+    }
+
+    async fn swap_disk(
+        &self,
+        r: Request<pb::SwapDiskRequest>,
+    ) -> Result<Response<pb::SwapDiskResponse>, Status> {
+        let r = r.into_inner();
+        let rid = r.request_id.clone();
+        let req = r.clone();
+        self.once(
+            "swap_disk",
+            &rid,
+            &r,
+            |x| x.changed = false,
+            self.run("swap_disk", move |a| {
+                let o = a.domain(&req.domain)?;
+                let id = tag_id("tag_id", &req.tag_id)?;
+                let with = tag_id("with_tag_id", &req.with_tag_id)?;
+                let (t, tags, vols) =
+                    a.swap_disk(&o, &id, &with, request_bytes(&req.request_id))?;
+                Ok(pb::SwapDiskResponse {
+                    tag: Some(pb_tag(&o, &t)),
+                    tags_removed: tags.iter().map(|t| t.to_string()).collect(),
+                    volumes_removed: vols.iter().map(|v| v.to_string()).collect(),
+                    changed: true,
+                })
+            }),
+        )
+        .await
+    }
+
+    async fn recover_domain(
+        &self,
+        r: Request<pb::RecoverDomainRequest>,
+    ) -> Result<Response<pb::RecoverDomainResponse>, Status> {
+        let r = r.into_inner();
+        self.run("recover_domain", move |a| {
+            let o = a.domain(&r.domain)?;
+            let (slots, fwd, back, removed) = a.recover_domain(&o, r.collect_garbage)?;
+            Ok(pb::RecoverDomainResponse {
+                slots_recovered: slots,
+                rolled_forward: fwd,
+                rolled_back: back,
+                volumes_removed: removed.iter().map(|v| v.to_string()).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
     async fn copy_volume(
         &self,
         r: Request<pb::CopyVolumeRequest>,
@@ -545,7 +615,12 @@ impl pb::agent_server::Agent for AgentService {
                 let o = a.domain(&req.domain)?;
                 let id = vol_id("volume_id", &req.volume_id)?;
                 let t = target_of(req.target.as_ref())?;
-                let j = a.start_copy(o, &id, t, request_bytes(&req.request_id))?;
+                let to = if req.target_domain.is_empty() {
+                    None
+                } else {
+                    Some(a.domain(&req.target_domain)?)
+                };
+                let j = a.start_copy(o, &id, to, t, request_bytes(&req.request_id))?;
                 Ok(pb_job(&j))
             }),
         )
@@ -864,11 +939,17 @@ impl pb::agent_server::Agent for AgentService {
             self.run("extend_volume", move |a| {
                 let o = a.domain(&req.domain)?;
                 let id = vol_id("volume_id", &req.volume_id)?;
+                let tag = if req.tag_id.is_empty() {
+                    None
+                } else {
+                    Some(tag_id("tag_id", &req.tag_id)?)
+                };
                 let (v, changed) = a.extend_volume(
                     &o,
                     &id,
                     req.capacity,
                     &req.lock_id,
+                    tag.as_ref(),
                     request_bytes(&req.request_id),
                 )?;
                 Ok(pb::ExtendVolumeResponse {
@@ -1192,11 +1273,13 @@ impl pb::agent_server::Agent for AgentService {
             self.run("snapshot", move |a| {
                 let o = a.domain(&req.domain)?;
                 let id = tag_id("tag_id", &req.tag_id)?;
+                let clone = req.clone.as_ref().map(tag_spec_of).transpose()?;
                 let s = a.snapshot(
                     &o,
                     &id,
                     req.description.clone(),
                     req.size,
+                    clone.as_ref(),
                     request_bytes(&req.request_id),
                 )?;
                 Ok(pb::SnapshotResponse {
@@ -1204,6 +1287,8 @@ impl pb::agent_server::Agent for AgentService {
                     parent_tag: Some(pb_tag(&o, &s.parent_tag)),
                     tag: Some(pb_tag(&o, &s.tag)),
                     created: true,
+                    clone_volume: s.clone.as_ref().map(|(v, _)| pb_volume(&o, v)),
+                    clone_tag: s.clone.as_ref().map(|(_, t)| pb_tag(&o, t)),
                 })
             }),
         )

@@ -262,6 +262,7 @@ fn root_cairn_up_runs_the_readme_first_session() {
     // cairn-agent is not needed: `cairn up` runs the agent in process.
     let env = [
         ("CAIRN_SOCKET", dir.path().join("agent.sock")),
+        ("CAIRN_COORDINATOR", dir.path().join("coordinator.sock")),
         ("CAIRN_LOCK_DIR", dir.path().join("locks")),
         ("CAIRN_DATA_DIR", dir.path().join("data")),
     ];
@@ -316,6 +317,11 @@ fn root_cairn_up_runs_the_readme_first_session() {
     );
     assert!(stdout.contains("backing file format: raw"), "{stdout}");
     assert!(stdout.contains("No errors were found"), "{stdout}");
+    assert!(stdout.contains("(delete-snapshot): succeeded"), "{stdout}");
+    assert!(
+        stdout.contains("  copy  "),
+        "the full clone is listed: {stdout}"
+    );
     stop(child);
     // A second start reuses the domain, which is clean.
     let (child, first) = start();
@@ -421,6 +427,7 @@ fn sigterm_right_after_ready_stops_cleanly() {
             c.arg("--socket")
                 .arg(dir.path().join("s.sock"))
                 .env("CAIRN_SOCKET", dir.path().join("s.sock"))
+                .env("CAIRN_COORDINATOR", dir.path().join("c.sock"))
                 .env("CAIRN_LOCK_DIR", dir.path().join("locks"))
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::piped());

@@ -74,7 +74,7 @@ pub fn agent_bin() -> PathBuf {
     built_bin(&BUILT, "cairn-agent", "cairn-agent")
 }
 
-fn built_bin(once: &'static std::sync::Once, package: &str, name: &str) -> PathBuf {
+pub fn built_bin(once: &'static std::sync::Once, package: &str, name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));

@@ -153,6 +153,31 @@ fn etcd_lock_service_conforms() {
 }
 
 #[test]
+fn etcd_kv_conforms_and_registrations_die_with_the_session() {
+    let e = Etcd::start();
+    let s = EtcdLockService::connect(cfg(&e, 2, 700)).unwrap();
+    cairn_cluster::kv::conformance::run_all(&s, "cairn/test");
+    let other = EtcdLockService::connect(cfg(&e, 10, 3000)).unwrap();
+    use cairn_cluster::Kv;
+    assert_eq!(
+        other.get("cairn/test/live/me").unwrap().as_deref(),
+        Some("here")
+    );
+    // The registering process goes; its lease expires; so does the key,
+    // while what was put stays.
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while other.get("cairn/test/live/me").unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "registration outlived its lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(other.list("cairn/test/jobs/").unwrap().len(), 2);
+}
+
+#[test]
 fn etcd_tokens_keep_growing_across_an_etcd_restart_and_wipe() {
     let mut e = Etcd::start();
     let s = EtcdLockService::connect(cfg(&e, 4, 1000)).unwrap();

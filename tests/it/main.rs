@@ -8,6 +8,8 @@ mod agent_harness;
 mod bitflip;
 mod cli;
 mod common;
+mod coord_harness;
+mod coordinator;
 mod crash;
 mod datapath;
 mod etcd;

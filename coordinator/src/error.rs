@@ -1,0 +1,112 @@
+//! The coordinator's errors, each with a stable code.
+
+use cairn_domain::DomainError;
+
+/// Everything a coordinator operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    /// A request field is wrong.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Something named does not exist.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// "disk", "domain", "job", ...
+        kind: &'static str,
+        /// What was asked for.
+        id: String,
+    },
+    /// The operation does not fit the state of things.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A request id came back with a different request.
+    #[error("request id {0:?} was already used for a different request")]
+    RequestIdReused(String),
+    /// No agent that sees the domain answered.
+    #[error("no agent that sees domain {0} is reachable")]
+    NoAgent(String),
+    /// An agent refused or failed the call.
+    #[error("agent {host}: {}", status.message())]
+    Agent {
+        /// The agent's host id.
+        host: String,
+        /// What it answered.
+        #[source]
+        status: tonic::Status,
+    },
+    /// Another operation holds the disk for longer than we waited.
+    #[error("disk {0} is busy with another operation")]
+    Busy(String),
+    /// The coordinator's etcd session is unconfirmed: it may not write.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The cluster store or lock service failed.
+    #[error("cluster store: {0}")]
+    Store(#[source] DomainError),
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The job cannot be cancelled any more.
+    #[error("job {0} is past the point where it can be cancelled")]
+    TooLate(String),
+    /// A bug or an impossible answer.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoordError {
+    /// The stable code put into `google.rpc.ErrorInfo.reason`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CoordError::InvalidArgument { .. } => "invalid_argument",
+            CoordError::NotFound { .. } => "not_found",
+            CoordError::FailedPrecondition(_) => "failed_precondition",
+            CoordError::RequestIdReused(_) => "request_id_reused",
+            CoordError::NoAgent(_) => "no_agent",
+            CoordError::Agent { .. } => "agent_error",
+            CoordError::Busy(_) => "disk_busy",
+            CoordError::Fenced(_) => "fenced",
+            CoordError::Store(_) => "store_unavailable",
+            CoordError::Cancelled => "cancelled",
+            CoordError::TooLate(_) => "too_late_to_cancel",
+            CoordError::Internal(_) => "internal",
+        }
+    }
+
+    /// An invalid argument naming its field.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> CoordError {
+        CoordError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether trying another agent may help: the agent could not be
+    /// reached, stopped answering, or is fenced off the domain.
+    pub fn agent_unavailable(&self) -> bool {
+        matches!(self, CoordError::Agent { status, .. }
+            if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown
+                | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded))
+    }
+}
+
+impl From<DomainError> for CoordError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::LockTimeout { resource } => CoordError::Busy(resource),
+            DomainError::Fenced(m) => CoordError::Fenced(m),
+            DomainError::InvalidArgument { field, reason } => {
+                CoordError::InvalidArgument { field, reason }
+            }
+            other => CoordError::Store(other),
+        }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T, E = CoordError> = std::result::Result<T, E>;

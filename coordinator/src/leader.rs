@@ -1,0 +1,146 @@
+//! Leadership and the leader's duties. Every replica serves requests; the
+//! one holding the leader lock (a key under its etcd session, or a lock
+//! file on one host) also, every round:
+//!
+//! - recovers the journals of hosts whose lease expired, on every domain,
+//!   through an agent that sees it (the agent waits out the safety margin
+//!   before it replays anything), and now and then collects the volumes
+//!   such hosts half made;
+//! - takes over the running jobs of coordinators that are gone.
+//!
+//! A leader that cannot confirm its lease stops leading before the lease
+//! could expire, as any lock holder does.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_domain::lock::{Resource, ResourceKind};
+use cairn_domain::LockGuard;
+
+use crate::error::{CoordError, Result};
+use crate::ops::Coordinator;
+use crate::plan::{DomainRef, JobState};
+
+/// The store prefix under which live replicas register.
+pub const REPLICAS: &str = "cairn/coordinators/";
+
+/// The leader lock.
+pub fn leader_resource() -> Resource {
+    Resource {
+        domain: uuid::Uuid::nil(),
+        kind: ResourceKind::Named("coordinator-leader".into()),
+    }
+}
+
+/// What one round of duties did.
+#[derive(Debug, Default, Clone)]
+pub struct Round {
+    /// Host slots recovered, by domain.
+    pub recovered: Vec<(uuid::Uuid, Vec<u32>)>,
+    /// Half-made volumes removed.
+    pub removed: usize,
+    /// Jobs taken over.
+    pub adopted: Vec<String>,
+}
+
+/// Run the leader loop until `stop` fires: campaign, and while leading,
+/// do the duties every `every`.
+pub async fn run(
+    coord: Arc<Coordinator>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut lead: Option<LockGuard> = None;
+    let mut last_gc = Instant::now() - Duration::from_secs(3600);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Some(g) = &lead {
+            if let Err(e) = g.check() {
+                tracing::warn!(error = %e, "lost the leadership");
+                lead = None;
+            }
+        }
+        if lead.is_none() {
+            let locks = coord.locks().clone();
+            let r = tokio::task::spawn_blocking(move || {
+                locks.acquire(&leader_resource(), Duration::ZERO)
+            })
+            .await;
+            if let Ok(Ok(g)) = r {
+                tracing::info!(id = %coord.id(), "leading");
+                lead = Some(g);
+            }
+        }
+        if lead.is_some() {
+            let gc = last_gc.elapsed() >= Duration::from_secs(30);
+            match duties(&coord, gc).await {
+                Ok(r) => {
+                    if gc {
+                        last_gc = Instant::now();
+                    }
+                    if !r.recovered.is_empty() || r.removed > 0 || !r.adopted.is_empty() {
+                        tracing::info!(?r, "leader duties");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "leader duties failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// One round of the leader's duties (`gc`: also collect garbage).
+pub async fn duties(coord: &Arc<Coordinator>, gc: bool) -> Result<Round> {
+    let mut round = Round::default();
+    let agents = coord.agents.list().await?;
+    let mut doms: Vec<DomainRef> = agents.iter().flat_map(|a| a.domains.clone()).collect();
+    doms.sort_by_key(|d| d.id);
+    doms.dedup_by_key(|d| d.id);
+    for d in doms {
+        let r = coord
+            .agents
+            .with_agent(
+                &d.id,
+                None,
+                0,
+                |c| async move { c.recover(&d.id, gc).await },
+            )
+            .await;
+        match r {
+            Ok(r) => {
+                if !r.slots.is_empty() {
+                    tracing::warn!(domain = %d.id, slots = ?r.slots, forward = r.forward,
+                        back = r.back, "recovered dead hosts' journals");
+                    round.recovered.push((d.id, r.slots));
+                }
+                round.removed += r.removed.len();
+            }
+            Err(e) => tracing::warn!(domain = %d.id, error = %e, "could not recover the domain"),
+        }
+    }
+    // Jobs whose owner no longer registers.
+    let kv = coord.kv().clone();
+    let live: HashSet<String> = tokio::task::spawn_blocking(move || kv.list(REPLICAS))
+        .await
+        .map_err(|e| CoordError::Internal(e.to_string()))??
+        .into_iter()
+        .map(|(k, _)| k.trim_start_matches(REPLICAS).to_string())
+        .collect();
+    for j in coord.jobs().await? {
+        if j.state != JobState::Running || live.contains(&j.owner) || coord.runs(&j.id) {
+            continue;
+        }
+        let id = j.id.clone();
+        match coord.adopt(j).await {
+            Ok(()) => round.adopted.push(id),
+            Err(e) => tracing::warn!(job = %id, error = %e, "could not adopt a job"),
+        }
+    }
+    Ok(round)
+}

@@ -1,0 +1,97 @@
+//! `cairn-coordinator`: a coordinator replica.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cairn_coordinator::server::{serve, Bound, Cluster, ServeOptions};
+use clap::Parser;
+
+/// Cairn coordinator: high-level disk operations (create, snapshot, clone,
+/// merge, copy, move, extend, convert) composed from node agent calls.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Unix socket for local clients (the `cairn` CLI).
+    #[arg(long, default_value = "/run/cairn/coordinator.sock")]
+    socket: PathBuf,
+    /// Also serve gRPC on this TCP address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// etcd client URL (repeat for several): locks, jobs and the agent
+    /// registry live there, and replicas elect a leader.
+    #[arg(long = "etcd", env = "CAIRN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Without etcd: the agents to use (unix socket paths or http://
+    /// addresses; default: the local agent's socket).
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// Without etcd: where jobs and locks are kept.
+    #[arg(long, default_value = "/var/lib/cairn/coordinator")]
+    state_dir: PathBuf,
+    /// Seconds of the etcd session lease.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: u64,
+    /// Seconds between the leader's rounds of duties.
+    #[arg(long, default_value_t = 2)]
+    duty_interval: u64,
+    /// Seconds an operation waits for a disk another operation holds.
+    #[arg(long, default_value_t = 60)]
+    lock_wait: u64,
+    /// This replica's id (default: a new UUID per start).
+    #[arg(long)]
+    id: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    cairn_agent::server::init_logging(a.log_json);
+    let id = a.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let cluster = if a.etcd.is_empty() {
+        let agents = if a.agents.is_empty() {
+            vec!["/run/cairn/agent.sock".to_string()]
+        } else {
+            a.agents
+        };
+        Cluster::Local {
+            dir: a.state_dir,
+            agents,
+        }
+    } else {
+        let mut c = cairn_cluster::EtcdConfig::new(a.etcd, format!("coordinator {id}"));
+        c.ttl = Duration::from_secs(a.lease_ttl.max(2));
+        c.margin = (c.ttl / 3).max(Duration::from_secs(1));
+        Cluster::Etcd(c)
+    };
+    let opts = ServeOptions {
+        id,
+        cluster,
+        socket: Some(a.socket),
+        listen: a.listen,
+        duty_interval: Duration::from_secs(a.duty_interval.max(1)),
+        lock_wait: Duration::from_secs(a.lock_wait),
+    };
+    let ready = |b: &Bound| {
+        println!(
+            "{}",
+            serde_json::json!({
+                "socket": b.socket,
+                "listen": b.listen.map(|a| a.to_string()),
+            })
+        )
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    };
+    serve(opts, ready, shutdown).await
+}

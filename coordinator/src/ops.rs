@@ -1,0 +1,1054 @@
+//! The coordinator's operations: every mutating request becomes a job kept
+//! in the cluster store, run step by step (see [`plan::next_step`]) under
+//! the disk's cluster lock, each step one agent call that is atomic on the
+//! domain. A job records its step before it starts it, so another
+//! coordinator can take it over when this one dies ([`Coordinator::adopt`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_cluster::Kv;
+use cairn_domain::lock::{Resource, ResourceKind};
+use cairn_domain::{Format, LockGuard, LockService, TagId};
+
+use crate::agents::{AgentConn, Agents, NewDisk};
+use crate::error::{CoordError, Result};
+use crate::plan::{
+    self, CloneSource, DiskView, DomainRef, JobError, JobKind, JobRecord, JobState, Params, Step,
+    TagInfo, CLONE_OF_KEY, CONVERT_KEY, JOB_KEY, NAME_KEY, SNAP_KEY,
+};
+
+/// How the coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordConfig {
+    /// This replica's id (registered while it lives).
+    pub id: String,
+    /// How long an operation waits for a disk another one holds.
+    pub lock_wait: Duration,
+    /// How often a running job looks at its agent job.
+    pub poll: Duration,
+}
+
+impl CoordConfig {
+    /// Defaults for replica `id`.
+    pub fn new(id: impl Into<String>) -> CoordConfig {
+        CoordConfig {
+            id: id.into(),
+            lock_wait: Duration::from_secs(60),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// One coordinator replica.
+pub struct Coordinator {
+    cfg: CoordConfig,
+    kv: Arc<dyn Kv>,
+    locks: Arc<dyn LockService>,
+    /// The agents.
+    pub agents: Agents,
+    /// Jobs this replica is running.
+    running: Mutex<HashMap<String, ()>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordError::Internal(format!("a blocking task failed: {e}")))?
+}
+
+fn parse_tag(field: &'static str, s: &str) -> Result<TagId> {
+    if s.is_empty() {
+        return Err(CoordError::invalid(field, "is required"));
+    }
+    TagId::parse(field, s).map_err(|e| CoordError::invalid(field, e.to_string()))
+}
+
+fn parse_format(s: &str) -> Result<Option<Format>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| CoordError::invalid("format", format!("{s:?} is not raw or qcow2")))
+}
+
+/// The largest disk (qcow2's limit is far above; this is the domain's
+/// practical one).
+const MAX_SIZE: u64 = 1 << 50;
+
+/// Check what can be checked without the cluster.
+pub fn validate(kind: JobKind, p: &Params) -> Result<()> {
+    if p.name.len() > 128 || p.name.chars().any(char::is_control) {
+        return Err(CoordError::invalid(
+            "name",
+            "must be at most 128 bytes without control characters",
+        ));
+    }
+    if p.description.len() > 256 {
+        return Err(CoordError::invalid(
+            "description",
+            "is longer than 256 bytes",
+        ));
+    }
+    parse_format(&p.format)?;
+    match kind {
+        JobKind::Create => {
+            if parse_format(&p.format)?.is_none() {
+                return Err(CoordError::invalid("format", "is required (raw or qcow2)"));
+            }
+            if p.size == 0 || p.size % 512 != 0 || p.size > MAX_SIZE {
+                return Err(CoordError::invalid(
+                    "size",
+                    format!(
+                        "{} is not a positive multiple of 512 up to {MAX_SIZE}",
+                        p.size
+                    ),
+                ));
+            }
+        }
+        JobKind::Extend => {
+            parse_tag("disk_id", &p.disk)?;
+            if p.size == 0 || p.size % 512 != 0 || p.size > MAX_SIZE {
+                return Err(CoordError::invalid(
+                    "size",
+                    format!(
+                        "{} is not a positive multiple of 512 up to {MAX_SIZE}",
+                        p.size
+                    ),
+                ));
+            }
+        }
+        JobKind::Convert => {
+            parse_tag("disk_id", &p.disk)?;
+            if parse_format(&p.format)?.is_none() {
+                return Err(CoordError::invalid("format", "is required (raw or qcow2)"));
+            }
+        }
+        JobKind::Clone | JobKind::FullClone => {
+            parse_tag("source_id", &p.disk)?;
+        }
+        JobKind::DeleteSnapshot => {
+            parse_tag("snapshot_id", &p.disk)?;
+        }
+        JobKind::Copy | JobKind::Move => {
+            parse_tag("disk_id", &p.disk)?;
+            if p.target_domain.is_empty() {
+                return Err(CoordError::invalid("target_domain", "is required"));
+            }
+        }
+        JobKind::Snapshot | JobKind::Delete => {
+            parse_tag("disk_id", &p.disk)?;
+        }
+    }
+    Ok(())
+}
+
+impl Coordinator {
+    /// A replica using `kv` for jobs, `locks` for disks and leadership, and
+    /// `agents` for the work.
+    pub fn new(
+        cfg: CoordConfig,
+        kv: Arc<dyn Kv>,
+        locks: Arc<dyn LockService>,
+        agents: Agents,
+    ) -> Coordinator {
+        Coordinator {
+            cfg,
+            kv,
+            locks,
+            agents,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    /// The cluster store.
+    pub fn kv(&self) -> &Arc<dyn Kv> {
+        &self.kv
+    }
+
+    /// The lock service.
+    pub fn locks(&self) -> &Arc<dyn LockService> {
+        &self.locks
+    }
+
+    // ---- reading -------------------------------------------------------------------------
+
+    /// Resolve a domain name or id.
+    pub async fn domain(&self, key: &str) -> Result<DomainRef> {
+        let agents = self.agents.list().await?;
+        match plan::resolve_domain(&agents, key) {
+            Err(CoordError::NotFound { .. }) | Err(CoordError::NoAgent(_)) => {
+                // A new agent may have come: ask again once.
+                self.agents.invalidate();
+                plan::resolve_domain(&self.agents.list().await?, key)
+            }
+            r => r,
+        }
+    }
+
+    async fn contents(&self, d: &DomainRef) -> Result<(Vec<TagInfo>, Vec<plan::VolumeInfo>)> {
+        self.agents
+            .with_agent(&d.id, None, rand_spread(), |c| async move {
+                c.contents(&d.id).await
+            })
+            .await
+    }
+
+    /// One disk.
+    pub async fn disk(&self, domain: &str, id: &str) -> Result<DiskView> {
+        let d = self.domain(domain).await?;
+        let id = parse_tag("disk_id", id)?;
+        let (tags, vols) = self.contents(&d).await?;
+        plan::disk_view(&d, &id, &tags, &vols)
+    }
+
+    /// Every disk of a domain, or of every domain.
+    pub async fn disks(&self, domain: &str) -> Result<Vec<DiskView>> {
+        let doms = if domain.is_empty() {
+            let mut all: Vec<DomainRef> = self
+                .agents
+                .list()
+                .await?
+                .into_iter()
+                .flat_map(|a| a.domains)
+                .collect();
+            all.sort_by_key(|d| d.id);
+            all.dedup_by_key(|d| d.id);
+            all
+        } else {
+            vec![self.domain(domain).await?]
+        };
+        let mut out = Vec::new();
+        for d in doms {
+            let (tags, vols) = self.contents(&d).await?;
+            out.extend(plan::disks(&d, &tags, &vols));
+        }
+        Ok(out)
+    }
+
+    /// A job by id.
+    pub async fn job(&self, id: &str) -> Result<JobRecord> {
+        let kv = self.kv.clone();
+        let key = plan::job_key(id);
+        let v = blocking(move || Ok(kv.get(&key)?)).await?;
+        let v = v.ok_or_else(|| CoordError::NotFound {
+            kind: "job",
+            id: id.to_string(),
+        })?;
+        serde_json::from_str(&v).map_err(|e| CoordError::Internal(format!("job record {id}: {e}")))
+    }
+
+    /// Every job.
+    pub async fn jobs(&self) -> Result<Vec<JobRecord>> {
+        let kv = self.kv.clone();
+        let all = blocking(move || Ok(kv.list("cairn/jobs/")?)).await?;
+        let mut out: Vec<JobRecord> = all
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_str(v).ok())
+            .collect();
+        out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(out)
+    }
+
+    async fn save(&self, rec: &JobRecord) -> Result<()> {
+        let kv = self.kv.clone();
+        let key = plan::job_key(&rec.id);
+        let v = serde_json::to_string(rec).map_err(|e| CoordError::Internal(e.to_string()))?;
+        blocking(move || Ok(kv.put(&key, &v)?)).await
+    }
+
+    // ---- submitting ------------------------------------------------------------------------
+
+    /// Start a job for a request, or return the job an earlier request with
+    /// the same id started. Short jobs have ended when this returns; a
+    /// failed short job is returned as its error.
+    pub async fn submit(
+        self: &Arc<Self>,
+        kind: JobKind,
+        request_id: &str,
+        fingerprint: u64,
+        mut params: Params,
+    ) -> Result<JobRecord> {
+        if request_id.len() > 64 || request_id.chars().any(char::is_control) {
+            return Err(CoordError::invalid(
+                "request_id",
+                "must be at most 64 bytes without control characters",
+            ));
+        }
+        validate(kind, &params)?;
+        if !request_id.is_empty() {
+            if let Some(rec) = self.by_request(request_id).await? {
+                if rec.fingerprint != fingerprint {
+                    return Err(CoordError::RequestIdReused(request_id.to_string()));
+                }
+                return Ok(rec);
+            }
+        }
+        let d = self.domain(&params.domain).await?;
+        params.domain = d.id.to_string();
+        if !params.target_domain.is_empty() {
+            params.target_domain = self.domain(&params.target_domain).await?.id.to_string();
+        }
+        let mut rec = JobRecord::new(kind, request_id, fingerprint, params, self.id(), now());
+        if !kind.long() {
+            // One write for a short job before its one call.
+            rec.step = plan::next_step(kind, Step::Begin);
+            rec.attempts = 1;
+        }
+        self.save(&rec).await?;
+        if !request_id.is_empty() {
+            let kv = self.kv.clone();
+            let (rk, id) = (plan::request_key(request_id), rec.id.clone());
+            blocking(move || Ok(kv.put(&rk, &id)?)).await?;
+        }
+        tracing::info!(job = %rec.id, kind = kind.as_str(), disk = %rec.params.disk, "job started");
+        if kind.long() {
+            let me = self.clone();
+            let r = rec.clone();
+            tokio::spawn(async move { me.run(r).await });
+            return Ok(rec);
+        }
+        match self.run_with(rec).await {
+            (_, Some(e)) => Err(e),
+            (rec, None) => Ok(rec),
+        }
+    }
+
+    async fn by_request(&self, request_id: &str) -> Result<Option<JobRecord>> {
+        let kv = self.kv.clone();
+        let rk = plan::request_key(request_id);
+        let id = blocking(move || Ok(kv.get(&rk)?)).await?;
+        match id {
+            Some(id) => match self.job(&id).await {
+                Ok(r) => Ok(Some(r)),
+                Err(CoordError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Ask a job to stop.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
+        let mut rec = self.job(id).await?;
+        if rec.state != JobState::Running {
+            return Ok(rec);
+        }
+        if !plan::cancellable(rec.step) {
+            return Err(CoordError::TooLate(id.to_string()));
+        }
+        rec.cancel = true;
+        self.save(&rec).await?;
+        if !rec.agent_job.is_empty() {
+            // Tell the agent at once; the job's runner sees the end.
+            if let Some(a) = self
+                .agents
+                .list()
+                .await?
+                .into_iter()
+                .find(|a| a.host_id == rec.host)
+            {
+                let _ = self.agents.conn(&a)?.cancel(&rec.agent_job).await;
+            }
+        }
+        Ok(rec)
+    }
+
+    // ---- running ---------------------------------------------------------------------------
+
+    /// Run (or resume) a job to its end; returns its final record.
+    pub async fn run(self: &Arc<Self>, rec: JobRecord) -> JobRecord {
+        self.run_with(rec).await.0
+    }
+
+    /// Run a job; returns its final record and, when it failed, why.
+    async fn run_with(self: &Arc<Self>, mut rec: JobRecord) -> (JobRecord, Option<CoordError>) {
+        self.running
+            .lock()
+            .expect("poisoned")
+            .insert(rec.id.clone(), ());
+        let r = self.run_steps(&mut rec).await;
+        self.running.lock().expect("poisoned").remove(&rec.id);
+        let mut failure = None;
+        match r {
+            Ok(()) => {
+                rec.state = JobState::Succeeded;
+                rec.step = Step::Done;
+            }
+            Err(CoordError::Cancelled) => rec.state = JobState::Cancelled,
+            Err(e) => {
+                tracing::info!(job = %rec.id, error = %e, "job failed");
+                rec.state = JobState::Failed;
+                rec.error = Some(job_error(&e));
+                failure = Some(e);
+            }
+        }
+        rec.finished = now();
+        if let Err(e) = self.save(&rec).await {
+            // The leader will find it running with a dead owner later.
+            tracing::error!(job = %rec.id, error = %e, "could not record the end of a job");
+        }
+        tracing::debug!(job = %rec.id, state = ?rec.state, "job ended");
+        (rec, failure)
+    }
+
+    /// The resource a job locks: the disk it works on.
+    async fn lock_target(&self, rec: &JobRecord) -> Result<Option<Resource>> {
+        let domain: uuid::Uuid = rec
+            .params
+            .domain
+            .parse()
+            .map_err(|_| CoordError::Internal("a job without a domain".into()))?;
+        let disk = match rec.kind {
+            JobKind::Create => return Ok(None),
+            JobKind::DeleteSnapshot => {
+                // The disk the snapshot belongs to, so that its other
+                // operations wait.
+                let d = DomainRef {
+                    id: domain,
+                    name: String::new(),
+                };
+                let snap = parse_tag("snapshot_id", &rec.params.disk)?;
+                let (tags, _) = self.contents(&d).await?;
+                let t = tags.iter().find(|t| t.id == snap);
+                match t
+                    .and_then(|t| t.option(SNAP_KEY))
+                    .and_then(|d| TagId::parse("", d).ok())
+                {
+                    Some(disk) => disk,
+                    None => snap,
+                }
+            }
+            _ => parse_tag("disk_id", &rec.params.disk)?,
+        };
+        Ok(Some(Resource {
+            domain,
+            kind: ResourceKind::Disk(disk),
+        }))
+    }
+
+    async fn run_steps(self: &Arc<Self>, rec: &mut JobRecord) -> Result<()> {
+        let lock = match self.lock_target(rec).await {
+            Ok(Some(res)) => {
+                let (locks, wait) = (self.locks.clone(), self.cfg.lock_wait);
+                Some(blocking(move || Ok(locks.acquire(&res, wait)?)).await?)
+            }
+            Ok(None) => None,
+            Err(e) => return Err(e),
+        };
+        if rec.step == Step::Begin {
+            rec.step = plan::next_step(rec.kind, Step::Begin);
+            rec.attempts += 1;
+            self.save(rec).await?;
+        }
+        loop {
+            if rec.step == Step::Done {
+                return Ok(());
+            }
+            if let Some(g) = &lock {
+                // Self-fencing: no step starts on a lock that may be gone.
+                g.check()?;
+            }
+            if plan::cancellable(rec.step) && self.job(&rec.id).await.is_ok_and(|r| r.cancel) {
+                return Err(CoordError::Cancelled);
+            }
+            self.step(rec, lock.as_ref()).await?;
+            rec.step = plan::next_step(rec.kind, rec.step);
+            rec.host.clear();
+            rec.agent_job.clear();
+            if rec.step != Step::Done {
+                // The end is recorded by `run_with`.
+                self.save(rec).await?;
+            }
+        }
+    }
+
+    fn rid(rec: &JobRecord) -> String {
+        format!("{}:{:?}:{}", rec.id, rec.step, rec.attempts)
+    }
+
+    fn domain_id(rec: &JobRecord) -> Result<uuid::Uuid> {
+        rec.params
+            .domain
+            .parse()
+            .map_err(|_| CoordError::Internal("a job without a domain".into()))
+    }
+
+    async fn step(self: &Arc<Self>, rec: &mut JobRecord, lock: Option<&LockGuard>) -> Result<()> {
+        let dom = Self::domain_id(rec)?;
+        let rid = Self::rid(rec);
+        let spread = spread_of(&rec.id);
+        match (rec.kind, rec.step) {
+            (JobKind::Create, Step::Call) => {
+                let p = &rec.params;
+                let nd = NewDisk {
+                    format: parse_format(&p.format)?.unwrap_or(Format::Raw),
+                    size: p.size,
+                    preallocated: p.allocation == "preallocated",
+                    description: p.description.clone(),
+                    options: options(&p.name, &rec.id, &[]),
+                };
+                let t = self
+                    .agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let (rid, nd) = (rid.clone(), nd.clone());
+                        async move { c.create_disk(&rid, &dom, &nd).await }
+                    })
+                    .await?;
+                rec.result_domain = dom.to_string();
+                rec.result_disk = t.id.to_string();
+            }
+            (JobKind::Snapshot, Step::Call) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                let desc = rec.params.description.clone();
+                let (weak, _) = self
+                    .agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let (rid, desc) = (rid.clone(), desc.clone());
+                        async move { c.snapshot(&rid, &dom, &disk, &desc, None).await }
+                    })
+                    .await?;
+                rec.snapshot = weak.id.to_string();
+                rec.result_domain = dom.to_string();
+                rec.result_disk = disk.to_string();
+            }
+            (JobKind::Clone, Step::Call) => {
+                let src = parse_tag("source_id", &rec.params.disk)?;
+                let d = DomainRef {
+                    id: dom,
+                    name: String::new(),
+                };
+                let (tags, _) = self.contents(&d).await?;
+                let source = plan::clone_source(&src, &tags)?;
+                let of = match &source {
+                    CloneSource::Disk(d) => d.to_string(),
+                    CloneSource::Snapshot(s) => tags
+                        .iter()
+                        .find(|t| t.id == *s)
+                        .and_then(|t| t.option(SNAP_KEY))
+                        .unwrap_or_default()
+                        .to_string(),
+                };
+                let opts = options(&rec.params.name, &rec.id, &[(CLONE_OF_KEY, &of)]);
+                let desc = rec.params.description.clone();
+                let t = self
+                    .agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let (rid, opts, desc, source) =
+                            (rid.clone(), opts.clone(), desc.clone(), source.clone());
+                        async move {
+                            match source {
+                                CloneSource::Snapshot(s) => {
+                                    c.create_on(&rid, &dom, &s, &desc, &opts).await
+                                }
+                                CloneSource::Disk(d) => {
+                                    let (_, clone) = c
+                                        .snapshot(&rid, &dom, &d, "base of a clone", Some(&opts))
+                                        .await?;
+                                    clone.ok_or_else(|| {
+                                        CoordError::Internal("a snapshot without its clone".into())
+                                    })
+                                }
+                            }
+                        }
+                    })
+                    .await?;
+                rec.result_domain = dom.to_string();
+                rec.result_disk = t.id.to_string();
+            }
+            (JobKind::Delete, Step::Call) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                self.refuse_active(&dom, &disk).await?;
+                self.agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let rid = rid.clone();
+                        async move { c.delete_disk(&rid, &dom, &disk).await }
+                    })
+                    .await?;
+                rec.result_domain = dom.to_string();
+                rec.result_disk = disk.to_string();
+            }
+            (JobKind::Extend, Step::Call) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                let view = self.disk(&dom.to_string(), &disk.to_string()).await?;
+                let top = view.chain.last().expect("a chain has a top").volume.id;
+                if rec.params.size < view.tag.size {
+                    return Err(CoordError::invalid(
+                        "size",
+                        format!(
+                            "{} is smaller than the disk's {}; disks only grow",
+                            rec.params.size, view.tag.size
+                        ),
+                    ));
+                }
+                let size = rec.params.size;
+                self.agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let rid = rid.clone();
+                        async move { c.extend(&rid, &dom, &top, &disk, size).await }
+                    })
+                    .await?;
+                rec.result_domain = dom.to_string();
+                rec.result_disk = disk.to_string();
+            }
+            (JobKind::DeleteSnapshot, Step::Merge) => {
+                let snap = parse_tag("snapshot_id", &rec.params.disk)?;
+                let d = DomainRef {
+                    id: dom,
+                    name: String::new(),
+                };
+                let (tags, _) = self.contents(&d).await?;
+                let Some(t) = tags.iter().find(|t| t.id == snap) else {
+                    if rec.attempts > 1 {
+                        // An earlier attempt merged it before dying.
+                        return Ok(());
+                    }
+                    return Err(CoordError::NotFound {
+                        kind: "snapshot",
+                        id: snap.to_string(),
+                    });
+                };
+                if let Some(disk) = t.option(SNAP_KEY).and_then(|d| TagId::parse("", d).ok()) {
+                    self.refuse_active(&dom, &disk).await?;
+                    rec.result_disk = disk.to_string();
+                }
+                rec.result_domain = dom.to_string();
+                self.agent_job(rec, lock, &dom, None, |c, rid| async move {
+                    c.merge(&rid, &dom, &snap).await
+                })
+                .await?;
+            }
+            (JobKind::FullClone | JobKind::Copy | JobKind::Move | JobKind::Convert, Step::Copy) => {
+                self.copy_step(rec, lock, dom).await?;
+            }
+            (JobKind::Convert, Step::Swap) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                let with = parse_tag("copy", &rec.result_disk)?;
+                self.refuse_active(&dom, &disk).await?;
+                let r = self
+                    .agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let rid = rid.clone();
+                        async move { c.swap(&rid, &dom, &disk, &with).await }
+                    })
+                    .await;
+                match r {
+                    Ok(()) => {}
+                    // A repeated swap after a crash: the copy's tag is gone
+                    // because the swap happened.
+                    Err(CoordError::Agent { status, .. })
+                        if status.code() == tonic::Code::NotFound && rec.attempts > 1 => {}
+                    Err(e) => return Err(e),
+                }
+                rec.result_domain = dom.to_string();
+                rec.result_disk = disk.to_string();
+            }
+            (JobKind::Move, Step::DeleteSource) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                self.refuse_active(&dom, &disk).await?;
+                let r = self
+                    .agents
+                    .with_agent(&dom, None, spread, |c| {
+                        let rid = rid.clone();
+                        async move { c.delete_disk(&rid, &dom, &disk).await }
+                    })
+                    .await;
+                match r {
+                    Ok(()) => {}
+                    Err(CoordError::Agent { status, .. })
+                        if status.code() == tonic::Code::NotFound && rec.attempts > 1 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            (k, s) => {
+                return Err(CoordError::Internal(format!(
+                    "no step {s:?} in a {} job",
+                    k.as_str()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The copy of a full clone, copy, move or conversion.
+    async fn copy_step(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+        dom: uuid::Uuid,
+    ) -> Result<()> {
+        let disk = parse_tag("disk_id", &rec.params.disk)?;
+        let target: uuid::Uuid = if rec.params.target_domain.is_empty() {
+            dom
+        } else {
+            rec.params
+                .target_domain
+                .parse()
+                .map_err(|_| CoordError::invalid("target_domain", "is not a domain id"))?
+        };
+        let d = DomainRef {
+            id: dom,
+            name: String::new(),
+        };
+        let (tags, vols) = self.contents(&d).await?;
+        let view = match plan::clone_source(&disk, &tags)? {
+            CloneSource::Disk(_) => plan::disk_view(&d, &disk, &tags, &vols)?,
+            CloneSource::Snapshot(s) => {
+                // A full clone of a snapshot copies the snapshot's chain.
+                let t = tags.iter().find(|t| t.id == s).expect("found above");
+                let mut fake = t.clone();
+                fake.tag_type = cairn_domain::TagType::Strong;
+                let mut tags2 = tags.clone();
+                tags2.retain(|x| x.id != s);
+                tags2.push(fake);
+                plan::disk_view(&d, &s, &tags2, &vols)?
+            }
+        };
+        // What an earlier attempt made, if it finished before its owner died.
+        let made = if rec.attempts > 1 {
+            self.made_by(&target, &rec.id).await?
+        } else {
+            None
+        };
+        let t = match made {
+            Some(t) => t,
+            None => {
+                let top = view.chain.last().expect("a chain has a top").volume.clone();
+                let format = parse_format(&rec.params.format)?.or(Some(top.format));
+                let pre = rec.params.allocation == "preallocated";
+                let name = if rec.params.name.is_empty() {
+                    view.tag.option(NAME_KEY).unwrap_or_default().to_string()
+                } else {
+                    rec.params.name.clone()
+                };
+                let disk_s = disk.to_string();
+                let extra: Vec<(&str, &str)> = match rec.kind {
+                    JobKind::Convert => vec![(CONVERT_KEY, &disk_s)],
+                    JobKind::FullClone => vec![(CLONE_OF_KEY, &disk_s)],
+                    _ => vec![],
+                };
+                let opts = options(&name, &rec.id, &extra);
+                let desc = rec.params.description.clone();
+                let also = (target != dom).then_some(target);
+                self.agent_job(rec, lock, &dom, also.as_ref(), |c, rid| {
+                    let (opts, desc) = (opts.clone(), desc.clone());
+                    async move {
+                        c.copy(&rid, &dom, &top.id, &target, format, pre, &desc, &opts)
+                            .await
+                    }
+                })
+                .await?
+                .ok_or_else(|| CoordError::Internal("a copy job without its tag".into()))?
+            }
+        };
+        rec.result_domain = target.to_string();
+        rec.result_disk = t.id.to_string();
+        Ok(())
+    }
+
+    /// A disk a job made (found by the job id in its tag's options).
+    async fn made_by(&self, domain: &uuid::Uuid, job: &str) -> Result<Option<TagInfo>> {
+        let d = DomainRef {
+            id: *domain,
+            name: String::new(),
+        };
+        let (tags, _) = self.contents(&d).await?;
+        Ok(tags.into_iter().find(|t| t.option(JOB_KEY) == Some(job)))
+    }
+
+    /// Refuse when the disk is active on any host.
+    async fn refuse_active(&self, dom: &uuid::Uuid, disk: &TagId) -> Result<()> {
+        let want = disk.to_string();
+        for a in self.agents.list().await? {
+            if !a.sees(dom) {
+                continue;
+            }
+            let c = self.agents.conn(&a)?;
+            match c.active_tags(dom).await {
+                Ok(tags) if tags.contains(&want) => {
+                    return Err(CoordError::FailedPrecondition(format!(
+                        "disk {disk} is active on host {} ({}); deactivate it first",
+                        a.host_name, a.host_id
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) if e.agent_unavailable() => {
+                    // A dead host's activations die with it.
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Start an agent job with `start` and follow it to its end,
+    /// recording its host, id and progress; when its agent dies, start it
+    /// again on another. Returns the tag the job made.
+    async fn agent_job<F, Fut>(
+        self: &Arc<Self>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+        dom: &uuid::Uuid,
+        also: Option<&uuid::Uuid>,
+        start: F,
+    ) -> Result<Option<TagInfo>>
+    where
+        F: Fn(AgentConn, String) -> Fut,
+        Fut: std::future::Future<Output = Result<String>>,
+    {
+        let spread = spread_of(&rec.id);
+        loop {
+            if rec.agent_job.is_empty() {
+                let rid = Self::rid(rec);
+                let (host, job) = self
+                    .agents
+                    .with_agent(dom, also, spread, |c| {
+                        let rid = rid.clone();
+                        let host = c.host.clone();
+                        let f = start(c, rid);
+                        async move { f.await.map(|j| (host, j)) }
+                    })
+                    .await?;
+                rec.host = host;
+                rec.agent_job = job;
+                self.save(rec).await?;
+            }
+            match self.follow(rec, lock).await? {
+                Some(t) => return Ok(t),
+                None => {
+                    // The agent is gone: start over elsewhere.
+                    rec.attempts += 1;
+                    rec.agent_job.clear();
+                    rec.host.clear();
+                    self.save(rec).await?;
+                }
+            }
+        }
+    }
+
+    /// Follow `rec.agent_job` on `rec.host` until it ends. `Ok(None)`: the
+    /// agent (or its memory of the job) is gone.
+    async fn follow(
+        &self,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+    ) -> Result<Option<Option<TagInfo>>> {
+        let mut unreachable_since: Option<std::time::Instant> = None;
+        let mut last_saved = std::time::Instant::now();
+        loop {
+            if let Some(g) = lock {
+                if let Err(e) = g.check() {
+                    // Fenced: stop the agent's work; the job fails.
+                    self.cancel_agent_job(rec).await;
+                    return Err(e.into());
+                }
+            }
+            let agent = self
+                .agents
+                .list()
+                .await?
+                .into_iter()
+                .find(|a| a.host_id == rec.host);
+            let Some(agent) = agent else {
+                tracing::warn!(job = %rec.id, host = %rec.host, "the agent left the registry");
+                return Ok(None);
+            };
+            let _busy = self.agents.busy(&agent.host_id);
+            match self.agents.conn(&agent)?.job(&rec.agent_job).await {
+                Ok(j) => {
+                    unreachable_since = None;
+                    let changed = (rec.done, rec.total) != (j.done, j.total);
+                    rec.done = j.done;
+                    rec.total = j.total;
+                    match j.state {
+                        JobState::Running => {}
+                        JobState::Succeeded => return Ok(Some(j.tag)),
+                        JobState::Cancelled => return Err(CoordError::Cancelled),
+                        JobState::Failed => {
+                            let e = j.error.unwrap_or(JobError {
+                                code: tonic::Code::Internal as i32,
+                                reason: "agent_error".into(),
+                                message: "the agent's job failed".into(),
+                            });
+                            return Err(CoordError::Agent {
+                                host: rec.host.clone(),
+                                status: tonic::Status::new(tonic::Code::from(e.code), e.message),
+                            });
+                        }
+                    }
+                    if changed && last_saved.elapsed() >= Duration::from_millis(500) {
+                        // Progress is for people; a second is fine grained.
+                        let cur = self.job(&rec.id).await?;
+                        if cur.cancel && !rec.cancel {
+                            rec.cancel = true;
+                            self.cancel_agent_job(rec).await;
+                        }
+                        self.save(rec).await?;
+                        last_saved = std::time::Instant::now();
+                    }
+                }
+                Err(CoordError::Agent { status, .. }) if status.code() == tonic::Code::NotFound => {
+                    // The agent restarted: its job died with it.
+                    tracing::warn!(job = %rec.id, host = %rec.host, "the agent forgot the job");
+                    return Ok(None);
+                }
+                Err(e) if e.agent_unavailable() => {
+                    let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > Duration::from_secs(30) {
+                        return Ok(None);
+                    }
+                    self.agents.invalidate();
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(self.cfg.poll).await;
+        }
+    }
+
+    async fn cancel_agent_job(&self, rec: &JobRecord) {
+        if let Ok(agents) = self.agents.list().await {
+            if let Some(a) = agents.iter().find(|a| a.host_id == rec.host) {
+                if let Ok(c) = self.agents.conn(a) {
+                    let _ = c.cancel(&rec.agent_job).await;
+                }
+            }
+        }
+    }
+
+    // ---- taking over ---------------------------------------------------------------------
+
+    /// Whether this replica is running job `id`.
+    pub fn runs(&self, id: &str) -> bool {
+        self.running.lock().expect("poisoned").contains_key(id)
+    }
+
+    /// Take over a running job whose owner is gone: follow, restart or
+    /// reconcile its current step (see [`plan::adopt`]), in the background.
+    pub async fn adopt(self: &Arc<Self>, mut rec: JobRecord) -> Result<()> {
+        let previous = std::mem::replace(&mut rec.owner, self.id().to_string());
+        tracing::warn!(job = %rec.id, from = %previous, step = ?rec.step, "adopting an orphaned job");
+        let alive = if rec.agent_job.is_empty() {
+            false
+        } else {
+            match self
+                .agents
+                .list()
+                .await?
+                .into_iter()
+                .find(|a| a.host_id == rec.host)
+            {
+                Some(a) => self.agents.conn(&a)?.job(&rec.agent_job).await.is_ok(),
+                None => false,
+            }
+        };
+        match plan::adopt(&rec, alive) {
+            plan::Adopt::Follow => {}
+            plan::Adopt::Restart => {
+                rec.attempts += 1;
+                rec.agent_job.clear();
+                rec.host.clear();
+            }
+            plan::Adopt::Reconcile => {
+                self.reconcile(&mut rec).await?;
+                return Ok(());
+            }
+        }
+        self.save(&rec).await?;
+        let me = self.clone();
+        tokio::spawn(async move { me.run(rec).await });
+        Ok(())
+    }
+
+    /// Settle a short job whose owner died during its one agent call: the
+    /// call was atomic on the domain, so look at what is there.
+    async fn reconcile(&self, rec: &mut JobRecord) -> Result<()> {
+        let dom = Self::domain_id(rec)?;
+        let outcome = match rec.kind {
+            JobKind::Create | JobKind::Clone => match self.made_by(&dom, &rec.id).await? {
+                Some(t) => {
+                    rec.result_domain = dom.to_string();
+                    rec.result_disk = t.id.to_string();
+                    Ok(())
+                }
+                None => Err("its coordinator died before the disk was made"),
+            },
+            JobKind::Delete => match self.disk(&dom.to_string(), &rec.params.disk).await {
+                Err(CoordError::NotFound { .. }) => Ok(()),
+                _ => Err("its coordinator died before the disk was deleted"),
+            },
+            JobKind::Extend => match self.disk(&dom.to_string(), &rec.params.disk).await {
+                Ok(v) if v.tag.size == rec.params.size => Ok(()),
+                _ => Err("its coordinator died before the disk was extended"),
+            },
+            _ => {
+                Err("its coordinator died during the operation; the disk shows whether it happened")
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                rec.state = JobState::Succeeded;
+                rec.step = Step::Done;
+            }
+            Err(why) => {
+                rec.state = JobState::Failed;
+                rec.error = Some(JobError {
+                    code: tonic::Code::Aborted as i32,
+                    reason: "orphaned".into(),
+                    message: why.into(),
+                });
+            }
+        }
+        rec.finished = now();
+        self.save(rec).await
+    }
+}
+
+fn options(name: &str, job: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut o = vec![(JOB_KEY.to_string(), job.to_string())];
+    if !name.is_empty() {
+        o.push((NAME_KEY.to_string(), name.to_string()));
+    }
+    for (k, v) in extra {
+        if !v.is_empty() {
+            o.push((k.to_string(), v.to_string()));
+        }
+    }
+    o
+}
+
+fn spread_of(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn rand_spread() -> u64 {
+    spread_of(&uuid::Uuid::new_v4().to_string())
+}
+
+/// A job's error as recorded.
+pub fn job_error(e: &CoordError) -> JobError {
+    let code = match e {
+        CoordError::Agent { status, .. } => status.code(),
+        other => crate::service::code_of(other),
+    };
+    JobError {
+        code: code as i32,
+        reason: e.code().to_string(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,827 @@
+//! What the coordinator decides, without any I/O: which agent does the
+//! work, what a disk looks like from a domain's tags and volumes, and
+//! which step a job takes next. The async layers only fetch the inputs and
+//! carry out the answers.
+
+use std::collections::{HashMap, HashSet};
+
+use cairn_domain::{Format, Legality, TagId, TagState, TagType, VolumeId};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordError, Result};
+
+/// Tag option naming a disk for people.
+pub const NAME_KEY: &str = "cairn.name";
+/// Tag option naming the coordinator job that made a disk (lets a retry or
+/// an adopting leader find what a job made).
+pub const JOB_KEY: &str = "cairn.job";
+/// Tag option naming the disk a clone was made from.
+pub const CLONE_OF_KEY: &str = "cairn.clone-of";
+/// Tag option of the copy a conversion makes before it takes the disk's
+/// place: the disk. Such a tag is not a disk of its own.
+pub const CONVERT_KEY: &str = "cairn.convert-of";
+/// Tag option the agent puts on a snapshot's weak tag: its description.
+pub const SNAP_DESC_KEY: &str = "cairn.description";
+/// Tag option the agent puts on a snapshot's weak tag: the disk.
+pub const SNAP_KEY: &str = "cairn.snapshot-of";
+
+/// A domain as agents report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRef {
+    /// Its id.
+    pub id: uuid::Uuid,
+    /// Its name.
+    pub name: String,
+}
+
+/// A node agent the coordinator can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Host id (the registry key).
+    pub host_id: String,
+    /// Host name.
+    pub host_name: String,
+    /// `http://host:port` or a unix socket path.
+    pub address: String,
+    /// Domains it has open.
+    pub domains: Vec<DomainRef>,
+}
+
+impl AgentInfo {
+    /// Whether it sees `domain`.
+    pub fn sees(&self, domain: &uuid::Uuid) -> bool {
+        self.domains.iter().any(|d| d.id == *domain)
+    }
+}
+
+#[derive(Deserialize)]
+struct Registration {
+    host_id: String,
+    #[serde(default)]
+    host_name: String,
+    address: Option<String>,
+    #[serde(default)]
+    domains: Vec<DomainRef>,
+}
+
+/// Read an agent's registry entry (`cairn/agents/<host id>`). Agents that
+/// listen only on a unix socket register no address and are skipped.
+pub fn parse_registration(value: &str) -> Option<AgentInfo> {
+    let r: Registration = serde_json::from_str(value).ok()?;
+    Some(AgentInfo {
+        host_id: r.host_id,
+        host_name: r.host_name,
+        address: r.address?,
+        domains: r.domains,
+    })
+}
+
+/// Find a domain by name or id among what agents see; empty picks the
+/// only one.
+pub fn resolve_domain(agents: &[AgentInfo], key: &str) -> Result<DomainRef> {
+    let mut all: Vec<&DomainRef> = agents.iter().flat_map(|a| a.domains.iter()).collect();
+    all.sort_by_key(|d| d.id);
+    all.dedup_by_key(|d| d.id);
+    if key.is_empty() {
+        return match all.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(CoordError::NoAgent("(any)".into())),
+            _ => Err(CoordError::invalid(
+                "domain",
+                "the cluster has several domains; name one",
+            )),
+        };
+    }
+    let by_id = uuid::Uuid::parse_str(key).ok();
+    let found: Vec<&&DomainRef> = all
+        .iter()
+        .filter(|d| Some(d.id) == by_id || d.name == key)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((**one).clone()),
+        [] => Err(CoordError::NotFound {
+            kind: "domain",
+            id: key.to_string(),
+        }),
+        _ => Err(CoordError::invalid(
+            "domain",
+            format!("several domains are named {key:?}; use the id"),
+        )),
+    }
+}
+
+/// Pick the agent for an operation on `domain` (and `also`, a second
+/// domain it must see): among those that see it and are not excluded, the
+/// least loaded; ties are broken by `spread` so that equal agents share
+/// the work.
+pub fn pick_agent<'a>(
+    agents: &'a [AgentInfo],
+    domain: &uuid::Uuid,
+    also: Option<&uuid::Uuid>,
+    load: &HashMap<String, usize>,
+    exclude: &HashSet<String>,
+    spread: u64,
+) -> Option<&'a AgentInfo> {
+    let mut c: Vec<&AgentInfo> = agents
+        .iter()
+        .filter(|a| a.sees(domain) && also.is_none_or(|d| a.sees(d)))
+        .filter(|a| !exclude.contains(&a.host_id))
+        .collect();
+    if c.is_empty() {
+        return None;
+    }
+    c.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+    let least = c
+        .iter()
+        .map(|a| load.get(&a.host_id).copied().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    let best: Vec<&AgentInfo> = c
+        .into_iter()
+        .filter(|a| load.get(&a.host_id).copied().unwrap_or(0) == least)
+        .collect();
+    Some(best[(spread % best.len() as u64) as usize])
+}
+
+/// A volume as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeInfo {
+    /// Id.
+    pub id: VolumeId,
+    /// Parent tag.
+    pub parent: Option<TagId>,
+    /// Format.
+    pub format: Format,
+    /// Virtual size.
+    pub capacity: u64,
+    /// Bytes of run.
+    pub size: u64,
+    /// Complete or not.
+    pub legality: Legality,
+    /// Free text.
+    pub description: String,
+    /// Seconds since the epoch.
+    pub ctime: u64,
+    /// Tags on it.
+    pub tag_refs: u32,
+}
+
+/// A tag as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagInfo {
+    /// Id.
+    pub id: TagId,
+    /// Its volume.
+    pub volume: VolumeId,
+    /// Logical size.
+    pub size: u64,
+    /// Whether it may change.
+    pub mutable: bool,
+    /// Strong (a disk) or weak (a snapshot).
+    pub tag_type: TagType,
+    /// Health.
+    pub state: TagState,
+    /// Options.
+    pub options: Vec<(String, String)>,
+    /// Seconds since the epoch.
+    pub ctime: u64,
+    /// Volumes hanging from it.
+    pub child_refs: u32,
+}
+
+impl TagInfo {
+    /// An option's value.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One layer of a disk's chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    /// The volume.
+    pub volume: VolumeInfo,
+    /// The snapshot on it, if any.
+    pub snapshot: Option<TagId>,
+}
+
+/// A snapshot of a disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapView {
+    /// The weak tag.
+    pub tag: TagInfo,
+    /// Its volume's description.
+    pub description: String,
+    /// Volumes of other disks hanging from it.
+    pub clones: u32,
+}
+
+/// A disk: a strong tag and its chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskView {
+    /// Its domain.
+    pub domain: DomainRef,
+    /// The tag.
+    pub tag: TagInfo,
+    /// Base first.
+    pub chain: Vec<Layer>,
+    /// Oldest first.
+    pub snapshots: Vec<SnapView>,
+}
+
+/// Build the view of disk `disk` from every tag and volume of its domain.
+pub fn disk_view(
+    domain: &DomainRef,
+    disk: &TagId,
+    tags: &[TagInfo],
+    vols: &[VolumeInfo],
+) -> Result<DiskView> {
+    let t = tags
+        .iter()
+        .find(|t| t.id == *disk && t.tag_type == TagType::Strong)
+        .ok_or_else(|| CoordError::NotFound {
+            kind: "disk",
+            id: disk.to_string(),
+        })?;
+    let vol = |id: &VolumeId| vols.iter().find(|v| v.id == *id);
+    let tag = |id: &TagId| tags.iter().find(|t| t.id == *id);
+    let mut chain = Vec::new();
+    let mut cur = vol(&t.volume).ok_or_else(|| {
+        CoordError::Internal(format!(
+            "disk {disk} points at a missing volume {}",
+            t.volume
+        ))
+    })?;
+    let mut snapshots = Vec::new();
+    loop {
+        if chain.len() > 4096 {
+            return Err(CoordError::Internal(format!(
+                "the chain of disk {disk} loops"
+            )));
+        }
+        let snap = tags
+            .iter()
+            .find(|x| x.volume == cur.id && x.tag_type == TagType::Weak)
+            .filter(|x| x.option(SNAP_KEY).is_some() || x.child_refs > 0);
+        chain.push(Layer {
+            volume: cur.clone(),
+            snapshot: snap.map(|s| s.id),
+        });
+        if let Some(s) = snap {
+            // Children beyond the one in this chain are other disks.
+            let in_chain = usize::from(chain.len() > 1);
+            snapshots.push(SnapView {
+                tag: s.clone(),
+                description: s
+                    .option(SNAP_DESC_KEY)
+                    .unwrap_or(&cur.description)
+                    .to_string(),
+                clones: s.child_refs.saturating_sub(in_chain as u32),
+            });
+        }
+        let Some(p) = cur.parent else { break };
+        let pt = tag(&p).ok_or_else(|| {
+            CoordError::Internal(format!("volume {} names a missing parent tag {p}", cur.id))
+        })?;
+        cur = vol(&pt.volume).ok_or_else(|| {
+            CoordError::Internal(format!("tag {p} points at a missing volume {}", pt.volume))
+        })?;
+    }
+    chain.reverse();
+    snapshots.reverse();
+    // Snapshots of another disk (this one is a clone of it) are not ours.
+    snapshots.retain(|s| s.tag.option(SNAP_KEY).is_none_or(|d| d == disk.to_string()));
+    Ok(DiskView {
+        domain: domain.clone(),
+        tag: t.clone(),
+        chain,
+        snapshots,
+    })
+}
+
+/// Every disk of a domain (a conversion's copy in progress is not one).
+pub fn disks(domain: &DomainRef, tags: &[TagInfo], vols: &[VolumeInfo]) -> Vec<DiskView> {
+    tags.iter()
+        .filter(|t| t.tag_type == TagType::Strong && t.option(CONVERT_KEY).is_none())
+        .filter_map(|t| disk_view(domain, &t.id, tags, vols).ok())
+        .collect()
+}
+
+/// What a clone is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneSource {
+    /// A disk: a thin clone snapshots it first (in the same transaction).
+    Disk(TagId),
+    /// A snapshot: a thin clone is a new layer on it.
+    Snapshot(TagId),
+}
+
+/// Tell a disk from a snapshot.
+pub fn clone_source(id: &TagId, tags: &[TagInfo]) -> Result<CloneSource> {
+    let t = tags
+        .iter()
+        .find(|t| t.id == *id)
+        .ok_or_else(|| CoordError::NotFound {
+            kind: "disk or snapshot",
+            id: id.to_string(),
+        })?;
+    Ok(match t.tag_type {
+        TagType::Strong => CloneSource::Disk(t.id),
+        TagType::Weak => CloneSource::Snapshot(t.id),
+    })
+}
+
+/// The kinds of job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Create a disk.
+    Create,
+    /// Snapshot a disk.
+    Snapshot,
+    /// Thin clone.
+    Clone,
+    /// Full clone (a copy in the same domain).
+    FullClone,
+    /// Merge a snapshot away.
+    DeleteSnapshot,
+    /// Delete a disk.
+    Delete,
+    /// Copy to another domain.
+    Copy,
+    /// Copy, then delete the source.
+    Move,
+    /// Grow a disk.
+    Extend,
+    /// Rewrite in another format.
+    Convert,
+}
+
+impl JobKind {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Create => "create",
+            JobKind::Snapshot => "snapshot",
+            JobKind::Clone | JobKind::FullClone => "clone",
+            JobKind::DeleteSnapshot => "delete-snapshot",
+            JobKind::Delete => "delete",
+            JobKind::Copy => "copy",
+            JobKind::Move => "move",
+            JobKind::Extend => "extend",
+            JobKind::Convert => "convert",
+        }
+    }
+
+    /// Whether it runs in the background (the call returns at once).
+    pub fn long(self) -> bool {
+        matches!(
+            self,
+            JobKind::FullClone
+                | JobKind::DeleteSnapshot
+                | JobKind::Copy
+                | JobKind::Move
+                | JobKind::Convert
+        )
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// Not started.
+    Begin,
+    /// One agent call (short jobs).
+    Call,
+    /// An agent copies data into a new volume.
+    Copy,
+    /// An agent merges a snapshot away.
+    Merge,
+    /// An agent points the disk at the copy and frees the old chain.
+    Swap,
+    /// An agent deletes the source disk.
+    DeleteSource,
+    /// Finished.
+    Done,
+}
+
+impl Step {
+    /// What people see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Begin => "starting",
+            Step::Call => "working",
+            Step::Copy => "copying",
+            Step::Merge => "merging",
+            Step::Swap => "swapping the disk onto the copy",
+            Step::DeleteSource => "deleting the source",
+            Step::Done => "done",
+        }
+    }
+}
+
+/// The step after `step` for a job of `kind`: the whole plan of every
+/// composed operation.
+pub fn next_step(kind: JobKind, step: Step) -> Step {
+    use JobKind as K;
+    use Step as S;
+    match (kind, step) {
+        (_, S::Done) => S::Done,
+        (K::FullClone | K::Copy | K::Move | K::Convert, S::Begin) => S::Copy,
+        (K::DeleteSnapshot, S::Begin) => S::Merge,
+        (_, S::Begin) => S::Call,
+        (K::Move, S::Copy) => S::DeleteSource,
+        (K::Convert, S::Copy) => S::Swap,
+        _ => S::Done,
+    }
+}
+
+/// Whether a job at `step` can still be cancelled and leave the disk as
+/// it was: up to and during the data copy or merge, not once the disk has
+/// been switched over or the source is being deleted.
+pub fn cancellable(step: Step) -> bool {
+    matches!(step, Step::Begin | Step::Copy | Step::Merge)
+}
+
+/// Where a job ended or is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Working.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Failed (see the error).
+    Failed,
+    /// Cancelled; the disk is as it was.
+    Cancelled,
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// gRPC status code.
+    pub code: i32,
+    /// Stable error code.
+    pub reason: String,
+    /// Message.
+    pub message: String,
+}
+
+/// What a job was asked to do (resolved: ids, not names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    /// Domain id.
+    pub domain: String,
+    /// The disk or snapshot worked on.
+    #[serde(default)]
+    pub disk: String,
+    /// The new disk's name.
+    #[serde(default)]
+    pub name: String,
+    /// "raw" or "qcow2".
+    #[serde(default)]
+    pub format: String,
+    /// "sparse" or "preallocated".
+    #[serde(default)]
+    pub allocation: String,
+    /// Bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Copy and move: the target domain id.
+    #[serde(default)]
+    pub target_domain: String,
+}
+
+/// A job as kept in the cluster store (`cairn/jobs/<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Id.
+    pub id: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// Where it ended or is.
+    pub state: JobState,
+    /// The client's request id.
+    pub request_id: String,
+    /// Hash of the request, to tell a retry from a reuse of the id.
+    pub fingerprint: u64,
+    /// What was asked.
+    pub params: Params,
+    /// The step it is at.
+    pub step: Step,
+    /// The agent working on the step.
+    #[serde(default)]
+    pub host: String,
+    /// The agent's job id for the step.
+    #[serde(default)]
+    pub agent_job: String,
+    /// The coordinator running it.
+    pub owner: String,
+    /// Progress of the current step.
+    #[serde(default)]
+    pub done: u64,
+    /// Size of the current step.
+    #[serde(default)]
+    pub total: u64,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<JobError>,
+    /// The disk made or changed: domain id and tag id.
+    #[serde(default)]
+    pub result_domain: String,
+    /// See `result_domain`.
+    #[serde(default)]
+    pub result_disk: String,
+    /// The snapshot a snapshot job made.
+    #[serde(default)]
+    pub snapshot: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// Seconds since the epoch, 0 while running.
+    #[serde(default)]
+    pub finished: u64,
+    /// Times the work was (re)started.
+    #[serde(default)]
+    pub attempts: u32,
+    /// A client asked to cancel.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+impl JobRecord {
+    /// A new running job.
+    pub fn new(
+        kind: JobKind,
+        request_id: &str,
+        fingerprint: u64,
+        params: Params,
+        owner: &str,
+        now: u64,
+    ) -> JobRecord {
+        JobRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            state: JobState::Running,
+            request_id: request_id.to_string(),
+            fingerprint,
+            params,
+            step: Step::Begin,
+            host: String::new(),
+            agent_job: String::new(),
+            owner: owner.to_string(),
+            done: 0,
+            total: 0,
+            error: None,
+            result_domain: String::new(),
+            result_disk: String::new(),
+            snapshot: String::new(),
+            created: now,
+            finished: 0,
+            attempts: 0,
+            cancel: false,
+        }
+    }
+}
+
+/// The store key of a job.
+pub fn job_key(id: &str) -> String {
+    format!("cairn/jobs/{id}")
+}
+
+/// The store key that maps a request id to its job.
+pub fn request_key(request_id: &str) -> String {
+    // Request ids are free text: keep the key to plain characters.
+    let safe: String = request_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("cairn/requests/{safe}")
+}
+
+/// What the leader does with a running job whose owner is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopt {
+    /// Keep following the agent's job at this step.
+    Follow,
+    /// Start the step again (the agent or its job is gone; the step is
+    /// safe to repeat).
+    Restart,
+    /// Look on the domain for what the job made, then finish or fail it.
+    Reconcile,
+}
+
+/// Decide how to take over an orphaned job: `agent_job_alive` says whether
+/// the agent doing its step still knows the step's job.
+pub fn adopt(rec: &JobRecord, agent_job_alive: bool) -> Adopt {
+    match rec.step {
+        Step::Copy | Step::Merge if agent_job_alive => Adopt::Follow,
+        Step::Copy | Step::Merge | Step::Swap | Step::DeleteSource | Step::Begin => Adopt::Restart,
+        Step::Call | Step::Done => Adopt::Reconcile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, doms: &[uuid::Uuid]) -> AgentInfo {
+        AgentInfo {
+            host_id: id.into(),
+            host_name: id.into(),
+            address: format!("http://{id}"),
+            domains: doms
+                .iter()
+                .map(|d| DomainRef {
+                    id: *d,
+                    name: format!("d-{}", &d.to_string()[..4]),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn picking_spreads_over_equal_agents_and_avoids_the_dead_and_busy() {
+        let (d1, d2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let agents = vec![agent("a", &[d1]), agent("b", &[d1, d2]), agent("c", &[d1])];
+        let none = HashMap::new();
+        let mut seen = HashSet::new();
+        for spread in 0..6 {
+            let a = pick_agent(&agents, &d1, None, &none, &HashSet::new(), spread).unwrap();
+            seen.insert(a.host_id.clone());
+        }
+        assert_eq!(seen.len(), 3, "equal agents share the work");
+        let load = HashMap::from([("a".to_string(), 2), ("b".to_string(), 1)]);
+        let a = pick_agent(&agents, &d1, None, &load, &HashSet::new(), 7).unwrap();
+        assert_eq!(a.host_id, "c", "the least loaded wins");
+        let dead = HashSet::from(["c".to_string()]);
+        let a = pick_agent(&agents, &d1, None, &load, &dead, 7).unwrap();
+        assert_eq!(a.host_id, "b");
+        // Only b sees both domains of a copy.
+        let a = pick_agent(&agents, &d1, Some(&d2), &none, &HashSet::new(), 1).unwrap();
+        assert_eq!(a.host_id, "b");
+        let all = HashSet::from(["a".into(), "b".into(), "c".into()]);
+        assert!(pick_agent(&agents, &d1, None, &none, &all, 0).is_none());
+    }
+
+    #[test]
+    fn domains_resolve_by_name_or_id() {
+        let (d1, d2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let agents = vec![agent("a", &[d1]), agent("b", &[d1, d2])];
+        let r = resolve_domain(&agents, &d2.to_string()).unwrap();
+        assert_eq!(r.id, d2);
+        let name = agents[0].domains[0].name.clone();
+        assert_eq!(resolve_domain(&agents, &name).unwrap().id, d1);
+        assert!(matches!(
+            resolve_domain(&agents, ""),
+            Err(CoordError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            resolve_domain(&agents, "nope"),
+            Err(CoordError::NotFound { .. })
+        ));
+        assert_eq!(resolve_domain(&agents[..1], "").unwrap().id, d1);
+    }
+
+    #[test]
+    fn registrations_parse_and_socket_only_agents_are_skipped() {
+        let d = uuid::Uuid::new_v4();
+        let v = serde_json::json!({"host_id": "h1", "host_name": "n", "address": "http://127.0.0.1:1",
+            "domains": [{"id": d, "name": "x", "path": "/p", "host_slot": 0}]});
+        let a = parse_registration(&v.to_string()).unwrap();
+        assert_eq!(a.address, "http://127.0.0.1:1");
+        assert!(a.sees(&d));
+        let v = serde_json::json!({"host_id": "h1", "address": null, "domains": []});
+        assert!(parse_registration(&v.to_string()).is_none());
+        assert!(parse_registration("not json").is_none());
+    }
+
+    #[test]
+    fn composed_operations_follow_their_plans() {
+        let walk = |k| {
+            let mut s = Step::Begin;
+            let mut out = vec![];
+            while s != Step::Done {
+                s = next_step(k, s);
+                out.push(s);
+            }
+            out
+        };
+        assert_eq!(walk(JobKind::Create), [Step::Call, Step::Done]);
+        assert_eq!(
+            walk(JobKind::Move),
+            [Step::Copy, Step::DeleteSource, Step::Done]
+        );
+        assert_eq!(walk(JobKind::Convert), [Step::Copy, Step::Swap, Step::Done]);
+        assert_eq!(walk(JobKind::DeleteSnapshot), [Step::Merge, Step::Done]);
+        assert_eq!(walk(JobKind::FullClone), [Step::Copy, Step::Done]);
+        assert!(cancellable(Step::Copy) && !cancellable(Step::Swap));
+        assert!(!cancellable(Step::DeleteSource));
+    }
+
+    #[test]
+    fn orphans_are_followed_restarted_or_reconciled() {
+        let mut r = JobRecord::new(JobKind::Convert, "r", 1, Params::default(), "c1", 0);
+        r.step = Step::Copy;
+        assert_eq!(adopt(&r, true), Adopt::Follow);
+        assert_eq!(adopt(&r, false), Adopt::Restart);
+        r.step = Step::Swap;
+        assert_eq!(adopt(&r, true), Adopt::Restart);
+        r.step = Step::Call;
+        assert_eq!(adopt(&r, false), Adopt::Reconcile);
+    }
+
+    fn vol(n: u32, parent: Option<TagId>) -> VolumeInfo {
+        VolumeInfo {
+            id: VolumeId::generate(n),
+            parent,
+            format: if parent.is_some() {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            },
+            capacity: 1 << 30,
+            size: 1 << 30,
+            legality: Legality::Legal,
+            description: format!("v{n}"),
+            ctime: n as u64,
+            tag_refs: 1,
+        }
+    }
+
+    fn tag(n: u32, v: &VolumeInfo, t: TagType, children: u32, opts: &[(&str, String)]) -> TagInfo {
+        TagInfo {
+            id: TagId::generate(n),
+            volume: v.id,
+            size: v.capacity,
+            mutable: t == TagType::Strong,
+            tag_type: t,
+            state: TagState::Optimized,
+            options: opts
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ctime: n as u64,
+            child_refs: children,
+        }
+    }
+
+    #[test]
+    fn a_disk_view_walks_the_chain_and_keeps_its_own_snapshots() {
+        let d = DomainRef {
+            id: uuid::Uuid::new_v4(),
+            name: "d".into(),
+        };
+        let disk_id = TagId::generate(100);
+        let base = vol(1, None);
+        // s1 on base has two children: the disk's next layer and a clone.
+        let s1 = tag(
+            2,
+            &base,
+            TagType::Weak,
+            2,
+            &[(SNAP_KEY, disk_id.to_string())],
+        );
+        let mid = vol(3, Some(s1.id));
+        let s2 = tag(
+            4,
+            &mid,
+            TagType::Weak,
+            1,
+            &[(SNAP_KEY, disk_id.to_string())],
+        );
+        let top = vol(5, Some(s2.id));
+        let mut disk = tag(100, &top, TagType::Strong, 0, &[(NAME_KEY, "web".into())]);
+        disk.id = disk_id;
+        let cvol = vol(6, Some(s1.id));
+        let clone = tag(7, &cvol, TagType::Strong, 0, &[]);
+        let tags = vec![s1.clone(), s2.clone(), disk.clone(), clone.clone()];
+        let vols = vec![base.clone(), mid.clone(), top.clone(), cvol.clone()];
+        let v = disk_view(&d, &disk_id, &tags, &vols).unwrap();
+        let ids: Vec<_> = v.chain.iter().map(|l| l.volume.id).collect();
+        assert_eq!(ids, [base.id, mid.id, top.id]);
+        let snaps: Vec<_> = v.snapshots.iter().map(|s| (s.tag.id, s.clones)).collect();
+        assert_eq!(snaps, [(s1.id, 1), (s2.id, 0)]);
+        // The clone shares the base but not the disk's snapshots.
+        let c = disk_view(&d, &clone.id, &tags, &vols).unwrap();
+        assert_eq!(c.chain.len(), 2);
+        assert!(c.snapshots.is_empty());
+        assert_eq!(disks(&d, &tags, &vols).len(), 2);
+        assert!(matches!(
+            disk_view(&d, &s1.id, &tags, &vols),
+            Err(CoordError::NotFound { .. })
+        ));
+        assert_eq!(
+            clone_source(&s2.id, &tags).unwrap(),
+            CloneSource::Snapshot(s2.id)
+        );
+        assert_eq!(
+            clone_source(&disk_id, &tags).unwrap(),
+            CloneSource::Disk(disk_id)
+        );
+    }
+}

@@ -1,0 +1,146 @@
+//! Running a coordinator replica: gRPC on a unix socket and/or TCP with
+//! health checking and reflection, its registration, and the leader loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_cluster::{EtcdConfig, EtcdLockService, FileKv, Kv};
+use cairn_domain::{LocalLockService, LockService};
+
+use crate::agents::{Agents, Discovery};
+use crate::ops::{CoordConfig, Coordinator};
+use crate::pb;
+use crate::service::CoordService;
+
+/// Where the cluster's state and locks are.
+#[derive(Debug, Clone)]
+pub enum Cluster {
+    /// One host: jobs as files and locks as lock files under this
+    /// directory; agents at fixed addresses.
+    Local {
+        /// State directory.
+        dir: PathBuf,
+        /// The agents (unix socket paths or `http://` addresses).
+        agents: Vec<String>,
+    },
+    /// etcd: locks, jobs and the agent registry.
+    Etcd(EtcdConfig),
+}
+
+/// How to run a replica.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Replica id (default: a new UUID).
+    pub id: String,
+    /// State and locks.
+    pub cluster: Cluster,
+    /// Unix socket for local clients.
+    pub socket: Option<PathBuf>,
+    /// TCP address.
+    pub listen: Option<SocketAddr>,
+    /// How often the leader does its duties.
+    pub duty_interval: Duration,
+    /// How long an operation waits for a busy disk.
+    pub lock_wait: Duration,
+}
+
+/// Addresses actually bound.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// Unix socket.
+    pub socket: Option<PathBuf>,
+    /// TCP.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Serve until `shutdown` resolves; `ready` gets the bound addresses.
+pub async fn serve(
+    opts: ServeOptions,
+    ready: impl FnOnce(&Bound) + Send,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cluster = opts.cluster.clone();
+    let (kv, locks, discovery) = tokio::task::spawn_blocking(move || {
+        Ok::<_, cairn_domain::DomainError>(match cluster {
+            Cluster::Local { dir, agents } => (
+                Arc::new(FileKv::new(dir.join("store"))?) as Arc<dyn Kv>,
+                Arc::new(LocalLockService::new(dir.join("locks"))?) as Arc<dyn LockService>,
+                Discovery::Fixed(agents),
+            ),
+            Cluster::Etcd(c) => {
+                let e = EtcdLockService::connect(c)?;
+                (
+                    Arc::new(e.clone()) as Arc<dyn Kv>,
+                    Arc::new(e.clone()) as Arc<dyn LockService>,
+                    Discovery::Registry(Arc::new(e) as Arc<dyn Kv>),
+                )
+            }
+        })
+    })
+    .await??;
+    let mut cfg = CoordConfig::new(opts.id.clone());
+    cfg.lock_wait = opts.lock_wait;
+    let coord = Arc::new(Coordinator::new(
+        cfg,
+        kv.clone(),
+        locks,
+        Agents::new(discovery),
+    ));
+    let svc = CoordService::new(coord.clone());
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::coordinator_server::CoordinatorServer<CoordService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let router = || {
+        tonic::transport::Server::builder()
+            .add_service(health_svc.clone())
+            .add_service(reflection.clone())
+            .add_service(pb::coordinator_server::CoordinatorServer::new(svc.clone()))
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (socket, listen, mut tasks) = cairn_agent::server::serve_router(
+        router,
+        opts.socket.as_deref(),
+        opts.listen,
+        stop_rx.clone(),
+        "coordinator",
+    )
+    .await?;
+    let bound = Bound { socket, listen };
+    // Live while this process lives: jobs it owns are not orphans.
+    let reg = serde_json::json!({
+        "id": opts.id,
+        "listen": bound.listen.map(|a| a.to_string()),
+        "socket": bound.socket,
+    })
+    .to_string();
+    let key = format!("{}{}", crate::leader::REPLICAS, opts.id);
+    let kv2 = kv.clone();
+    tokio::task::spawn_blocking(move || kv2.register(&key, &reg)).await??;
+    let leader = tokio::spawn(crate::leader::run(
+        coord.clone(),
+        opts.duty_interval,
+        stop_rx.clone(),
+    ));
+    tracing::info!(id = %opts.id, ?bound, "coordinator serving");
+    ready(&bound);
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = leader.await;
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    if let Some(p) = &bound.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! The coordinator through its real gRPC API, over a real agent on domain
+//! files, with the data checked by qemu-img through activations.
+
+use std::process::Command;
+
+use cairn_coordinator::pb;
+use tonic::Code;
+
+use crate::agent_harness::*;
+use crate::coord_harness::*;
+
+const MIB: u64 = 1 << 20;
+
+fn create(
+    rid: &str,
+    domain: &str,
+    name: &str,
+    format: pb::Format,
+    mib: u64,
+) -> pb::CreateDiskRequest {
+    pb::CreateDiskRequest {
+        request_id: rid.into(),
+        domain: domain.into(),
+        name: name.into(),
+        format: format as i32,
+        size: mib * MIB,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn root_coordinator_every_operation_end_to_end_verified_by_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = (dir.path().join("one.img"), dir.path().join("two.img"));
+    make_named_domain(&d1, 2, "one");
+    make_named_domain(&d2, 2, "two");
+    let agent = AgentProc::start_with(
+        &d1,
+        &dir.path().join("agent"),
+        &["--domain".into(), d2.display().to_string()],
+    );
+    let coord = CoordProc::start(
+        &dir.path().join("coord"),
+        &["--agent".into(), agent.socket.display().to_string()],
+    );
+    let exp = |n: &str| dir.path().join(format!("{n}.expected"));
+    rt().block_on(async {
+        let mut c = coord.client().await;
+        let mut a = agent.client().await;
+
+        // Create a raw disk and write to it.
+        let j = ok(c
+            .create_disk(create("c1", "one", "web", pb::Format::Raw, 64))
+            .await
+            .unwrap()
+            .into_inner());
+        assert_eq!(j.kind, "create");
+        let disk = j.disk.unwrap().id;
+        expected_file(&exp("web"), 64 * MIB);
+        let p = activate(&mut a, "one", &disk).await;
+        write_both(&p, &exp("web"), 0, MIB, 0x11);
+        deactivate(&mut a, "one", &disk).await;
+        std::fs::copy(exp("web"), exp("s1")).unwrap();
+
+        // A retry gets the same job; the same id for another request is refused.
+        let again = c
+            .create_disk(create("c1", "one", "web", pb::Format::Raw, 64))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.id, j.id);
+        let e = c
+            .create_disk(create("c1", "one", "web", pb::Format::Raw, 65))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+        // Snapshot, then write on the new top.
+        let s = ok(c
+            .snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: "s1".into(),
+                domain: "one".into(),
+                disk_id: disk.clone(),
+                description: "before the upgrade".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner());
+        let s1 = s.snapshot_id.clone();
+        assert!(!s1.is_empty());
+        let p = activate(&mut a, "one", &disk).await;
+        write_both(&p, &exp("web"), MIB, MIB, 0x22);
+        deactivate(&mut a, "one", &disk).await;
+
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.name, "web");
+        assert_eq!(v.chain.len(), 2);
+        assert_eq!(v.format, pb::Format::Qcow2 as i32);
+        assert_eq!(v.snapshots.len(), 1);
+        assert_eq!(v.snapshots[0].id, s1);
+        assert_eq!(v.snapshots[0].description, "before the upgrade");
+        assert_eq!(v.chain[0].snapshot_id, s1);
+
+        // Thin clone of the snapshot: what the disk was.
+        let cs = ok(c
+            .clone_disk(pb::CloneDiskRequest {
+                request_id: "cl1".into(),
+                domain: "one".into(),
+                source_id: s1.clone(),
+                name: "from-snap".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner());
+        let from_snap = cs.disk.unwrap().id;
+        check_disk(&mut a, "one", &from_snap, &exp("s1")).await;
+        // Thin clone of the disk: what it is now (the disk gets a snapshot).
+        let cd = ok(c
+            .clone_disk(pb::CloneDiskRequest {
+                request_id: "cl2".into(),
+                domain: "one".into(),
+                source_id: disk.clone(),
+                name: "from-disk".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner());
+        let from_disk = cd.disk.unwrap().id;
+        check_disk(&mut a, "one", &from_disk, &exp("web")).await;
+        let fd = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: from_disk.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(fd.parent_disk, disk);
+        assert_eq!(fd.chain.len(), 3, "the clone shares the disk's chain");
+        // Writes to the clone stay in the clone.
+        std::fs::copy(exp("web"), exp("clone")).unwrap();
+        let p = activate(&mut a, "one", &from_disk).await;
+        write_both(&p, &exp("clone"), 4 * MIB, MIB, 0x77);
+        deactivate(&mut a, "one", &from_disk).await;
+        check_disk(&mut a, "one", &disk, &exp("web")).await;
+
+        // A full clone (qcow2 of the flattened chain), independent.
+        let fc = ok(finish(
+            c.clone(),
+            c.clone()
+                .clone_disk(pb::CloneDiskRequest {
+                    request_id: "cl3".into(),
+                    domain: "one".into(),
+                    source_id: disk.clone(),
+                    name: "full".into(),
+                    full: true,
+                    format: pb::Format::Qcow2 as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        let full = fc.disk.unwrap();
+        assert_eq!(full.chain.len(), 1);
+        assert_eq!(full.format, pb::Format::Qcow2 as i32);
+        check_disk(&mut a, "one", &full.id, &exp("web")).await;
+
+        // Extend: the disk and its top grow.
+        ok(c.extend_disk(pb::ExtendDiskRequest {
+            request_id: "x1".into(),
+            domain: "one".into(),
+            disk_id: disk.clone(),
+            size: 96 * MIB,
+        })
+        .await
+        .unwrap()
+        .into_inner());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(exp("web"))
+            .unwrap()
+            .set_len(96 * MIB)
+            .unwrap();
+        let p = activate(&mut a, "one", &disk).await;
+        assert_eq!(qemu_size(&p), 96 * MIB);
+        write_both(&p, &exp("web"), 90 * MIB, MIB, 0x33);
+        deactivate(&mut a, "one", &disk).await;
+        let e = c
+            .extend_disk(pb::ExtendDiskRequest {
+                request_id: "x2".into(),
+                domain: "one".into(),
+                disk_id: disk.clone(),
+                size: 32 * MIB,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+        // Deleting a snapshot with clones hanging from it is refused.
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.snapshots.len(), 2);
+        let s2 = v.snapshots[1].id.clone();
+        let e = finish(
+            c.clone(),
+            c.clone()
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    request_id: "ds0".into(),
+                    domain: "one".into(),
+                    snapshot_id: s2.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await;
+        assert_eq!(e.state, pb::JobState::Failed as i32);
+        assert_eq!(e.error_code, Code::FailedPrecondition as i32, "{e:?}");
+        // Delete the clone of the disk; then the snapshot merges (rebase).
+        ok(c.delete_disk(pb::DeleteDiskRequest {
+            request_id: "dd1".into(),
+            domain: "one".into(),
+            disk_id: from_disk.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner());
+        ok(finish(
+            c.clone(),
+            c.clone()
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    request_id: "ds1".into(),
+                    domain: "one".into(),
+                    snapshot_id: s2.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        check_disk(&mut a, "one", &disk, &exp("web")).await;
+        // Then the base snapshot, once its other clone is gone.
+        ok(c.delete_disk(pb::DeleteDiskRequest {
+            request_id: "dd2".into(),
+            domain: "one".into(),
+            disk_id: from_snap.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner());
+        ok(finish(
+            c.clone(),
+            c.clone()
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    request_id: "ds2".into(),
+                    domain: "one".into(),
+                    snapshot_id: s1.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.chain.len(), 1, "{v:?}");
+        assert!(v.snapshots.is_empty());
+        check_disk(&mut a, "one", &disk, &exp("web")).await;
+
+        // Commit: a raw base under its one top, same size.
+        let j = ok(c
+            .create_disk(create("c2", "one", "db", pb::Format::Raw, 32))
+            .await
+            .unwrap()
+            .into_inner());
+        let db = j.disk.unwrap().id;
+        expected_file(&exp("db"), 32 * MIB);
+        let p = activate(&mut a, "one", &db).await;
+        write_both(&p, &exp("db"), 0, 2 * MIB, 0x44);
+        deactivate(&mut a, "one", &db).await;
+        let s = ok(c
+            .snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: "s3".into(),
+                domain: "one".into(),
+                disk_id: db.clone(),
+                description: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner());
+        let p = activate(&mut a, "one", &db).await;
+        write_both(&p, &exp("db"), MIB, 2 * MIB, 0x55);
+        deactivate(&mut a, "one", &db).await;
+        ok(finish(
+            c.clone(),
+            c.clone()
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    request_id: "ds3".into(),
+                    domain: "one".into(),
+                    snapshot_id: s.snapshot_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: db.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.chain.len(), 1);
+        assert_eq!(
+            v.format,
+            pb::Format::Raw as i32,
+            "committed into the raw base"
+        );
+        check_disk(&mut a, "one", &db, &exp("db")).await;
+
+        // Convert the disk to raw: same id, same data.
+        ok(finish(
+            c.clone(),
+            c.clone()
+                .convert_disk(pb::ConvertDiskRequest {
+                    request_id: "cv1".into(),
+                    domain: "one".into(),
+                    disk_id: disk.clone(),
+                    format: pb::Format::Raw as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.format, pb::Format::Raw as i32);
+        assert_eq!(v.chain.len(), 1);
+        assert_eq!(v.name, "web");
+        check_disk(&mut a, "one", &disk, &exp("web")).await;
+
+        // Copy to the other domain; move the other disk there.
+        let cp = ok(finish(
+            c.clone(),
+            c.clone()
+                .copy_disk(pb::CopyDiskRequest {
+                    request_id: "cp1".into(),
+                    domain: "one".into(),
+                    disk_id: disk.clone(),
+                    target_domain: "two".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        let copy = cp.disk.unwrap();
+        assert_eq!(copy.domain_name, "two");
+        check_disk(&mut a, "two", &copy.id, &exp("web")).await;
+        let mv = ok(finish(
+            c.clone(),
+            c.clone()
+                .copy_disk(pb::CopyDiskRequest {
+                    request_id: "mv1".into(),
+                    domain: "one".into(),
+                    disk_id: db.clone(),
+                    target_domain: "two".into(),
+                    r#move: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+        .await);
+        assert_eq!(mv.kind, "move");
+        let moved = mv.disk.unwrap();
+        check_disk(&mut a, "two", &moved.id, &exp("db")).await;
+        let e = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: db.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+
+        let listed = c
+            .list_disks(pb::ListDisksRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .disks;
+        let mut names: Vec<_> = listed
+            .iter()
+            .map(|d| format!("{}/{}", d.domain_name, d.name))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["one/full", "one/web", "two/db", "two/web"]);
+
+        // Bad input: the right code, and nothing changes.
+        drop(listed);
+        let before = (domain_state(&d1).1, domain_state(&d2).1);
+        let bad = [
+            c.create_disk(create("b1", "one", "x", pb::Format::Raw, 0))
+                .await
+                .map(|_| ()),
+            c.create_disk(pb::CreateDiskRequest {
+                size: 1000,
+                ..create("b2", "one", "x", pb::Format::Raw, 1)
+            })
+            .await
+            .map(|_| ()),
+            c.create_disk(create("b3", "one", "x", pb::Format::Unspecified, 1))
+                .await
+                .map(|_| ()),
+            c.create_disk(create("b4", "nowhere", "x", pb::Format::Raw, 1))
+                .await
+                .map(|_| ()),
+            c.create_disk(create("b5", "", "x", pb::Format::Raw, 1))
+                .await
+                .map(|_| ()),
+            c.snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: "b6".into(),
+                domain: "one".into(),
+                disk_id: "not-an-id".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+            c.delete_disk(pb::DeleteDiskRequest {
+                request_id: "b7".into(),
+                domain: "one".into(),
+                disk_id: from_disk.clone(),
+            })
+            .await
+            .map(|_| ()),
+            c.get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: s1.clone(),
+            })
+            .await
+            .map(|_| ()),
+            c.copy_disk(pb::CopyDiskRequest {
+                request_id: "b9".into(),
+                domain: "one".into(),
+                disk_id: disk.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        ];
+        let codes: Vec<Code> = bad.iter().map(|r| r.as_ref().unwrap_err().code()).collect();
+        assert_eq!(
+            codes,
+            [
+                Code::InvalidArgument,
+                Code::InvalidArgument,
+                Code::InvalidArgument,
+                Code::NotFound,
+                Code::InvalidArgument,
+                Code::InvalidArgument,
+                Code::NotFound,
+                Code::NotFound,
+                Code::InvalidArgument,
+            ],
+            "{bad:?}"
+        );
+        assert_eq!((domain_state(&d1).1, domain_state(&d2).1), before);
+
+        // Delete everything: nothing is left on either domain.
+        for (dom, id) in [
+            ("one", &disk),
+            ("one", &full.id),
+            ("two", &copy.id),
+            ("two", &moved.id),
+        ] {
+            ok(c.delete_disk(pb::DeleteDiskRequest {
+                request_id: format!("del-{id}"),
+                domain: dom.into(),
+                disk_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner());
+        }
+        let jobs = c
+            .list_jobs(pb::ListJobsRequest { running: true })
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+        assert!(jobs.is_empty(), "{jobs:?}");
+    });
+    drop(coord);
+    drop(agent);
+    for d in [&d1, &d2] {
+        domain_clean(d);
+        let out = run(Command::new(crate::common::cairn_bin())
+            .args(["domain", "info", "--json"])
+            .arg(d));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["usage"]["volumes"], 0, "{v}");
+        assert_eq!(v["usage"]["tags"], 0, "{v}");
+    }
+}
