@@ -4,8 +4,8 @@
 //!
 //! - recovers the journals of hosts whose lease expired, on every domain,
 //!   through an agent that sees it (the agent waits out the safety margin
-//!   before it replays anything), and now and then collects the volumes
-//!   such hosts half made;
+//!   before it replays anything), and collects the volumes such hosts half
+//!   made (for a while after a host leaves, and every 30 s);
 //! - takes over the running jobs of coordinators that are gone.
 //!
 //! A leader that cannot confirm its lease stops leading before the lease
@@ -53,6 +53,11 @@ pub async fn run(
 ) {
     let mut lead: Option<LockGuard> = None;
     let mut last_gc = Instant::now() - Duration::from_secs(3600);
+    // Hosts seen last round; when one leaves, collect garbage for a while
+    // (its journal is recovered once its lease expires, by us or by the
+    // next transaction of another host).
+    let mut hosts: HashSet<String> = HashSet::new();
+    let mut gc_rounds = 0u32;
     loop {
         if *stop.borrow() {
             return;
@@ -74,8 +79,16 @@ pub async fn run(
                 lead = Some(g);
             }
         }
+        if let Ok(now) = coord.agents.list().await {
+            let now: HashSet<String> = now.into_iter().map(|a| a.host_id).collect();
+            if hosts.iter().any(|h| !now.contains(h)) {
+                gc_rounds = 20;
+            }
+            hosts = now;
+        }
         if lead.is_some() {
-            let gc = last_gc.elapsed() >= Duration::from_secs(30);
+            let gc = gc_rounds > 0 || last_gc.elapsed() >= Duration::from_secs(30);
+            gc_rounds = gc_rounds.saturating_sub(1);
             match duties(&coord, gc).await {
                 Ok(r) => {
                     if gc {

@@ -118,6 +118,14 @@ impl AgentProc {
             .expect("connect to the agent")
     }
 
+    /// Send a signal (e.g. SIGSTOP, SIGCONT).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -139,6 +147,7 @@ impl AgentProc {
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
         self.kill();
         detach_loops_of(&self.domain);
     }

@@ -7,6 +7,7 @@ mod agent;
 mod agent_harness;
 mod bitflip;
 mod cli;
+mod cluster;
 mod common;
 mod coord_harness;
 mod coordinator;

@@ -1,0 +1,324 @@
+//! A cluster on one machine: a real etcd on loopback, three agents sharing
+//! one domain file, two coordinators; agents and coordinators killed,
+//! paused and cut off from etcd while they work.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_agent::pb as apb;
+use cairn_coordinator::pb;
+use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use crate::agent_harness::*;
+use crate::coord_harness::*;
+use crate::etcd::Etcd;
+
+const MIB: u64 = 1 << 20;
+const TTL: &str = "3";
+
+/// etcd, agents on one domain, coordinators.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
+    pub domain: PathBuf,
+    pub agents: Vec<AgentProc>,
+    pub coords: Vec<CoordProc>,
+}
+
+pub fn host_id(n: usize) -> String {
+    uuid::Uuid::from_bytes([n as u8 + 1; 16]).to_string()
+}
+
+impl Cluster {
+    pub fn start(agents: usize, coords: usize) -> Cluster {
+        let etcd = Etcd::start();
+        let dir = tempfile::tempdir().unwrap();
+        let domain = dir.path().join("domain.img");
+        make_named_domain(&domain, 4, "shared");
+        let mut c = Cluster {
+            etcd,
+            dir,
+            domain,
+            agents: Vec::new(),
+            coords: Vec::new(),
+        };
+        for n in 0..agents {
+            let a = c.start_agent(n);
+            c.agents.push(a);
+        }
+        for n in 0..coords {
+            let p = c.start_coord(n);
+            c.coords.push(p);
+        }
+        c
+    }
+
+    pub fn start_agent(&self, n: usize) -> AgentProc {
+        AgentProc::start_with(
+            &self.domain,
+            &self.dir.path().join(format!("agent{n}")),
+            &[
+                "--etcd".into(),
+                self.etcd.url(),
+                "--lease-ttl".into(),
+                TTL.into(),
+                "--host-id".into(),
+                host_id(n),
+                "--host-name".into(),
+                format!("host{n}"),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+        )
+    }
+
+    pub fn start_coord(&self, n: usize) -> CoordProc {
+        CoordProc::start(
+            &self.dir.path().join(format!("coord{n}")),
+            &[
+                "--etcd".into(),
+                self.etcd.url(),
+                "--lease-ttl".into(),
+                TTL.into(),
+                "--id".into(),
+                format!("coord{n}"),
+            ],
+        )
+    }
+
+    /// Wait until coordinator `n` sees `count` agents.
+    pub async fn wait_agents(&self, n: usize, count: usize) -> CoordinatorClient<Channel> {
+        let mut c = self.coords[n].client().await;
+        let t = Instant::now();
+        loop {
+            let r = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if r.agents.iter().filter(|a| a.reachable).count() == count {
+                return c;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "agents: {r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stop every process, then check the domain offline.
+    pub fn stop_and_check(mut self) {
+        self.coords.clear();
+        self.agents.clear();
+        domain_clean(&self.domain);
+    }
+
+    /// The agent serving host `id`.
+    pub fn agent_of(&self, id: &str) -> usize {
+        (0..self.agents.len())
+            .find(|n| host_id(*n) == id)
+            .unwrap_or_else(|| panic!("no agent {id}"))
+    }
+}
+
+/// A raw disk of `mib` MiB filled with `byte` (written through agent
+/// `a`), and the raw file it should read like.
+pub async fn filled_disk(
+    c: &mut CoordinatorClient<Channel>,
+    a: &AgentProc,
+    rid: &str,
+    mib: u64,
+    byte: u8,
+    expected: &Path,
+) -> String {
+    let j = ok(c
+        .create_disk(pb::CreateDiskRequest {
+            request_id: rid.into(),
+            name: rid.into(),
+            format: pb::Format::Raw as i32,
+            size: mib * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner());
+    let disk = j.disk.unwrap().id;
+    expected_file(expected, mib * MIB);
+    let mut ac = a.client().await;
+    let p = activate(&mut ac, "", &disk).await;
+    write_both(&p, expected, 0, mib * MIB, byte);
+    deactivate(&mut ac, "", &disk).await;
+    disk
+}
+
+fn full_clone(rid: &str, source: &str) -> pb::CloneDiskRequest {
+    pb::CloneDiskRequest {
+        request_id: rid.into(),
+        source_id: source.into(),
+        name: format!("clone-{rid}"),
+        full: true,
+        format: pb::Format::Qcow2 as i32,
+        ..Default::default()
+    }
+}
+
+/// Poll a job until an agent works on it and has made progress.
+async fn running_on(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::Job {
+    let t = Instant::now();
+    loop {
+        let j = c
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if !j.host_id.is_empty() && j.done_bytes > 0 {
+            return j;
+        }
+        assert_eq!(j.state, pb::JobState::Running as i32, "{j:?}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{j:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Cluster locks still held under the domain (host slots of live agents
+/// excepted).
+async fn held_locks(e: &Etcd) -> Vec<String> {
+    {
+        let mut c = etcd_client::Client::connect([e.url()], None).await.unwrap();
+        let r = c
+            .get("cairn/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        r.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .filter(|k| {
+                ["/disk/", "/tag/", "/volume/", "/alloc"]
+                    .iter()
+                    .any(|p| k.contains(p))
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn root_etcd_cluster_spreads_work_and_survives_killed_agents_and_coordinators() {
+    let mut cl = Cluster::start(3, 2);
+    let base = cl.dir.path().to_path_buf();
+    let exp = |n: &str| base.join(format!("{n}.expected"));
+    rt().block_on(async {
+        let mut c0 = cl.wait_agents(0, 3).await;
+        let mut c1 = cl.wait_agents(1, 3).await;
+
+        // Work spreads: six full clones at once land on more than one host.
+        let src = filled_disk(&mut c0, &cl.agents[0], "src", 64, 0x5a, &exp("src")).await;
+        let mut jobs = Vec::new();
+        for i in 0..6 {
+            let j = c0
+                .clone_disk(full_clone(&format!("spread{i}"), &src))
+                .await
+                .unwrap()
+                .into_inner();
+            jobs.push(j);
+        }
+        let mut hosts = std::collections::BTreeSet::new();
+        let mut clones = Vec::new();
+        for j in jobs {
+            let j = ok(finish(c0.clone(), j).await);
+            hosts.insert(j.host_id.clone());
+            clones.push(j.disk.unwrap().id);
+        }
+        // The last step's host is cleared when a job ends; the agents'
+        // own job lists say who copied.
+        let mut copied = std::collections::BTreeSet::new();
+        for (n, a) in cl.agents.iter().enumerate() {
+            let mut ac = a.client().await;
+            let l = ac
+                .list_jobs(apb::ListJobsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if l.jobs.iter().any(|j| j.kind == "copy") {
+                copied.insert(n);
+            }
+        }
+        assert!(copied.len() >= 2, "all six copies ran on {copied:?}");
+        let mut a1 = cl.agents[1].client().await;
+        check_disk(&mut a1, "", &clones[0], &exp("src")).await;
+
+        // An agent killed in the middle of a copy: the copy starts again on
+        // another host, and the disk is whole.
+        let big = filled_disk(&mut c0, &cl.agents[0], "big", 384, 0x6b, &exp("big")).await;
+        let j = c0
+            .clone_disk(full_clone("killed-agent", &big))
+            .await
+            .unwrap()
+            .into_inner();
+        let running = running_on(&mut c0, &j.id).await;
+        let victim = cl.agent_of(&running.host_id);
+        cl.agents[victim].kill();
+        let done = ok(finish(c0.clone(), running).await);
+        assert!(done.attempts >= 2, "{done:?}");
+        let other = (victim + 1) % 3;
+        let mut ao = cl.agents[other].client().await;
+        check_disk(&mut ao, "", &done.disk.unwrap().id, &exp("big")).await;
+        // The killed agent's host slot was recovered without anyone asking,
+        // and what it half made is gone.
+        let t = Instant::now();
+        loop {
+            let vols = ao
+                .list_volumes(apb::ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes;
+            if vols
+                .iter()
+                .all(|v| v.legality == apb::Legality::Legal as i32)
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "half-made volumes stay: {vols:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cl.agents[victim] = cl.start_agent(victim);
+
+        // The coordinator that started a job is killed: the other one
+        // takes the job over and finishes it.
+        let mut c1b = cl.wait_agents(1, 3).await;
+        let j = c0
+            .clone_disk(full_clone("killed-coord", &big))
+            .await
+            .unwrap()
+            .into_inner();
+        running_on(&mut c0, &j.id).await;
+        cl.coords[0].kill();
+        let done = ok(finish(c1.clone(), j).await);
+        assert_eq!(done.owner, "coord1", "{done:?}");
+        let mut a2 = cl.agents[2].client().await;
+        check_disk(&mut a2, "", &done.disk.unwrap().id, &exp("big")).await;
+
+        // Nothing is left locked once the cluster is idle.
+        let t = Instant::now();
+        loop {
+            let held = held_locks(&cl.etcd).await;
+            if held.is_empty() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(15), "{held:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let l = c1b
+            .list_jobs(pb::ListJobsRequest { running: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.jobs.is_empty(), "{l:?}");
+        c1.list_disks(pb::ListDisksRequest::default())
+            .await
+            .unwrap();
+    });
+    cl.stop_and_check();
+}
