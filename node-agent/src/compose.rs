@@ -252,7 +252,7 @@ impl Agent {
         self.refuse_active(o, &[plan_child(&plan).id], "merging")?;
         let scratch = self.scratch_chain(o, plan_child(&plan))?;
         let child_path = scratch.path.display().to_string();
-        let data = match &plan {
+        let data = crate::jobs::fenced_while(&held, p, || match &plan {
             MergePlan::Rebase { child, parent, .. } => {
                 let mut args = vec![
                     "-f".into(),
@@ -287,7 +287,7 @@ impl Agent {
                 qemu_with_progress("commit", &args, child.capacity, p)
                     .map_err(|e| from_copy(e, "qemu-img commit"))
             }),
-        };
+        });
         drop(scratch);
         data?;
         o.domain

@@ -25,6 +25,8 @@ pub struct Progress {
     pub skipped: AtomicU64,
     /// Set to ask the job to stop.
     pub cancel: AtomicBool,
+    /// Set when the job stopped because its lock may be lost.
+    pub fenced: AtomicBool,
 }
 
 impl Progress {

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_domain::{Allocation, Format, Legality, Tag, Volume, VolumeId, VolumeSpec};
+use cairn_domain::{Allocation, Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
 
 use crate::agent::{Agent, Opened, TagSpec};
 use crate::datapath::{copy_raw, qemu_convert, CopyError, Progress, Region};
@@ -291,7 +291,7 @@ impl Agent {
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
             let (vol, guard) = a.begin_target(&d, format, v.capacity, &target, request_id)?;
-            let r = (|| {
+            let r = fenced_while(&[&_lock, &guard], p, || {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let f = open_direct(&o.path, false)?;
                     let g = if d.path == o.path {
@@ -327,7 +327,7 @@ impl Agent {
                         .flush()
                         .map_err(AgentError::io("flushing"))
                 }
-            })();
+            });
             a.end_target(&d, vol, guard, &target, request_id, r)
         }))
     }
@@ -359,7 +359,7 @@ impl Agent {
         let format = target.format.unwrap_or(source_format);
         Ok(self.spawn_job("import", move |a, p| {
             let (vol, guard) = a.begin_target(&o, format, capacity, &target, request_id)?;
-            let r = (|| {
+            let r = fenced_while(&[&guard], p, || {
                 if source_format == Format::Raw && format == Format::Raw {
                     let f = File::open(&path)
                         .map_err(AgentError::io(format!("opening {}", path.display())))?;
@@ -389,7 +389,7 @@ impl Agent {
                         .flush()
                         .map_err(AgentError::io("flushing"))
                 }
-            })();
+            });
             a.end_target(&o, vol, guard, &target, request_id, r)
         }))
     }
@@ -416,7 +416,7 @@ impl Agent {
             let _lock = o.domain.lock_volume(&src_id)?;
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
-            let r = (|| {
+            let r = fenced_while(&[&_lock], p, || {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let out = std::fs::OpenOptions::new()
                         .write(true)
@@ -456,7 +456,7 @@ impl Agent {
                         .and_then(|f| f.sync_all())
                         .map_err(AgentError::io("flushing the file"))
                 }
-            })();
+            });
             match r {
                 Ok(()) => Ok(Outcome::File(path)),
                 Err(e) => {
@@ -518,6 +518,42 @@ impl Agent {
             volume: Box::new(volume),
             tag: tag.map(Box::new),
         })
+    }
+}
+
+/// Run a job's data work `f` while watching its locks: once one may be
+/// lost (the lease is unconfirmed), the work is told to stop, so that its
+/// writes end before the lease can expire and another host takes over
+/// (a qemu-img child is killed). The job then fails as fenced.
+pub(crate) fn fenced_while<T>(
+    guards: &[&LockGuard],
+    p: &Progress,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if let Some(e) = guards.iter().find_map(|g| g.check().err()) {
+                    tracing::warn!(error = %e, "a running job's lock may be lost; stopping it");
+                    p.fenced.store(true, Ordering::SeqCst);
+                    p.cancel.store(true, Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    match r {
+        Err(AgentError::Cancelled) if p.fenced.load(Ordering::SeqCst) => {
+            Err(AgentError::Domain(cairn_domain::DomainError::Fenced(
+                "the job's lock may be lost (its lease is unconfirmed); it stopped".into(),
+            )))
+        }
+        r => r,
     }
 }
 

@@ -1,6 +1,7 @@
 //! A real `cairn-agent` process on a domain file, and a gRPC client to it.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -84,6 +85,9 @@ impl AgentProc {
                 std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
+            // Its own process group: pausing the group pauses the agent
+            // with its qemu-img children, as a frozen host would be.
+            .process_group(0)
             .spawn()
             .expect("spawn cairn-agent");
         let mut line = String::new();
@@ -118,11 +122,12 @@ impl AgentProc {
             .expect("connect to the agent")
     }
 
-    /// Send a signal (e.g. SIGSTOP, SIGCONT).
+    /// Send a signal (e.g. SIGSTOP, SIGCONT) to the agent and its
+    /// children.
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, sig) };
+            // SAFETY: signalling our own child's process group.
+            unsafe { libc::kill(-(c.id() as i32), sig) };
         }
     }
 

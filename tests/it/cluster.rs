@@ -322,3 +322,121 @@ fn root_etcd_cluster_spreads_work_and_survives_killed_agents_and_coordinators() 
     });
     cl.stop_and_check();
 }
+
+#[test]
+fn root_etcd_paused_agent_cannot_write_after_its_lease_and_the_new_holders_writes_survive() {
+    let cl = Cluster::start(2, 0);
+    let exp = cl.dir.path().join("d.expected");
+    rt().block_on(async {
+        let mut a = cl.agents[0].client().await;
+        let mut b = cl.agents[1].client().await;
+        // A disk with data, made by A.
+        let made = a
+            .create_volume(disk_request("d", apb::VolumeFormat::Raw, 384))
+            .await
+            .unwrap()
+            .into_inner();
+        let (vol, disk) = (made.volume.unwrap().id, made.tag.unwrap().id);
+        expected_file(&exp, 384 * MIB);
+        let p = activate(&mut a, "", &disk).await;
+        write_both(&p, &exp, 0, 384 * MIB, 0x3c);
+        deactivate(&mut a, "", &disk).await;
+
+        // A copies it and its host freezes in the middle.
+        let job = a
+            .copy_volume(apb::CopyVolumeRequest {
+                request_id: "cp".into(),
+                volume_id: vol.clone(),
+                target: Some(apb::TargetSpec {
+                    format: apb::VolumeFormat::Qcow2 as i32,
+                    tag: Some(apb::TagSpec {
+                        mutable: true,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let t = Instant::now();
+        loop {
+            let j = a
+                .get_job(apb::GetJobRequest {
+                    job_id: job.id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if j.done_bytes > 0 {
+                break;
+            }
+            assert_eq!(j.state, apb::JobState::Running as i32, "{j:?}");
+            assert!(t.elapsed() < Duration::from_secs(20));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cl.agents[0].signal(libc::SIGSTOP);
+
+        // Once A's lease expired, B recovers A's host slot and removes the
+        // copy A half made.
+        let (mut slots, mut removed) = (Vec::new(), Vec::new());
+        let t = Instant::now();
+        while slots.is_empty() || removed.is_empty() {
+            let r = b
+                .recover_domain(apb::RecoverDomainRequest {
+                    domain: String::new(),
+                    collect_garbage: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            slots.extend(r.slots_recovered);
+            removed.extend(r.volumes_removed);
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{slots:?} {removed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // B, the new holder of everything, snapshots the disk and writes.
+        b.snapshot(apb::SnapshotRequest {
+            request_id: "s".into(),
+            tag_id: disk.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let p = activate(&mut b, "", &disk).await;
+        write_both(&p, &exp, MIB, MIB, 0x77);
+        deactivate(&mut b, "", &disk).await;
+        let before = domain_state(&cl.domain);
+
+        // A wakes up: its job fails, and nothing it tries reaches the domain.
+        cl.agents[0].signal(libc::SIGCONT);
+        let j = wait_job(&mut a, job).await;
+        assert_eq!(j.state, apb::JobState::Failed as i32, "{j:?}");
+        assert_eq!(j.error_code, tonic::Code::Unavailable as i32, "{j:?}");
+        let e = a
+            .create_volume(disk_request("late", apb::VolumeFormat::Raw, 8))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let e = a
+            .snapshot(apb::SnapshotRequest {
+                request_id: "late-s".into(),
+                tag_id: disk.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(
+            before == domain_state(&cl.domain),
+            "the paused agent changed the domain"
+        );
+        // What B wrote is intact.
+        check_disk(&mut b, "", &disk, &exp).await;
+    });
+    cl.stop_and_check();
+}
