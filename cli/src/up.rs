@@ -101,6 +101,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
             host: HostIdentity::local(),
             lock_timeout: Duration::from_secs(30),
             io_dirs: vec![io.clone()],
+            gc_quarantine: cairn_agent::agent::GC_QUARANTINE,
         },
         locks: Locks::Local(lock_dir.to_path_buf()),
         socket: Some(socket.to_path_buf()),

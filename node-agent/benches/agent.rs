@@ -191,6 +191,7 @@ fn main() {
             host: HostIdentity::local(),
             lock_timeout: Duration::from_secs(30),
             io_dirs: vec![dir.join("io")],
+            gc_quarantine: cairn_agent::agent::GC_QUARANTINE,
         },
         locks: cairn_agent::server::Locks::Local(dir.join("locks")),
         socket: Some(socket.clone()),

@@ -41,7 +41,13 @@ pub struct AgentConfig {
     pub lock_timeout: Duration,
     /// Directories of this host that import and export may use.
     pub io_dirs: Vec<PathBuf>,
+    /// How long after a dead host's journal was recovered the volumes it
+    /// half made stay before they are removed (see `recover_domain`).
+    pub gc_quarantine: Duration,
 }
+
+/// Default of [`AgentConfig::gc_quarantine`].
+pub const GC_QUARANTINE: Duration = Duration::from_secs(60);
 
 /// An open domain with what the agent knows about it.
 pub struct Opened {
@@ -204,6 +210,7 @@ pub struct Agent {
     client_locks: Mutex<HashMap<String, ClientLock>>,
     pub(crate) jobs: crate::jobs::Jobs,
     pub(crate) io_dirs: Vec<PathBuf>,
+    pub(crate) gc_quarantine: Duration,
     /// The mark on this agent's loop devices: `cairn:<host id>`.
     owner: String,
 }
@@ -296,6 +303,7 @@ impl Agent {
             client_locks: Mutex::new(HashMap::new()),
             jobs: Default::default(),
             io_dirs,
+            gc_quarantine: cfg.gc_quarantine,
             owner: format!("cairn:{}", cfg.host.id),
         };
         for o in &agent.domains {

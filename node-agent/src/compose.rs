@@ -548,7 +548,8 @@ impl Agent {
     /// Recover the journals of dead hosts of the domain, then (when asked,
     /// or when a host was just recovered) remove volumes half made by hosts
     /// that are gone: ILLEGAL, untagged, written from a slot that is no
-    /// longer held, or held by a later claim.
+    /// longer held, or held by a later claim, and recovered at least the
+    /// quarantine ago.
     /// Returns the slots recovered, intents rolled forward and back, and
     /// the volumes removed.
     pub fn recover_domain(
@@ -567,13 +568,24 @@ impl Agent {
             return Ok((slots, fwd, back, Vec::new()));
         }
         let headers = o.domain.read_slot_headers()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let mut removed = Vec::new();
         for v in o.domain.list_volumes()? {
             if v.legality != Legality::Illegal || v.tag_refs != 0 {
                 continue;
             }
+            // Its writer is gone, and long enough ago: a host frozen at
+            // its death could still wake and write into the volume for a
+            // moment before it notices it lost its lease, so its extents
+            // must not be anyone else's yet.
             let gone = match headers.get(v.writer_slot as usize) {
-                Some(Ok(h)) => h.state != slot_state::ACTIVE || h.token > v.token,
+                Some(Ok(h)) => {
+                    (h.state != slot_state::ACTIVE || h.token > v.token)
+                        && now.saturating_sub(h.released_at) >= self.gc_quarantine.as_secs()
+                }
                 _ => false,
             };
             if !gone {

@@ -52,6 +52,11 @@ struct Args {
     /// several; none means no import or export).
     #[arg(long = "io-dir")]
     io_dirs: Vec<PathBuf>,
+    /// Seconds after a dead host's journal was recovered before the
+    /// volumes it half made are removed (a host frozen at its death could
+    /// wake and write into them for a moment).
+    #[arg(long, default_value_t = 60)]
+    gc_quarantine: u64,
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -75,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
             host: host.clone(),
             lock_timeout: Duration::from_secs(a.lock_timeout),
             io_dirs: a.io_dirs,
+            gc_quarantine: Duration::from_secs(a.gc_quarantine),
         },
         locks: if a.etcd.is_empty() {
             Locks::Local(a.lock_dir)
