@@ -80,6 +80,37 @@ struct Inner {
     bases: Mutex<HashMap<uuid::Uuid, u64>>,
     /// Keys kept under the session lease (put again for every new session).
     registrations: Mutex<Vec<(String, String)>>,
+    /// Locks of this process, by key: threads of one process queue here
+    /// rather than race in etcd, and a lock goes from one to the next
+    /// without leaving etcd (see [`LocalKey`]).
+    local: Mutex<HashMap<String, LocalKey>>,
+    local_cv: std::sync::Condvar,
+}
+
+/// Hand a lock to a waiting thread of this process at most this many times
+/// in a row before giving it back to etcd, so other hosts get their turn.
+const HANDOFFS: u32 = 4;
+
+/// One lock key as this process uses it.
+#[derive(Default)]
+struct LocalKey {
+    /// A thread of this process holds it.
+    busy: bool,
+    /// Threads waiting for it.
+    waiters: usize,
+    /// The etcd key, still held, left by the last holder for a waiter.
+    kept: Option<Kept>,
+    /// Handoffs since the key was last taken from etcd.
+    handoffs: u32,
+    /// Session epoch and create revision of the current holder's key.
+    holder: Option<(u64, i64)>,
+}
+
+#[derive(Clone, Copy)]
+struct Kept {
+    revision: i64,
+    epoch: u64,
+    token: Token,
 }
 
 /// Locks in etcd. Cloning shares the session; when the last clone goes,
@@ -326,7 +357,13 @@ impl Inner {
         Ok(b)
     }
 
-    async fn acquire(self: &Arc<Self>, r: &Resource, timeout: Duration) -> Result<LockGuard> {
+    /// Take the key in etcd; returns the guard with its session epoch and
+    /// create revision.
+    async fn acquire(
+        self: &Arc<Self>,
+        r: &Resource,
+        timeout: Duration,
+    ) -> Result<(LockGuard, u64, i64)> {
         let deadline = Instant::now() + timeout;
         let key = r.key();
         let timeout_err = || DomainError::LockTimeout {
@@ -376,7 +413,7 @@ impl Inner {
             }
             if resp.succeeded() {
                 let token = base + rev as u64;
-                return Ok(LockGuard::new(
+                let g = LockGuard::new(
                     r.clone(),
                     Box::new(EtcdHeld {
                         inner: self.clone(),
@@ -385,7 +422,8 @@ impl Inner {
                         epoch: s.epoch,
                         token,
                     }),
-                ));
+                );
+                return Ok((g, s.epoch, rev));
             }
             if timeout.is_zero() || Instant::now() >= deadline {
                 return Err(timeout_err());
@@ -466,6 +504,42 @@ impl Drop for EtcdHeld {
     fn drop(&mut self) {
         let inner = self.inner.clone();
         let (key, rev) = (self.key.clone(), self.revision);
+        {
+            let mut m = inner.local.lock().expect("poisoned");
+            // A guard of a lost session may outlive its turn (another
+            // thread took the key again since): it only gives back its
+            // etcd key, which is gone anyway.
+            if let Some(st) = m
+                .get_mut(&key)
+                .filter(|st| st.holder == Some((self.epoch, rev)))
+            {
+                st.busy = false;
+                st.holder = None;
+                if st.waiters > 0 && st.handoffs < HANDOFFS && inner.valid(self.epoch).is_ok() {
+                    // The next thread here takes it over as it is.
+                    st.kept = Some(Kept {
+                        revision: rev,
+                        epoch: self.epoch,
+                        token: self.token,
+                    });
+                    st.handoffs += 1;
+                    inner.local_cv.notify_all();
+                    return;
+                }
+                st.handoffs = 0;
+                if st.waiters == 0 {
+                    m.remove(&key);
+                }
+            }
+            inner.local_cv.notify_all();
+        }
+        inner.release_in_background(key, rev);
+    }
+}
+
+impl Inner {
+    fn release_in_background(self: &Arc<Self>, key: String, rev: i64) {
+        let inner = self.clone();
         if tokio::runtime::Handle::try_current().is_ok() {
             // Inside some runtime: cannot block here; release in the
             // background (the lease ends it at worst).
@@ -476,6 +550,75 @@ impl Drop for EtcdHeld {
         } else {
             inner.rt().block_on(inner.release(&key, rev));
         }
+    }
+
+    /// Wait for this process's turn at `key`; a lock the previous holder
+    /// here left in etcd comes with it.
+    fn enter_local(&self, key: &str, deadline: Instant, try_once: bool) -> Result<Option<Kept>> {
+        let mut m = self.local.lock().expect("poisoned");
+        if m.get(key).is_some_and(|st| st.busy) {
+            if try_once {
+                return Err(DomainError::LockTimeout {
+                    resource: key.to_string(),
+                });
+            }
+            m.get_mut(key).expect("present").waiters += 1;
+            loop {
+                let now = Instant::now();
+                if !m
+                    .get(key)
+                    .is_some_and(|st| st.busy && !self.gone(st.holder))
+                    || now >= deadline
+                {
+                    break;
+                }
+                // Also look again now and then: a holder's session can be
+                // lost without anyone here letting go.
+                let wait = (deadline - now).min(Duration::from_millis(100));
+                m = self.local_cv.wait_timeout(m, wait).expect("poisoned").0;
+            }
+            let st = m.get_mut(key).expect("present while waited for");
+            st.waiters -= 1;
+            if st.busy && !self.gone(st.holder) {
+                return Err(DomainError::LockTimeout {
+                    resource: key.to_string(),
+                });
+            }
+        }
+        let st = m.entry(key.to_string()).or_default();
+        st.busy = true;
+        st.holder = None;
+        let kept = st.kept.take().filter(|k| self.valid(k.epoch).is_ok());
+        if let Some(k) = kept {
+            st.holder = Some((k.epoch, k.revision));
+        }
+        Ok(kept)
+    }
+
+    /// Record the etcd key a thread of this process took for `key`.
+    fn took_local(&self, key: &str, epoch: u64, revision: i64) {
+        let mut m = self.local.lock().expect("poisoned");
+        if let Some(st) = m.get_mut(key) {
+            st.holder = Some((epoch, revision));
+        }
+    }
+
+    /// Whether the session of a holder is gone for good.
+    fn gone(&self, holder: Option<(u64, i64)>) -> bool {
+        let cur = self.session.lock().expect("poisoned").map(|s| s.epoch);
+        holder.is_some_and(|(epoch, _)| cur != Some(epoch))
+    }
+
+    /// Give up this process's turn at `key` after failing to take it.
+    fn leave_local(self: &Arc<Self>, key: &str) {
+        let mut m = self.local.lock().expect("poisoned");
+        if let Some(st) = m.get_mut(key) {
+            st.busy = false;
+            if st.waiters == 0 {
+                m.remove(key);
+            }
+        }
+        self.local_cv.notify_all();
     }
 }
 
@@ -514,6 +657,8 @@ impl EtcdLockService {
             start: Instant::now(),
             bases: Mutex::new(HashMap::new()),
             registrations: Mutex::new(Vec::new()),
+            local: Mutex::new(HashMap::new()),
+            local_cv: std::sync::Condvar::new(),
         });
         inner.rt().spawn(inner.clone().keep_alive());
         let deadline = Instant::now() + inner.cfg.ttl;
@@ -556,9 +701,32 @@ impl LockService for EtcdLockService {
     fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard> {
         let inner = self.inner.clone();
         let r = resource.clone();
-        inner
-            .rt()
-            .block_on(async { inner.acquire(&r, timeout).await })
+        let key = r.key();
+        let deadline = Instant::now() + timeout;
+        if let Some(k) = inner.enter_local(&key, deadline, timeout.is_zero())? {
+            return Ok(LockGuard::new(
+                r,
+                Box::new(EtcdHeld {
+                    inner: inner.clone(),
+                    key,
+                    revision: k.revision,
+                    epoch: k.epoch,
+                    token: k.token,
+                }),
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = inner.rt().block_on(async { inner.acquire(&r, left).await });
+        match got {
+            Ok((g, epoch, rev)) => {
+                inner.took_local(&key, epoch, rev);
+                Ok(g)
+            }
+            Err(e) => {
+                inner.leave_local(&key);
+                Err(e)
+            }
+        }
     }
 
     fn takeover_delay(&self) -> Duration {

@@ -19,7 +19,12 @@ pub enum Target {
 /// Open a channel to an agent.
 pub async fn channel(t: &Target) -> Result<Channel, tonic::transport::Error> {
     match t {
-        Target::Tcp(addr) => Endpoint::from_shared(addr.clone())?.connect().await,
+        Target::Tcp(addr) => {
+            Endpoint::from_shared(addr.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+        }
         Target::Unix(path) => {
             let path = path.clone();
             // The URI is not used for a unix socket, only required.

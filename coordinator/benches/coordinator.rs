@@ -1,0 +1,469 @@
+//! Coordinator benchmark against a real etcd (Debian's etcd-server, started
+//! here on free loopback ports), three node agents sharing one domain file
+//! and one coordinator, all talking gRPC over TCP on loopback:
+//!
+//! - create, snapshot and thin clone through the coordinator, p50 and p99,
+//!   with 1 client and with 16 clients on 16 disks, and the throughput
+//!   ratio; beside the same snapshot made directly on an agent (the
+//!   baseline: what the coordinator adds);
+//! - time from SIGKILL of an agent that holds a disk's lock (in the middle
+//!   of copying it) to that disk taking a snapshot again through another
+//!   agent, against the lease TTL + 5 s.
+//!
+//! `cargo bench -p cairn-coordinator --bench coordinator`. CAIRN_BENCH_N:
+//! operations per client (default 200 for one client, a quarter of it per
+//! client for 16); CAIRN_BENCH_KILLS: SIGKILL samples (default 3);
+//! CAIRN_BENCH_TTL: lease TTL in seconds (default 10, the production
+//! default).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_agent::pb as apb;
+use cairn_agent::pb::agent_client::AgentClient;
+use cairn_coordinator::pb;
+use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:8.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn env_u64(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release binary `name` of package `package`, built if needed.
+fn bin_of(package: &str, name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", package])
+        .current_dir(&root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("release")
+        .join(name)
+}
+
+/// Start a process that prints one JSON ready line; return it and the line.
+fn start(cmd: &mut Command) -> (Proc, serde_json::Value) {
+    let mut c = cmd
+        .env(
+            "RUST_LOG",
+            std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Proc(c), serde_json::from_str(&line).expect("ready line"))
+}
+
+fn start_etcd(dir: &Path) -> (Proc, String) {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let purl = format!("http://127.0.0.1:{peer}");
+    let c = Command::new("etcd")
+        .arg("--name=b")
+        .arg(format!("--data-dir={}", dir.join("etcd").display()))
+        .arg(format!("--listen-client-urls={url}"))
+        .arg(format!("--advertise-client-urls={url}"))
+        .arg(format!("--listen-peer-urls={purl}"))
+        .arg(format!("--initial-advertise-peer-urls={purl}"))
+        .arg(format!("--initial-cluster=b={purl}"))
+        .arg("--log-level=error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd is installed (apt-get install etcd-server)");
+    let p = Proc(c);
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    (p, url)
+}
+
+fn bin(name: &str) -> PathBuf {
+    bin_of(name, name)
+}
+
+fn make_domain(path: &Path) {
+    let st = Command::new(bin_of("cairn-cli", "cairn"))
+        .args(["domain", "format", "--name", "bench", "--size", "256G"])
+        .args(["--volume-slots", "32768", "--tag-slots", "32768"])
+        .args(["--host-slots", "8", "--lock-dir"])
+        .arg(path.with_extension("locks"))
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+struct Cluster {
+    _etcd: Proc,
+    agents: Vec<Option<Proc>>,
+    agent_addrs: Vec<String>,
+    _coord: Proc,
+    coord: String,
+    dir: PathBuf,
+    domain: PathBuf,
+    etcd: String,
+    ttl: u64,
+}
+
+impl Cluster {
+    fn start_agent(&self, n: usize) -> (Proc, String) {
+        let d = self.dir.join(format!("agent{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let (p, ready) = start(
+            Command::new(bin("cairn-agent"))
+                .arg("--domain")
+                .arg(&self.domain)
+                .arg("--socket")
+                .arg(d.join("s.sock"))
+                .arg("--run-dir")
+                .arg(d.join("run"))
+                .args(["--listen", "127.0.0.1:0", "--etcd", &self.etcd])
+                .args(["--lease-ttl", &self.ttl.to_string()])
+                .args([
+                    "--host-id",
+                    &uuid::Uuid::from_bytes([n as u8 + 1; 16]).to_string(),
+                ]),
+        );
+        (p, format!("http://{}", ready["listen"].as_str().unwrap()))
+    }
+}
+
+fn cluster(ttl: u64) -> Cluster {
+    let dir = std::env::var_os("CAIRN_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+        .join(format!("cairn-coord-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (etcd_p, etcd) = start_etcd(&dir);
+    let domain = dir.join("domain.img");
+    make_domain(&domain);
+    let mut c = Cluster {
+        _etcd: etcd_p,
+        agents: Vec::new(),
+        agent_addrs: Vec::new(),
+        _coord: Proc(Command::new("true").spawn().unwrap()),
+        coord: String::new(),
+        dir: dir.clone(),
+        domain,
+        etcd,
+        ttl,
+    };
+    for n in 0..3 {
+        let (p, a) = c.start_agent(n);
+        c.agents.push(Some(p));
+        c.agent_addrs.push(a);
+    }
+    let (p, ready) = start(
+        Command::new(bin("cairn-coordinator"))
+            .arg("--socket")
+            .arg(dir.join("coord.sock"))
+            .args(["--listen", "127.0.0.1:0", "--etcd", &c.etcd])
+            .args(["--lease-ttl", &ttl.to_string()]),
+    );
+    c._coord = p;
+    c.coord = format!("http://{}", ready["listen"].as_str().unwrap());
+    c
+}
+
+async fn coord(c: &Cluster) -> CoordinatorClient<Channel> {
+    CoordinatorClient::connect(c.coord.clone()).await.unwrap()
+}
+
+async fn wait_agents(c: &mut CoordinatorClient<Channel>, n: usize) {
+    loop {
+        let r = c
+            .list_agents(pb::ListAgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if r.agents.iter().filter(|a| a.reachable).count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ok(j: pb::Job) -> pb::Job {
+    assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+    j
+}
+
+async fn create(c: &mut CoordinatorClient<Channel>) -> String {
+    ok(c.create_disk(pb::CreateDiskRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        format: pb::Format::Raw as i32,
+        size: 8 << 20,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner())
+    .disk
+    .unwrap()
+    .id
+}
+
+async fn snapshot(c: &mut CoordinatorClient<Channel>, disk: &str) -> String {
+    ok(c.snapshot_disk(pb::SnapshotDiskRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        disk_id: disk.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner())
+    .snapshot_id
+}
+
+async fn clone(c: &mut CoordinatorClient<Channel>, snap: &str) {
+    ok(c.clone_disk(pb::CloneDiskRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        source_id: snap.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner());
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Create,
+    Snapshot,
+    Clone,
+}
+
+/// `clients` clients doing `n` operations each, each on its own disk.
+/// Returns every latency and the wall time.
+async fn run(cl: &Cluster, op: Op, clients: usize, n: usize) -> (Vec<Duration>, Duration) {
+    let mut setup = Vec::new();
+    for _ in 0..clients {
+        let mut c = coord(cl).await;
+        let d = create(&mut c).await;
+        let s = snapshot(&mut c, &d).await;
+        setup.push((c, d, s));
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut c, d, s) in setup {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                match op {
+                    Op::Create => {
+                        create(&mut c).await;
+                    }
+                    Op::Snapshot => {
+                        snapshot(&mut c, &d).await;
+                    }
+                    Op::Clone => clone(&mut c, &s).await,
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    (all, t.elapsed())
+}
+
+async fn agent_snapshots(addr: &str, n: usize) -> Vec<Duration> {
+    let mut a = AgentClient::connect(addr.to_string()).await.unwrap();
+    let disk = a
+        .create_volume(apb::CreateVolumeRequest {
+            format: apb::VolumeFormat::Raw as i32,
+            capacity: 8 << 20,
+            tag: Some(apb::TagSpec {
+                mutable: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tag
+        .unwrap()
+        .id;
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        a.snapshot(apb::SnapshotRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            tag_id: disk.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        lat.push(t.elapsed());
+    }
+    lat
+}
+
+/// Kill an agent holding a disk's volume lock and time until the disk
+/// takes a snapshot through the coordinator again.
+async fn kill_sample(cl: &mut Cluster, victim: usize) -> Duration {
+    let mut c = coord(cl).await;
+    wait_agents(&mut c, 3).await;
+    let disk = create(&mut c).await;
+    let v = c
+        .get_disk(pb::GetDiskRequest {
+            domain: String::new(),
+            disk_id: disk.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let top = v.chain.last().unwrap().volume_id.clone();
+    let mut a = AgentClient::connect(cl.agent_addrs[victim].clone())
+        .await
+        .unwrap();
+    // The agent takes the lock of the disk's top volume (a client lock,
+    // kept under its session, as during a copy of the disk).
+    a.lock_volume(apb::LockVolumeRequest {
+        volume_id: top,
+        lease_seconds: 600,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let killed = Instant::now();
+    drop(cl.agents[victim].take());
+    loop {
+        let r = c
+            .snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                disk_id: disk.clone(),
+                ..Default::default()
+            })
+            .await;
+        if matches!(&r, Ok(j) if j.get_ref().state == pb::JobState::Succeeded as i32) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = killed.elapsed();
+    let (p, addr) = cl.start_agent(victim);
+    cl.agents[victim] = Some(p);
+    cl.agent_addrs[victim] = addr;
+    took
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n = env_u64("CAIRN_BENCH_N", 200) as usize;
+    let kills = env_u64("CAIRN_BENCH_KILLS", 3) as usize;
+    let ttl = env_u64("CAIRN_BENCH_TTL", 10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cl = cluster(ttl);
+    rt.block_on(async {
+        let mut c = coord(&cl).await;
+        wait_agents(&mut c, 3).await;
+        println!("coordinator over 3 agents and etcd on loopback; lease TTL {ttl} s");
+        println!(
+            "{:<28} {:>11} {:>11} {:>11} {:>8}",
+            "operation", "p50", "p99", "ops/s", "x one"
+        );
+        let mut base = agent_snapshots(&cl.agent_addrs[0], n).await;
+        println!(
+            "{:<28} {} {}",
+            "agent snapshot (baseline)",
+            ms(pct(&mut base, 0.5)),
+            ms(pct(&mut base, 0.99))
+        );
+        for op in [Op::Create, Op::Snapshot, Op::Clone] {
+            let (mut one, w1) = run(&cl, op, 1, n).await;
+            let ops1 = one.len() as f64 / w1.as_secs_f64();
+            println!(
+                "{:<28} {} {} {:>11.1}",
+                format!("{op:?} (1 client)"),
+                ms(pct(&mut one, 0.5)),
+                ms(pct(&mut one, 0.99)),
+                ops1
+            );
+            let (mut many, w16) = run(&cl, op, 16, (n / 4).max(1)).await;
+            let ops16 = many.len() as f64 / w16.as_secs_f64();
+            println!(
+                "{:<28} {} {} {:>11.1} {:>7.2}x",
+                format!("{op:?} (16 clients)"),
+                ms(pct(&mut many, 0.5)),
+                ms(pct(&mut many, 0.99)),
+                ops16,
+                ops16 / ops1
+            );
+        }
+    });
+    let mut rec = Vec::new();
+    for i in 0..kills {
+        let d = rt.block_on(kill_sample(&mut cl, i % 3));
+        println!(
+            "SIGKILL of an agent holding a disk -> disk usable again: {:6.2} s",
+            d.as_secs_f64()
+        );
+        rec.push(d);
+    }
+    if !rec.is_empty() {
+        let med = pct(&mut rec, 0.5);
+        println!(
+            "recovery median {:.2} s; goal: within TTL + 5 s = {} s",
+            med.as_secs_f64(),
+            ttl + 5
+        );
+    }
+    drop(cl.agents);
+    let _ = std::fs::remove_dir_all(&cl.dir);
+}
