@@ -512,6 +512,7 @@ fn etcd_local_cluster_script_runs_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let bin = crate::common::cairn_bin();
     let _ = crate::common::agent_bin();
+    let _ = crate::coord_harness::coordinator_bin();
     let base = free_port().saturating_sub(10).max(20000);
     let mut child = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -549,6 +550,20 @@ fn etcd_local_cluster_script_runs_and_stops() {
     let tags = cairn("agent3.sock", &["--json", "tag", "list"]);
     let tags: serde_json::Value = serde_json::from_str(&tags).unwrap();
     assert_eq!(tags.as_array().unwrap().len(), 2, "{tags}");
+    // The coordinators: a disk made through one, snapshotted through the
+    // other, seen by both, over the three agents.
+    let coord = |n: u8, args: &[&str]| {
+        let sock = dir.path().join(format!("coordinator{n}.sock"));
+        cairn("agent1.sock", &[&["--coordinator", sock.to_str().unwrap()], args].concat())
+    };
+    let d2 = coord(1, &["disk", "create", "--size", "64M", "-q"]);
+    let s2 = coord(2, &["disk", "snapshot", d2.trim(), "-q"]);
+    let shown = coord(1, &["--json", "disk", "show", d2.trim()]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["snapshots"][0]["id"], s2.trim(), "{shown}");
+    let agents = coord(2, &["--json", "agents"]);
+    let agents: serde_json::Value = serde_json::from_str(&agents).unwrap();
+    assert_eq!(agents.as_array().unwrap().len(), 3, "{agents}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
