@@ -469,6 +469,20 @@ impl AgentConn {
         ))
     }
 
+    /// One tag.
+    pub async fn tag(&self, domain: &uuid::Uuid, id: &TagId) -> Result<TagInfo> {
+        let t = self
+            .c()
+            .get_tag(pb::GetTagRequest {
+                domain: domain.to_string(),
+                tag_id: id.to_string(),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        tag_of(&self.host, &t)
+    }
+
     /// Create a disk: a volume with a strong tag, in one transaction.
     pub async fn create_disk(
         &self,

@@ -208,6 +208,28 @@ impl Coordinator {
             .await
     }
 
+    /// One tag, read through any agent that sees the domain.
+    async fn tag(&self, dom: &uuid::Uuid, id: &TagId) -> Result<TagInfo> {
+        let r = self
+            .agents
+            .with_agent(
+                dom,
+                None,
+                rand_spread(),
+                |c| async move { c.tag(dom, id).await },
+            )
+            .await;
+        match r {
+            Err(CoordError::Agent { status, .. }) if status.code() == tonic::Code::NotFound => {
+                Err(CoordError::NotFound {
+                    kind: "disk or snapshot",
+                    id: id.to_string(),
+                })
+            }
+            r => r,
+        }
+    }
+
     /// One disk.
     pub async fn disk(&self, domain: &str, id: &str) -> Result<DiskView> {
         let d = self.domain(domain).await?;
@@ -418,14 +440,14 @@ impl Coordinator {
             JobKind::DeleteSnapshot => {
                 // The disk the snapshot belongs to, so that its other
                 // operations wait.
-                let d = DomainRef {
-                    id: domain,
-                    name: String::new(),
-                };
                 let snap = parse_tag("snapshot_id", &rec.params.disk)?;
-                let (tags, _) = self.contents(&d).await?;
-                let t = tags.iter().find(|t| t.id == snap);
+                let t = match self.tag(&domain, &snap).await {
+                    Ok(t) => Some(t),
+                    Err(CoordError::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                };
                 match t
+                    .as_ref()
                     .and_then(|t| t.option(SNAP_KEY))
                     .and_then(|d| TagId::parse("", d).ok())
                 {
@@ -528,20 +550,11 @@ impl Coordinator {
             }
             (JobKind::Clone, Step::Call) => {
                 let src = parse_tag("source_id", &rec.params.disk)?;
-                let d = DomainRef {
-                    id: dom,
-                    name: String::new(),
-                };
-                let (tags, _) = self.contents(&d).await?;
-                let source = plan::clone_source(&src, &tags)?;
+                let st = self.tag(&dom, &src).await?;
+                let source = plan::clone_source(&src, std::slice::from_ref(&st))?;
                 let of = match &source {
                     CloneSource::Disk(d) => d.to_string(),
-                    CloneSource::Snapshot(s) => tags
-                        .iter()
-                        .find(|t| t.id == *s)
-                        .and_then(|t| t.option(SNAP_KEY))
-                        .unwrap_or_default()
-                        .to_string(),
+                    CloneSource::Snapshot(_) => st.option(SNAP_KEY).unwrap_or_default().to_string(),
                 };
                 let opts = options(&rec.params.name, &rec.id, &[(CLONE_OF_KEY, &of)]);
                 let desc = rec.params.description.clone();
@@ -584,14 +597,20 @@ impl Coordinator {
             }
             (JobKind::Extend, Step::Call) => {
                 let disk = parse_tag("disk_id", &rec.params.disk)?;
-                let view = self.disk(&dom.to_string(), &disk.to_string()).await?;
-                let top = view.chain.last().expect("a chain has a top").volume.id;
-                if rec.params.size < view.tag.size {
+                let t = self.tag(&dom, &disk).await?;
+                if t.tag_type != cairn_domain::TagType::Strong {
+                    return Err(CoordError::NotFound {
+                        kind: "disk",
+                        id: disk.to_string(),
+                    });
+                }
+                let top = t.volume;
+                if rec.params.size < t.size {
                     return Err(CoordError::invalid(
                         "size",
                         format!(
                             "{} is smaller than the disk's {}; disks only grow",
-                            rec.params.size, view.tag.size
+                            rec.params.size, t.size
                         ),
                     ));
                 }

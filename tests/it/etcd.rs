@@ -554,7 +554,10 @@ fn etcd_local_cluster_script_runs_and_stops() {
     // other, seen by both, over the three agents.
     let coord = |n: u8, args: &[&str]| {
         let sock = dir.path().join(format!("coordinator{n}.sock"));
-        cairn("agent1.sock", &[&["--coordinator", sock.to_str().unwrap()], args].concat())
+        cairn(
+            "agent1.sock",
+            &[&["--coordinator", sock.to_str().unwrap()], args].concat(),
+        )
     };
     let d2 = coord(1, &["disk", "create", "--size", "64M", "-q"]);
     let s2 = coord(2, &["disk", "snapshot", d2.trim(), "-q"]);
