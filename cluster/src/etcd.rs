@@ -498,6 +498,9 @@ impl HeldLock for EtcdHeld {
     fn check(&self) -> Result<()> {
         self.inner.valid(self.epoch).map_err(DomainError::Fenced)
     }
+    fn lost(&self) -> bool {
+        self.inner.gone(Some((self.epoch, self.revision)))
+    }
 }
 
 impl Drop for EtcdHeld {

@@ -441,6 +441,12 @@ impl Domain {
     pub fn slot(&self) -> Option<u32> {
         self.claim.as_ref().map(|c| c.slot)
     }
+    /// Whether this handle's host slot lock is gone for good (a lease-based
+    /// lock whose session ended): it can never write again, and another
+    /// host may recover its journal.
+    pub fn claim_lost(&self) -> bool {
+        self.claim.as_ref().is_some_and(|c| c.guard.lost())
+    }
     /// What happened to the superblocks at open.
     pub fn superblock_status(&self) -> &SuperblockStatus {
         &self.sb_status
@@ -714,6 +720,9 @@ impl Domain {
                 ));
             }
             drop(j);
+            // A holder whose lock may be gone must not touch the slot: it
+            // may have been recovered, or claimed, by another host.
+            c.guard.check()?;
             self.dev
                 .flush()
                 .map_err(DomainError::io("flushing before release"))?;

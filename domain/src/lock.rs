@@ -103,6 +103,11 @@ pub trait HeldLock: Send + Sync {
     /// Whether the lock is still certainly held (a lease-based
     /// implementation fails this before the lease could have expired).
     fn check(&self) -> Result<()>;
+    /// Whether the lock is gone for good (its session ended), as opposed
+    /// to unconfirmed for now.
+    fn lost(&self) -> bool {
+        false
+    }
 }
 
 /// A held lock on one resource.
@@ -138,6 +143,10 @@ impl LockGuard {
     /// Fail if the lock may no longer be held.
     pub fn check(&self) -> Result<()> {
         self.inner.check()
+    }
+    /// Whether the lock is gone for good.
+    pub fn lost(&self) -> bool {
+        self.inner.lost()
     }
 }
 

@@ -139,7 +139,27 @@ pub async fn serve(
     }
     tracing::info!(?bound, "agent serving");
     ready(&bound);
-    shutdown.await;
+    // A host slot lost for good (the etcd lease expired while we could
+    // not reach etcd, or were frozen) cannot be claimed back while this
+    // process runs: stop, so that the service manager starts the agent
+    // again and it claims a slot anew.
+    let watched = agent.clone();
+    let lost = async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if let Some(o) = watched.domains().iter().find(|o| o.domain.claim_lost()) {
+                return o.name().to_string();
+            }
+        }
+    };
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown => {}
+        name = lost => {
+            tracing::error!(domain = %name, "lost this host's slot on the domain for good; stopping so that the agent is started again");
+            failure = Some(name);
+        }
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     while let Some(r) = tasks.join_next().await {
@@ -153,8 +173,16 @@ pub async fn serve(
     }
     drop(svc);
     match Arc::try_unwrap(agent) {
-        Ok(a) => tokio::task::spawn_blocking(move || a.close()).await??,
+        Ok(a) => {
+            let closed = tokio::task::spawn_blocking(move || a.close()).await?;
+            if failure.is_none() {
+                closed?;
+            }
+        }
         Err(_) => tracing::warn!("requests still running at shutdown"),
+    }
+    if let Some(name) = failure {
+        anyhow::bail!("lost the host slot on domain {name} (the etcd lease expired)");
     }
     Ok(())
 }

@@ -78,7 +78,12 @@ impl AgentProc {
             .arg(dir.join("run"))
             .arg("--lock-dir")
             .arg(dir.join("locks"))
-            .args(["--metrics", "127.0.0.1:0", "--lock-timeout", "5"])
+            .args(["--metrics", "127.0.0.1:0"])
+            .args(if extra.iter().any(|a| a == "--lock-timeout") {
+                &[][..]
+            } else {
+                &["--lock-timeout", "5"][..]
+            })
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -129,6 +134,19 @@ impl AgentProc {
             // SAFETY: signalling our own child's process group.
             unsafe { libc::kill(-(c.id() as i32), sig) };
         }
+    }
+
+    /// Wait up to `timeout` for the agent to exit by itself.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < timeout {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL and reap.

@@ -77,6 +77,10 @@ impl Cluster {
                 "127.0.0.1:0".into(),
                 "--gc-quarantine".into(),
                 "5".into(),
+                // Sixteen clients queue on the domain's allocation lock,
+                // which etcd does not hand out in order.
+                "--lock-timeout".into(),
+                "30".into(),
             ],
         )
     }
@@ -339,7 +343,7 @@ fn root_etcd_cluster_spreads_work_and_survives_killed_agents_and_coordinators() 
 
 #[test]
 fn root_etcd_paused_agent_cannot_write_after_its_lease_and_the_new_holders_writes_survive() {
-    let cl = Cluster::start(2, 0);
+    let mut cl = Cluster::start(2, 0);
     let exp = cl.dir.path().join("d.expected");
     rt().block_on(async {
         let mut a = cl.agents[0].client().await;
@@ -443,6 +447,12 @@ fn root_etcd_paused_agent_cannot_write_after_its_lease_and_the_new_holders_write
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        // It knows it lost its host slot for good: it stops by itself (so
+        // that its service manager starts it again), and on the way out it
+        // leaves the slot alone (regression: it marked the slot free, over
+        // B's recovery).
+        let st = tokio::task::block_in_place(|| cl.agents[0].wait_exit(Duration::from_secs(15)));
+        assert!(st.is_some_and(|s| !s.success()), "{st:?}");
         assert!(
             before == domain_state(&cl.domain),
             "the paused agent changed the domain"
@@ -466,6 +476,14 @@ fn root_etcd_paused_agent_cannot_write_after_its_lease_and_the_new_holders_write
             assert!(t.elapsed() < Duration::from_secs(30));
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    });
+    // Started again, it rejoins.
+    cl.agents[0] = cl.start_agent(0);
+    rt().block_on(async {
+        let mut a = cl.agents[0].client().await;
+        a.create_volume(disk_request("back", apb::VolumeFormat::Raw, 8))
+            .await
+            .unwrap();
     });
     cl.stop_and_check();
 }
