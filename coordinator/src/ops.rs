@@ -1071,3 +1071,183 @@ pub fn job_error(e: &CoordError) -> JobError {
         message: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The coordinator over a real agent served in this process (through
+    //! its gRPC service, without a network), with the in-memory store and
+    //! lock service: jobs, idempotency and the composed steps, fast.
+
+    use super::*;
+    use crate::agents::{Discovery, Transport, TransportError};
+    use cairn_cluster::MemKv;
+    use cairn_domain::MemLockService;
+
+    fn agent(dir: &std::path::Path, locks: Arc<dyn LockService>) -> Transport {
+        use cairn_domain::io::FileDev;
+        let path = dir.join("d.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
+        let dev = FileDev::open(&path, true).unwrap();
+        let params = cairn_domain::FormatParams {
+            name: "mem".into(),
+            host_slots: Some(4),
+            volume_slots: Some(256),
+            tag_slots: Some(256),
+            extent_size: Some(1 << 20),
+            ..Default::default()
+        };
+        cairn_domain::format(
+            &dev,
+            &params,
+            false,
+            locks.as_ref(),
+            &cairn_domain::SystemClock,
+        )
+        .unwrap();
+        let cfg = cairn_agent::AgentConfig {
+            domains: vec![path],
+            run_dir: dir.join("run"),
+            host: cairn_domain::HostIdentity::local(),
+            lock_timeout: Duration::from_secs(5),
+            io_dirs: vec![],
+            gc_quarantine: Duration::from_secs(60),
+        };
+        let a = cairn_agent::Agent::open(
+            &cfg,
+            locks,
+            Arc::new(cairn_agent::loopdev::MemLoop::default()),
+        )
+        .unwrap();
+        let svc = cairn_agent::service::AgentService::new(
+            Arc::new(a),
+            Arc::new(cairn_agent::metrics::Metrics::new()),
+        );
+        Transport::new(tower::util::MapErr::new(
+            cairn_agent::pb::agent_server::AgentServer::new(svc),
+            |e: std::convert::Infallible| -> TransportError { match e {} },
+        ))
+    }
+
+    fn params(disk: &str) -> Params {
+        Params {
+            disk: disk.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_compose_agent_calls_and_retries_get_the_same_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
+        let t = agent(dir.path(), locks.clone());
+        let c = Arc::new(Coordinator::new(
+            CoordConfig::new("c1"),
+            Arc::new(MemKv::new()),
+            locks,
+            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
+        ));
+        let create = Params {
+            format: "raw".into(),
+            size: 8 << 20,
+            name: "web".into(),
+            ..Default::default()
+        };
+        let j = c
+            .submit(JobKind::Create, "r1", 1, create.clone())
+            .await
+            .unwrap();
+        assert_eq!(j.state, JobState::Succeeded);
+        let disk = j.result_disk.clone();
+        // The same request id: the same job, nothing new.
+        let again = c
+            .submit(JobKind::Create, "r1", 1, create.clone())
+            .await
+            .unwrap();
+        assert_eq!(again.id, j.id);
+        assert!(matches!(
+            c.submit(JobKind::Create, "r1", 2, create).await,
+            Err(CoordError::RequestIdReused(_))
+        ));
+        assert_eq!(c.disks("").await.unwrap().len(), 1);
+
+        let s = c
+            .submit(JobKind::Snapshot, "r2", 3, params(&disk))
+            .await
+            .unwrap();
+        assert!(!s.snapshot.is_empty());
+        let v = c.disk("", &disk).await.unwrap();
+        assert_eq!(v.chain.len(), 2);
+        assert_eq!(v.tag.option(NAME_KEY), Some("web"));
+
+        // A thin clone of the disk: its own top on a new snapshot.
+        let cl = c
+            .submit(JobKind::Clone, "r3", 4, params(&disk))
+            .await
+            .unwrap();
+        let clone = c.disk("", &cl.result_disk).await.unwrap();
+        assert_eq!(clone.chain.len(), 3);
+        assert_eq!(clone.tag.option(CLONE_OF_KEY), Some(disk.as_str()));
+
+        // Extend moves nothing when the top can grow, and refuses to shrink.
+        let mut p = params(&disk);
+        p.size = 16 << 20;
+        c.submit(JobKind::Extend, "r4", 5, p.clone()).await.unwrap();
+        assert_eq!(c.disk("", &disk).await.unwrap().tag.size, 16 << 20);
+        p.size = 4 << 20;
+        assert!(matches!(
+            c.submit(JobKind::Extend, "r5", 6, p).await,
+            Err(CoordError::InvalidArgument { field: "size", .. })
+        ));
+
+        // Deleting the clone, then the disk, leaves nothing.
+        c.submit(JobKind::Delete, "r6", 7, params(&cl.result_disk))
+            .await
+            .unwrap();
+        c.submit(JobKind::Delete, "r7", 8, params(&disk))
+            .await
+            .unwrap();
+        assert!(c.disks("").await.unwrap().is_empty());
+        // Every job is recorded, and ended.
+        let jobs = c.jobs().await.unwrap();
+        assert_eq!(jobs.len(), 7, "{jobs:?}");
+        assert!(jobs.iter().all(|j| j.state != JobState::Running));
+        assert_eq!(
+            jobs.iter().filter(|j| j.state == JobState::Failed).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn requests_are_checked_before_anything_runs() {
+        assert!(validate(JobKind::Create, &Params::default()).is_err());
+        let mut p = Params {
+            format: "raw".into(),
+            size: 1000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            validate(JobKind::Create, &p),
+            Err(CoordError::InvalidArgument { field: "size", .. })
+        ));
+        p.size = 4096;
+        validate(JobKind::Create, &p).unwrap();
+        p.format = "vmdk".into();
+        assert!(matches!(
+            validate(JobKind::Create, &p),
+            Err(CoordError::InvalidArgument {
+                field: "format",
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate(JobKind::Copy, &params("x")),
+            Err(CoordError::InvalidArgument {
+                field: "disk_id",
+                ..
+            })
+        ));
+    }
+}
