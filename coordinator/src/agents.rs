@@ -198,6 +198,14 @@ impl Agents {
         Ok(t)
     }
 
+    /// A connection to the registered agent of host `host`, if it is.
+    pub async fn conn_to(&self, host: &str) -> Result<Option<AgentConn>> {
+        match self.list().await?.into_iter().find(|a| a.host_id == host) {
+            Some(a) => Ok(Some(self.conn(&a)?)),
+            None => Ok(None),
+        }
+    }
+
     /// A connection to `a`.
     pub fn conn(&self, a: &AgentInfo) -> Result<AgentConn> {
         Ok(AgentConn {

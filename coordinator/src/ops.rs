@@ -4,7 +4,7 @@
 //! domain. A job records its step before it starts it, so another
 //! coordinator can take it over when this one dies ([`Coordinator::adopt`]).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,7 +49,7 @@ pub struct Coordinator {
     /// The agents.
     pub agents: Agents,
     /// Jobs this replica is running.
-    running: Mutex<HashMap<String, ()>>,
+    running: Mutex<HashSet<String>>,
 }
 
 fn now() -> u64 {
@@ -166,7 +166,7 @@ impl Coordinator {
             kv,
             locks,
             agents,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
         }
     }
 
@@ -377,15 +377,7 @@ impl Coordinator {
         self.save(&rec).await?;
         if !rec.agent_job.is_empty() {
             // Tell the agent at once; the job's runner sees the end.
-            if let Some(a) = self
-                .agents
-                .list()
-                .await?
-                .into_iter()
-                .find(|a| a.host_id == rec.host)
-            {
-                let _ = self.agents.conn(&a)?.cancel(&rec.agent_job).await;
-            }
+            self.cancel_agent_job(&rec).await;
         }
         Ok(rec)
     }
@@ -402,7 +394,7 @@ impl Coordinator {
         self.running
             .lock()
             .expect("poisoned")
-            .insert(rec.id.clone(), ());
+            .insert(rec.id.clone());
         let r = self.run_steps(&mut rec).await;
         self.running.lock().expect("poisoned").remove(&rec.id);
         let mut failure = None;
@@ -876,18 +868,12 @@ impl Coordinator {
                     return Err(e.into());
                 }
             }
-            let agent = self
-                .agents
-                .list()
-                .await?
-                .into_iter()
-                .find(|a| a.host_id == rec.host);
-            let Some(agent) = agent else {
+            let Some(conn) = self.agents.conn_to(&rec.host).await? else {
                 tracing::warn!(job = %rec.id, host = %rec.host, "the agent left the registry");
                 return Ok(None);
             };
-            let _busy = self.agents.busy(&agent.host_id);
-            match self.agents.conn(&agent)?.job(&rec.agent_job).await {
+            let _busy = self.agents.busy(&conn.host);
+            match conn.job(&rec.agent_job).await {
                 Ok(j) => {
                     unreachable_since = None;
                     let changed = (rec.done, rec.total) != (j.done, j.total);
@@ -939,12 +925,8 @@ impl Coordinator {
     }
 
     async fn cancel_agent_job(&self, rec: &JobRecord) {
-        if let Ok(agents) = self.agents.list().await {
-            if let Some(a) = agents.iter().find(|a| a.host_id == rec.host) {
-                if let Ok(c) = self.agents.conn(a) {
-                    let _ = c.cancel(&rec.agent_job).await;
-                }
-            }
+        if let Ok(Some(c)) = self.agents.conn_to(&rec.host).await {
+            let _ = c.cancel(&rec.agent_job).await;
         }
     }
 
@@ -952,7 +934,7 @@ impl Coordinator {
 
     /// Whether this replica is running job `id`.
     pub fn runs(&self, id: &str) -> bool {
-        self.running.lock().expect("poisoned").contains_key(id)
+        self.running.lock().expect("poisoned").contains(id)
     }
 
     /// Take over a running job whose owner is gone: follow, restart or
@@ -963,14 +945,8 @@ impl Coordinator {
         let alive = if rec.agent_job.is_empty() {
             false
         } else {
-            match self
-                .agents
-                .list()
-                .await?
-                .into_iter()
-                .find(|a| a.host_id == rec.host)
-            {
-                Some(a) => self.agents.conn(&a)?.job(&rec.agent_job).await.is_ok(),
+            match self.agents.conn_to(&rec.host).await? {
+                Some(c) => c.job(&rec.agent_job).await.is_ok(),
                 None => false,
             }
         };
@@ -1050,13 +1026,11 @@ fn options(name: &str, job: &str, extra: &[(&str, &str)]) -> Vec<(String, String
 }
 
 fn spread_of(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
+    cairn_agent::service::fingerprint(s.as_bytes())
 }
 
 fn rand_spread() -> u64 {
-    spread_of(&uuid::Uuid::new_v4().to_string())
+    uuid::Uuid::new_v4().as_u64_pair().0
 }
 
 /// A job's error as recorded.

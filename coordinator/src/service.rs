@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_agent::service::fingerprint;
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -93,12 +94,6 @@ impl CoordService {
         };
         pb_job(rec, disk.as_ref())
     }
-}
-
-fn fingerprint(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, x| {
-        (h ^ *x as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 fn format_str(v: i32) -> Result<String, Status> {

@@ -1285,22 +1285,30 @@ impl Agent {
         // One transaction: the weak tag, the new volume with its image
         // metadata, and the disk's tag moved onto it (and the clone's
         // volume and tag beside it).
+        let clone_layer = clone.map(|c| {
+            let spec = VolumeSpec {
+                description: format!("clone of {disk}"),
+                ..spec.clone()
+            };
+            (
+                spec,
+                pages.clone(),
+                tag_meta(c, VolumeRef::New(1), top.capacity),
+            )
+        });
         let mut tx = o
             .domain
             .tx("snapshot")
             .request_id(request_id)
             .create_tag(weak)
-            .create_volume(spec.clone())
-            .init_volume_data(VolumeRef::New(0), zero, pages.clone())
+            .create_volume(spec)
+            .init_volume_data(VolumeRef::New(0), zero, pages)
             .change_tag(*disk, moved);
-        if let Some(c) = clone {
+        if let Some((spec, pages, tag)) = clone_layer {
             tx = tx
-                .create_volume(VolumeSpec {
-                    description: format!("clone of {disk}"),
-                    ..spec
-                })
+                .create_volume(spec)
                 .init_volume_data(VolumeRef::New(1), zero, pages)
-                .create_tag(tag_meta(c, VolumeRef::New(1), top.capacity));
+                .create_tag(tag);
         }
         let mut out = tx.held(&[&dlock]).commit()?;
         let (vol, vguard) = out.volumes.remove(0);

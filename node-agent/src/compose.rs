@@ -7,7 +7,6 @@
 //! and running the operation again finishes it), and then the metadata in
 //! one transaction.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use cairn_domain::layout::slot_state;
@@ -17,9 +16,9 @@ use cairn_domain::{
 };
 
 use crate::agent::{Agent, Opened};
-use crate::datapath::{qemu_with_progress, CopyError, Progress};
+use crate::datapath::{qemu_with_progress, Progress};
 use crate::error::{AgentError, Result};
-use crate::jobs::{Job, Outcome};
+use crate::jobs::{from_copy, open_direct, Job, Outcome};
 use crate::qcow2;
 
 /// How a snapshot is merged away (made once per merge; its size does not
@@ -131,17 +130,6 @@ pub fn plan_merge(
         child,
         parent,
     })
-}
-
-fn from_copy(e: CopyError, tool: &str) -> AgentError {
-    match e {
-        CopyError::Cancelled => AgentError::Cancelled,
-        CopyError::Io { context, source } => AgentError::Io { context, source },
-        CopyError::Qemu(detail) => AgentError::Qemu {
-            tool: tool.into(),
-            detail,
-        },
-    }
 }
 
 fn plan_child(p: &MergePlan) -> &Volume {
@@ -273,7 +261,7 @@ impl Agent {
                 }
                 args.push(child_path.clone());
                 qemu_with_progress("rebase", &args, child.capacity, p)
-                    .map_err(|e| from_copy(e, "qemu-img rebase"))
+                    .map_err(from_copy("qemu-img rebase"))
             }
             MergePlan::Commit { child, .. } => self.mark_merging(o, id, &held).and_then(|()| {
                 let args = vec![
@@ -285,7 +273,7 @@ impl Agent {
                     child_path.clone(),
                 ];
                 qemu_with_progress("commit", &args, child.capacity, p)
-                    .map_err(|e| from_copy(e, "qemu-img commit"))
+                    .map_err(from_copy("qemu-img commit"))
             }),
         });
         drop(scratch);
@@ -414,12 +402,7 @@ impl Agent {
                 .device()
                 .zero_range(to.offset, to.len)
                 .map_err(AgentError::io("zeroing the new run"))?;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-                .open(&o.path)
-                .map_err(AgentError::io(format!("opening {}", o.path.display())))?;
+            let f = open_direct(&o.path, true)?;
             let len = match v.format {
                 Format::Raw => v.capacity,
                 Format::Qcow2 => from.len,
@@ -437,7 +420,7 @@ impl Agent {
                 },
                 &Progress::default(),
             )
-            .map_err(|e| from_copy(e, "copying the volume"))?;
+            .map_err(from_copy("copying the volume"))?;
             if v.format == Format::Qcow2 {
                 self.grow_qcow2(o, &nv, capacity)?;
             }

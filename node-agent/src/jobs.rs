@@ -147,19 +147,21 @@ pub struct Target {
     pub tag: Option<TagSpec>,
 }
 
-fn from_copy(e: CopyError) -> AgentError {
-    match e {
+/// A data copy's error as the agent's; `tool` names what ran when qemu
+/// failed.
+pub(crate) fn from_copy(tool: &'static str) -> impl FnOnce(CopyError) -> AgentError {
+    move |e| match e {
         CopyError::Cancelled => AgentError::Cancelled,
         CopyError::Io { context, source } => AgentError::Io { context, source },
         CopyError::Qemu(detail) => AgentError::Qemu {
-            tool: "qemu-img convert".into(),
+            tool: tool.into(),
             detail,
         },
     }
 }
 
 /// The domain device, opened for data with direct I/O.
-fn open_direct(path: &Path, write: bool) -> Result<File> {
+pub(crate) fn open_direct(path: &Path, write: bool) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(write)
@@ -294,15 +296,7 @@ impl Agent {
             let r = fenced_while(&[&_lock, &guard], p, || {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let f = open_direct(&o.path, false)?;
-                    let g = if d.path == o.path {
-                        None
-                    } else {
-                        Some(open_direct(&d.path, true)?)
-                    };
-                    let out = match &g {
-                        Some(g) => g,
-                        None => &open_direct(&o.path, true)?,
-                    };
+                    let out = open_direct(&d.path, true)?;
                     let (se, de) = (o.extent(&v), d.extent(&vol));
                     copy_raw(
                         Region {
@@ -311,13 +305,13 @@ impl Agent {
                             len: v.capacity,
                         },
                         Region {
-                            file: out,
+                            file: &out,
                             offset: de.offset,
                             len: de.len,
                         },
                         p,
                     )
-                    .map_err(from_copy)
+                    .map_err(from_copy("qemu-img convert"))
                 } else {
                     let (src, _scratch) = a.chain_node(&o, &v)?;
                     let dst = a.node(&d, &vol);
@@ -379,7 +373,7 @@ impl Agent {
                         },
                         p,
                     )
-                    .map_err(from_copy)
+                    .map_err(from_copy("qemu-img convert"))
                 } else {
                     let src = file_node(&path, source_format);
                     let dst = a.node(&o, &vol);
@@ -440,7 +434,7 @@ impl Agent {
                         },
                         p,
                     )
-                    .map_err(from_copy)
+                    .map_err(from_copy("qemu-img convert"))
                 } else {
                     let (src, _scratch) = a.chain_node(&o, &v)?;
                     let args = vec![
@@ -451,7 +445,7 @@ impl Agent {
                         format!("json:{src}"),
                         path.display().to_string(),
                     ];
-                    qemu_convert(&args, v.capacity, p).map_err(from_copy)?;
+                    qemu_convert(&args, v.capacity, p).map_err(from_copy("qemu-img convert"))?;
                     File::open(&path)
                         .and_then(|f| f.sync_all())
                         .map_err(AgentError::io("flushing the file"))
@@ -578,7 +572,7 @@ fn convert_into(
         src.to_string(),
         format!("json:{dst}"),
     ];
-    qemu_convert(&args, total, p).map_err(from_copy)
+    qemu_convert(&args, total, p).map_err(from_copy("qemu-img convert"))
 }
 
 /// A host file as a qemu node; a qcow2 file's own backing reference is

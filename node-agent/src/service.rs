@@ -115,8 +115,8 @@ impl RequestLog {
     }
 }
 
-fn fingerprint(b: &[u8]) -> u64 {
-    // FNV-1a: only equality of requests matters here.
+/// FNV-1a of a request's bytes: only equality of requests matters here.
+pub fn fingerprint(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
         (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
