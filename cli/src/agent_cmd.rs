@@ -756,6 +756,7 @@ async fn run_async(conn: &Conn, j: bool, cmd: &AgentCmd) -> Result<ExitCode> {
                     description: description.clone(),
                     size: 0,
                     clone: None,
+                    snapshot_options: Vec::new(),
                 })
                 .await
                 .map_err(refused)?

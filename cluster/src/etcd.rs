@@ -813,6 +813,33 @@ impl crate::kv::Kv for EtcdLockService {
         })
     }
 
+    fn create(&self, key: &str, value: &str) -> Result<Option<String>> {
+        crate::kv::check_key(key)?;
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut c = inner.client.clone();
+            let txn = Txn::new()
+                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key, value, None)])
+                .or_else([TxnOp::get(key, None)]);
+            let r = c
+                .txn(txn)
+                .await
+                .map_err(lock_err(format!("creating {key}")))?;
+            if r.succeeded() {
+                return Ok(None);
+            }
+            let v = match r.op_responses().into_iter().next() {
+                Some(TxnOpResponse::Get(g)) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            };
+            Ok(Some(v.unwrap_or_default()))
+        })
+    }
+
     fn register(&self, key: &str, value: &str) -> Result<()> {
         crate::kv::check_key(key)?;
         EtcdLockService::register(self, key, value)

@@ -25,6 +25,9 @@ pub trait Kv: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<(String, String)>>;
     /// Remove `key`; false if it was not there.
     fn delete(&self, key: &str) -> Result<bool>;
+    /// Set `key` to `value` unless it exists: `None` when it was created,
+    /// else the value it has. Atomic: of two racing creators one wins.
+    fn create(&self, key: &str, value: &str) -> Result<Option<String>>;
     /// Keep `key` = `value` only while this process lives (in etcd: under
     /// its session lease).
     fn register(&self, key: &str, value: &str) -> Result<()>;
@@ -94,6 +97,15 @@ impl Kv for MemKv {
     }
     fn delete(&self, key: &str) -> Result<bool> {
         Ok(self.map.lock().expect("poisoned").remove(key).is_some())
+    }
+    fn create(&self, key: &str, value: &str) -> Result<Option<String>> {
+        check_key(key)?;
+        let mut m = self.map.lock().expect("poisoned");
+        if let Some(v) = m.get(key) {
+            return Ok(Some(v.clone()));
+        }
+        m.insert(key.into(), value.into());
+        Ok(None)
     }
     fn register(&self, key: &str, value: &str) -> Result<()> {
         self.put(key, value)
@@ -218,6 +230,35 @@ impl Kv for FileKv {
             Err(e) => Err(kv_err(format!("removing {}", p.display()), e)),
         }
     }
+    fn create(&self, key: &str, value: &str) -> Result<Option<String>> {
+        let p = self.path(key)?;
+        let dir = p.parent().expect("a key has a parent").to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| kv_err(format!("creating {}", dir.display()), e))?;
+        let tmp = dir.join(format!(".tmp.{}", uuid::Uuid::new_v4()));
+        // A hard link fails when the name exists: create-if-absent in one
+        // step, with the whole value in place before the name appears.
+        let write = || -> std::io::Result<bool> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(value.as_bytes())?;
+            f.sync_all()?;
+            let made = match fs::hard_link(&tmp, &p) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            fs::remove_file(&tmp)?;
+            fs::File::open(&dir)?.sync_all()?;
+            Ok(made)
+        };
+        match write() {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(self.get(key)?.unwrap_or_default())),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(kv_err(format!("writing {}", p.display()), e))
+            }
+        }
+    }
     fn register(&self, key: &str, value: &str) -> Result<()> {
         self.live.register(key, value)
     }
@@ -231,6 +272,7 @@ pub mod conformance {
     /// Run every check on a fresh store; `ns` keeps runs apart.
     pub fn run_all(kv: &dyn Kv, ns: &str) {
         put_get_delete(kv, ns);
+        create_only_once(kv, ns);
         list_is_by_prefix_and_sorted(kv, ns);
         bad_keys_are_refused(kv);
     }
@@ -249,6 +291,33 @@ pub mod conformance {
         let r = format!("{ns}/live/me");
         kv.register(&r, "here").unwrap();
         assert_eq!(kv.get(&r).unwrap().as_deref(), Some("here"));
+    }
+
+    /// Create writes only a missing key, and says what is there.
+    pub fn create_only_once(kv: &dyn Kv, ns: &str) {
+        let k = format!("{ns}/c/once");
+        assert_eq!(kv.create(&k, "first").unwrap(), None);
+        assert_eq!(kv.create(&k, "second").unwrap().as_deref(), Some("first"));
+        assert_eq!(kv.get(&k).unwrap().as_deref(), Some("first"));
+        assert!(kv.create("a//b", "x").is_err());
+        assert!(kv.delete(&k).unwrap());
+        assert_eq!(kv.create(&k, "third").unwrap(), None);
+        assert_eq!(kv.get(&k).unwrap().as_deref(), Some("third"));
+        // Racing creators: exactly one wins.
+        let k = format!("{ns}/c/race");
+        let won = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    let k = k.clone();
+                    s.spawn(move || kv.create(&k, &i.to_string()).unwrap().is_none())
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|w| *w)
+                .count()
+        });
+        assert_eq!(won, 1);
     }
 
     /// A prefix selects its keys only, in key order.

@@ -210,6 +210,7 @@ impl Agents {
     pub fn conn(&self, a: &AgentInfo) -> Result<AgentConn> {
         Ok(AgentConn {
             host: a.host_id.clone(),
+            instance: a.instance.clone(),
             client: AgentClient::new(self.transport(&a.host_id, &a.address)?)
                 .max_decoding_message_size(64 << 20),
         })
@@ -268,6 +269,83 @@ impl Agents {
         }
         Err(last.unwrap_or_else(|| CoordError::NoAgent(domain.to_string())))
     }
+
+    /// Make a mutating call `f` on an agent that sees `domain` (and
+    /// `also`), not one in `exclude`, at most once per agent process: a
+    /// call that never reached its agent goes to another; one whose answer
+    /// was lost is sent again with the same request id to the same process
+    /// (which answers with the first outcome) for as long as that process
+    /// stays registered. When it dies or restarts first, the outcome is
+    /// [`Once::Lost`] and only the domain can tell what happened.
+    pub async fn call_once<T, F, Fut>(
+        &self,
+        domain: &uuid::Uuid,
+        also: Option<&uuid::Uuid>,
+        spread: u64,
+        exclude: &HashSet<String>,
+        f: F,
+    ) -> Result<Once<T>>
+    where
+        F: Fn(AgentConn) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut exclude = exclude.clone();
+        let mut last = None;
+        for round in 0..2 {
+            if round > 0 {
+                self.invalidate();
+            }
+            let agents = self.list().await?;
+            loop {
+                let load = self.load.lock().expect("poisoned").clone();
+                let Some(a) = plan::pick_agent(&agents, domain, also, &load, &exclude, spread)
+                else {
+                    break;
+                };
+                let _busy = self.busy(&a.host_id);
+                let mut r = f(self.conn(a)?).await;
+                let since = Instant::now();
+                let mut pause = Duration::from_millis(100);
+                // Once a call may have reached the agent, a later refused
+                // connection only says the process is gone: its call may
+                // still have taken effect.
+                let mut maybe_sent = false;
+                loop {
+                    match r {
+                        Err(e) if not_sent(&e) && !maybe_sent => {
+                            tracing::warn!(host = %a.host_id, error = %e, "agent unreachable; trying another");
+                            exclude.insert(a.host_id.clone());
+                            last = Some(e);
+                            break;
+                        }
+                        Err(e) if e.agent_unavailable() => {
+                            maybe_sent = true;
+                            if since.elapsed() > UNANSWERED {
+                                return Err(e);
+                            }
+                            tracing::warn!(host = %a.host_id, error = %e, "no answer; asking the same agent again");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                            self.invalidate();
+                            let now = self.list().await?;
+                            match now.iter().find(|b| b.host_id == a.host_id) {
+                                Some(b) if !a.instance.is_empty() && b.instance == a.instance => {
+                                    r = f(self.conn(b)?).await;
+                                }
+                                _ => {
+                                    return Ok(Once::Lost {
+                                        host: a.host_id.clone(),
+                                    })
+                                }
+                            }
+                        }
+                        r => return r.map(Once::Answered),
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| CoordError::NoAgent(domain.to_string())))
+    }
 }
 
 async fn ask_domains(host: &str, address: &str, t: Transport) -> Result<AgentInfo> {
@@ -278,6 +356,18 @@ async fn ask_domains(host: &str, address: &str, t: Transport) -> Result<AgentInf
         .map_err(agent_err(host))?
         .into_inner();
     Ok(AgentInfo {
+        instance: r.instance.clone(),
+        slots: r
+            .domains
+            .iter()
+            .filter_map(|d| {
+                Some(plan::HostSlot {
+                    domain: uuid::Uuid::parse_str(&d.id).ok()?,
+                    slot: d.host_slot,
+                    token: d.host_slot_token,
+                })
+            })
+            .collect(),
         host_id: host.to_string(),
         host_name: host.to_string(),
         address: address.to_string(),
@@ -327,6 +417,67 @@ pub struct Recovered {
     pub back: u32,
     /// Half-made volumes removed.
     pub removed: Vec<String>,
+    /// Host slots in use afterwards, with their lock tokens.
+    pub active: Vec<(u32, u64)>,
+}
+
+/// What an agent process knows of a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestState {
+    /// Not seen (or forgotten).
+    Unknown,
+    /// Running now.
+    Running,
+    /// Answered.
+    Answered,
+    /// Failed.
+    Failed,
+}
+
+/// How a mutating call ended (see [`Agents::call_once`]).
+#[derive(Debug)]
+pub enum Once<T> {
+    /// The agent answered.
+    Answered(T),
+    /// The agent process that got the request died or restarted without
+    /// answering: the request may or may not have taken effect.
+    Lost {
+        /// Its host.
+        host: String,
+    },
+}
+
+/// How long a mutating call keeps asking an agent that stays registered
+/// but does not answer.
+const UNANSWERED: Duration = Duration::from_secs(120);
+
+/// Whether a failed call never reached the agent (the connection was
+/// refused or never made), so that it cannot have had any effect.
+pub fn not_sent(e: &CoordError) -> bool {
+    let CoordError::Agent { status, .. } = e else {
+        return false;
+    };
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::AddrNotAvailable
+            ) {
+                return true;
+            }
+        }
+        if e.to_string().contains("tcp connect error") {
+            return true;
+        }
+        src = e.source();
+    }
+    false
 }
 
 /// What a new disk is made of.
@@ -349,6 +500,8 @@ pub struct NewDisk {
 pub struct AgentConn {
     /// Its host id.
     pub host: String,
+    /// Its process's instance id (empty when unknown).
+    pub instance: String,
     client: AgentClient<Transport>,
 }
 
@@ -551,13 +704,15 @@ impl AgentConn {
     }
 
     /// Snapshot a disk, and with `clone` also make a thin clone of it, in
-    /// one transaction. Returns the snapshot's weak tag and the clone's tag.
+    /// one transaction; `mark` goes into the snapshot's weak tag options.
+    /// Returns the snapshot's weak tag and the clone's tag.
     pub async fn snapshot(
         &self,
         rid: &str,
         domain: &uuid::Uuid,
         disk: &TagId,
         description: &str,
+        mark: &[(String, String)],
         clone: Option<&[(String, String)]>,
     ) -> Result<(TagInfo, Option<TagInfo>)> {
         let r = self
@@ -569,6 +724,13 @@ impl AgentConn {
                 description: description.into(),
                 size: 0,
                 clone: clone.map(disk_spec),
+                snapshot_options: mark
+                    .iter()
+                    .map(|(k, v)| pb::KeyValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
             })
             .await
             .map_err(self.err())?
@@ -755,6 +917,25 @@ impl AgentConn {
             forward: r.rolled_forward,
             back: r.rolled_back,
             removed: r.volumes_removed,
+            active: r.active_slots.iter().map(|a| (a.slot, a.token)).collect(),
+        })
+    }
+
+    /// What this agent process knows of request id `rid`.
+    pub async fn request_state(&self, rid: &str) -> Result<RequestState> {
+        let r = self
+            .c()
+            .get_request(pb::GetRequestRequest {
+                request_id: rid.into(),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        Ok(match pb::RequestState::try_from(r.state) {
+            Ok(pb::RequestState::Running) => RequestState::Running,
+            Ok(pb::RequestState::Answered) => RequestState::Answered,
+            Ok(pb::RequestState::Failed) => RequestState::Failed,
+            _ => RequestState::Unknown,
         })
     }
 

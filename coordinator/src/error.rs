@@ -54,6 +54,10 @@ pub enum CoordError {
     /// The job cannot be cancelled any more.
     #[error("job {0} is past the point where it can be cancelled")]
     TooLate(String),
+    /// A call's outcome cannot be learnt yet (its agent neither answered
+    /// nor died in time).
+    #[error("outcome unknown: {0}")]
+    Unsettled(String),
     /// A bug or an impossible answer.
     #[error("internal error: {0}")]
     Internal(String),
@@ -74,6 +78,7 @@ impl CoordError {
             CoordError::Store(_) => "store_unavailable",
             CoordError::Cancelled => "cancelled",
             CoordError::TooLate(_) => "too_late_to_cancel",
+            CoordError::Unsettled(_) => "outcome_unknown",
             CoordError::Internal(_) => "internal",
         }
     }

@@ -12,7 +12,7 @@ use cairn_cluster::Kv;
 use cairn_domain::lock::{Resource, ResourceKind};
 use cairn_domain::{Format, LockGuard, LockService, TagId};
 
-use crate::agents::{AgentConn, Agents, NewDisk};
+use crate::agents::{AgentConn, Agents, NewDisk, Once, RequestState};
 use crate::error::{CoordError, Result};
 use crate::plan::{
     self, CloneSource, DiskView, DomainRef, JobError, JobKind, JobRecord, JobState, Params, Step,
@@ -80,6 +80,11 @@ fn parse_format(s: &str) -> Result<Option<Format>> {
         .map(Some)
         .map_err(|_| CoordError::invalid("format", format!("{s:?} is not raw or qcow2")))
 }
+
+/// How long the coordinator waits for a silent agent to answer or die,
+/// and for a dead host's lease to expire, before it gives up on learning
+/// an outcome.
+const SETTLE_WAIT: Duration = Duration::from_secs(120);
 
 /// The largest disk (qcow2's limit is far above; this is the domain's
 /// practical one).
@@ -312,12 +317,13 @@ impl Coordinator {
             ));
         }
         validate(kind, &params)?;
+        let id = job_id(request_id);
         if !request_id.is_empty() {
-            if let Some(rec) = self.by_request(request_id).await? {
-                if rec.fingerprint != fingerprint {
-                    return Err(CoordError::RequestIdReused(request_id.to_string()));
-                }
-                return Ok(rec);
+            // A retry: no need to look at the cluster again.
+            match self.job(&id).await {
+                Ok(rec) => return same_request(rec, request_id, fingerprint),
+                Err(CoordError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         let d = self.domain(&params.domain).await?;
@@ -326,16 +332,21 @@ impl Coordinator {
             params.target_domain = self.domain(&params.target_domain).await?.id.to_string();
         }
         let mut rec = JobRecord::new(kind, request_id, fingerprint, params, self.id(), now());
+        rec.id = id;
         if !kind.long() {
             // One write for a short job before its one call.
             rec.step = plan::next_step(kind, Step::Begin);
             rec.attempts = 1;
         }
-        self.save(&rec).await?;
-        if !request_id.is_empty() {
-            let kv = self.kv.clone();
-            let (rk, id) = (plan::request_key(request_id), rec.id.clone());
-            blocking(move || Ok(kv.put(&rk, &id)?)).await?;
+        // Created once: of two coordinators racing with one request id,
+        // one starts the job and the other returns it.
+        let kv = self.kv.clone();
+        let key = plan::job_key(&rec.id);
+        let v = serde_json::to_string(&rec).map_err(|e| CoordError::Internal(e.to_string()))?;
+        if let Some(there) = blocking(move || Ok(kv.create(&key, &v)?)).await? {
+            let rec: JobRecord = serde_json::from_str(&there)
+                .map_err(|e| CoordError::Internal(format!("job record {}: {e}", rec.id)))?;
+            return same_request(rec, request_id, fingerprint);
         }
         tracing::info!(job = %rec.id, kind = kind.as_str(), disk = %rec.params.disk, "job started");
         if kind.long() {
@@ -347,20 +358,6 @@ impl Coordinator {
         match self.run_with(rec).await {
             (_, Some(e)) => Err(e),
             (rec, None) => Ok(rec),
-        }
-    }
-
-    async fn by_request(&self, request_id: &str) -> Result<Option<JobRecord>> {
-        let kv = self.kv.clone();
-        let rk = plan::request_key(request_id);
-        let id = blocking(move || Ok(kv.get(&rk)?)).await?;
-        match id {
-            Some(id) => match self.job(&id).await {
-                Ok(r) => Ok(Some(r)),
-                Err(CoordError::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            },
-            None => Ok(None),
         }
     }
 
@@ -390,16 +387,30 @@ impl Coordinator {
     }
 
     /// Run a job; returns its final record and, when it failed, why.
-    async fn run_with(self: &Arc<Self>, mut rec: JobRecord) -> (JobRecord, Option<CoordError>) {
+    async fn run_with(self: &Arc<Self>, rec: JobRecord) -> (JobRecord, Option<CoordError>) {
+        self.run_job(rec, false).await
+    }
+
+    /// Run a job (`adopted`: taken over from a dead owner, so another
+    /// replica may have taken it too).
+    async fn run_job(
+        self: &Arc<Self>,
+        mut rec: JobRecord,
+        adopted: bool,
+    ) -> (JobRecord, Option<CoordError>) {
         self.running
             .lock()
             .expect("poisoned")
             .insert(rec.id.clone());
-        let r = self.run_steps(&mut rec).await;
+        let r = self.run_steps(&mut rec, adopted).await;
         self.running.lock().expect("poisoned").remove(&rec.id);
         let mut failure = None;
         match r {
-            Ok(()) => {
+            Ok(false) => {
+                tracing::info!(job = %rec.id, "another replica runs the job");
+                return (rec, None);
+            }
+            Ok(true) => {
                 rec.state = JobState::Succeeded;
                 rec.step = Step::Done;
             }
@@ -455,7 +466,9 @@ impl Coordinator {
         }))
     }
 
-    async fn run_steps(self: &Arc<Self>, rec: &mut JobRecord) -> Result<()> {
+    /// Run a job's steps under its disk's lock; `Ok(false)`: another
+    /// replica owns the (adopted) job now, or it has ended.
+    async fn run_steps(self: &Arc<Self>, rec: &mut JobRecord, adopted: bool) -> Result<bool> {
         let lock = match self.lock_target(rec).await {
             Ok(Some(res)) => {
                 let (locks, wait) = (self.locks.clone(), self.cfg.lock_wait);
@@ -464,6 +477,15 @@ impl Coordinator {
             Ok(None) => None,
             Err(e) => return Err(e),
         };
+        if adopted {
+            // Two replicas may adopt one job (a leader and its restarted
+            // owner): the last to record itself as owner runs it, the
+            // other leaves it once it holds the lock.
+            let now = self.job(&rec.id).await?;
+            if now.state != JobState::Running || now.owner != self.id() {
+                return Ok(false);
+            }
+        }
         if rec.step == Step::Begin {
             rec.step = plan::next_step(rec.kind, Step::Begin);
             rec.attempts += 1;
@@ -471,7 +493,7 @@ impl Coordinator {
         }
         loop {
             if rec.step == Step::Done {
-                return Ok(());
+                return Ok(true);
             }
             if let Some(g) = &lock {
                 // Self-fencing: no step starts on a lock that may be gone.
@@ -504,8 +526,12 @@ impl Coordinator {
 
     async fn step(self: &Arc<Self>, rec: &mut JobRecord, lock: Option<&LockGuard>) -> Result<()> {
         let dom = Self::domain_id(rec)?;
-        let rid = Self::rid(rec);
-        let spread = spread_of(&rec.id);
+        if rec.attempts > 1 && self.step_done(rec).await? {
+            // An earlier attempt did it; its agent or coordinator died
+            // before anyone heard.
+            tracing::info!(job = %rec.id, step = ?rec.step, "an earlier attempt did this step");
+            return Ok(());
+        }
         match (rec.kind, rec.step) {
             (JobKind::Create, Step::Call) => {
                 let p = &rec.params;
@@ -516,29 +542,32 @@ impl Coordinator {
                     description: p.description.clone(),
                     options: options(&p.name, &rec.id, &[]),
                 };
-                let t = self
-                    .agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let (rid, nd) = (rid.clone(), nd.clone());
+                let made = self
+                    .mutate(rec, |c, rid| {
+                        let nd = nd.clone();
                         async move { c.create_disk(&rid, &dom, &nd).await }
                     })
                     .await?;
-                rec.result_domain = dom.to_string();
-                rec.result_disk = t.id.to_string();
+                if let Some(t) = made {
+                    rec.result_domain = dom.to_string();
+                    rec.result_disk = t.id.to_string();
+                }
             }
             (JobKind::Snapshot, Step::Call) => {
                 let disk = parse_tag("disk_id", &rec.params.disk)?;
                 let desc = rec.params.description.clone();
-                let (weak, _) = self
-                    .agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let (rid, desc) = (rid.clone(), desc.clone());
-                        async move { c.snapshot(&rid, &dom, &disk, &desc, None).await }
+                let mark = vec![(JOB_KEY.to_string(), rec.id.clone())];
+                let made = self
+                    .mutate(rec, |c, rid| {
+                        let (desc, mark) = (desc.clone(), mark.clone());
+                        async move { c.snapshot(&rid, &dom, &disk, &desc, &mark, None).await }
                     })
                     .await?;
-                rec.snapshot = weak.id.to_string();
-                rec.result_domain = dom.to_string();
-                rec.result_disk = disk.to_string();
+                if let Some((weak, _)) = made {
+                    rec.snapshot = weak.id.to_string();
+                    rec.result_domain = dom.to_string();
+                    rec.result_disk = disk.to_string();
+                }
             }
             (JobKind::Clone, Step::Call) => {
                 let src = parse_tag("source_id", &rec.params.disk)?;
@@ -550,11 +579,9 @@ impl Coordinator {
                 };
                 let opts = options(&rec.params.name, &rec.id, &[(CLONE_OF_KEY, &of)]);
                 let desc = rec.params.description.clone();
-                let t = self
-                    .agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let (rid, opts, desc, source) =
-                            (rid.clone(), opts.clone(), desc.clone(), source.clone());
+                let made = self
+                    .mutate(rec, |c, rid| {
+                        let (opts, desc, source) = (opts.clone(), desc.clone(), source.clone());
                         async move {
                             match source {
                                 CloneSource::Snapshot(s) => {
@@ -562,7 +589,14 @@ impl Coordinator {
                                 }
                                 CloneSource::Disk(d) => {
                                     let (_, clone) = c
-                                        .snapshot(&rid, &dom, &d, "base of a clone", Some(&opts))
+                                        .snapshot(
+                                            &rid,
+                                            &dom,
+                                            &d,
+                                            "base of a clone",
+                                            &[],
+                                            Some(&opts),
+                                        )
                                         .await?;
                                     clone.ok_or_else(|| {
                                         CoordError::Internal("a snapshot without its clone".into())
@@ -572,18 +606,18 @@ impl Coordinator {
                         }
                     })
                     .await?;
-                rec.result_domain = dom.to_string();
-                rec.result_disk = t.id.to_string();
+                if let Some(t) = made {
+                    rec.result_domain = dom.to_string();
+                    rec.result_disk = t.id.to_string();
+                }
             }
             (JobKind::Delete, Step::Call) => {
                 let disk = parse_tag("disk_id", &rec.params.disk)?;
                 self.refuse_active(&dom, &disk).await?;
-                self.agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let rid = rid.clone();
-                        async move { c.delete_disk(&rid, &dom, &disk).await }
-                    })
-                    .await?;
+                self.mutate(rec, |c, rid| async move {
+                    c.delete_disk(&rid, &dom, &disk).await
+                })
+                .await?;
                 rec.result_domain = dom.to_string();
                 rec.result_disk = disk.to_string();
             }
@@ -607,31 +641,24 @@ impl Coordinator {
                     ));
                 }
                 let size = rec.params.size;
-                self.agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let rid = rid.clone();
-                        async move { c.extend(&rid, &dom, &top, &disk, size).await }
-                    })
-                    .await?;
+                self.mutate(rec, |c, rid| async move {
+                    c.extend(&rid, &dom, &top, &disk, size).await
+                })
+                .await?;
                 rec.result_domain = dom.to_string();
                 rec.result_disk = disk.to_string();
             }
             (JobKind::DeleteSnapshot, Step::Merge) => {
                 let snap = parse_tag("snapshot_id", &rec.params.disk)?;
-                let d = DomainRef {
-                    id: dom,
-                    name: String::new(),
-                };
-                let (tags, _) = self.contents(&d).await?;
-                let Some(t) = tags.iter().find(|t| t.id == snap) else {
-                    if rec.attempts > 1 {
-                        // An earlier attempt merged it before dying.
-                        return Ok(());
+                let t = match self.tag(&dom, &snap).await {
+                    Ok(t) => t,
+                    Err(CoordError::NotFound { .. }) => {
+                        return Err(CoordError::NotFound {
+                            kind: "snapshot",
+                            id: snap.to_string(),
+                        })
                     }
-                    return Err(CoordError::NotFound {
-                        kind: "snapshot",
-                        id: snap.to_string(),
-                    });
+                    Err(e) => return Err(e),
                 };
                 if let Some(disk) = t.option(SNAP_KEY).and_then(|d| TagId::parse("", d).ok()) {
                     self.refuse_active(&dom, &disk).await?;
@@ -650,40 +677,20 @@ impl Coordinator {
                 let disk = parse_tag("disk_id", &rec.params.disk)?;
                 let with = parse_tag("copy", &rec.result_disk)?;
                 self.refuse_active(&dom, &disk).await?;
-                let r = self
-                    .agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let rid = rid.clone();
-                        async move { c.swap(&rid, &dom, &disk, &with).await }
-                    })
-                    .await;
-                match r {
-                    Ok(()) => {}
-                    // A repeated swap after a crash: the copy's tag is gone
-                    // because the swap happened.
-                    Err(CoordError::Agent { status, .. })
-                        if status.code() == tonic::Code::NotFound && rec.attempts > 1 => {}
-                    Err(e) => return Err(e),
-                }
+                self.mutate(rec, |c, rid| async move {
+                    c.swap(&rid, &dom, &disk, &with).await
+                })
+                .await?;
                 rec.result_domain = dom.to_string();
                 rec.result_disk = disk.to_string();
             }
             (JobKind::Move, Step::DeleteSource) => {
                 let disk = parse_tag("disk_id", &rec.params.disk)?;
                 self.refuse_active(&dom, &disk).await?;
-                let r = self
-                    .agents
-                    .with_agent(&dom, None, spread, |c| {
-                        let rid = rid.clone();
-                        async move { c.delete_disk(&rid, &dom, &disk).await }
-                    })
-                    .await;
-                match r {
-                    Ok(()) => {}
-                    Err(CoordError::Agent { status, .. })
-                        if status.code() == tonic::Code::NotFound && rec.attempts > 1 => {}
-                    Err(e) => return Err(e),
-                }
+                self.mutate(rec, |c, rid| async move {
+                    c.delete_disk(&rid, &dom, &disk).await
+                })
+                .await?;
             }
             (k, s) => {
                 return Err(CoordError::Internal(format!(
@@ -695,6 +702,182 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Make the one agent call of a step: at most once per agent process
+    /// (see [`Agents::call_once`]); when the process that got it died
+    /// without answering, the domain, once settled, tells whether it took
+    /// effect ([`Coordinator::step_done`], `Ok(None)`: it did, and the
+    /// step's results are in `rec`); if not, another agent makes it.
+    async fn mutate<T, F, Fut>(&self, rec: &mut JobRecord, call: F) -> Result<Option<T>>
+    where
+        F: Fn(AgentConn, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let dom = Self::domain_id(rec)?;
+        let spread = spread_of(&rec.id);
+        for _ in 0..4 {
+            match self
+                .agents
+                .call_once(&dom, None, spread, &HashSet::new(), |c| {
+                    call(c, Self::rid(rec))
+                })
+                .await?
+            {
+                Once::Answered(v) => return Ok(Some(v)),
+                Once::Lost { host } => {
+                    tracing::warn!(job = %rec.id, host = %host, step = ?rec.step, "the agent died without answering; asking the domain");
+                    if self.step_done(rec).await? {
+                        tracing::info!(job = %rec.id, step = ?rec.step, "the call took effect before its agent died");
+                        return Ok(None);
+                    }
+                    tracing::info!(job = %rec.id, step = ?rec.step, "the call did not take effect; calling another agent");
+                    // Another attempt, under its own request id, recorded
+                    // so that an adopter waits for the right one.
+                    rec.attempts += 1;
+                    self.save(rec).await?;
+                }
+            }
+        }
+        Err(CoordError::Unsettled(format!(
+            "the agents of job {} kept dying during its {:?} step",
+            rec.id, rec.step
+        )))
+    }
+
+    /// Bring a domain to rest after a host may have died mid-operation:
+    /// wait until every host slot in use belongs to a live agent (a dead
+    /// host's lease has expired, so it can no longer write) and every dead
+    /// host's journal has been recovered. What the domain shows afterwards
+    /// is final.
+    pub async fn settle(&self, dom: &uuid::Uuid) -> Result<()> {
+        let since = std::time::Instant::now();
+        loop {
+            let r = self
+                .agents
+                .with_agent(dom, None, rand_spread(), |c| async move {
+                    c.recover(dom, false).await
+                })
+                .await?;
+            self.agents.invalidate();
+            let live: HashSet<(u32, u64)> = self
+                .agents
+                .list()
+                .await?
+                .iter()
+                .flat_map(|a| a.slots.iter())
+                .filter(|s| s.domain == *dom)
+                .map(|s| (s.slot, s.token))
+                .collect();
+            let stale: Vec<u32> = r
+                .active
+                .iter()
+                .filter(|s| !live.contains(s))
+                .map(|s| s.0)
+                .collect();
+            if stale.is_empty() {
+                return Ok(());
+            }
+            if since.elapsed() > SETTLE_WAIT {
+                return Err(CoordError::Unsettled(format!(
+                    "host slots {stale:?} of domain {dom} are in use by no live agent, and their leases did not expire within {SETTLE_WAIT:?}"
+                )));
+            }
+            tracing::info!(domain = %dom, slots = ?stale, "waiting for dead hosts' leases to expire");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Whether the current step of `rec` took effect though nobody heard
+    /// its answer (its agent or coordinator died): settle the domain, then
+    /// look for the mark the step leaves (the job id on what it made, or
+    /// what it removed being gone). Fills in the step's results when it
+    /// did.
+    async fn step_done(&self, rec: &mut JobRecord) -> Result<bool> {
+        let dom = Self::domain_id(rec)?;
+        self.settle(&dom).await?;
+        let gone = |r: Result<TagInfo>| match r {
+            Err(CoordError::NotFound { .. }) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match (rec.kind, rec.step) {
+            (JobKind::Create | JobKind::Clone, Step::Call) => {
+                match self.made_by(&dom, &rec.id).await? {
+                    Some(t) => {
+                        rec.result_domain = dom.to_string();
+                        rec.result_disk = t.id.to_string();
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+            (JobKind::Snapshot, Step::Call) => {
+                let (tags, _) = self
+                    .contents(&DomainRef {
+                        id: dom,
+                        name: String::new(),
+                    })
+                    .await?;
+                match tags.iter().find(|t| {
+                    t.tag_type == cairn_domain::TagType::Weak && t.option(JOB_KEY) == Some(&rec.id)
+                }) {
+                    Some(t) => {
+                        rec.snapshot = t.id.to_string();
+                        rec.result_domain = dom.to_string();
+                        rec.result_disk = rec.params.disk.clone();
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+            (JobKind::Delete, Step::Call) | (JobKind::Move, Step::DeleteSource) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                gone(self.tag(&dom, &disk).await)
+            }
+            (JobKind::Extend, Step::Call) => {
+                let disk = parse_tag("disk_id", &rec.params.disk)?;
+                match self.tag(&dom, &disk).await {
+                    Ok(t) => Ok(t.size >= rec.params.size),
+                    Err(CoordError::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            (JobKind::DeleteSnapshot, Step::Merge) => {
+                let snap = parse_tag("snapshot_id", &rec.params.disk)?;
+                gone(self.tag(&dom, &snap).await)
+            }
+            (JobKind::Convert, Step::Swap) => {
+                // The swap removes the copy's tag.
+                let copy = parse_tag("copy", &rec.result_disk)?;
+                gone(self.tag(&dom, &copy).await)
+            }
+            (JobKind::FullClone | JobKind::Copy | JobKind::Move | JobKind::Convert, Step::Copy) => {
+                let target = Self::target_id(rec)?;
+                if target != dom {
+                    self.settle(&target).await?;
+                }
+                match self.made_by(&target, &rec.id).await? {
+                    Some(t) => {
+                        rec.result_domain = target.to_string();
+                        rec.result_disk = t.id.to_string();
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn target_id(rec: &JobRecord) -> Result<uuid::Uuid> {
+        if rec.params.target_domain.is_empty() {
+            return Self::domain_id(rec);
+        }
+        rec.params
+            .target_domain
+            .parse()
+            .map_err(|_| CoordError::invalid("target_domain", "is not a domain id"))
+    }
+
     /// The copy of a full clone, copy, move or conversion.
     async fn copy_step(
         self: &Arc<Self>,
@@ -703,14 +886,7 @@ impl Coordinator {
         dom: uuid::Uuid,
     ) -> Result<()> {
         let disk = parse_tag("disk_id", &rec.params.disk)?;
-        let target: uuid::Uuid = if rec.params.target_domain.is_empty() {
-            dom
-        } else {
-            rec.params
-                .target_domain
-                .parse()
-                .map_err(|_| CoordError::invalid("target_domain", "is not a domain id"))?
-        };
+        let target = Self::target_id(rec)?;
         let d = DomainRef {
             id: dom,
             name: String::new(),
@@ -729,45 +905,41 @@ impl Coordinator {
                 plan::disk_view(&d, &s, &tags2, &vols)?
             }
         };
-        // What an earlier attempt made, if it finished before its owner died.
-        let made = if rec.attempts > 1 {
-            self.made_by(&target, &rec.id).await?
+        let top = view.chain.last().expect("a chain has a top").volume.clone();
+        let format = parse_format(&rec.params.format)?.or(Some(top.format));
+        let pre = rec.params.allocation == "preallocated";
+        let name = if rec.params.name.is_empty() {
+            view.tag.option(NAME_KEY).unwrap_or_default().to_string()
         } else {
-            None
+            rec.params.name.clone()
         };
-        let t = match made {
-            Some(t) => t,
-            None => {
-                let top = view.chain.last().expect("a chain has a top").volume.clone();
-                let format = parse_format(&rec.params.format)?.or(Some(top.format));
-                let pre = rec.params.allocation == "preallocated";
-                let name = if rec.params.name.is_empty() {
-                    view.tag.option(NAME_KEY).unwrap_or_default().to_string()
-                } else {
-                    rec.params.name.clone()
-                };
-                let disk_s = disk.to_string();
-                let extra: Vec<(&str, &str)> = match rec.kind {
-                    JobKind::Convert => vec![(CONVERT_KEY, &disk_s)],
-                    JobKind::FullClone => vec![(CLONE_OF_KEY, &disk_s)],
-                    _ => vec![],
-                };
-                let opts = options(&name, &rec.id, &extra);
-                let desc = rec.params.description.clone();
-                let also = (target != dom).then_some(target);
-                self.agent_job(rec, lock, &dom, also.as_ref(), |c, rid| {
-                    let (opts, desc) = (opts.clone(), desc.clone());
-                    async move {
-                        c.copy(&rid, &dom, &top.id, &target, format, pre, &desc, &opts)
-                            .await
-                    }
-                })
-                .await?
-                .ok_or_else(|| CoordError::Internal("a copy job without its tag".into()))?
+        let disk_s = disk.to_string();
+        let extra: Vec<(&str, &str)> = match rec.kind {
+            JobKind::Convert => vec![(CONVERT_KEY, &disk_s)],
+            JobKind::FullClone => vec![(CLONE_OF_KEY, &disk_s)],
+            _ => vec![],
+        };
+        let opts = options(&name, &rec.id, &extra);
+        let desc = rec.params.description.clone();
+        let also = (target != dom).then_some(target);
+        let made = self
+            .agent_job(rec, lock, &dom, also.as_ref(), |c, rid| {
+                let (opts, desc) = (opts.clone(), desc.clone());
+                async move {
+                    c.copy(&rid, &dom, &top.id, &target, format, pre, &desc, &opts)
+                        .await
+                }
+            })
+            .await?;
+        match made {
+            Some(Some(t)) => {
+                rec.result_domain = target.to_string();
+                rec.result_disk = t.id.to_string();
             }
-        };
-        rec.result_domain = target.to_string();
-        rec.result_disk = t.id.to_string();
+            Some(None) => return Err(CoordError::Internal("a copy job without its tag".into())),
+            // Found done on the domain: the results are in `rec`.
+            None => {}
+        }
         Ok(())
     }
 
@@ -808,7 +980,9 @@ impl Coordinator {
 
     /// Start an agent job with `start` and follow it to its end,
     /// recording its host, id and progress; when its agent dies, start it
-    /// again on another. Returns the tag the job made.
+    /// again on another, unless the domain shows that it finished.
+    /// Returns what the agent's job made (`Some`), or `None` when the step
+    /// was found done on the domain (its results are then in `rec`).
     async fn agent_job<F, Fut>(
         self: &Arc<Self>,
         rec: &mut JobRecord,
@@ -816,7 +990,7 @@ impl Coordinator {
         dom: &uuid::Uuid,
         also: Option<&uuid::Uuid>,
         start: F,
-    ) -> Result<Option<TagInfo>>
+    ) -> Result<Option<Option<TagInfo>>>
     where
         F: Fn(AgentConn, String) -> Fut,
         Fut: std::future::Future<Output = Result<String>>,
@@ -825,34 +999,55 @@ impl Coordinator {
         loop {
             if rec.agent_job.is_empty() {
                 let rid = Self::rid(rec);
-                let (host, job) = self
+                let started = self
                     .agents
-                    .with_agent(dom, also, spread, |c| {
+                    .call_once(dom, also, spread, &HashSet::new(), |c| {
                         let rid = rid.clone();
-                        let host = c.host.clone();
+                        let (host, instance) = (c.host.clone(), c.instance.clone());
                         let f = start(c, rid);
-                        async move { f.await.map(|j| (host, j)) }
+                        async move { f.await.map(|j| (host, instance, j)) }
                     })
                     .await?;
-                rec.host = host;
-                rec.agent_job = job;
-                self.save(rec).await?;
+                match started {
+                    Once::Answered((host, instance, job)) => {
+                        rec.host = host;
+                        rec.instance = instance;
+                        rec.agent_job = job;
+                        self.save(rec).await?;
+                    }
+                    Once::Lost { host } => {
+                        tracing::warn!(job = %rec.id, host = %host, "the agent died as the job started");
+                        if self.restart(rec).await? {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                }
             }
             match self.follow(rec, lock).await? {
-                Some(t) => return Ok(t),
+                Some(t) => return Ok(Some(t)),
                 None => {
-                    // The agent is gone: start over elsewhere.
-                    rec.attempts += 1;
-                    rec.agent_job.clear();
-                    rec.host.clear();
-                    self.save(rec).await?;
+                    if self.restart(rec).await? {
+                        return Ok(None);
+                    }
                 }
             }
         }
     }
 
+    /// Count another attempt of the current step after its agent died;
+    /// `true` when the domain shows the step done anyway.
+    async fn restart(&self, rec: &mut JobRecord) -> Result<bool> {
+        rec.attempts += 1;
+        rec.agent_job.clear();
+        rec.host.clear();
+        rec.instance.clear();
+        self.save(rec).await?;
+        self.step_done(rec).await
+    }
+
     /// Follow `rec.agent_job` on `rec.host` until it ends. `Ok(None)`: the
-    /// agent (or its memory of the job) is gone.
+    /// agent process is gone (and its job with it).
     async fn follow(
         &self,
         rec: &mut JobRecord,
@@ -872,6 +1067,13 @@ impl Coordinator {
                 tracing::warn!(job = %rec.id, host = %rec.host, "the agent left the registry");
                 return Ok(None);
             };
+            if !rec.instance.is_empty()
+                && !conn.instance.is_empty()
+                && conn.instance != rec.instance
+            {
+                tracing::warn!(job = %rec.id, host = %rec.host, "the agent restarted");
+                return Ok(None);
+            }
             let _busy = self.agents.busy(&conn.host);
             match conn.job(&rec.agent_job).await {
                 Ok(j) => {
@@ -912,9 +1114,14 @@ impl Coordinator {
                     return Ok(None);
                 }
                 Err(e) if e.agent_unavailable() => {
+                    // Registered but silent: its job may still be writing,
+                    // so wait for it to answer or to leave the registry.
                     let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() > Duration::from_secs(30) {
-                        return Ok(None);
+                    if since.elapsed() > SETTLE_WAIT {
+                        return Err(CoordError::Unsettled(format!(
+                            "agent {} neither answers nor leaves the registry",
+                            rec.host
+                        )));
                     }
                     self.agents.invalidate();
                 }
@@ -937,8 +1144,10 @@ impl Coordinator {
         self.running.lock().expect("poisoned").contains(id)
     }
 
-    /// Take over a running job whose owner is gone: follow, restart or
-    /// reconcile its current step (see [`plan::adopt`]), in the background.
+    /// Take over a running job whose owner is gone, in the background:
+    /// follow its agent job while that lives; otherwise run its current
+    /// step again, which first looks at the domain for whether the dead
+    /// owner's last call took effect (see [`plan::adopt`]).
     pub async fn adopt(self: &Arc<Self>, mut rec: JobRecord) -> Result<()> {
         let previous = std::mem::replace(&mut rec.owner, self.id().to_string());
         tracing::warn!(job = %rec.id, from = %previous, step = ?rec.step, "adopting an orphaned job");
@@ -946,8 +1155,10 @@ impl Coordinator {
             false
         } else {
             match self.agents.conn_to(&rec.host).await? {
-                Some(c) => c.job(&rec.agent_job).await.is_ok(),
-                None => false,
+                Some(c) if rec.instance.is_empty() || c.instance == rec.instance => {
+                    c.job(&rec.agent_job).await.is_ok()
+                }
+                _ => false,
             }
         };
         match plan::adopt(&rec, alive) {
@@ -956,59 +1167,62 @@ impl Coordinator {
                 rec.attempts += 1;
                 rec.agent_job.clear();
                 rec.host.clear();
+                rec.instance.clear();
             }
             plan::Adopt::Reconcile => {
-                self.reconcile(&mut rec).await?;
-                return Ok(());
+                // The dead owner's one call may still be running on a live
+                // agent: wait until none runs it, so that the domain shows
+                // its outcome.
+                self.wait_unanswered(&Self::rid(&rec)).await?;
+                rec.attempts += 1;
             }
         }
         self.save(&rec).await?;
         let me = self.clone();
-        tokio::spawn(async move { me.run(rec).await });
+        tokio::spawn(async move { me.run_job(rec, true).await });
         Ok(())
     }
 
-    /// Settle a short job whose owner died during its one agent call: the
-    /// call was atomic on the domain, so look at what is there.
-    async fn reconcile(&self, rec: &mut JobRecord) -> Result<()> {
-        let dom = Self::domain_id(rec)?;
-        let outcome = match rec.kind {
-            JobKind::Create | JobKind::Clone => match self.made_by(&dom, &rec.id).await? {
-                Some(t) => {
-                    rec.result_domain = dom.to_string();
-                    rec.result_disk = t.id.to_string();
-                    Ok(())
-                }
-                None => Err("its coordinator died before the disk was made"),
-            },
-            JobKind::Delete => match self.disk(&dom.to_string(), &rec.params.disk).await {
-                Err(CoordError::NotFound { .. }) => Ok(()),
-                _ => Err("its coordinator died before the disk was deleted"),
-            },
-            JobKind::Extend => match self.disk(&dom.to_string(), &rec.params.disk).await {
-                Ok(v) if v.tag.size == rec.params.size => Ok(()),
-                _ => Err("its coordinator died before the disk was extended"),
-            },
-            _ => {
-                Err("its coordinator died during the operation; the disk shows whether it happened")
+    /// Take back this replica's own running jobs after a restart (its id
+    /// registers again, so the leader would not see them as orphans).
+    pub async fn resume_own(self: &Arc<Self>) -> Result<usize> {
+        let mut n = 0;
+        for j in self.jobs().await? {
+            if j.state != JobState::Running || j.owner != self.id() || self.runs(&j.id) {
+                continue;
             }
-        };
-        match outcome {
-            Ok(()) => {
-                rec.state = JobState::Succeeded;
-                rec.step = Step::Done;
-            }
-            Err(why) => {
-                rec.state = JobState::Failed;
-                rec.error = Some(JobError {
-                    code: tonic::Code::Aborted as i32,
-                    reason: "orphaned".into(),
-                    message: why.into(),
-                });
+            let id = j.id.clone();
+            match self.adopt(j).await {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(job = %id, error = %e, "could not resume a job"),
             }
         }
-        rec.finished = now();
-        self.save(rec).await
+        Ok(n)
+    }
+
+    /// Wait until no live agent is running request `rid`.
+    async fn wait_unanswered(&self, rid: &str) -> Result<()> {
+        let since = std::time::Instant::now();
+        loop {
+            let mut running = None;
+            for a in self.agents.list().await? {
+                let Ok(c) = self.agents.conn(&a) else {
+                    continue;
+                };
+                // An unreachable agent is dead or cut off; `settle` waits
+                // for its lease.
+                if let Ok(RequestState::Running) = c.request_state(rid).await {
+                    running = Some(a.host_id.clone());
+                }
+            }
+            let Some(host) = running else { return Ok(()) };
+            if since.elapsed() > SETTLE_WAIT {
+                return Err(CoordError::Unsettled(format!(
+                    "agent {host} is still running request {rid}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -1023,6 +1237,32 @@ fn options(name: &str, job: &str, extra: &[(&str, &str)]) -> Vec<(String, String
         }
     }
     o
+}
+
+/// A job's id: derived from its request id when there is one, so that
+/// the job record itself makes the request idempotent (one write, created
+/// once); random otherwise.
+pub fn job_id(request_id: &str) -> String {
+    if request_id.is_empty() {
+        return uuid::Uuid::new_v4().to_string();
+    }
+    let a = spread_of(request_id);
+    let b = spread_of(&format!("{request_id}#job"));
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&a.to_le_bytes());
+    bytes[8..].copy_from_slice(&b.to_le_bytes());
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// The job an earlier request with this id started, if it was the same
+/// request.
+fn same_request(rec: JobRecord, request_id: &str, fingerprint: u64) -> Result<JobRecord> {
+    if rec.request_id != request_id || rec.fingerprint != fingerprint {
+        return Err(CoordError::RequestIdReused(request_id.to_string()));
+    }
+    Ok(rec)
 }
 
 fn spread_of(s: &str) -> u64 {

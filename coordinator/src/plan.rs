@@ -45,6 +45,25 @@ pub struct AgentInfo {
     pub address: String,
     /// Domains it has open.
     pub domains: Vec<DomainRef>,
+    /// The agent process's id, new at every start (empty when unknown).
+    pub instance: String,
+    /// Its host slot on each domain, and the slot lock's fencing token:
+    /// while that token holds the slot, the process may still write.
+    pub slots: Vec<HostSlot>,
+}
+
+/// An agent's host slot on a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct HostSlot {
+    /// The domain.
+    #[serde(rename = "id")]
+    pub domain: uuid::Uuid,
+    /// The slot.
+    #[serde(rename = "host_slot")]
+    pub slot: u32,
+    /// The fencing token of its lock.
+    #[serde(rename = "host_slot_token")]
+    pub token: u64,
 }
 
 impl AgentInfo {
@@ -62,17 +81,31 @@ struct Registration {
     address: Option<String>,
     #[serde(default)]
     domains: Vec<DomainRef>,
+    #[serde(default)]
+    instance: String,
+}
+
+#[derive(Deserialize)]
+struct Slots {
+    #[serde(default)]
+    domains: Vec<HostSlot>,
 }
 
 /// Read an agent's registry entry (`cairn/agents/<host id>`). Agents that
 /// listen only on a unix socket register no address and are skipped.
 pub fn parse_registration(value: &str) -> Option<AgentInfo> {
     let r: Registration = serde_json::from_str(value).ok()?;
+    // Older agents registered no slot tokens.
+    let slots = serde_json::from_str::<Slots>(value)
+        .map(|s| s.domains)
+        .unwrap_or_default();
     Some(AgentInfo {
         host_id: r.host_id,
         host_name: r.host_name,
         address: r.address?,
         domains: r.domains,
+        instance: r.instance,
+        slots,
     })
 }
 
@@ -523,6 +556,9 @@ pub struct JobRecord {
     /// The agent's job id for the step.
     #[serde(default)]
     pub agent_job: String,
+    /// The agent process running `agent_job` (its instance id).
+    #[serde(default)]
+    pub instance: String,
     /// The coordinator running it.
     pub owner: String,
     /// Progress of the current step.
@@ -576,6 +612,7 @@ impl JobRecord {
             step: Step::Begin,
             host: String::new(),
             agent_job: String::new(),
+            instance: String::new(),
             owner: owner.to_string(),
             done: 0,
             total: 0,
@@ -596,22 +633,17 @@ pub fn job_key(id: &str) -> String {
     format!("cairn/jobs/{id}")
 }
 
-/// The store key that maps a request id to its job.
-pub fn request_key(request_id: &str) -> String {
-    // Request ids are free text: keep the key to plain characters.
-    let safe: String = request_id.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("cairn/requests/{safe}")
-}
-
 /// What the leader does with a running job whose owner is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Adopt {
     /// Keep following the agent's job at this step.
     Follow,
-    /// Start the step again (the agent or its job is gone; the step is
-    /// safe to repeat).
+    /// Start the step again: the agent's job is gone (the step first
+    /// looks on the domain for whether it finished).
     Restart,
-    /// Look on the domain for what the job made, then finish or fail it.
+    /// The dead owner's one agent call may still be running: wait until no
+    /// agent runs it, then run the step again (which first looks on the
+    /// domain for whether the call took effect).
     Reconcile,
 }
 
@@ -620,8 +652,8 @@ pub enum Adopt {
 pub fn adopt(rec: &JobRecord, agent_job_alive: bool) -> Adopt {
     match rec.step {
         Step::Copy | Step::Merge if agent_job_alive => Adopt::Follow,
-        Step::Copy | Step::Merge | Step::Swap | Step::DeleteSource | Step::Begin => Adopt::Restart,
-        Step::Call | Step::Done => Adopt::Reconcile,
+        Step::Copy | Step::Merge | Step::Begin => Adopt::Restart,
+        Step::Call | Step::Swap | Step::DeleteSource | Step::Done => Adopt::Reconcile,
     }
 }
 
@@ -631,6 +663,8 @@ mod tests {
 
     fn agent(id: &str, doms: &[uuid::Uuid]) -> AgentInfo {
         AgentInfo {
+            instance: String::new(),
+            slots: Vec::new(),
             host_id: id.into(),
             host_name: id.into(),
             address: format!("http://{id}"),
@@ -730,7 +764,13 @@ mod tests {
         assert_eq!(adopt(&r, true), Adopt::Follow);
         assert_eq!(adopt(&r, false), Adopt::Restart);
         r.step = Step::Swap;
-        assert_eq!(adopt(&r, true), Adopt::Restart);
+        assert_eq!(
+            adopt(&r, true),
+            Adopt::Reconcile,
+            "a single call may be in flight"
+        );
+        r.step = Step::Begin;
+        assert_eq!(adopt(&r, false), Adopt::Restart);
         r.step = Step::Call;
         assert_eq!(adopt(&r, false), Adopt::Reconcile);
     }

@@ -125,6 +125,15 @@ pub async fn serve(
     let key = format!("{}{}", crate::leader::REPLICAS, opts.id);
     let kv2 = kv.clone();
     tokio::task::spawn_blocking(move || kv2.register(&key, &reg)).await??;
+    // Jobs this replica's previous run left running.
+    let me = coord.clone();
+    tokio::spawn(async move {
+        match me.resume_own().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(jobs = n, "resumed jobs a previous run of this replica left"),
+            Err(e) => tracing::warn!(error = %e, "could not look for jobs to resume"),
+        }
+    });
     let leader = tokio::spawn(crate::leader::run(
         coord.clone(),
         opts.duty_interval,

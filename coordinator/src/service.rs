@@ -29,6 +29,7 @@ pub fn code_of(e: &CoordError) -> Code {
         CoordError::Store(_) => Code::Unavailable,
         CoordError::Cancelled => Code::Cancelled,
         CoordError::TooLate(_) => Code::FailedPrecondition,
+        CoordError::Unsettled(_) => Code::Unavailable,
         CoordError::Internal(_) => Code::Internal,
     }
 }

@@ -441,6 +441,14 @@ impl Domain {
     pub fn slot(&self) -> Option<u32> {
         self.claim.as_ref().map(|c| c.slot)
     }
+
+    /// The fencing token of this handle's host slot lock (None when
+    /// read-only). Others can tell from it whether the slot is still held
+    /// by this handle's session.
+    pub fn slot_token(&self) -> Option<u64> {
+        self.claim.as_ref().map(|c| c.guard.token())
+    }
+
     /// Whether this handle's host slot lock is gone for good (a lease-based
     /// lock whose session ended): it can never write again, and another
     /// host may recover its journal.
@@ -601,9 +609,11 @@ impl Domain {
     }
 
     /// Make sure no host slot belongs to a dead host with an unrecovered
-    /// journal; recover any that does. Runs after a transaction has taken
-    /// its locks, so what it then reads is never half of a dead host's work.
-    pub(crate) fn barrier(&self) -> Result<()> {
+    /// journal; recover any that does, and wait for those another host is
+    /// recovering. Runs after a transaction has taken its locks, so what it
+    /// then reads is never half of a dead host's work; callers that only
+    /// read use it to settle the domain after a host died.
+    pub fn barrier(&self) -> Result<()> {
         let me = self.claim.as_ref().map(|c| c.slot);
         let deadline = Instant::now() + self.lock_timeout;
         loop {

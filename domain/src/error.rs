@@ -158,11 +158,8 @@ impl DomainError {
         }
     }
 
-    pub(crate) fn corrupt(
-        what: impl Into<String>,
-        offset: u64,
-        detail: impl Into<String>,
-    ) -> DomainError {
+    /// Damage found at `offset` while reading `what`.
+    pub fn corrupt(what: impl Into<String>, offset: u64, detail: impl Into<String>) -> DomainError {
         DomainError::Corrupt {
             what: what.into(),
             offset,

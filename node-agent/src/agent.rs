@@ -138,6 +138,18 @@ pub struct CreatedVolume {
     pub lock_id: Option<String>,
 }
 
+/// What a snapshot's weak tag says.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotSpec {
+    /// Shown with the snapshot (at most 256 bytes are kept on its tag).
+    pub description: String,
+    /// Bytes of extent run for the new volume; 0 sizes it for the whole
+    /// virtual size.
+    pub size: u64,
+    /// More options for the weak tag.
+    pub options: Vec<(String, String)>,
+}
+
 /// What Snapshot made.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -203,6 +215,8 @@ pub struct CheckResult {
 
 /// The node agent.
 pub struct Agent {
+    /// New at every start (see `instance`).
+    instance: uuid::Uuid,
     domains: Vec<Arc<Opened>>,
     loops: Arc<dyn LoopControl>,
     /// Serialises changes to activations.
@@ -297,6 +311,7 @@ impl Agent {
             )))?);
         }
         let agent = Agent {
+            instance: uuid::Uuid::new_v4(),
             domains,
             loops,
             act: Mutex::new(()),
@@ -324,6 +339,12 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// This process's id, new at every start: callers tell a restarted
+    /// agent, which has forgotten its request ids, from the same one.
+    pub fn instance(&self) -> uuid::Uuid {
+        self.instance
     }
 
     /// The open domains.
@@ -1220,12 +1241,25 @@ impl Agent {
         &self,
         o: &Opened,
         disk: &TagId,
-        description: String,
-        size: u64,
+        spec: SnapshotSpec,
         clone: Option<&TagSpec>,
         request_id: [u8; 16],
     ) -> Result<Snapshot> {
+        let SnapshotSpec {
+            description,
+            size,
+            options,
+        } = spec;
         validate_description(&description)?;
+        if let Some((k, _)) = options
+            .iter()
+            .find(|(k, _)| k == SNAP_KEY || k == SNAP_DESC_KEY)
+        {
+            return Err(AgentError::invalid(
+                "snapshot_options",
+                format!("{k} is set by the agent"),
+            ));
+        }
         if let Some(c) = clone {
             validate_tag_spec(c)?;
             if c.tag_type != TagType::Strong {
@@ -1261,6 +1295,7 @@ impl Agent {
                     (!description.is_empty())
                         .then(|| (SNAP_DESC_KEY.into(), clip(&description, 256).to_string())),
                 )
+                .chain(options)
                 .collect(),
             tag_type: TagType::Weak,
             state: TagState::Optimized,

@@ -541,6 +541,8 @@ impl Agent {
         collect_garbage: bool,
     ) -> Result<(Vec<u32>, u32, u32, Vec<VolumeId>)> {
         let reports = o.domain.recover_dead_hosts()?;
+        // And wait for the slots other hosts are recovering.
+        o.domain.barrier()?;
         let (mut fwd, mut back) = (0, 0);
         for (_, r) in &reports {
             fwd += r.forward.len() as u32;

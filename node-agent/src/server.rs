@@ -125,12 +125,14 @@ pub async fn serve(
         let value = serde_json::json!({
             "host_id": host.id,
             "host_name": host.name,
+            "instance": agent.instance(),
             "address": bound.listen.map(|a| format!("http://{a}")),
             "domains": agent.domains().iter().map(|o| serde_json::json!({
                 "id": o.id(),
                 "name": o.name(),
                 "path": o.path,
                 "host_slot": o.domain.slot(),
+                "host_slot_token": o.domain.slot_token(),
             })).collect::<Vec<_>>(),
         })
         .to_string();

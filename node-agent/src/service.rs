@@ -113,6 +113,23 @@ impl RequestLog {
         }
         s
     }
+
+    /// What is known of request id `id`, under any method.
+    fn state(&self, id: &str) -> pb::RequestState {
+        let g = self.inner.lock().expect("poisoned");
+        let mut out = pb::RequestState::Unknown;
+        for ((_, rid), slot) in &g.map {
+            if rid != id {
+                continue;
+            }
+            out = match slot.try_lock() {
+                Err(_) => return pb::RequestState::Running,
+                Ok(r) if r.is_some() => pb::RequestState::Answered,
+                Ok(_) => pb::RequestState::Failed,
+            };
+        }
+        out
+    }
 }
 
 /// FNV-1a of a request's bytes: only equality of requests matters here.
@@ -152,15 +169,33 @@ pub struct AgentService {
     agent: Arc<Agent>,
     log: Arc<RequestLog>,
     metrics: Arc<Metrics>,
+    /// Fault injection for crash tests: die right after one of these
+    /// methods' change is committed, before answering (see [`FAULT_ENV`]).
+    exit_after: Vec<String>,
 }
+
+/// The environment variable that names methods (comma-separated) after
+/// whose commit the agent process dies without answering, as a host crashing at that point
+/// would. For crash tests only; unset in any real deployment.
+pub const FAULT_ENV: &str = "CAIRN_FAULT_EXIT_AFTER_COMMIT";
 
 impl AgentService {
     /// Serve `agent`.
     pub fn new(agent: Arc<Agent>, metrics: Arc<Metrics>) -> AgentService {
+        let exit_after: Vec<String> = std::env::var(FAULT_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        if !exit_after.is_empty() {
+            tracing::warn!(methods = ?exit_after, "fault injection: this agent dies after a commit");
+        }
         AgentService {
             agent,
             log: Arc::new(RequestLog::default()),
             metrics,
+            exit_after,
         }
     }
 
@@ -227,6 +262,16 @@ impl AgentService {
             return Ok(Response::new(resp));
         }
         let resp = run.await?;
+        if self.exit_after.iter().any(|m| m == method) {
+            tracing::error!(
+                method,
+                request_id,
+                "fault injection: dying after the commit"
+            );
+            // SAFETY: ends this process at once, as a crash would: no
+            // destructors, no answer, no slot released.
+            unsafe { libc::_exit(137) };
+        }
         *g = Some(Remembered {
             fingerprint: fp,
             response: resp.encode_to_vec(),
@@ -419,6 +464,7 @@ fn pb_domain(o: &Opened) -> R<pb::DomainInfo> {
         tag_slots_total: u.tag_slots,
         tags: u.tags,
         host_slots_total: g.host_slots,
+        host_slot_token: o.domain.slot_token().unwrap_or(0),
     })
 }
 
@@ -588,15 +634,47 @@ impl pb::agent_server::Agent for AgentService {
         self.run("recover_domain", move |a| {
             let o = a.domain(&r.domain)?;
             let (slots, fwd, back, removed) = a.recover_domain(&o, r.collect_garbage)?;
+            let mut active_slots = Vec::new();
+            for (i, h) in o.domain.read_slot_headers()?.into_iter().enumerate() {
+                match h {
+                    Ok(h) if h.state == cairn_domain::layout::slot_state::ACTIVE => active_slots
+                        .push(pb::ActiveSlot {
+                            slot: i as u32,
+                            token: h.token,
+                        }),
+                    Ok(_) => {}
+                    Err(d) => {
+                        return Err(AgentError::Domain(DomainError::corrupt(
+                            format!("host slot {i} header"),
+                            o.domain.geometry().slot_off(i as u32),
+                            d,
+                        )))
+                    }
+                }
+            }
             Ok(pb::RecoverDomainResponse {
                 slots_recovered: slots,
                 rolled_forward: fwd,
                 rolled_back: back,
                 volumes_removed: removed.iter().map(|v| v.to_string()).collect(),
+                active_slots,
             })
         })
         .await
         .map(Response::new)
+    }
+
+    async fn get_request(
+        &self,
+        r: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::GetRequestResponse>, Status> {
+        let r = r.into_inner();
+        if let Err(e) = check_request_id(&r.request_id) {
+            return Err(to_status(&e));
+        }
+        Ok(Response::new(pb::GetRequestResponse {
+            state: self.log.state(&r.request_id) as i32,
+        }))
     }
 
     async fn copy_volume(
@@ -750,7 +828,10 @@ impl pb::agent_server::Agent for AgentService {
                 .iter()
                 .map(|o| pb_domain(o))
                 .collect::<R<Vec<_>>>()?;
-            Ok(pb::ListDomainsResponse { domains })
+            Ok(pb::ListDomainsResponse {
+                domains,
+                instance: a.instance().to_string(),
+            })
         })
         .await
         .map(Response::new)
@@ -1274,11 +1355,19 @@ impl pb::agent_server::Agent for AgentService {
                 let o = a.domain(&req.domain)?;
                 let id = tag_id("tag_id", &req.tag_id)?;
                 let clone = req.clone.as_ref().map(tag_spec_of).transpose()?;
+                let spec = agent::SnapshotSpec {
+                    description: req.description.clone(),
+                    size: req.size,
+                    options: req
+                        .snapshot_options
+                        .iter()
+                        .map(|kv| (kv.key.clone(), kv.value.clone()))
+                        .collect(),
+                };
                 let s = a.snapshot(
                     &o,
                     &id,
-                    req.description.clone(),
-                    req.size,
+                    spec,
                     clone.as_ref(),
                     request_bytes(&req.request_id),
                 )?;

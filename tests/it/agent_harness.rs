@@ -63,6 +63,16 @@ impl AgentProc {
 
     /// Start with more arguments (e.g. `--etcd URL --host-id ID`).
     pub fn start_with(domain: &Path, dir: &Path, extra: &[String]) -> AgentProc {
+        AgentProc::start_with_env(domain, dir, extra, &[])
+    }
+
+    /// Start with more environment variables.
+    pub fn start_with_env(
+        domain: &Path,
+        dir: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("agent.sock");
         let io = dir.join("io");
@@ -89,6 +99,7 @@ impl AgentProc {
                 "RUST_LOG",
                 std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             // Its own process group: pausing the group pauses the agent
             // with its qemu-img children, as a frozen host would be.
