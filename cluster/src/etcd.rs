@@ -598,6 +598,87 @@ impl Inner {
         Ok(kept)
     }
 
+    /// Give back turns taken by `acquire_all` that it could not use: a
+    /// handed-over key is released (or handed on) as a guard would be.
+    fn give_back(self: &Arc<Self>, turns: Vec<(Resource, String, Option<Kept>)>) {
+        for (r, key, kept) in turns {
+            match kept {
+                Some(k) => drop(LockGuard::new(
+                    r,
+                    Box::new(EtcdHeld {
+                        inner: self.clone(),
+                        key,
+                        revision: k.revision,
+                        epoch: k.epoch,
+                        token: k.token,
+                    }),
+                )),
+                None => self.leave_local(&key),
+            }
+        }
+    }
+
+    /// Take every key of `rs` in one transaction if all are free (and in
+    /// one domain): `Some((epoch, revision, token))`, the same for all;
+    /// `None` when one is held (or the attempt should be made key by key).
+    async fn try_all(
+        self: &Arc<Self>,
+        rs: &[Resource],
+        deadline: Instant,
+    ) -> Result<Option<(u64, i64, Token)>> {
+        let domain = rs[0].domain;
+        if rs.iter().any(|r| r.domain != domain) {
+            return Ok(None);
+        }
+        let s = self.current(deadline).await?;
+        let base = self.base(domain).await?;
+        let bkey = base_key(domain);
+        let mut c = self.client.clone();
+        let keys: Vec<String> = rs.iter().map(|r| r.key()).collect();
+        let mut puts: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| {
+                TxnOp::put(
+                    k.clone(),
+                    self.cfg.holder.clone(),
+                    Some(PutOptions::new().with_lease(s.lease)),
+                )
+            })
+            .collect();
+        puts.push(TxnOp::get(bkey, None));
+        let txn = Txn::new()
+            .when(
+                keys.iter()
+                    .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(puts)
+            .or_else([]);
+        let resp = match c.txn(txn).await {
+            Ok(r) => r,
+            // Key by key, which renews the session.
+            Err(e) if e.to_string().contains("lease not found") => return Ok(None),
+            Err(e) => return Err(lock_err("locking several keys")(e)),
+        };
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let now_base = match resp.op_responses().last() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        };
+        if now_base.as_deref().map(|v| parse_base(Some(v)).ok()) != Some(Some(base)) {
+            // A wiped etcd: undo, and let the key-by-key path start over.
+            self.bases.lock().expect("poisoned").remove(&domain);
+            for k in &keys {
+                let _ = c.delete(k.clone(), None).await;
+            }
+            return Ok(None);
+        }
+        Ok(Some((s.epoch, rev, base + rev as u64)))
+    }
+
     /// Record the etcd key a thread of this process took for `key`.
     fn took_local(&self, key: &str, epoch: u64, revision: i64) {
         let mut m = self.local.lock().expect("poisoned");
@@ -734,6 +815,122 @@ impl LockService for EtcdLockService {
 
     fn takeover_delay(&self) -> Duration {
         self.inner.cfg.margin
+    }
+
+    fn acquire_all(&self, resources: &[Resource], timeout: Duration) -> Result<Vec<LockGuard>> {
+        if resources.len() < 2 {
+            return resources.iter().map(|r| self.acquire(r, timeout)).collect();
+        }
+        let inner = self.inner.clone();
+        let deadline = Instant::now() + timeout;
+        // This process's turn at each key first, in order; a handoff from
+        // the previous holder here comes with its etcd key.
+        let mut turns: Vec<(Resource, String, Option<Kept>)> = Vec::new();
+        for r in resources {
+            let key = r.key();
+            match inner.enter_local(&key, deadline, timeout.is_zero()) {
+                Ok(k) => turns.push((r.clone(), key, k)),
+                Err(e) => {
+                    inner.give_back(turns);
+                    return Err(e);
+                }
+            }
+        }
+        // The keys still to take in etcd: all in one transaction when all
+        // are free, else one by one (waiting for each, in order).
+        let need: Vec<Resource> = turns
+            .iter()
+            .filter(|t| t.2.is_none())
+            .map(|t| t.0.clone())
+            .collect();
+        let at_once = if need.is_empty() {
+            None
+        } else {
+            match inner.rt().block_on(inner.try_all(&need, deadline)) {
+                Ok(v) => v,
+                Err(e) => {
+                    inner.give_back(turns);
+                    return Err(e);
+                }
+            }
+        };
+        let mut guards = Vec::with_capacity(turns.len());
+        let mut pending = turns.into_iter();
+        while let Some((r, key, kept)) = pending.next() {
+            let made = |epoch, revision, token| {
+                inner.took_local(&key, epoch, revision);
+                LockGuard::new(
+                    r.clone(),
+                    Box::new(EtcdHeld {
+                        inner: inner.clone(),
+                        key: key.clone(),
+                        revision,
+                        epoch,
+                        token,
+                    }),
+                )
+            };
+            let held = match (kept, &at_once) {
+                (Some(k), _) => Ok(made(k.epoch, k.revision, k.token)),
+                (None, Some((epoch, rev, token))) => Ok(made(*epoch, *rev, *token)),
+                (None, None) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    inner
+                        .rt()
+                        .block_on(async { inner.acquire(&r, left).await })
+                        .map(|(g, epoch, rev)| {
+                            inner.took_local(&key, epoch, rev);
+                            g
+                        })
+                }
+            };
+            match held {
+                Ok(g) => guards.push(g),
+                Err(e) => {
+                    inner.leave_local(&key);
+                    inner.give_back(pending.collect());
+                    // Dropping the guards taken so far releases them.
+                    drop(guards);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(guards)
+    }
+
+    fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {
+        if resources.len() < 2 {
+            return resources.iter().map(|r| self.holder(r)).collect();
+        }
+        let inner = self.inner.clone();
+        inner.rt().block_on(async {
+            let mut bases = HashMap::new();
+            for r in resources {
+                if let std::collections::hash_map::Entry::Vacant(e) = bases.entry(r.domain) {
+                    e.insert(inner.base(r.domain).await?);
+                }
+            }
+            let mut c = inner.client.clone();
+            let txn = Txn::new().and_then(
+                resources
+                    .iter()
+                    .map(|r| TxnOp::get(r.key(), None))
+                    .collect::<Vec<_>>(),
+            );
+            let resp = c.txn(txn).await.map_err(lock_err("reading lock holders"))?;
+            let ops = resp.op_responses();
+            Ok(resources
+                .iter()
+                .zip(ops)
+                .map(|(r, op)| match op {
+                    TxnOpResponse::Get(g) => g
+                        .kvs()
+                        .first()
+                        .map(|kv| bases[&r.domain] + kv.create_revision() as u64),
+                    _ => None,
+                })
+                .collect())
+        })
     }
 
     fn holder(&self, resource: &Resource) -> Result<Option<Token>> {

@@ -318,14 +318,6 @@ impl Coordinator {
         }
         validate(kind, &params)?;
         let id = job_id(request_id);
-        if !request_id.is_empty() {
-            // A retry: no need to look at the cluster again.
-            match self.job(&id).await {
-                Ok(rec) => return same_request(rec, request_id, fingerprint),
-                Err(CoordError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
         let d = self.domain(&params.domain).await?;
         params.domain = d.id.to_string();
         if !params.target_domain.is_empty() {

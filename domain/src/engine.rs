@@ -617,7 +617,7 @@ impl Domain {
         let me = self.claim.as_ref().map(|c| c.slot);
         let deadline = Instant::now() + self.lock_timeout;
         loop {
-            let mut waiting = None;
+            let mut active = Vec::new();
             for (i, h) in self.read_slot_headers()?.into_iter().enumerate() {
                 let i = i as u32;
                 if Some(i) == me {
@@ -626,18 +626,26 @@ impl Domain {
                 let h = h.map_err(|d| {
                     DomainError::corrupt(format!("host slot {i} header"), self.geom.slot_off(i), d)
                 })?;
-                if h.state != slot_state::ACTIVE {
-                    continue;
+                if h.state == slot_state::ACTIVE {
+                    active.push((i, h.token));
                 }
-                let res = self.resource(ResourceKind::HostSlot(i));
-                match self.locks.holder(&res)? {
-                    Some(t) if t == h.token => {}
-                    Some(_) => waiting = Some(i),
-                    None => match self.locks.acquire(&res, Duration::ZERO) {
+            }
+            // Whose slot locks are held, read at once.
+            let res: Vec<Resource> = active
+                .iter()
+                .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
+                .collect();
+            let holders = self.locks.holders(&res)?;
+            let mut waiting = None;
+            for (((i, token), res), holder) in active.iter().zip(&res).zip(holders) {
+                match holder {
+                    Some(t) if t == *token => {}
+                    Some(_) => waiting = Some(*i),
+                    None => match self.locks.acquire(res, Duration::ZERO) {
                         Ok(g) => {
-                            self.recover_dead_slot(i, &g)?;
+                            self.recover_dead_slot(*i, &g)?;
                         }
-                        Err(DomainError::LockTimeout { .. }) => waiting = Some(i),
+                        Err(DomainError::LockTimeout { .. }) => waiting = Some(*i),
                         Err(e) => return Err(e),
                     },
                 }
@@ -1104,14 +1112,14 @@ impl Domain {
             attempts += 1;
             wanted.sort();
             wanted.dedup();
-            let mut owned: BTreeMap<Resource, LockGuard> = BTreeMap::new();
-            for r in &wanted {
-                if held.contains_key(r) {
-                    continue;
-                }
-                let g = self.locks.acquire(r, self.lock_timeout)?;
-                owned.insert(r.clone(), g);
-            }
+            // All at once where the lock service can (one etcd round trip).
+            let take: Vec<Resource> = wanted
+                .iter()
+                .filter(|r| !held.contains_key(r))
+                .cloned()
+                .collect();
+            let got = self.locks.acquire_all(&take, self.lock_timeout)?;
+            let owned: BTreeMap<Resource, LockGuard> = take.into_iter().zip(got).collect();
             self.barrier()?;
             let mut guards: BTreeMap<Resource, &LockGuard> = held.clone();
             for (r, g) in &owned {

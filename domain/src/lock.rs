@@ -156,6 +156,18 @@ pub trait LockService: Send + Sync {
     fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard>;
     /// The token of whoever holds the lock now, if anyone does.
     fn holder(&self, resource: &Resource) -> Result<Option<Token>>;
+    /// Take every lock of `resources` (sorted, distinct: the fixed order),
+    /// waiting up to `timeout` for each; all or none. A service that can
+    /// take free locks in one round trip does so; by default they are taken
+    /// one by one.
+    fn acquire_all(&self, resources: &[Resource], timeout: Duration) -> Result<Vec<LockGuard>> {
+        resources.iter().map(|r| self.acquire(r, timeout)).collect()
+    }
+    /// The holders of several locks, read at one moment where the service
+    /// can.
+    fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {
+        resources.iter().map(|r| self.holder(r)).collect()
+    }
     /// How long a new holder of a lock whose previous holder died waits
     /// before touching what that holder may have been writing: the margin
     /// by which a lease-based holder stops writing before its lease can
@@ -519,6 +531,7 @@ pub mod conformance {
         tokens_grow(make);
         blocking_wait(make);
         two_handles_exclude(make);
+        acquire_all_is_all_or_none(make);
     }
 
     /// A held lock cannot be taken again; other resources can.
@@ -579,6 +592,45 @@ pub mod conformance {
         std::thread::sleep(Duration::from_millis(50));
         drop(g);
         assert!(t.join().unwrap() >= first);
+    }
+
+    /// Several locks are taken together or not at all; holders reads
+    /// several at once.
+    pub fn acquire_all_is_all_or_none(make: &dyn Fn() -> Arc<dyn LockService>) {
+        let a = make();
+        let b = make();
+        let d = uuid::Uuid::new_v4();
+        let set = [res(d, 1), res(d, 2), res(d, 3)];
+        let mut gs = a.acquire_all(&set, Duration::ZERO).unwrap();
+        assert_eq!(gs.len(), 3);
+        for (g, r) in gs.iter().zip(&set) {
+            assert_eq!(g.resource(), r);
+            g.check().unwrap();
+        }
+        let want: Vec<Option<Token>> = gs.iter().map(|g| Some(g.token())).collect();
+        assert_eq!(b.holders(&set).unwrap(), want);
+        drop(gs.pop());
+        // One of b's set is held: b gets none, and keeps none.
+        let e = b
+            .acquire_all(&[res(d, 2), res(d, 4)], Duration::from_millis(30))
+            .unwrap_err();
+        assert!(matches!(e, DomainError::LockTimeout { .. }), "{e}");
+        assert_eq!(b.holder(&res(d, 4)).unwrap(), None);
+        assert_eq!(b.holder(&res(d, 3)).unwrap(), None);
+        // The same handle waits for its own holders too.
+        assert!(a
+            .acquire_all(&[res(d, 1), res(d, 5)], Duration::ZERO)
+            .is_err());
+        assert_eq!(a.holder(&res(d, 5)).unwrap(), None);
+        let last = gs.iter().map(|g| g.token()).max().unwrap();
+        drop(gs);
+        let gs = b.acquire_all(&set, Duration::from_secs(5)).unwrap();
+        assert!(gs.iter().all(|g| g.token() > last));
+        assert_eq!(
+            a.holders(&set).unwrap(),
+            gs.iter().map(|g| Some(g.token())).collect::<Vec<_>>()
+        );
+        assert_eq!(a.holders(&[]).unwrap(), vec![]);
     }
 
     /// Two handles on the same backend exclude each other.
