@@ -621,13 +621,15 @@ impl Inner {
     /// Take every key of `rs` in one transaction if all are free (and in
     /// one domain): `Some((epoch, revision, token))`, the same for all;
     /// `None` when one is held (or the attempt should be made key by key).
+    #[allow(clippy::type_complexity)]
     async fn try_all(
         self: &Arc<Self>,
         rs: &[Resource],
         deadline: Instant,
-    ) -> Result<Option<(u64, i64, Token)>> {
+        read: &[Resource],
+    ) -> Result<Option<((u64, i64, Token), Vec<Option<Token>>)>> {
         let domain = rs[0].domain;
-        if rs.iter().any(|r| r.domain != domain) {
+        if rs.iter().chain(read).any(|r| r.domain != domain) {
             return Ok(None);
         }
         let s = self.current(deadline).await?;
@@ -645,6 +647,8 @@ impl Inner {
                 )
             })
             .collect();
+        // The holders asked for, as of the moment these locks are ours.
+        puts.extend(read.iter().map(|r| TxnOp::get(r.key(), None)));
         puts.push(TxnOp::get(bkey, None));
         let txn = Txn::new()
             .when(
@@ -676,7 +680,17 @@ impl Inner {
             }
             return Ok(None);
         }
-        Ok(Some((s.epoch, rev, base + rev as u64)))
+        let ops = resp.op_responses();
+        let seen = ops[keys.len()..keys.len() + read.len()]
+            .iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(g) => {
+                    g.kvs().first().map(|kv| base + kv.create_revision() as u64)
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(Some(((s.epoch, rev, base + rev as u64), seen)))
     }
 
     /// Record the etcd key a thread of this process took for `key`.
@@ -818,8 +832,21 @@ impl LockService for EtcdLockService {
     }
 
     fn acquire_all(&self, resources: &[Resource], timeout: Duration) -> Result<Vec<LockGuard>> {
-        if resources.len() < 2 {
-            return resources.iter().map(|r| self.acquire(r, timeout)).collect();
+        Ok(self.acquire_all_then_read(resources, timeout, &[])?.0)
+    }
+
+    fn acquire_all_then_read(
+        &self,
+        resources: &[Resource],
+        timeout: Duration,
+        read: &[Resource],
+    ) -> Result<(Vec<LockGuard>, Vec<Option<Token>>)> {
+        if resources.len() < 2 && read.is_empty() {
+            let guards = resources
+                .iter()
+                .map(|r| self.acquire(r, timeout))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((guards, Vec::new()));
         }
         let inner = self.inner.clone();
         let deadline = Instant::now() + timeout;
@@ -846,7 +873,7 @@ impl LockService for EtcdLockService {
         let at_once = if need.is_empty() {
             None
         } else {
-            match inner.rt().block_on(inner.try_all(&need, deadline)) {
+            match inner.rt().block_on(inner.try_all(&need, deadline, read)) {
                 Ok(v) => v,
                 Err(e) => {
                     inner.give_back(turns);
@@ -872,7 +899,7 @@ impl LockService for EtcdLockService {
             };
             let held = match (kept, &at_once) {
                 (Some(k), _) => Ok(made(k.epoch, k.revision, k.token)),
-                (None, Some((epoch, rev, token))) => Ok(made(*epoch, *rev, *token)),
+                (None, Some(((epoch, rev, token), _))) => Ok(made(*epoch, *rev, *token)),
                 (None, None) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     inner
@@ -895,7 +922,11 @@ impl LockService for EtcdLockService {
                 }
             }
         }
-        Ok(guards)
+        let seen = match at_once {
+            Some((_, seen)) if seen.len() == read.len() => seen,
+            _ => self.holders(read)?,
+        };
+        Ok((guards, seen))
     }
 
     fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {

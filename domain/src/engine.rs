@@ -614,40 +614,63 @@ impl Domain {
     /// then reads is never half of a dead host's work; callers that only
     /// read use it to settle the domain after a host died.
     pub fn barrier(&self) -> Result<()> {
+        self.barrier_from(None)
+    }
+
+    /// The other hosts' active slots with the tokens their headers record.
+    fn active_slots(&self) -> Result<Vec<(u32, Token)>> {
         let me = self.claim.as_ref().map(|c| c.slot);
+        let mut active = Vec::new();
+        for (i, h) in self.read_slot_headers()?.into_iter().enumerate() {
+            let i = i as u32;
+            if Some(i) == me {
+                continue;
+            }
+            let h = h.map_err(|d| {
+                DomainError::corrupt(format!("host slot {i} header"), self.geom.slot_off(i), d)
+            })?;
+            if h.state == slot_state::ACTIVE {
+                active.push((i, h.token));
+            }
+        }
+        Ok(active)
+    }
+
+    /// The barrier, starting from slots and holders already read.
+    #[allow(clippy::type_complexity)]
+    fn barrier_from(
+        &self,
+        mut known: Option<(Vec<(u32, Token)>, Vec<Option<Token>>)>,
+    ) -> Result<()> {
         let deadline = Instant::now() + self.lock_timeout;
         loop {
-            let mut active = Vec::new();
-            for (i, h) in self.read_slot_headers()?.into_iter().enumerate() {
-                let i = i as u32;
-                if Some(i) == me {
-                    continue;
+            let (active, holders) = match known.take() {
+                Some(k) => k,
+                None => {
+                    let active = self.active_slots()?;
+                    let res: Vec<Resource> = active
+                        .iter()
+                        .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
+                        .collect();
+                    let holders = self.locks.holders(&res)?;
+                    (active, holders)
                 }
-                let h = h.map_err(|d| {
-                    DomainError::corrupt(format!("host slot {i} header"), self.geom.slot_off(i), d)
-                })?;
-                if h.state == slot_state::ACTIVE {
-                    active.push((i, h.token));
-                }
-            }
-            // Whose slot locks are held, read at once.
-            let res: Vec<Resource> = active
-                .iter()
-                .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
-                .collect();
-            let holders = self.locks.holders(&res)?;
+            };
             let mut waiting = None;
-            for (((i, token), res), holder) in active.iter().zip(&res).zip(holders) {
+            for ((i, token), holder) in active.iter().zip(holders) {
                 match holder {
                     Some(t) if t == *token => {}
                     Some(_) => waiting = Some(*i),
-                    None => match self.locks.acquire(res, Duration::ZERO) {
-                        Ok(g) => {
-                            self.recover_dead_slot(*i, &g)?;
+                    None => {
+                        let res = self.resource(ResourceKind::HostSlot(*i));
+                        match self.locks.acquire(&res, Duration::ZERO) {
+                            Ok(g) => {
+                                self.recover_dead_slot(*i, &g)?;
+                            }
+                            Err(DomainError::LockTimeout { .. }) => waiting = Some(*i),
+                            Err(e) => return Err(e),
                         }
-                        Err(DomainError::LockTimeout { .. }) => waiting = Some(*i),
-                        Err(e) => return Err(e),
-                    },
+                    }
                 }
             }
             let Some(i) = waiting else { return Ok(()) };
@@ -1118,9 +1141,21 @@ impl Domain {
                 .filter(|r| !held.contains_key(r))
                 .cloned()
                 .collect();
-            let got = self.locks.acquire_all(&take, self.lock_timeout)?;
+            // The other hosts' slots, and whether their owners still hold
+            // them, read in the same round trip as our locks are taken.
+            let active = self.active_slots()?;
+            let slot_res: Vec<Resource> = active
+                .iter()
+                .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
+                .collect();
+            let (got, holders) =
+                self.locks
+                    .acquire_all_then_read(&take, self.lock_timeout, &slot_res)?;
             let owned: BTreeMap<Resource, LockGuard> = take.into_iter().zip(got).collect();
-            self.barrier()?;
+            // Slots claimed or given up while we waited make the early read
+            // stale: then read the holders again.
+            let known = (self.active_slots()? == active).then_some((active, holders));
+            self.barrier_from(known)?;
             let mut guards: BTreeMap<Resource, &LockGuard> = held.clone();
             for (r, g) in &owned {
                 guards.insert(r.clone(), g);
@@ -1504,8 +1539,10 @@ struct Planner<'p> {
     writer: u16,
     vols: BTreeMap<u32, Entry<Volume>>,
     tags: BTreeMap<u32, Entry<Tag>>,
-    new_volumes: Vec<(VolumeId, LockGuard)>,
-    new_tags: Vec<(TagId, LockGuard)>,
+    /// Created objects; their locks are taken together once planning is
+    /// done (`lock_new`).
+    new_volumes: Vec<(VolumeId, Option<LockGuard>)>,
+    new_tags: Vec<(TagId, Option<LockGuard>)>,
     set_bits: Vec<(u8, u64, u64)>,
     clear_bits: Vec<(u8, u64, u64)>,
     blobs: BTreeMap<u32, (u8, Vec<u8>)>,
@@ -1759,6 +1796,47 @@ impl<'p> Planner<'p> {
         for op in ops {
             self.op(op)?;
         }
+        self.lock_new()
+    }
+
+    /// Lock what the transaction creates, all at once, and give the new
+    /// records their locks' tokens. The ids are new (their slots were free
+    /// under the allocation lock), so nobody else can hold or want them.
+    fn lock_new(&mut self) -> std::result::Result<(), PlanError> {
+        let want: Vec<Resource> = self
+            .new_volumes
+            .iter()
+            .map(|(id, _)| self.d.resource(ResourceKind::Volume(*id)))
+            .chain(
+                self.new_tags
+                    .iter()
+                    .map(|(id, _)| self.d.resource(ResourceKind::Tag(*id))),
+            )
+            .collect();
+        if want.is_empty() {
+            return Ok(());
+        }
+        let mut got = self.d.locks.acquire_all(&want, Duration::ZERO)?.into_iter();
+        for (id, g) in self.new_volumes.iter_mut() {
+            let guard = got.next().expect("one guard per lock");
+            if let Some(e) = self.vols.get_mut(&id.slot()) {
+                e.token = guard.token();
+                if let Slot::Live(v) = &mut e.cur {
+                    v.token = guard.token();
+                }
+            }
+            *g = Some(guard);
+        }
+        for (id, g) in self.new_tags.iter_mut() {
+            let guard = got.next().expect("one guard per lock");
+            if let Some(e) = self.tags.get_mut(&id.slot()) {
+                e.token = guard.token();
+                if let Slot::Live(t) = &mut e.cur {
+                    t.token = guard.token();
+                }
+            }
+            *g = Some(guard);
+        }
         Ok(())
     }
 
@@ -1804,10 +1882,7 @@ impl<'p> Planner<'p> {
                     .into());
                 }
                 let id = VolumeId::generate(slot);
-                let guard = self
-                    .d
-                    .locks
-                    .acquire(&self.d.resource(ResourceKind::Volume(id)), Duration::ZERO)?;
+                // The token comes with the lock, in `lock_new`.
                 let v = Volume {
                     id,
                     parent,
@@ -1821,7 +1896,7 @@ impl<'p> Planner<'p> {
                     description: spec.description.clone(),
                     tag_refs: 0,
                     generation: cur.generation() + 1,
-                    token: guard.token(),
+                    token: 0,
                     writer_slot: self.writer,
                 };
                 self.vols.insert(
@@ -1829,11 +1904,11 @@ impl<'p> Planner<'p> {
                     Entry {
                         before,
                         cur: Slot::Live(v),
-                        token: guard.token(),
+                        token: 0,
                         fresh: true,
                     },
                 );
-                self.new_volumes.push((id, guard));
+                self.new_volumes.push((id, None));
             }
             Op::DeleteVolume(id) => {
                 let v = self.live_vol(id)?.clone();
@@ -1929,10 +2004,6 @@ impl<'p> Planner<'p> {
                     .into());
                 }
                 let id = TagId::generate(slot);
-                let guard = self
-                    .d
-                    .locks
-                    .acquire(&self.d.resource(ResourceKind::Tag(id)), Duration::ZERO)?;
                 let t = Tag {
                     id,
                     volume: vid,
@@ -1950,7 +2021,7 @@ impl<'p> Planner<'p> {
                         crc: 0,
                     },
                     generation: cur.generation() + 1,
-                    token: guard.token(),
+                    token: 0,
                     writer_slot: self.writer,
                 };
                 self.tags.insert(
@@ -1958,11 +2029,11 @@ impl<'p> Planner<'p> {
                     Entry {
                         before,
                         cur: Slot::Live(t),
-                        token: guard.token(),
+                        token: 0,
                         fresh: true,
                     },
                 );
-                self.new_tags.push((id, guard));
+                self.new_tags.push((id, None));
             }
             Op::DeleteTag(id) => {
                 let t = self.live_tag(id)?.clone();
@@ -2236,6 +2307,9 @@ impl<'p> Planner<'p> {
         // Return new objects in creation order with their final records.
         let mut volumes = Vec::new();
         for (id, guard) in self.new_volumes {
+            let guard = guard.ok_or_else(|| {
+                DomainError::FailedPrecondition(format!("volume {id} was never locked"))
+            })?;
             let v = new_volumes_rec
                 .iter()
                 .find(|v| v.id == id)

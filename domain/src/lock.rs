@@ -168,6 +168,19 @@ pub trait LockService: Send + Sync {
     fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {
         resources.iter().map(|r| self.holder(r)).collect()
     }
+    /// [`LockService::acquire_all`], then the holders of `read` as they
+    /// are once those locks are held (in the same round trip where the
+    /// service can).
+    fn acquire_all_then_read(
+        &self,
+        resources: &[Resource],
+        timeout: Duration,
+        read: &[Resource],
+    ) -> Result<(Vec<LockGuard>, Vec<Option<Token>>)> {
+        let guards = self.acquire_all(resources, timeout)?;
+        let holders = self.holders(read)?;
+        Ok((guards, holders))
+    }
     /// How long a new holder of a lock whose previous holder died waits
     /// before touching what that holder may have been writing: the margin
     /// by which a lease-based holder stops writing before its lease can
@@ -631,6 +644,20 @@ pub mod conformance {
             gs.iter().map(|g| Some(g.token())).collect::<Vec<_>>()
         );
         assert_eq!(a.holders(&[]).unwrap(), vec![]);
+        // Taking some while reading others.
+        drop(gs);
+        let (gs, seen) = a
+            .acquire_all_then_read(&[res(d, 8), res(d, 9)], Duration::ZERO, &set[..2])
+            .unwrap();
+        assert_eq!(gs.len(), 2);
+        assert_eq!(seen, vec![None, None]);
+        let held = b.acquire(&res(d, 1), Duration::ZERO).unwrap();
+        drop(gs);
+        let (gs, seen) = a
+            .acquire_all_then_read(&[res(d, 8), res(d, 9)], Duration::ZERO, &set[..2])
+            .unwrap();
+        assert_eq!(seen, vec![Some(held.token()), None]);
+        assert!(gs.iter().all(|g| g.token() > held.token()));
     }
 
     /// Two handles on the same backend exclude each other.
