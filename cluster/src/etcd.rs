@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use cairn_domain::lock::{token_floor, HeldLock, Resource, Token};
 use cairn_domain::{DomainError, LockGuard, LockService, Result};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
 /// How to reach etcd and how long a session lives.
@@ -104,10 +104,15 @@ struct LocalKey {
     handoffs: u32,
     /// Session epoch and create revision of the current holder's key.
     holder: Option<(u64, i64)>,
+    /// Releases of our keys still on their way to etcd: a thread here
+    /// waits for them rather than queue behind our own old key.
+    releasing: u32,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Kept {
+    /// The etcd key (our key in the lock's queue).
+    key: String,
     revision: i64,
     epoch: u64,
     token: Token,
@@ -357,103 +362,147 @@ impl Inner {
         Ok(b)
     }
 
-    /// Take the key in etcd; returns the guard with its session epoch and
-    /// create revision.
+    /// Take the lock in etcd, first come first served: each contender
+    /// puts its own key under the lock's (`<lock>/<lease>`, under its
+    /// lease), and holds the lock when its key is the oldest there; until
+    /// then it waits for the key just before its own to go. The token is
+    /// its key's create revision (later holders have later keys). Returns
+    /// the guard with its session epoch and create revision.
     async fn acquire(
         self: &Arc<Self>,
         r: &Resource,
         timeout: Duration,
     ) -> Result<(LockGuard, u64, i64)> {
         let deadline = Instant::now() + timeout;
-        let key = r.key();
-        let timeout_err = || DomainError::LockTimeout {
-            resource: key.clone(),
-        };
+        let lock = r.key();
         loop {
             let s = self.current(deadline).await?;
             let base = self.base(r.domain).await?;
             let bkey = base_key(r.domain);
+            // A key of our own for this attempt: a key left by an earlier
+            // attempt (whose release may still be on its way) is never
+            // taken for ours.
+            let mine = waiter_key(&lock, s.lease);
             let mut c = self.client.clone();
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([
-                    TxnOp::put(
-                        key.clone(),
-                        self.cfg.holder.clone(),
-                        Some(PutOptions::new().with_lease(s.lease)),
-                    ),
-                    TxnOp::get(bkey.clone(), None),
-                ])
-                .or_else([TxnOp::get(key.clone(), None), TxnOp::get(bkey, None)]);
-            let resp = match c.txn(txn).await {
-                Ok(r) => r,
-                // etcd lost our lease (its data was wiped, or the lease
-                // expired before the keep-alive task noticed): renew the
-                // session and try again.
-                Err(e) if e.to_string().contains("lease not found") => {
-                    tracing::warn!(lease = s.lease, "etcd does not know our lease; new session");
-                    self.drop_session(s);
-                    continue;
-                }
-                Err(e) => return Err(lock_err(format!("locking {key}"))(e)),
-            };
-            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-            let ops = resp.op_responses();
-            // The base as etcd has it now: a wiped etcd lost it.
-            let now_base = match ops.last() {
-                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            };
-            if now_base.as_deref().map(|v| parse_base(Some(v)).ok()) != Some(Some(base)) {
-                self.bases.lock().expect("poisoned").remove(&r.domain);
-                if resp.succeeded() {
-                    let _ = c.delete(key.clone(), None).await;
-                }
-                continue;
-            }
-            if resp.succeeded() {
-                let token = base + rev as u64;
-                let g = LockGuard::new(
-                    r.clone(),
-                    Box::new(EtcdHeld {
-                        inner: self.clone(),
-                        key: key.clone(),
-                        revision: rev,
-                        epoch: s.epoch,
-                        token,
-                    }),
-                );
-                return Ok((g, s.epoch, rev));
-            }
-            if timeout.is_zero() || Instant::now() >= deadline {
-                return Err(timeout_err());
-            }
-            // Held: wait for the key to go (or the deadline).
-            let held_rev = match ops.first() {
-                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.mod_revision()),
-                _ => None,
-            };
-            let Some(from) = held_rev else { continue };
-            let mut stream = c
-                .watch(
-                    key.clone(),
-                    Some(WatchOptions::new().with_start_revision(from + 1)),
-                )
-                .await
-                .map_err(lock_err(format!("watching {key}")))?;
-            let wait = async {
-                while let Ok(Some(m)) = stream.message().await {
-                    if m.events()
-                        .iter()
-                        .any(|e| e.event_type() == EventType::Delete)
-                    {
-                        return;
+            // Into the queue, and at once: our key, the oldest key, the base.
+            let mut txn = Txn::new().and_then([
+                TxnOp::put(
+                    mine.clone(),
+                    self.cfg.holder.clone(),
+                    Some(PutOptions::new().with_lease(s.lease)),
+                ),
+                TxnOp::get(mine.clone(), None),
+                TxnOp::get(queue_of(&lock), Some(first_in_queue())),
+                TxnOp::get(bkey.clone(), None),
+            ]);
+            loop {
+                let resp = match c.txn(txn).await {
+                    Ok(r) => r,
+                    // etcd lost our lease (its data was wiped, or the lease
+                    // expired before the keep-alive task noticed): renew
+                    // the session and try again.
+                    Err(e) if e.to_string().contains("lease not found") => {
+                        tracing::warn!(
+                            lease = s.lease,
+                            "etcd does not know our lease; new session"
+                        );
+                        self.drop_session(s);
+                        break;
                     }
+                    Err(e) => {
+                        let _ = c.delete(mine.clone(), None).await;
+                        return Err(lock_err(format!("locking {lock}"))(e));
+                    }
+                };
+                txn = Txn::new().and_then([
+                    TxnOp::get(mine.clone(), None),
+                    TxnOp::get(queue_of(&lock), Some(first_in_queue())),
+                    TxnOp::get(bkey.clone(), None),
+                ]);
+                let mut ops = resp.op_responses();
+                if matches!(ops.first(), Some(TxnOpResponse::Put(_))) {
+                    ops.remove(0);
                 }
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            // Poll at least every second in case the watch misses a beat.
-            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), wait).await;
+                let rev_of = |i: usize| match ops.get(i) {
+                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+                    _ => None,
+                };
+                let now_base = match ops.get(2) {
+                    Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                    _ => None,
+                };
+                if now_base.as_deref().map(|v| parse_base(Some(v)).ok()) != Some(Some(base)) {
+                    // A wiped etcd: start over with a new base.
+                    self.bases.lock().expect("poisoned").remove(&r.domain);
+                    let _ = c.delete(mine.clone(), None).await;
+                    break;
+                }
+                let Some(my_rev) = rev_of(0) else {
+                    // Our key is gone (the lease ended): start over.
+                    break;
+                };
+                if rev_of(1) == Some(my_rev) {
+                    let token = base + my_rev as u64;
+                    let g = LockGuard::new(
+                        r.clone(),
+                        Box::new(EtcdHeld {
+                            inner: self.clone(),
+                            lock: lock.clone(),
+                            key: mine.clone(),
+                            revision: my_rev,
+                            epoch: s.epoch,
+                            token,
+                        }),
+                    );
+                    return Ok((g, s.epoch, my_rev));
+                }
+                if timeout.is_zero() || Instant::now() >= deadline {
+                    self.release(&mine, my_rev).await;
+                    return Err(DomainError::LockTimeout { resource: lock });
+                }
+                // Wait for the key just before ours to go.
+                let before = c
+                    .get(
+                        queue_of(&lock),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_max_create_revision(my_rev - 1)
+                                .with_sort(SortTarget::Create, SortOrder::Descend)
+                                .with_limit(1),
+                        ),
+                    )
+                    .await
+                    .map_err(lock_err(format!("locking {lock}")))?;
+                let Some((pkey, prev)) = before
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
+                else {
+                    continue;
+                };
+                let mut stream = c
+                    .watch(
+                        pkey,
+                        Some(WatchOptions::new().with_start_revision(prev + 1)),
+                    )
+                    .await
+                    .map_err(lock_err(format!("watching {lock}")))?;
+                let wait = async {
+                    while let Ok(Some(m)) = stream.message().await {
+                        if m.events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                        {
+                            return;
+                        }
+                    }
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Look again at least every second in case the watch
+                // misses a beat.
+                let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), wait).await;
+            }
         }
     }
 
@@ -468,6 +517,28 @@ impl Inner {
             tracing::warn!(key, error = %e, "could not release an etcd lock");
         }
     }
+}
+
+/// A contender's key in the queue of lock `lock`: its lease, and a
+/// random part that tells one attempt from another.
+fn waiter_key(lock: &str, lease: i64) -> String {
+    format!(
+        "{lock}/{lease:x}.{:x}",
+        uuid::Uuid::new_v4().as_u64_pair().0
+    )
+}
+
+/// The prefix of lock `lock`'s queue.
+fn queue_of(lock: &str) -> String {
+    format!("{lock}/")
+}
+
+/// A read of a lock's queue that returns its oldest key: the holder.
+fn first_in_queue() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
 }
 
 fn base_key(domain: uuid::Uuid) -> String {
@@ -485,6 +556,9 @@ fn parse_base(v: Option<&[u8]>) -> Result<u64> {
 /// A lock held in etcd.
 struct EtcdHeld {
     inner: Arc<Inner>,
+    /// The lock (this process's queue at it is kept under this name).
+    lock: String,
+    /// Our key in the lock's queue in etcd.
     key: String,
     revision: i64,
     epoch: u64,
@@ -513,7 +587,7 @@ impl Drop for EtcdHeld {
             // thread took the key again since): it only gives back its
             // etcd key, which is gone anyway.
             if let Some(st) = m
-                .get_mut(&key)
+                .get_mut(&self.lock)
                 .filter(|st| st.holder == Some((self.epoch, rev)))
             {
                 st.busy = false;
@@ -521,6 +595,7 @@ impl Drop for EtcdHeld {
                 if st.waiters > 0 && st.handoffs < HANDOFFS && inner.valid(self.epoch).is_ok() {
                     // The next thread here takes it over as it is.
                     st.kept = Some(Kept {
+                        key: key.clone(),
                         revision: rev,
                         epoch: self.epoch,
                         token: self.token,
@@ -530,54 +605,87 @@ impl Drop for EtcdHeld {
                     return;
                 }
                 st.handoffs = 0;
-                if st.waiters == 0 {
-                    m.remove(&key);
-                }
+                st.releasing += 1;
+                inner.local_cv.notify_all();
+                drop(m);
+                inner.release_in_background(Some(self.lock.clone()), key, rev);
+                return;
             }
             inner.local_cv.notify_all();
         }
-        inner.release_in_background(key, rev);
+        inner.release_in_background(None, key, rev);
     }
 }
 
 impl Inner {
-    fn release_in_background(self: &Arc<Self>, key: String, rev: i64) {
+    /// Release our etcd `key`; with `lock`, tell this process's queue at
+    /// it when that is done.
+    fn release_in_background(self: &Arc<Self>, lock: Option<String>, key: String, rev: i64) {
         let inner = self.clone();
+        let done = move |inner: &Arc<Inner>| {
+            if let Some(lock) = &lock {
+                inner.released(lock);
+            }
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
             // Inside some runtime: cannot block here; release in the
             // background (the lease ends it at worst).
             inner.rt().spawn({
                 let inner = inner.clone();
-                async move { inner.release(&key, rev).await }
+                async move {
+                    inner.release(&key, rev).await;
+                    done(&inner);
+                }
             });
         } else {
             inner.rt().block_on(inner.release(&key, rev));
+            done(&inner);
         }
+    }
+
+    /// A release of one of our keys at `lock` reached etcd (or failed).
+    fn released(&self, lock: &str) {
+        let mut m = self.local.lock().expect("poisoned");
+        if let Some(st) = m.get_mut(lock) {
+            st.releasing = st.releasing.saturating_sub(1);
+            if !st.busy && st.waiters == 0 && st.kept.is_none() && st.releasing == 0 {
+                m.remove(lock);
+            }
+        }
+        self.local_cv.notify_all();
     }
 
     /// Wait for this process's turn at `key`; a lock the previous holder
     /// here left in etcd comes with it.
     fn enter_local(&self, key: &str, deadline: Instant, try_once: bool) -> Result<Option<Kept>> {
         let mut m = self.local.lock().expect("poisoned");
-        if m.get(key).is_some_and(|st| st.busy) {
-            if try_once {
-                return Err(DomainError::LockTimeout {
-                    resource: key.to_string(),
-                });
-            }
+        if m.get(key).is_some_and(|st| st.busy) && try_once {
+            return Err(DomainError::LockTimeout {
+                resource: key.to_string(),
+            });
+        }
+        // Our own release on its way is worth waiting for even when only
+        // trying: it takes one round trip.
+        let release_deadline = deadline.max(Instant::now() + Duration::from_secs(2));
+        if m.get(key).is_some_and(|st| st.busy || st.releasing > 0) {
             m.get_mut(key).expect("present").waiters += 1;
             loop {
                 let now = Instant::now();
-                if !m
-                    .get(key)
-                    .is_some_and(|st| st.busy && !self.gone(st.holder))
-                    || now >= deadline
-                {
+                let Some(st) = m.get(key) else { break };
+                let busy = st.busy && !self.gone(st.holder);
+                let until = if busy {
+                    deadline
+                } else if st.releasing > 0 && st.kept.is_none() {
+                    release_deadline
+                } else {
+                    break;
+                };
+                if now >= until {
                     break;
                 }
                 // Also look again now and then: a holder's session can be
                 // lost without anyone here letting go.
-                let wait = (deadline - now).min(Duration::from_millis(100));
+                let wait = (until - now).min(Duration::from_millis(100));
                 m = self.local_cv.wait_timeout(m, wait).expect("poisoned").0;
             }
             let st = m.get_mut(key).expect("present while waited for");
@@ -592,7 +700,7 @@ impl Inner {
         st.busy = true;
         st.holder = None;
         let kept = st.kept.take().filter(|k| self.valid(k.epoch).is_ok());
-        if let Some(k) = kept {
+        if let Some(k) = &kept {
             st.holder = Some((k.epoch, k.revision));
         }
         Ok(kept)
@@ -607,7 +715,8 @@ impl Inner {
                     r,
                     Box::new(EtcdHeld {
                         inner: self.clone(),
-                        key,
+                        lock: key,
+                        key: k.key,
                         revision: k.revision,
                         epoch: k.epoch,
                         token: k.token,
@@ -621,13 +730,25 @@ impl Inner {
     /// Take every key of `rs` in one transaction if all are free (and in
     /// one domain): `Some((epoch, revision, token))`, the same for all;
     /// `None` when one is held (or the attempt should be made key by key).
+    /// Join the queues of every lock of `rs` in one transaction and see
+    /// whether we are first in each: then all are ours, `Some` with the
+    /// session epoch, the revision and token (the same for all), our key
+    /// in each queue (by lock), and the holders of `read`. When any is
+    /// held by another, our keys are taken out again and `None` says to
+    /// queue for them one by one.
     #[allow(clippy::type_complexity)]
     async fn try_all(
         self: &Arc<Self>,
         rs: &[Resource],
         deadline: Instant,
         read: &[Resource],
-    ) -> Result<Option<((u64, i64, Token), Vec<Option<Token>>)>> {
+    ) -> Result<
+        Option<(
+            (u64, i64, Token),
+            HashMap<String, String>,
+            Vec<Option<Token>>,
+        )>,
+    > {
         let domain = rs[0].domain;
         if rs.iter().chain(read).any(|r| r.domain != domain) {
             return Ok(None);
@@ -636,8 +757,9 @@ impl Inner {
         let base = self.base(domain).await?;
         let bkey = base_key(domain);
         let mut c = self.client.clone();
-        let keys: Vec<String> = rs.iter().map(|r| r.key()).collect();
-        let mut puts: Vec<TxnOp> = keys
+        let locks: Vec<String> = rs.iter().map(|r| r.key()).collect();
+        let mine: Vec<String> = locks.iter().map(|l| waiter_key(l, s.lease)).collect();
+        let mut ops: Vec<TxnOp> = mine
             .iter()
             .map(|k| {
                 TxnOp::put(
@@ -647,50 +769,66 @@ impl Inner {
                 )
             })
             .collect();
+        ops.extend(
+            locks
+                .iter()
+                .map(|l| TxnOp::get(queue_of(l), Some(first_in_queue()))),
+        );
         // The holders asked for, as of the moment these locks are ours.
-        puts.extend(read.iter().map(|r| TxnOp::get(r.key(), None)));
-        puts.push(TxnOp::get(bkey, None));
-        let txn = Txn::new()
-            .when(
-                keys.iter()
-                    .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
-                    .collect::<Vec<_>>(),
-            )
-            .and_then(puts)
-            .or_else([]);
-        let resp = match c.txn(txn).await {
+        ops.extend(
+            read.iter()
+                .map(|r| TxnOp::get(queue_of(&r.key()), Some(first_in_queue()))),
+        );
+        ops.push(TxnOp::get(bkey, None));
+        let resp = match c.txn(Txn::new().and_then(ops)).await {
             Ok(r) => r,
             // Key by key, which renews the session.
             Err(e) if e.to_string().contains("lease not found") => return Ok(None),
-            Err(e) => return Err(lock_err("locking several keys")(e)),
+            Err(e) => {
+                self.forget(&mine).await;
+                return Err(lock_err("locking several keys")(e));
+            }
         };
-        if !resp.succeeded() {
-            return Ok(None);
-        }
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let now_base = match resp.op_responses().last() {
+        let ops = resp.op_responses();
+        let first = |op: Option<&TxnOpResponse>| match op {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+            _ => None,
+        };
+        let n = locks.len();
+        let now_base = match ops.last() {
             Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
             _ => None,
         };
         if now_base.as_deref().map(|v| parse_base(Some(v)).ok()) != Some(Some(base)) {
             // A wiped etcd: undo, and let the key-by-key path start over.
             self.bases.lock().expect("poisoned").remove(&domain);
-            for k in &keys {
-                let _ = c.delete(k.clone(), None).await;
-            }
+            self.forget(&mine).await;
             return Ok(None);
         }
-        let ops = resp.op_responses();
-        let seen = ops[keys.len()..keys.len() + read.len()]
-            .iter()
-            .map(|op| match op {
-                TxnOpResponse::Get(g) => {
-                    g.kvs().first().map(|kv| base + kv.create_revision() as u64)
-                }
-                _ => None,
-            })
+        if (0..n).any(|i| first(ops.get(n + i)) != Some(rev)) {
+            self.forget(&mine).await;
+            return Ok(None);
+        }
+        let seen = (0..read.len())
+            .map(|i| first(ops.get(2 * n + i)).map(|r| base + r as u64))
             .collect();
-        Ok(Some(((s.epoch, rev, base + rev as u64), seen)))
+        let by_lock = locks.into_iter().zip(mine).collect();
+        Ok(Some(((s.epoch, rev, base + rev as u64), by_lock, seen)))
+    }
+
+    /// Take our keys out of lock queues (best effort: the lease ends them
+    /// at worst).
+    async fn forget(&self, keys: &[String]) {
+        let mut c = self.client.clone();
+        let txn = Txn::new().and_then(
+            keys.iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect::<Vec<_>>(),
+        );
+        if let Err(e) = c.txn(txn).await {
+            tracing::warn!(error = %e, "could not take keys out of lock queues");
+        }
     }
 
     /// Record the etcd key a thread of this process took for `key`.
@@ -712,7 +850,7 @@ impl Inner {
         let mut m = self.local.lock().expect("poisoned");
         if let Some(st) = m.get_mut(key) {
             st.busy = false;
-            if st.waiters == 0 {
+            if st.waiters == 0 && st.releasing == 0 && st.kept.is_none() {
                 m.remove(key);
             }
         }
@@ -806,7 +944,8 @@ impl LockService for EtcdLockService {
                 r,
                 Box::new(EtcdHeld {
                     inner: inner.clone(),
-                    key,
+                    lock: key,
+                    key: k.key,
                     revision: k.revision,
                     epoch: k.epoch,
                     token: k.token,
@@ -884,13 +1023,14 @@ impl LockService for EtcdLockService {
         let mut guards = Vec::with_capacity(turns.len());
         let mut pending = turns.into_iter();
         while let Some((r, key, kept)) = pending.next() {
-            let made = |epoch, revision, token| {
+            let made = |etcd_key: String, epoch, revision, token| {
                 inner.took_local(&key, epoch, revision);
                 LockGuard::new(
                     r.clone(),
                     Box::new(EtcdHeld {
                         inner: inner.clone(),
-                        key: key.clone(),
+                        lock: key.clone(),
+                        key: etcd_key,
                         revision,
                         epoch,
                         token,
@@ -898,8 +1038,11 @@ impl LockService for EtcdLockService {
                 )
             };
             let held = match (kept, &at_once) {
-                (Some(k), _) => Ok(made(k.epoch, k.revision, k.token)),
-                (None, Some(((epoch, rev, token), _))) => Ok(made(*epoch, *rev, *token)),
+                (Some(k), _) => Ok(made(k.key, k.epoch, k.revision, k.token)),
+                (None, Some(((epoch, rev, token), mine, _))) => {
+                    let etcd_key = mine.get(&key).cloned().unwrap_or_default();
+                    Ok(made(etcd_key, *epoch, *rev, *token))
+                }
                 (None, None) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     inner
@@ -923,16 +1066,13 @@ impl LockService for EtcdLockService {
             }
         }
         let seen = match at_once {
-            Some((_, seen)) if seen.len() == read.len() => seen,
+            Some((_, _, seen)) if seen.len() == read.len() => seen,
             _ => self.holders(read)?,
         };
         Ok((guards, seen))
     }
 
     fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {
-        if resources.len() < 2 {
-            return resources.iter().map(|r| self.holder(r)).collect();
-        }
         let inner = self.inner.clone();
         inner.rt().block_on(async {
             let mut bases = HashMap::new();
@@ -945,7 +1085,7 @@ impl LockService for EtcdLockService {
             let txn = Txn::new().and_then(
                 resources
                     .iter()
-                    .map(|r| TxnOp::get(r.key(), None))
+                    .map(|r| TxnOp::get(queue_of(&r.key()), Some(first_in_queue())))
                     .collect::<Vec<_>>(),
             );
             let resp = c.txn(txn).await.map_err(lock_err("reading lock holders"))?;
@@ -965,17 +1105,7 @@ impl LockService for EtcdLockService {
     }
 
     fn holder(&self, resource: &Resource) -> Result<Option<Token>> {
-        let inner = self.inner.clone();
-        let key = resource.key();
-        inner.rt().block_on(async {
-            let base = inner.base(resource.domain).await?;
-            let mut c = inner.client.clone();
-            let r = c
-                .get(key.clone(), Some(GetOptions::new()))
-                .await
-                .map_err(lock_err(format!("reading {key}")))?;
-            Ok(r.kvs().first().map(|kv| base + kv.create_revision() as u64))
-        })
+        Ok(self.holders(std::slice::from_ref(resource))?[0])
     }
 }
 

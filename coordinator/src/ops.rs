@@ -705,7 +705,14 @@ impl Coordinator {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let dom = Self::domain_id(rec)?;
-        let spread = spread_of(&rec.id);
+        // One disk's short operations go to one agent while it is not
+        // busier than others: its locks for the disk are then handed over
+        // in the process instead of through etcd.
+        let spread = if rec.params.disk.is_empty() {
+            spread_of(&rec.id)
+        } else {
+            spread_of(&rec.params.disk)
+        };
         for _ in 0..4 {
             match self
                 .agents
