@@ -58,6 +58,7 @@ pub async fn run(
     // next transaction of another host).
     let mut hosts: HashSet<String> = HashSet::new();
     let mut gc_rounds = 0u32;
+    let mut scanned: Option<JobScan> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -77,6 +78,8 @@ pub async fn run(
             if let Ok(Ok(g)) = r {
                 tracing::info!(id = %coord.id(), "leading");
                 lead = Some(g);
+                // A new leader looks at every job at once.
+                scanned = None;
             }
         }
         if let Ok(now) = coord.agents.list().await {
@@ -89,7 +92,7 @@ pub async fn run(
         if lead.is_some() {
             let gc = gc_rounds > 0 || last_gc.elapsed() >= Duration::from_secs(30);
             gc_rounds = gc_rounds.saturating_sub(1);
-            match duties(&coord, gc).await {
+            match duties(&coord, gc, &mut scanned).await {
                 Ok(r) => {
                     if gc {
                         last_gc = Instant::now();
@@ -108,8 +111,24 @@ pub async fn run(
     }
 }
 
-/// One round of the leader's duties (`gc`: also collect garbage).
-pub async fn duties(coord: &Arc<Coordinator>, gc: bool) -> Result<Round> {
+/// When the leader last read every job, and which replicas were live then.
+pub struct JobScan {
+    live: HashSet<String>,
+    at: Instant,
+}
+
+/// How often the leader reads every job even when no replica left.
+const JOB_SCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// One round of the leader's duties (`gc`: also collect garbage). Jobs are
+/// read (to adopt orphans) only when a replica left since the last read,
+/// on the first round, and every 30 s: reading them all is the costly part
+/// once many jobs are kept.
+pub async fn duties(
+    coord: &Arc<Coordinator>,
+    gc: bool,
+    scanned: &mut Option<JobScan>,
+) -> Result<Round> {
     let mut round = Round::default();
     let agents = coord.agents.list().await?;
     let mut doms: Vec<DomainRef> = agents.iter().flat_map(|a| a.domains.clone()).collect();
@@ -145,6 +164,13 @@ pub async fn duties(coord: &Arc<Coordinator>, gc: bool) -> Result<Round> {
         .into_iter()
         .map(|(k, _)| k.trim_start_matches(REPLICAS).to_string())
         .collect();
+    let due = match scanned.as_ref() {
+        None => true,
+        Some(s) => s.at.elapsed() >= JOB_SCAN_EVERY || s.live.iter().any(|r| !live.contains(r)),
+    };
+    if !due {
+        return Ok(round);
+    }
     for j in coord.jobs().await? {
         if j.state != JobState::Running || live.contains(&j.owner) || coord.runs(&j.id) {
             continue;
@@ -155,5 +181,9 @@ pub async fn duties(coord: &Arc<Coordinator>, gc: bool) -> Result<Round> {
             Err(e) => tracing::warn!(job = %id, error = %e, "could not adopt a job"),
         }
     }
+    *scanned = Some(JobScan {
+        live,
+        at: Instant::now(),
+    });
     Ok(round)
 }

@@ -699,22 +699,20 @@ impl Domain {
     /// slots of live hosts, and a dead one someone else is recovering, are
     /// left alone.
     pub fn recover_dead_hosts(&self) -> Result<Vec<(u32, RecoveryReport)>> {
-        let me = self.claim.as_ref().map(|c| c.slot);
+        let active = self.active_slots()?;
+        let res: Vec<Resource> = active
+            .iter()
+            .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
+            .collect();
+        // Read first (one round trip): only a slot nobody holds is tried.
+        let holders = self.locks.holders(&res)?;
         let mut out = Vec::new();
-        for (i, h) in self.read_slot_headers()?.into_iter().enumerate() {
-            let i = i as u32;
-            if Some(i) == me {
+        for (((i, _), res), holder) in active.iter().zip(&res).zip(holders) {
+            if holder.is_some() {
                 continue;
             }
-            let h = h.map_err(|d| {
-                DomainError::corrupt(format!("host slot {i} header"), self.geom.slot_off(i), d)
-            })?;
-            if h.state != slot_state::ACTIVE {
-                continue;
-            }
-            let res = self.resource(ResourceKind::HostSlot(i));
-            match self.locks.acquire(&res, Duration::ZERO) {
-                Ok(g) => out.push((i, self.recover_dead_slot(i, &g)?)),
+            match self.locks.acquire(res, Duration::ZERO) {
+                Ok(g) => out.push((*i, self.recover_dead_slot(*i, &g)?)),
                 Err(DomainError::LockTimeout { .. }) => {}
                 Err(e) => return Err(e),
             }
