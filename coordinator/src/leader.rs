@@ -42,6 +42,8 @@ pub struct Round {
     pub removed: usize,
     /// Jobs taken over.
     pub adopted: Vec<String>,
+    /// Records of jobs that ended longer ago than the retention, removed.
+    pub expired: usize,
 }
 
 /// Run the leader loop until `stop` fires: campaign, and while leading,
@@ -97,7 +99,11 @@ pub async fn run(
                     if gc {
                         last_gc = Instant::now();
                     }
-                    if !r.recovered.is_empty() || r.removed > 0 || !r.adopted.is_empty() {
+                    if !r.recovered.is_empty()
+                        || r.removed > 0
+                        || !r.adopted.is_empty()
+                        || r.expired > 0
+                    {
                         tracing::info!(?r, "leader duties");
                     }
                 }
@@ -171,8 +177,26 @@ pub async fn duties(
     if !due {
         return Ok(round);
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let keep = coord.job_retention().as_secs();
     for j in coord.jobs().await? {
-        if j.state != JobState::Running || live.contains(&j.owner) || coord.runs(&j.id) {
+        if j.state != JobState::Running {
+            // Ended: kept for a while for whoever asks, then removed, so
+            // that the store does not grow without end.
+            if j.finished > 0 && now.saturating_sub(j.finished) > keep {
+                match coord.forget_job(&j.id).await {
+                    Ok(_) => round.expired += 1,
+                    Err(e) => {
+                        tracing::warn!(job = %j.id, error = %e, "could not remove an old job")
+                    }
+                }
+            }
+            continue;
+        }
+        if live.contains(&j.owner) || coord.runs(&j.id) {
             continue;
         }
         let id = j.id.clone();

@@ -38,6 +38,9 @@ struct Args {
     /// Seconds an operation waits for a disk another operation holds.
     #[arg(long, default_value_t = 60)]
     lock_wait: u64,
+    /// Seconds the records of ended jobs are kept.
+    #[arg(long, default_value_t = 86400)]
+    job_retention: u64,
     /// This replica's id (default: a new UUID per start).
     #[arg(long)]
     id: Option<String>,
@@ -74,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         listen: a.listen,
         duty_interval: Duration::from_secs(a.duty_interval.max(1)),
         lock_wait: Duration::from_secs(a.lock_wait),
+        job_retention: Duration::from_secs(a.job_retention),
     };
     let ready = |b: &Bound| {
         println!(

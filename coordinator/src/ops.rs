@@ -28,6 +28,9 @@ pub struct CoordConfig {
     pub lock_wait: Duration,
     /// How often a running job looks at its agent job.
     pub poll: Duration,
+    /// How long the records of ended jobs are kept (the leader removes
+    /// older ones).
+    pub job_retention: Duration,
 }
 
 impl CoordConfig {
@@ -37,6 +40,7 @@ impl CoordConfig {
             id: id.into(),
             lock_wait: Duration::from_secs(60),
             poll: Duration::from_millis(100),
+            job_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -173,6 +177,18 @@ impl Coordinator {
             agents,
             running: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// How long ended jobs are kept.
+    pub fn job_retention(&self) -> Duration {
+        self.cfg.job_retention
+    }
+
+    /// Remove the record of ended job `id`.
+    pub async fn forget_job(&self, id: &str) -> Result<bool> {
+        let kv = self.kv.clone();
+        let key = plan::job_key(id);
+        blocking(move || Ok(kv.delete(&key)?)).await
     }
 
     /// This replica's id.
@@ -1462,5 +1478,76 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_forgets_ended_jobs_after_their_retention_and_adopts_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
+        let t = agent(dir.path(), locks.clone());
+        let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
+        let mut cfg = CoordConfig::new("c1");
+        cfg.job_retention = Duration::from_secs(3600);
+        let c = Arc::new(Coordinator::new(
+            cfg,
+            kv.clone(),
+            locks,
+            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
+        ));
+        let create = |n: &str| Params {
+            format: "raw".into(),
+            size: 4 << 20,
+            name: n.into(),
+            ..Default::default()
+        };
+        let old = c
+            .submit(JobKind::Create, "old", 1, create("a"))
+            .await
+            .unwrap();
+        let new = c
+            .submit(JobKind::Create, "new", 2, create("b"))
+            .await
+            .unwrap();
+        // One ended two hours ago, one just now.
+        let mut rec = c.job(&old.id).await.unwrap();
+        rec.finished -= 7200;
+        c.save(&rec).await.unwrap();
+        // A running job of a replica that is gone.
+        let disk = new.result_disk.clone();
+        let mut orphan = JobRecord::new(JobKind::Snapshot, "orphan", 3, params(&disk), "c9", now());
+        orphan.params.domain = new.result_domain.clone();
+        orphan.step = Step::Call;
+        orphan.attempts = 1;
+        c.save(&orphan).await.unwrap();
+
+        let mut scanned = None;
+        let r = crate::leader::duties(&c, false, &mut scanned)
+            .await
+            .unwrap();
+        assert_eq!(r.expired, 1, "{r:?}");
+        assert_eq!(r.adopted, vec![orphan.id.clone()]);
+        assert!(matches!(
+            c.job(&old.id).await,
+            Err(CoordError::NotFound { .. })
+        ));
+        assert_eq!(c.job(&new.id).await.unwrap().state, JobState::Succeeded);
+        // The adopted job was never started by its dead owner: it runs now.
+        let t = std::time::Instant::now();
+        let done = loop {
+            let j = c.job(&orphan.id).await.unwrap();
+            if j.state != JobState::Running {
+                break j;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{j:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(done.owner, "c1");
+        assert_eq!(c.disk("", &disk).await.unwrap().snapshots.len(), 1);
+        // Nothing new to look at: the next round does not read the jobs.
+        let r = crate::leader::duties(&c, false, &mut scanned)
+            .await
+            .unwrap();
+        assert_eq!((r.expired, r.adopted.len()), (0, 0));
     }
 }

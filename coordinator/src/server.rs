@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub duty_interval: Duration,
     /// How long an operation waits for a busy disk.
     pub lock_wait: Duration,
+    /// How long the records of ended jobs are kept.
+    pub job_retention: Duration,
 }
 
 /// Addresses actually bound.
@@ -82,6 +84,7 @@ pub async fn serve(
     .await??;
     let mut cfg = CoordConfig::new(opts.id.clone());
     cfg.lock_wait = opts.lock_wait;
+    cfg.job_retention = opts.job_retention;
     let coord = Arc::new(Coordinator::new(
         cfg,
         kv.clone(),
