@@ -271,25 +271,24 @@ impl Agents {
     }
 
     /// Make a mutating call `f` on an agent that sees `domain` (and
-    /// `also`), not one in `exclude`, at most once per agent process: a
-    /// call that never reached its agent goes to another; one whose answer
-    /// was lost is sent again with the same request id to the same process
-    /// (which answers with the first outcome) for as long as that process
-    /// stays registered. When it dies or restarts first, the outcome is
-    /// [`Once::Lost`] and only the domain can tell what happened.
+    /// `also`) at most once per agent process: a call that never reached
+    /// its agent goes to another; one whose answer was lost is sent again
+    /// with the same request id to the same process (which answers with the
+    /// first outcome) for as long as that process stays registered. When it
+    /// dies or restarts first, the outcome is [`Once::Lost`] and only the
+    /// domain can tell what happened.
     pub async fn call_once<T, F, Fut>(
         &self,
         domain: &uuid::Uuid,
         also: Option<&uuid::Uuid>,
         spread: u64,
-        exclude: &HashSet<String>,
         f: F,
     ) -> Result<Once<T>>
     where
         F: Fn(AgentConn) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut exclude = exclude.clone();
+        let mut exclude = HashSet::new();
         let mut last = None;
         for round in 0..2 {
             if round > 0 {
@@ -303,48 +302,52 @@ impl Agents {
                     break;
                 };
                 let _busy = self.busy(&a.host_id);
-                let mut r = f(self.conn(a)?).await;
-                let since = Instant::now();
-                let mut pause = Duration::from_millis(100);
-                // Once a call may have reached the agent, a later refused
-                // connection only says the process is gone: its call may
-                // still have taken effect.
-                let mut maybe_sent = false;
-                loop {
-                    match r {
-                        Err(e) if not_sent(&e) && !maybe_sent => {
-                            tracing::warn!(host = %a.host_id, error = %e, "agent unreachable; trying another");
-                            exclude.insert(a.host_id.clone());
-                            last = Some(e);
-                            break;
-                        }
-                        Err(e) if e.agent_unavailable() => {
-                            maybe_sent = true;
-                            if since.elapsed() > UNANSWERED {
-                                return Err(e);
-                            }
-                            tracing::warn!(host = %a.host_id, error = %e, "no answer; asking the same agent again");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(1));
-                            self.invalidate();
-                            let now = self.list().await?;
-                            match now.iter().find(|b| b.host_id == a.host_id) {
-                                Some(b) if !a.instance.is_empty() && b.instance == a.instance => {
-                                    r = f(self.conn(b)?).await;
-                                }
-                                _ => {
-                                    return Ok(Once::Lost {
-                                        host: a.host_id.clone(),
-                                    })
-                                }
-                            }
-                        }
-                        r => return r.map(Once::Answered),
+                match f(self.conn(a)?).await {
+                    Err(e) if not_sent(&e) => {
+                        tracing::warn!(host = %a.host_id, error = %e, "agent unreachable; trying another");
+                        exclude.insert(a.host_id.clone());
+                        last = Some(e);
                     }
+                    Err(e) if e.agent_unavailable() => return self.ask_again(a, e, &f).await,
+                    r => return r.map(Once::Answered),
                 }
             }
         }
         Err(last.unwrap_or_else(|| CoordError::NoAgent(domain.to_string())))
+    }
+
+    /// The call `f` may have reached agent `a` (it failed with `e`): send it
+    /// again to the same process while that stays registered. A refused
+    /// connection now only says the process is gone, and its call may still
+    /// have taken effect.
+    async fn ask_again<T, F, Fut>(&self, a: &AgentInfo, mut e: CoordError, f: &F) -> Result<Once<T>>
+    where
+        F: Fn(AgentConn) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let since = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if since.elapsed() > UNANSWERED {
+                return Err(e);
+            }
+            tracing::warn!(host = %a.host_id, error = %e, "no answer; asking the same agent again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            self.invalidate();
+            let now = self.list().await?;
+            let Some(b) = now.iter().find(|b| {
+                b.host_id == a.host_id && !a.instance.is_empty() && b.instance == a.instance
+            }) else {
+                return Ok(Once::Lost {
+                    host: a.host_id.clone(),
+                });
+            };
+            match f(self.conn(b)?).await {
+                Err(again) if again.agent_unavailable() => e = again,
+                r => return r.map(Once::Answered),
+            }
+        }
     }
 }
 

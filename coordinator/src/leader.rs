@@ -177,10 +177,7 @@ pub async fn duties(
     if !due {
         return Ok(round);
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::ops::now();
     let keep = coord.job_retention().as_secs();
     for j in coord.jobs().await? {
         if j.state != JobState::Running {

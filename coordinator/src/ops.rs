@@ -56,7 +56,8 @@ pub struct Coordinator {
     running: Mutex<HashSet<String>>,
 }
 
-fn now() -> u64 {
+/// Seconds since the epoch.
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -732,9 +733,7 @@ impl Coordinator {
         for _ in 0..4 {
             match self
                 .agents
-                .call_once(&dom, None, spread, &HashSet::new(), |c| {
-                    call(c, Self::rid(rec))
-                })
+                .call_once(&dom, None, spread, |c| call(c, Self::rid(rec)))
                 .await?
             {
                 Once::Answered(v) => return Ok(Some(v)),
@@ -1016,7 +1015,7 @@ impl Coordinator {
                 let rid = Self::rid(rec);
                 let started = self
                     .agents
-                    .call_once(dom, also, spread, &HashSet::new(), |c| {
+                    .call_once(dom, also, spread, |c| {
                         let rid = rid.clone();
                         let (host, instance) = (c.host.clone(), c.instance.clone());
                         let f = start(c, rid);

@@ -636,6 +636,14 @@ impl Domain {
         Ok(active)
     }
 
+    /// The locks of host slots `active`.
+    fn slot_locks(&self, active: &[(u32, Token)]) -> Vec<Resource> {
+        active
+            .iter()
+            .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
+            .collect()
+    }
+
     /// The barrier, starting from slots and holders already read.
     #[allow(clippy::type_complexity)]
     fn barrier_from(
@@ -648,11 +656,7 @@ impl Domain {
                 Some(k) => k,
                 None => {
                     let active = self.active_slots()?;
-                    let res: Vec<Resource> = active
-                        .iter()
-                        .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
-                        .collect();
-                    let holders = self.locks.holders(&res)?;
+                    let holders = self.locks.holders(&self.slot_locks(&active))?;
                     (active, holders)
                 }
             };
@@ -700,10 +704,7 @@ impl Domain {
     /// left alone.
     pub fn recover_dead_hosts(&self) -> Result<Vec<(u32, RecoveryReport)>> {
         let active = self.active_slots()?;
-        let res: Vec<Resource> = active
-            .iter()
-            .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
-            .collect();
+        let res = self.slot_locks(&active);
         // Read first (one round trip): only a slot nobody holds is tried.
         let holders = self.locks.holders(&res)?;
         let mut out = Vec::new();
@@ -1142,10 +1143,7 @@ impl Domain {
             // The other hosts' slots, and whether their owners still hold
             // them, read in the same round trip as our locks are taken.
             let active = self.active_slots()?;
-            let slot_res: Vec<Resource> = active
-                .iter()
-                .map(|(i, _)| self.resource(ResourceKind::HostSlot(*i)))
-                .collect();
+            let slot_res = self.slot_locks(&active);
             let (got, holders) =
                 self.locks
                     .acquire_all_then_read(&take, self.lock_timeout, &slot_res)?;
