@@ -506,16 +506,42 @@ impl Inner {
         }
     }
 
+    /// Release our key, trying again while etcd does not answer, until it
+    /// is gone or its session is (the lease takes the key with it): a key
+    /// left behind would hold up every later contender, us included.
+    async fn release_for_sure(&self, key: &str, revision: i64, epoch: u64) {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if self.try_release(key, revision).await.is_ok() {
+                return;
+            }
+            let current = self.session.lock().expect("poisoned").map(|s| s.epoch);
+            if self.stopped.load(Ordering::SeqCst) || current != Some(epoch) {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
     async fn release(&self, key: &str, revision: i64) {
+        if let Err(e) = self.try_release(key, revision).await {
+            // The lease ends it anyway.
+            tracing::warn!(key, error = %e, "could not release an etcd lock");
+        }
+    }
+
+    async fn try_release(
+        &self,
+        key: &str,
+        revision: i64,
+    ) -> std::result::Result<(), etcd_client::Error> {
         let mut c = self.client.clone();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, revision)])
             .and_then([TxnOp::delete(key, None)])
             .or_else([]);
-        if let Err(e) = c.txn(txn).await {
-            // The lease ends it anyway.
-            tracing::warn!(key, error = %e, "could not release an etcd lock");
-        }
+        c.txn(txn).await.map(|_| ())
     }
 }
 
@@ -608,38 +634,61 @@ impl Drop for EtcdHeld {
                 st.releasing += 1;
                 inner.local_cv.notify_all();
                 drop(m);
-                inner.release_in_background(Some(self.lock.clone()), key, rev);
+                inner.release_in_background(Some(self.lock.clone()), key, rev, self.epoch);
                 return;
             }
             inner.local_cv.notify_all();
         }
-        inner.release_in_background(None, key, rev);
+        inner.release_in_background(None, key, rev, self.epoch);
     }
 }
 
 impl Inner {
     /// Release our etcd `key`; with `lock`, tell this process's queue at
     /// it when that is done.
-    fn release_in_background(self: &Arc<Self>, lock: Option<String>, key: String, rev: i64) {
+    fn release_in_background(
+        self: &Arc<Self>,
+        lock: Option<String>,
+        key: String,
+        rev: i64,
+        epoch: u64,
+    ) {
         let inner = self.clone();
         let done = move |inner: &Arc<Inner>| {
             if let Some(lock) = &lock {
                 inner.released(lock);
             }
         };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Inside some runtime: cannot block here; release in the
-            // background (the lease ends it at worst).
-            inner.rt().spawn({
-                let inner = inner.clone();
-                async move {
-                    inner.release(&key, rev).await;
-                    done(&inner);
-                }
-            });
-        } else {
-            inner.rt().block_on(inner.release(&key, rev));
-            done(&inner);
+        // Never on the caller's time: the delete goes out at once and a
+        // thread of this process that wants the lock again waits for it
+        // (`releasing`), as do this process's reads of the holder.
+        inner.rt().spawn({
+            let inner = inner.clone();
+            async move {
+                inner.release_for_sure(&key, rev, epoch).await;
+                done(&inner);
+            }
+        });
+    }
+
+    /// Wait (briefly) until releases of our keys at `locks` reached etcd,
+    /// so that what this process reads of them includes what it did.
+    fn wait_own_releases(&self, locks: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut m = self.local.lock().expect("poisoned");
+        loop {
+            let pending = locks
+                .iter()
+                .any(|l| m.get(l).is_some_and(|st| st.releasing > 0));
+            let now = Instant::now();
+            if !pending || now >= deadline {
+                return;
+            }
+            m = self
+                .local_cv
+                .wait_timeout(m, deadline - now)
+                .expect("poisoned")
+                .0;
         }
     }
 
@@ -1074,6 +1123,8 @@ impl LockService for EtcdLockService {
 
     fn holders(&self, resources: &[Resource]) -> Result<Vec<Option<Token>>> {
         let inner = self.inner.clone();
+        let keys: Vec<String> = resources.iter().map(|r| r.key()).collect();
+        inner.wait_own_releases(&keys);
         inner.rt().block_on(async {
             let mut bases = HashMap::new();
             for r in resources {

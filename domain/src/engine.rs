@@ -1020,13 +1020,18 @@ impl Domain {
             request_id: [0; 16],
             ops: Vec::new(),
             held: Vec::new(),
+            lock_created: false,
         }
     }
 
     /// Create a volume; it is returned locked by the caller.
     pub fn create_volume(&self, spec: VolumeSpec) -> Result<(Volume, LockGuard)> {
-        let mut out = self.tx("create volume").create_volume(spec).commit()?;
-        Ok(out.volumes.remove(0))
+        let mut out = self
+            .tx("create volume")
+            .create_volume(spec)
+            .lock_created()
+            .commit()?;
+        Ok((out.volumes.remove(0), out.volume_locks.remove(0)))
     }
 
     /// Delete a volume (no tag may point at it).
@@ -1168,7 +1173,13 @@ impl Domain {
                 }
                 None => None,
             };
-            let mut plan = Planner::new(self, &guards, alloc.as_deref_mut(), claim.slot as u16);
+            let mut plan = Planner::new(
+                self,
+                &guards,
+                alloc.as_deref_mut(),
+                claim.slot as u16,
+                tx.lock_created,
+            );
             match plan.run(&tx.ops) {
                 Ok(()) => {}
                 Err(PlanError::NeedLock(r)) if attempts < 8 => {
@@ -1247,6 +1258,7 @@ impl Domain {
         }
         Ok(Outcome {
             volumes: p.new_volumes,
+            volume_locks: p.volume_locks,
             tags: p.new_tags,
             intent_seq: seq,
         })
@@ -1341,8 +1353,11 @@ impl Domain {
 /// What a committed transaction created.
 #[derive(Debug)]
 pub struct Outcome {
-    /// New volumes, each locked for the caller.
-    pub volumes: Vec<(Volume, LockGuard)>,
+    /// New volumes, in creation order.
+    pub volumes: Vec<Volume>,
+    /// Their locks, in the same order, when the transaction asked for them
+    /// (`lock_created`); else empty.
+    pub volume_locks: Vec<LockGuard>,
     /// New tags.
     pub tags: Vec<Tag>,
     /// The intent's journal sequence number.
@@ -1382,6 +1397,10 @@ pub enum Op {
         /// What to write over the zeros.
         pages: Vec<(u64, Vec<u8>)>,
     },
+    /// Go on only if the tag still has this generation, i.e. nobody wrote
+    /// it since the caller read it without its lock (else `Changed`). Lets
+    /// a caller plan from an unlocked read and take every lock in one go.
+    ExpectTag(TagId, u64),
 }
 
 /// A set of low-level operations that happen atomically under one intent.
@@ -1391,6 +1410,7 @@ pub struct Transaction<'a> {
     request_id: [u8; 16],
     ops: Vec<Op>,
     held: Vec<&'a LockGuard>,
+    lock_created: bool,
 }
 
 impl<'a> Transaction<'a> {
@@ -1427,6 +1447,10 @@ impl<'a> Transaction<'a> {
     pub fn change_tag(self, id: TagId, meta: TagMeta) -> Self {
         self.op(Op::ChangeTag(id, meta))
     }
+    /// Expect a tag unchanged since it was read (see `Op::ExpectTag`).
+    pub fn expect_tag(self, t: &Tag) -> Self {
+        self.op(Op::ExpectTag(t.id, t.generation))
+    }
     /// Set a user data item.
     pub fn set_user_data(self, tag: TagRef, name: &str, data: Vec<u8>) -> Self {
         self.op(Op::SetUserData(tag, name.to_string(), data))
@@ -1447,6 +1471,14 @@ impl<'a> Transaction<'a> {
             zero,
             pages,
         })
+    }
+    /// Return the new volumes locked (`Outcome::volume_locks`), for a
+    /// caller that goes on working on them. Without it nobody holds their
+    /// locks: a new record carries the token of the allocation lock it was
+    /// allocated under, which any later holder of its own lock exceeds.
+    pub fn lock_created(mut self) -> Self {
+        self.lock_created = true;
+        self
     }
     /// Locks the caller already holds.
     pub fn held(mut self, guards: &[&'a LockGuard]) -> Self {
@@ -1493,7 +1525,7 @@ impl<'a> Transaction<'a> {
                 }
                 // A changed tag needs its volumes' locks only when it moves;
                 // planning finds that out.
-                Op::ChangeTag(id, _) | Op::RemoveUserData(id, _) => {
+                Op::ChangeTag(id, _) | Op::RemoveUserData(id, _) | Op::ExpectTag(id, _) => {
                     v.push(d.resource(ResourceKind::Tag(*id)))
                 }
                 Op::SetUserData(TagRef::Existing(id), _, _) => {
@@ -1538,7 +1570,8 @@ struct Planner<'p> {
     /// Created objects; their locks are taken together once planning is
     /// done (`lock_new`).
     new_volumes: Vec<(VolumeId, Option<LockGuard>)>,
-    new_tags: Vec<(TagId, Option<LockGuard>)>,
+    new_tags: Vec<TagId>,
+    lock_created: bool,
     set_bits: Vec<(u8, u64, u64)>,
     clear_bits: Vec<(u8, u64, u64)>,
     blobs: BTreeMap<u32, (u8, Vec<u8>)>,
@@ -1568,7 +1601,8 @@ struct Planned {
     blobs: Vec<(u32, u8, Vec<u8>)>,
     /// Volume slot, run offset, data.
     vol_data: Vec<(u32, u64, VolData)>,
-    new_volumes: Vec<(Volume, LockGuard)>,
+    new_volumes: Vec<Volume>,
+    volume_locks: Vec<LockGuard>,
     new_tags: Vec<Tag>,
     alloc_token: Token,
 }
@@ -1579,12 +1613,14 @@ impl<'p> Planner<'p> {
         guards: &'p BTreeMap<Resource, &'p LockGuard>,
         alloc: Option<&'p mut AllocMap>,
         writer: u16,
+        lock_created: bool,
     ) -> Self {
         Planner {
             d,
             guards,
             alloc,
             writer,
+            lock_created,
             vols: BTreeMap::new(),
             tags: BTreeMap::new(),
             new_volumes: Vec::new(),
@@ -1718,7 +1754,7 @@ impl<'p> Planner<'p> {
     fn resolve_tag(&self, r: TagRef) -> std::result::Result<TagId, PlanError> {
         match r {
             TagRef::Existing(id) => Ok(id),
-            TagRef::New(n) => self.new_tags.get(n).map(|(id, _)| *id).ok_or_else(|| {
+            TagRef::New(n) => self.new_tags.get(n).copied().ok_or_else(|| {
                 DomainError::invalid("tag", format!("new tag {n} is not created before use")).into()
             }),
         }
@@ -1795,43 +1831,44 @@ impl<'p> Planner<'p> {
         self.lock_new()
     }
 
-    /// Lock what the transaction creates, all at once, and give the new
-    /// records their locks' tokens. The ids are new (their slots were free
-    /// under the allocation lock), so nobody else can hold or want them.
+    /// Give the new records their tokens: the allocation lock's, under
+    /// which their slots were free (a later holder of their own lock has a
+    /// larger one). New volumes a caller goes on working on are locked, all
+    /// at once; their ids are new, so nobody else can hold or want them.
     fn lock_new(&mut self) -> std::result::Result<(), PlanError> {
-        let want: Vec<Resource> = self
-            .new_volumes
-            .iter()
-            .map(|(id, _)| self.d.resource(ResourceKind::Volume(*id)))
-            .chain(
-                self.new_tags
-                    .iter()
-                    .map(|(id, _)| self.d.resource(ResourceKind::Tag(*id))),
-            )
-            .collect();
-        if want.is_empty() {
+        if self.new_volumes.is_empty() && self.new_tags.is_empty() {
             return Ok(());
         }
-        let mut got = self.d.locks.acquire_all(&want, Duration::ZERO)?.into_iter();
-        for (id, g) in self.new_volumes.iter_mut() {
-            let guard = got.next().expect("one guard per lock");
-            if let Some(e) = self.vols.get_mut(&id.slot()) {
-                e.token = guard.token();
-                if let Slot::Live(v) = &mut e.cur {
-                    v.token = guard.token();
-                }
-            }
-            *g = Some(guard);
-        }
-        for (id, g) in self.new_tags.iter_mut() {
-            let guard = got.next().expect("one guard per lock");
+        let token = self.alloc_token()?;
+        for id in &self.new_tags {
             if let Some(e) = self.tags.get_mut(&id.slot()) {
-                e.token = guard.token();
+                e.token = token;
                 if let Slot::Live(t) = &mut e.cur {
-                    t.token = guard.token();
+                    t.token = token;
                 }
             }
-            *g = Some(guard);
+        }
+        let mut got = if self.lock_created {
+            let want: Vec<Resource> = self
+                .new_volumes
+                .iter()
+                .map(|(id, _)| self.d.resource(ResourceKind::Volume(*id)))
+                .collect();
+            self.d.locks.acquire_all(&want, Duration::ZERO)?
+        } else {
+            Vec::new()
+        }
+        .into_iter();
+        for (id, g) in self.new_volumes.iter_mut() {
+            let guard = got.next();
+            let t = guard.as_ref().map(|g| g.token()).unwrap_or(token);
+            if let Some(e) = self.vols.get_mut(&id.slot()) {
+                e.token = t;
+                if let Slot::Live(v) = &mut e.cur {
+                    v.token = t;
+                }
+            }
+            *g = guard;
         }
         Ok(())
     }
@@ -1878,7 +1915,7 @@ impl<'p> Planner<'p> {
                     .into());
                 }
                 let id = VolumeId::generate(slot);
-                // The token comes with the lock, in `lock_new`.
+                // The token comes in `lock_new`.
                 let v = Volume {
                     id,
                     parent,
@@ -2029,7 +2066,7 @@ impl<'p> Planner<'p> {
                         fresh: true,
                     },
                 );
-                self.new_tags.push((id, None));
+                self.new_tags.push(id);
             }
             Op::DeleteTag(id) => {
                 let t = self.live_tag(id)?.clone();
@@ -2050,6 +2087,16 @@ impl<'p> Planner<'p> {
                 };
                 self.clear_bits.push((TAG_SLOTS as u8, id.slot() as u64, 1));
                 self.blobs.remove(&id.slot());
+            }
+            Op::ExpectTag(id, generation) => {
+                let t = self.live_tag(id)?;
+                if t.generation != *generation {
+                    return Err(DomainError::Changed(format!(
+                        "tag {id} is at generation {}, read at {generation}",
+                        t.generation
+                    ))
+                    .into());
+                }
             }
             Op::ChangeTag(id, meta) => {
                 encode_options(&meta.options)?;
@@ -2302,10 +2349,9 @@ impl<'p> Planner<'p> {
         }
         // Return new objects in creation order with their final records.
         let mut volumes = Vec::new();
+        let mut volume_locks = Vec::new();
         for (id, guard) in self.new_volumes {
-            let guard = guard.ok_or_else(|| {
-                DomainError::FailedPrecondition(format!("volume {id} was never locked"))
-            })?;
+            volume_locks.extend(guard);
             let v = new_volumes_rec
                 .iter()
                 .find(|v| v.id == id)
@@ -2315,10 +2361,10 @@ impl<'p> Planner<'p> {
                         "volume {id} was created and deleted in the same transaction"
                     ))
                 })?;
-            volumes.push((v, guard));
+            volumes.push(v);
         }
         let mut tags = Vec::new();
-        for (id, _guard) in self.new_tags {
+        for id in self.new_tags {
             let t = new_tags_rec
                 .iter()
                 .find(|t| t.id == id)
@@ -2340,6 +2386,7 @@ impl<'p> Planner<'p> {
             blobs,
             vol_data,
             new_volumes: volumes,
+            volume_locks,
             new_tags: tags,
             alloc_token,
         })

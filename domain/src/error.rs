@@ -30,6 +30,9 @@ pub enum ErrorCode {
     ReadOnly,
     /// An operating-system I/O error.
     Io,
+    /// A record changed between the caller's read and its transaction;
+    /// reading again and retrying may succeed.
+    Changed,
 }
 
 impl ErrorCode {
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::NotADomain => "not_a_domain",
             ErrorCode::ReadOnly => "read_only",
             ErrorCode::Io => "io",
+            ErrorCode::Changed => "changed",
         }
     }
 }
@@ -116,6 +120,10 @@ pub enum DomainError {
         #[source]
         source: io::Error,
     },
+    /// A record was not what the transaction expected (someone changed it
+    /// since the caller read it).
+    #[error("changed concurrently: {0}")]
+    Changed(String),
     /// An I/O error from the device.
     #[error("I/O error: {context}")]
     Io {
@@ -141,6 +149,7 @@ impl DomainError {
             DomainError::Corrupt { .. } => ErrorCode::Corrupt,
             DomainError::NotADomain(_) => ErrorCode::NotADomain,
             DomainError::ReadOnly => ErrorCode::ReadOnly,
+            DomainError::Changed(_) => ErrorCode::Changed,
             DomainError::Lock { .. } | DomainError::Io { .. } => ErrorCode::Io,
         }
     }

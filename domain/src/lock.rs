@@ -96,7 +96,11 @@ impl Resource {
     }
 }
 
-/// A held lock, as an implementation provides it. Dropping it releases.
+/// A held lock, as an implementation provides it. Dropping it releases;
+/// a networked service may finish the release in the background (the
+/// caller does not wait a round trip for it): the same handle's later calls
+/// wait for it, other handles see the lock free once it reached the service
+/// (a waiter is woken then).
 pub trait HeldLock: Send + Sync {
     /// The fencing token of this acquisition.
     fn token(&self) -> Token;
@@ -154,7 +158,8 @@ impl LockGuard {
 pub trait LockService: Send + Sync {
     /// Take the lock, waiting up to `timeout` (zero: try once).
     fn acquire(&self, resource: &Resource, timeout: Duration) -> Result<LockGuard>;
-    /// The token of whoever holds the lock now, if anyone does.
+    /// The token of whoever holds the lock now, if anyone does (after this
+    /// handle's own releases of it have reached the service).
     fn holder(&self, resource: &Resource) -> Result<Option<Token>>;
     /// Take every lock of `resources` (sorted, distinct: the fixed order),
     /// waiting up to `timeout` for each; all or none. A service that can
@@ -646,6 +651,8 @@ pub mod conformance {
         assert_eq!(a.holders(&[]).unwrap(), vec![]);
         // Taking some while reading others.
         drop(gs);
+        // Released as far as b can tell, so for everyone.
+        assert_eq!(b.holders(&set).unwrap(), vec![None; set.len()]);
         let (gs, seen) = a
             .acquire_all_then_read(&[res(d, 8), res(d, 9)], Duration::ZERO, &set[..2])
             .unwrap();

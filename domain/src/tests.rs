@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::check::check;
 use crate::engine::*;
+use crate::error::DomainError;
 use crate::geometry::FormatParams;
 use crate::io::{BlockDev, MemDev};
 use crate::lock::{LockService, MemLockService};
@@ -182,12 +183,73 @@ fn grouped_transaction_is_one_intent() {
         .unwrap();
     let after = dev.stats();
     assert_eq!(after.flushes - before.flushes, 2);
-    let top = &out.volumes[0].0;
+    let top = &out.volumes[0];
+    assert!(out.volume_locks.is_empty(), "not asked for");
     let w = &out.tags[0];
     assert_eq!(d.read_tag(&disk.id).unwrap().volume, top.id);
     assert_eq!(top.parent, Some(w.id));
     assert_eq!(d.read_tag(&w.id).unwrap().child_refs, 1);
     assert_eq!(d.read_volume(&v.id).unwrap().tag_refs, 1);
+    assert_clean(dev.as_ref());
+}
+
+#[test]
+fn a_snapshot_planned_from_unlocked_reads_goes_on_only_if_the_tag_is_unchanged() {
+    let (dev, locks, d) = setup();
+    let (v, vg) = d.create_volume(raw(1 << 20)).unwrap();
+    let disk = d.create_tag(tag_on(v.id), &[&vg]).unwrap();
+    drop(vg);
+    let snapshot = |seen: &Tag| {
+        let mut weak = tag_on(seen.volume);
+        weak.tag_type = TagType::Weak;
+        weak.mutable = false;
+        let mut spec = raw(1 << 20);
+        spec.format = Format::Qcow2;
+        spec.parent = Some(TagRef::New(0));
+        let mut moved = seen.meta();
+        moved.volume = VolumeRef::New(0);
+        d.tx("snapshot")
+            .create_tag(weak)
+            .create_volume(spec)
+            .change_tag(seen.id, moved)
+            .expect_tag(seen)
+            .commit()
+    };
+    // Someone changes the disk between our read and our transaction.
+    let seen = d.read_tag(&disk.id).unwrap();
+    let mut other = seen.meta();
+    other.size = 2 << 20;
+    d.change_tag(&disk.id, other, &[]).unwrap();
+    let before = dev.image();
+    let e = snapshot(&seen).unwrap_err();
+    assert!(matches!(e, DomainError::Changed(_)), "{e}");
+    assert_eq!(e.code(), crate::error::ErrorCode::Changed);
+    assert!(
+        dev.image() == before,
+        "a refused transaction wrote something"
+    );
+    // Read again: it goes through, and what it made took no lock of its
+    // own yet is writable under a later lock (its token is older).
+    let seen = d.read_tag(&disk.id).unwrap();
+    let out = snapshot(&seen).unwrap();
+    assert!(out.volume_locks.is_empty());
+    let top = out.volumes[0].clone();
+    let weak = out.tags[0].clone();
+    assert_eq!(d.read_tag(&disk.id).unwrap().volume, top.id);
+    for r in [
+        d.resource(crate::lock::ResourceKind::Volume(top.id)),
+        d.resource(crate::lock::ResourceKind::Tag(weak.id)),
+    ] {
+        assert_eq!(locks.holder(&r).unwrap(), None, "{r:?} is not held");
+    }
+    let tg = d.lock_tag(&weak.id).unwrap();
+    assert!(tg.token() > weak.token);
+    let mut m = weak.meta();
+    m.options.push(("k".into(), "v".into()));
+    d.change_tag(&weak.id, m, &[&tg]).unwrap();
+    let vg = d.lock_volume(&top.id).unwrap();
+    assert!(vg.token() > top.token);
+    d.extend_volume(&top.id, 2 << 20, &[&vg]).unwrap();
     assert_clean(dev.as_ref());
 }
 

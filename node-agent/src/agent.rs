@@ -622,8 +622,8 @@ impl Agent {
             if let Some(s) = &req.tag {
                 tx = tx.create_tag(tag_meta(s, VolumeRef::New(0), capacity));
             }
-            let mut out = tx.commit()?;
-            let (volume, guard) = out.volumes.remove(0);
+            let mut out = tx.lock_created().commit()?;
+            let (volume, guard) = (out.volumes.remove(0), out.volume_locks.remove(0));
             if volume.allocation == Allocation::Preallocated {
                 if let Err(e) = preallocate(&o.path, o.extent(&volume)) {
                     tracing::warn!(volume = %volume.id, error = %e, "could not preallocate");
@@ -664,8 +664,9 @@ impl Agent {
             .tx("create volume")
             .request_id(request_id)
             .create_volume(spec)
+            .lock_created()
             .commit()?;
-        let (vol, guard) = out.volumes.remove(0);
+        let (vol, guard) = (out.volumes.remove(0), out.volume_locks.remove(0));
         if let Err(e) = self.init_data(o, &vol, backing) {
             self.undo_create(o, &vol, &guard);
             return Err(e);
@@ -1266,98 +1267,103 @@ impl Agent {
                 return Err(AgentError::invalid("clone", "a clone's tag must be strong"));
             }
         }
-        let dlock = o.domain.lock_tag(disk)?;
-        let t = o.domain.read_tag(disk)?;
-        if t.tag_type != TagType::Strong || !t.mutable {
-            return Err(AgentError::FailedPrecondition(format!(
-                "tag {disk} is not a disk (a strong, mutable tag)"
-            )));
-        }
-        let top = o.domain.read_volume(&t.volume)?;
-        if top.legality != Legality::Legal {
-            return Err(AgentError::FailedPrecondition(format!(
-                "the disk's volume {} is not legal",
-                top.id
-            )));
-        }
-        let size = if size == 0 {
-            qcow2::fully_allocated(top.capacity)
-        } else {
-            size
-        };
-        let weak = TagMeta {
-            volume: VolumeRef::Existing(top.id),
-            size: t.size,
-            mutable: false,
-            strategy: t.strategy,
-            options: std::iter::once((SNAP_KEY.into(), disk.to_string()))
-                .chain(
-                    (!description.is_empty())
-                        .then(|| (SNAP_DESC_KEY.into(), clip(&description, 256).to_string())),
-                )
-                .chain(options)
-                .collect(),
-            tag_type: TagType::Weak,
-            state: TagState::Optimized,
-        };
-        let spec = VolumeSpec {
-            format: Format::Qcow2,
-            capacity: top.capacity,
-            size,
-            allocation: Allocation::Sparse,
-            parent: Some(TagRef::New(0)),
-            legality: Legality::Legal,
-            description,
-        };
-        let es = o.domain.geometry().extent_size;
-        let (zero, pages) = qcow2_init(
-            top.capacity,
-            size.div_ceil(es) * es,
-            Some((top.id, top.format)),
-        )?;
-        let mut moved = t.meta();
-        moved.volume = VolumeRef::New(0);
-        // One transaction: the weak tag, the new volume with its image
-        // metadata, and the disk's tag moved onto it (and the clone's
-        // volume and tag beside it).
-        let clone_layer = clone.map(|c| {
-            let spec = VolumeSpec {
-                description: format!("clone of {disk}"),
-                ..spec.clone()
+        // Planned from unlocked reads; the transaction takes the disk's
+        // tag lock with the others in one go and goes on only if the tag
+        // is still as read (else read again).
+        let mut tries = 0;
+        let mut out = loop {
+            tries += 1;
+            let t = o.domain.read_tag(disk)?;
+            if t.tag_type != TagType::Strong || !t.mutable {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "tag {disk} is not a disk (a strong, mutable tag)"
+                )));
+            }
+            let top = o.domain.read_volume(&t.volume)?;
+            if top.legality != Legality::Legal {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "the disk's volume {} is not legal",
+                    top.id
+                )));
+            }
+            let size = if size == 0 {
+                qcow2::fully_allocated(top.capacity)
+            } else {
+                size
             };
-            (
-                spec,
-                pages.clone(),
-                tag_meta(c, VolumeRef::New(1), top.capacity),
-            )
-        });
-        let mut tx = o
-            .domain
-            .tx("snapshot")
-            .request_id(request_id)
-            .create_tag(weak)
-            .create_volume(spec)
-            .init_volume_data(VolumeRef::New(0), zero, pages)
-            .change_tag(*disk, moved);
-        if let Some((spec, pages, tag)) = clone_layer {
-            tx = tx
+            let weak = TagMeta {
+                volume: VolumeRef::Existing(top.id),
+                size: t.size,
+                mutable: false,
+                strategy: t.strategy,
+                options: std::iter::once((SNAP_KEY.into(), disk.to_string()))
+                    .chain(
+                        (!description.is_empty())
+                            .then(|| (SNAP_DESC_KEY.into(), clip(&description, 256).to_string())),
+                    )
+                    .chain(options.iter().cloned())
+                    .collect(),
+                tag_type: TagType::Weak,
+                state: TagState::Optimized,
+            };
+            let spec = VolumeSpec {
+                format: Format::Qcow2,
+                capacity: top.capacity,
+                size,
+                allocation: Allocation::Sparse,
+                parent: Some(TagRef::New(0)),
+                legality: Legality::Legal,
+                description: description.clone(),
+            };
+            let es = o.domain.geometry().extent_size;
+            let (zero, pages) = qcow2_init(
+                top.capacity,
+                size.div_ceil(es) * es,
+                Some((top.id, top.format)),
+            )?;
+            let mut moved = t.meta();
+            moved.volume = VolumeRef::New(0);
+            // One transaction: the weak tag, the new volume with its image
+            // metadata, and the disk's tag moved onto it (and the clone's
+            // volume and tag beside it).
+            let clone_layer = clone.map(|c| {
+                let spec = VolumeSpec {
+                    description: format!("clone of {disk}"),
+                    ..spec.clone()
+                };
+                (
+                    spec,
+                    pages.clone(),
+                    tag_meta(c, VolumeRef::New(1), top.capacity),
+                )
+            });
+            let mut tx = o
+                .domain
+                .tx("snapshot")
+                .request_id(request_id)
+                .create_tag(weak)
                 .create_volume(spec)
-                .init_volume_data(VolumeRef::New(1), zero, pages)
-                .create_tag(tag);
-        }
-        let mut out = tx.held(&[&dlock]).commit()?;
-        let (vol, vguard) = out.volumes.remove(0);
+                .init_volume_data(VolumeRef::New(0), zero, pages)
+                .change_tag(*disk, moved);
+            if let Some((spec, pages, tag)) = clone_layer {
+                tx = tx
+                    .create_volume(spec)
+                    .init_volume_data(VolumeRef::New(1), zero, pages)
+                    .create_tag(tag);
+            }
+            match tx.expect_tag(&t).commit() {
+                Err(DomainError::Changed(why)) if tries < 8 => {
+                    tracing::debug!(disk = %disk, %why, "disk changed while planning its snapshot");
+                }
+                r => break r?,
+            }
+        };
+        let vol = out.volumes.remove(0);
         let parent_tag = out.tags.remove(0);
         let clone = match clone {
-            Some(_) => {
-                let (cv, cg) = out.volumes.remove(0);
-                drop(cg);
-                Some((cv, out.tags.remove(0)))
-            }
+            Some(_) => Some((out.volumes.remove(0), out.tags.remove(0))),
             None => None,
         };
-        drop(vguard);
-        drop(dlock);
         // A running VM needs the new top under its disk's directory.
         if o.run.tag_dir(&disk.to_string()).exists() {
             self.activate(o, disk)?;

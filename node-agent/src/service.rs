@@ -38,6 +38,7 @@ pub fn to_status(e: &AgentError) -> Status {
             DomainError::Corrupt { .. } => Code::DataLoss,
             DomainError::NotADomain(_) => Code::FailedPrecondition,
             DomainError::ReadOnly => Code::FailedPrecondition,
+            DomainError::Changed(_) => Code::Aborted,
             DomainError::Lock { .. } => Code::Unavailable,
             DomainError::Io { .. } => Code::Unavailable,
         },

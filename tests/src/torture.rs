@@ -72,7 +72,7 @@ fn main() -> Result<()> {
             };
             match d.tx("create").create_volume(spec).create_tag(meta).commit() {
                 Ok(out) => {
-                    let (v, t) = (out.volumes[0].0.id, out.tags[0].id);
+                    let (v, t) = (out.volumes[0].id, out.tags[0].id);
                     mine.push((v, t));
                     json!({"op": "create", "vol": v, "tag": t})
                 }
