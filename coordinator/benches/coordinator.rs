@@ -36,6 +36,19 @@ fn ms(d: Duration) -> String {
     format!("{:8.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// CPU per operation: each part and the sum.
+fn cpu_line(c: &[Duration; 4]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{:.2}/{:.2}/{:.2}/{:.2} = {:.2} ms",
+        ms(c[0]),
+        ms(c[1]),
+        ms(c[2]),
+        ms(c[3]),
+        ms(c.iter().sum())
+    )
+}
+
 fn env_u64(k: &str, d: u64) -> u64 {
     std::env::var(k)
         .ok()
@@ -52,6 +65,22 @@ fn free_port() -> u16 {
 }
 
 struct Proc(Child);
+
+/// CPU time (user + system) a process used so far, from /proc (clock
+/// ticks of 10 ms, Linux's USER_HZ).
+fn cpu_of(pid: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    Duration::from_millis((f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10)
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -150,6 +179,18 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// CPU used so far by etcd, the agents, the coordinator and this
+    /// process (the clients).
+    fn cpu(&self) -> [Duration; 4] {
+        let of = |p: &Proc| cpu_of(&p.0.id().to_string());
+        [
+            of(&self._etcd),
+            self.agents.iter().flatten().map(of).sum(),
+            of(&self._coord),
+            cpu_of("self"),
+        ]
+    }
+
     fn start_agent(&self, n: usize) -> (Proc, String) {
         let d = self.dir.join(format!("agent{n}"));
         std::fs::create_dir_all(&d).unwrap();
@@ -278,8 +319,14 @@ enum Op {
 }
 
 /// `clients` clients doing `n` operations each, each on its own disk.
-/// Returns every latency and the wall time.
-async fn run(cl: &Cluster, op: Op, clients: usize, n: usize) -> (Vec<Duration>, Duration) {
+/// Returns every latency, the wall time and the CPU time used per
+/// operation by etcd, the agents, the coordinator and the clients.
+async fn run(
+    cl: &Cluster,
+    op: Op,
+    clients: usize,
+    n: usize,
+) -> (Vec<Duration>, Duration, [Duration; 4]) {
     let mut setup = Vec::new();
     for _ in 0..clients {
         let mut c = coord(cl).await;
@@ -287,6 +334,7 @@ async fn run(cl: &Cluster, op: Op, clients: usize, n: usize) -> (Vec<Duration>, 
         let s = snapshot(&mut c, &d).await;
         setup.push((c, d, s));
     }
+    let cpu0 = cl.cpu();
     let t = Instant::now();
     let mut tasks = Vec::new();
     for (mut c, d, s) in setup {
@@ -312,7 +360,10 @@ async fn run(cl: &Cluster, op: Op, clients: usize, n: usize) -> (Vec<Duration>, 
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    (all, t.elapsed())
+    let wall = t.elapsed();
+    let cpu1 = cl.cpu();
+    let per_op = std::array::from_fn(|i| (cpu1[i] - cpu0[i]) / all.len() as u32);
+    (all, wall, per_op)
 }
 
 async fn agent_snapshots(addr: &str, n: usize) -> Vec<Duration> {
@@ -415,7 +466,7 @@ fn main() {
         wait_agents(&mut c, 3).await;
         println!("coordinator over 3 agents and etcd on loopback; lease TTL {ttl} s");
         println!(
-            "{:<28} {:>11} {:>11} {:>11} {:>8}",
+            "{:<28} {:>11} {:>11} {:>11} {:>8}   CPU per op: etcd/agents/coordinator/clients",
             "operation", "p50", "p99", "ops/s", "x one"
         );
         let mut base = agent_snapshots(&cl.agent_addrs[0], n).await;
@@ -426,24 +477,27 @@ fn main() {
             ms(pct(&mut base, 0.99))
         );
         for op in [Op::Create, Op::Snapshot, Op::Clone] {
-            let (mut one, w1) = run(&cl, op, 1, n).await;
+            let (mut one, w1, c1) = run(&cl, op, 1, n).await;
             let ops1 = one.len() as f64 / w1.as_secs_f64();
             println!(
-                "{:<28} {} {} {:>11.1}",
+                "{:<28} {} {} {:>11.1} {:>8}   {}",
                 format!("{op:?} (1 client)"),
                 ms(pct(&mut one, 0.5)),
                 ms(pct(&mut one, 0.99)),
-                ops1
+                ops1,
+                "",
+                cpu_line(&c1)
             );
-            let (mut many, w16) = run(&cl, op, 16, (n / 4).max(1)).await;
+            let (mut many, w16, c16) = run(&cl, op, 16, (n / 4).max(1)).await;
             let ops16 = many.len() as f64 / w16.as_secs_f64();
             println!(
-                "{:<28} {} {} {:>11.1} {:>7.2}x",
+                "{:<28} {} {} {:>11.1} {:>7.2}x   {}",
                 format!("{op:?} (16 clients)"),
                 ms(pct(&mut many, 0.5)),
                 ms(pct(&mut many, 0.99)),
                 ops16,
-                ops16 / ops1
+                ops16 / ops1,
+                cpu_line(&c16)
             );
         }
     });
