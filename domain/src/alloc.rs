@@ -1,9 +1,13 @@
-//! The allocation map: bitmaps of extents, volume slots and tag slots, plus
-//! a root page whose generation tells whether a cached copy is current.
+//! The allocation map: a root page (written at format: the map's header)
+//! and bitmaps of extents, volume slots and tag slots.
 //!
-//! The map is only changed under the domain's allocation lock. A host that
-//! takes the lock reads the root; if its generation moved, another host
-//! changed the map and the cache is reloaded.
+//! Each bitmap page has its own lock (`ResourceKind::AllocPage`). A
+//! transaction that allocates or frees reads the pages it locked fresh
+//! from the device ([`PageView`]) and writes back those it changed; nobody
+//! caches the map, so hosts allocating on different pages never wait for
+//! one another.
+
+use std::collections::BTreeMap;
 
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
@@ -21,14 +25,13 @@ pub const TAG_SLOTS: usize = 2;
 
 const MAP_NAMES: [&str; 3] = ["extent", "volume slot", "tag slot"];
 
-/// The cached allocation map.
+/// The whole allocation map as read at one moment (listing, usage, check).
 #[derive(Clone)]
 pub struct AllocMap {
     root_gen: u64,
     bits: [Vec<u8>; 3],
     page_gens: [Vec<u64>; 3],
     len: [u64; 3],
-    cursor: [u64; 3],
 }
 
 /// Encode the root page.
@@ -123,7 +126,6 @@ impl AllocMap {
             bits: counts.map(|c| vec![0u8; (c * 4032) as usize]),
             page_gens: counts.map(|c| vec![1u64; c as usize]),
             len: g.bitmap_bits(),
-            cursor: [0; 3],
         }
     }
 
@@ -170,21 +172,6 @@ impl AllocMap {
         Ok(m)
     }
 
-    /// Reload if another host changed the map. Call under the allocation lock.
-    pub fn refresh(&mut self, dev: &dyn BlockDev, g: &Geometry) -> Result<bool> {
-        let mut root = AlignedBuf::zeroed(PAGE as usize);
-        dev.read_at(&mut root, g.alloc_off)
-            .map_err(DomainError::io("reading the allocation map root"))?;
-        let (gen, _) = decode_root(g, &root)?;
-        if gen == self.root_gen {
-            return Ok(false);
-        }
-        let cursor = self.cursor;
-        *self = AllocMap::load(dev, g)?;
-        self.cursor = cursor;
-        Ok(true)
-    }
-
     fn page_bits(&self, map: usize, p: u64) -> &[u8] {
         &self.bits[map][(p * 4032) as usize..((p + 1) * 4032) as usize]
     }
@@ -209,77 +196,30 @@ impl AllocMap {
         self.bits[map].iter().map(|b| b.count_ones() as u64).sum()
     }
 
+    /// Free items on each page of `map`.
+    pub fn free_per_page(&self, map: usize) -> Vec<u64> {
+        let pages = self.bits[map].len() as u64 / 4032;
+        (0..pages)
+            .map(|p| {
+                let items = self.len[map]
+                    .saturating_sub(p * BITS_PER_PAGE)
+                    .min(BITS_PER_PAGE);
+                let used: u64 = self
+                    .page_bits(map, p)
+                    .iter()
+                    .map(|b| b.count_ones() as u64)
+                    .sum();
+                items.saturating_sub(used)
+            })
+            .collect()
+    }
+
     /// Highest used item of `map`, plus one (0 if none).
     pub fn high_water(&self, map: usize) -> u64 {
         match self.bits[map].iter().rposition(|&b| b != 0) {
             Some(i) => i as u64 * 8 + 8 - self.bits[map][i].leading_zeros() as u64,
             None => 0,
         }
-    }
-
-    fn free_in(&self, map: usize, start: u64, n: u64, taken: &[(u64, u64)]) -> bool {
-        start + n <= self.len[map]
-            && (start..start + n).all(|b| !self.is_set(map, b))
-            && taken.iter().all(|&(s, c)| start + n <= s || s + c <= start)
-    }
-
-    /// Whether `n` items from `start` are free, also avoiding `taken`.
-    pub fn run_is_free(&self, map: usize, start: u64, n: u64, taken: &[(u64, u64)]) -> bool {
-        self.free_in(map, start, n, taken)
-    }
-
-    /// Find `n` contiguous free items (next fit), avoiding `taken`.
-    pub fn find_run(&mut self, map: usize, n: u64, taken: &[(u64, u64)]) -> Option<u64> {
-        let len = self.len[map];
-        if n == 0 || n > len {
-            return None;
-        }
-        let start_at = self.cursor[map].min(len);
-        for pass in 0..2 {
-            let (mut b, end) = if pass == 0 {
-                (start_at, len)
-            } else {
-                (0, (start_at + n).min(len))
-            };
-            while b + n <= end {
-                // Skip whole used bytes quickly.
-                if b % 8 == 0 && self.bits[map][(b / 8) as usize] == 0xff {
-                    b += 8;
-                    continue;
-                }
-                if self.is_set(map, b) || taken.iter().any(|&(s, c)| b >= s && b < s + c) {
-                    b += 1;
-                    continue;
-                }
-                let mut run = 0;
-                while run < n
-                    && !self.is_set(map, b + run)
-                    && !taken.iter().any(|&(s, c)| b + run >= s && b + run < s + c)
-                {
-                    run += 1;
-                }
-                if run == n {
-                    self.cursor[map] = b + n;
-                    return Some(b);
-                }
-                b += run + 1;
-            }
-        }
-        None
-    }
-
-    /// Longest free run of `map`, for error messages.
-    pub fn largest_free_run(&self, map: usize) -> u64 {
-        let (mut best, mut cur) = (0, 0);
-        for b in 0..self.len[map] {
-            if self.is_set(map, b) {
-                cur = 0;
-            } else {
-                cur += 1;
-                best = best.max(cur);
-            }
-        }
-        best
     }
 
     /// Set or clear `n` bits from `start`; returns the pages touched.
@@ -298,42 +238,251 @@ impl AllocMap {
         (start / BITS_PER_PAGE..=(start + n - 1) / BITS_PER_PAGE).collect()
     }
 
-    /// Write the touched pages and a new root. Not flushed.
-    pub fn write_pages(
-        &mut self,
-        dev: &dyn BlockDev,
-        g: &Geometry,
-        touched: &[(usize, u64)],
-        token: u64,
-        writer: u16,
-    ) -> Result<()> {
-        let mut touched = touched.to_vec();
-        touched.sort_unstable();
-        touched.dedup();
-        for &(map, p) in &touched {
-            let gen = self.page_gens[map][p as usize] + 1;
-            self.page_gens[map][p as usize] = gen;
-            let page = encode_page(g, map, p, self.page_bits(map, p), gen, token);
-            dev.write_at(&page, g.bitmap_page_off(map, p))
-                .map_err(DomainError::io("writing the allocation map"))?;
-        }
-        if !touched.is_empty() {
-            self.root_gen += 1;
-            dev.write_at(&encode_root(g, self.root_gen, token, writer), g.alloc_off)
-                .map_err(DomainError::io("writing the allocation map root"))?;
-        }
-        Ok(())
-    }
-
     /// The raw bits of `map` (for check and dump).
     pub fn bits(&self, map: usize) -> &[u8] {
         &self.bits[map]
     }
 }
 
+/// The pages of the allocation map a transaction holds the locks of, read
+/// fresh from the device under those locks. Items on pages not held count
+/// as taken: a transaction allocates only where it holds the lock, so
+/// transactions on different pages (different hosts, by default) never
+/// wait for each other.
+pub struct PageView {
+    pages: [BTreeMap<u64, ViewPage>; 3],
+    len: [u64; 3],
+    counts: [u64; 3],
+}
+
+struct ViewPage {
+    generation: u64,
+    token: u64,
+    bits: [u8; 4032],
+}
+
+impl PageView {
+    /// Read pages `(map, index)` from the device.
+    pub fn load(dev: &dyn BlockDev, g: &Geometry, wanted: &[(usize, u64)]) -> Result<PageView> {
+        let mut v = PageView {
+            pages: Default::default(),
+            len: g.bitmap_bits(),
+            counts: g.bitmap_page_counts(),
+        };
+        for &(map, p) in wanted {
+            if p >= v.counts[map] || v.pages[map].contains_key(&p) {
+                continue;
+            }
+            let off = g.bitmap_page_off(map, p);
+            let mut buf = AlignedBuf::zeroed(PAGE as usize);
+            dev.read_at(&mut buf, off)
+                .map_err(DomainError::io("reading the allocation map"))?;
+            let (generation, bits) = decode_page(g, map, p, &buf)?;
+            let token = BitmapPageRaw::ref_from_bytes(&buf[..])
+                .expect("page")
+                .token
+                .get();
+            let page = ViewPage {
+                generation,
+                token,
+                bits,
+            };
+            let end = ((p + 1) * BITS_PER_PAGE).min(v.len[map]);
+            if let Some(bad) =
+                (end..(p + 1) * BITS_PER_PAGE).find(|&b| page.is_set(b - p * BITS_PER_PAGE))
+            {
+                return Err(DomainError::corrupt(
+                    format!("{} bitmap", MAP_NAMES[map]),
+                    off,
+                    format!("bit {bad} is set beyond the end of the map"),
+                ));
+            }
+            v.pages[map].insert(p, page);
+        }
+        Ok(v)
+    }
+
+    /// Whether page `p` of `map` is here.
+    pub fn has(&self, map: usize, p: u64) -> bool {
+        self.pages[map].contains_key(&p)
+    }
+
+    /// The token page `p` of `map` was last written under.
+    pub fn token(&self, map: usize, p: u64) -> Option<u64> {
+        self.pages[map].get(&p).map(|pg| pg.token)
+    }
+
+    /// The pages here, by map.
+    pub fn held(&self) -> Vec<(usize, u64)> {
+        (0..3)
+            .flat_map(|m| self.pages[m].keys().map(move |&p| (m, p)))
+            .collect()
+    }
+
+    /// Pages of `map` that items `start..start + n` lie on but are not here.
+    pub fn missing(&self, map: usize, start: u64, n: u64) -> Vec<u64> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let last = ((start + n - 1) / BITS_PER_PAGE).min(self.counts[map].saturating_sub(1));
+        (start / BITS_PER_PAGE..=last)
+            .filter(|p| !self.has(map, *p))
+            .collect()
+    }
+
+    /// Pages of `map` not here.
+    pub fn all_missing(&self, map: usize) -> Vec<u64> {
+        (0..self.counts[map])
+            .filter(|p| !self.has(map, *p))
+            .collect()
+    }
+
+    /// Free items on page `p` of `map` (0 if it is not here).
+    pub fn free_on(&self, map: usize, p: u64) -> u64 {
+        let Some(pg) = self.pages[map].get(&p) else {
+            return 0;
+        };
+        let items = self.len[map]
+            .saturating_sub(p * BITS_PER_PAGE)
+            .min(BITS_PER_PAGE);
+        items - (0..items).filter(|&b| pg.is_set(b)).count() as u64
+    }
+
+    /// Whether item `b` of `map` is free here (its page held, in the map,
+    /// not set).
+    fn free(&self, map: usize, b: u64) -> bool {
+        b < self.len[map]
+            && self.pages[map]
+                .get(&(b / BITS_PER_PAGE))
+                .is_some_and(|pg| !pg.is_set(b % BITS_PER_PAGE))
+    }
+
+    /// Whether `n` items from `start` are free here, also avoiding `taken`.
+    pub fn run_is_free(&self, map: usize, start: u64, n: u64, taken: &[(u64, u64)]) -> bool {
+        (start..start + n).all(|b| self.free(map, b))
+            && taken.iter().all(|&(s, c)| start + n <= s || s + c <= start)
+    }
+
+    /// Find `n` contiguous free items on the pages here, avoiding `taken`,
+    /// searching from `from` and wrapping around (next fit).
+    pub fn find_run(&self, map: usize, n: u64, taken: &[(u64, u64)], from: u64) -> Option<u64> {
+        if n == 0 {
+            return None;
+        }
+        let ok = |b: u64| self.free(map, b) && !taken.iter().any(|&(s, c)| b >= s && b < s + c);
+        // Contiguous stretches of the pages here, the one holding `from`
+        // first.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for &p in self.pages[map].keys() {
+            let (lo, hi) = (
+                p * BITS_PER_PAGE,
+                ((p + 1) * BITS_PER_PAGE).min(self.len[map]),
+            );
+            match spans.last_mut() {
+                Some(last) if last.1 == lo => last.1 = hi,
+                _ => spans.push((lo, hi)),
+            }
+        }
+        let mut tries: Vec<(u64, u64)> = Vec::new();
+        for &(lo, hi) in &spans {
+            if (lo..hi).contains(&from) {
+                tries.insert(0, (from, hi));
+                tries.push((lo, (from + n).min(hi)));
+            } else {
+                tries.push((lo, hi));
+            }
+        }
+        for (lo, hi) in tries {
+            let mut b = lo;
+            while b + n <= hi {
+                let mut run = 0;
+                while run < n && ok(b + run) {
+                    run += 1;
+                }
+                if run == n {
+                    return Some(b);
+                }
+                b += run + 1;
+            }
+        }
+        None
+    }
+
+    /// Longest free run of `map` on the pages here, for error messages.
+    pub fn largest_free_run(&self, map: usize) -> u64 {
+        let (mut best, mut cur, mut prev) = (0, 0, None);
+        for &p in self.pages[map].keys() {
+            if prev != Some(p.wrapping_sub(1)) {
+                cur = 0;
+            }
+            prev = Some(p);
+            for b in p * BITS_PER_PAGE..((p + 1) * BITS_PER_PAGE).min(self.len[map]) {
+                if self.free(map, b) {
+                    cur += 1;
+                    best = best.max(cur);
+                } else {
+                    cur = 0;
+                }
+            }
+        }
+        best
+    }
+
+    /// Set or clear `n` bits from `start` (all on pages here); returns the
+    /// pages touched.
+    pub fn apply(&mut self, map: usize, start: u64, n: u64, set: bool) -> Vec<u64> {
+        for b in start..start + n {
+            let pg = self.pages[map]
+                .get_mut(&(b / BITS_PER_PAGE))
+                .expect("planned only on pages held");
+            let i = b % BITS_PER_PAGE;
+            let byte = &mut pg.bits[(i / 8) as usize];
+            if set {
+                *byte |= 1 << (i % 8);
+            } else {
+                *byte &= !(1 << (i % 8));
+            }
+        }
+        if n == 0 {
+            return Vec::new();
+        }
+        (start / BITS_PER_PAGE..=(start + n - 1) / BITS_PER_PAGE).collect()
+    }
+
+    /// Write the touched pages, each under the token of its lock
+    /// (`token(map, page)`). Not flushed.
+    pub fn write(
+        &mut self,
+        dev: &dyn BlockDev,
+        g: &Geometry,
+        touched: &[(usize, u64)],
+        token: impl Fn(usize, u64) -> u64,
+    ) -> Result<()> {
+        let mut touched = touched.to_vec();
+        touched.sort_unstable();
+        touched.dedup();
+        for (map, p) in touched {
+            let t = token(map, p);
+            let pg = self.pages[map].get_mut(&p).expect("written only if held");
+            pg.generation += 1;
+            pg.token = t;
+            let page = encode_page(g, map, p, &pg.bits, pg.generation, t);
+            dev.write_at(&page, g.bitmap_page_off(map, p))
+                .map_err(DomainError::io("writing the allocation map"))?;
+        }
+        Ok(())
+    }
+}
+
+impl ViewPage {
+    fn is_set(&self, i: u64) -> bool {
+        self.bits[(i / 8) as usize] & (1 << (i % 8)) != 0
+    }
+}
+
 /// Set or clear bits directly on the device, writing only pages that
-/// change, and bump the root if any did. Recovery uses this: it must not
-/// write a page another host may be changing unless the bits need it.
+/// change. Recovery uses this: it must not write a page another host may
+/// be changing unless the bits need it.
 pub fn apply_on_disk(
     dev: &dyn BlockDev,
     g: &Geometry,
@@ -385,18 +534,6 @@ pub fn apply_on_disk(
             changed = true;
         }
     }
-    if changed {
-        let mut root = AlignedBuf::zeroed(PAGE as usize);
-        dev.read_at(&mut root, g.alloc_off)
-            .map_err(DomainError::io("reading the allocation map root"))?;
-        let (gen, token) = decode_root(g, &root)?;
-        let writer = AllocRootRaw::ref_from_bytes(&root[..])
-            .expect("page")
-            .writer_slot
-            .get();
-        dev.write_at(&encode_root(g, gen + 1, token, writer), g.alloc_off)
-            .map_err(DomainError::io("writing the allocation map root"))?;
-    }
     Ok(changed)
 }
 
@@ -418,40 +555,108 @@ mod tests {
         Geometry::compute(64 << 20, 512, &p, uuid::Uuid::new_v4(), 0).unwrap()
     }
 
+    /// A map of volume slots three pages long.
+    fn paged() -> (Geometry, MemDev) {
+        let p = FormatParams {
+            name: "a".into(),
+            volume_slots: Some((3 * BITS_PER_PAGE - 10) as u32),
+            tag_slots: Some(100),
+            host_slots: Some(2),
+            journal_size: Some(1 << 16),
+            ..Default::default()
+        };
+        let g = Geometry::compute(128 << 20, 512, &p, uuid::Uuid::new_v4(), 0).unwrap();
+        let dev = MemDev::new(g.device_size);
+        dev.write_at(&AllocMap::empty(&g).format_pages(&g), g.alloc_off)
+            .unwrap();
+        (g, dev)
+    }
+
     #[test]
     fn find_run_next_fit_and_exclusions() {
         let g = geom();
-        let mut m = AllocMap::empty(&g);
-        let a = m.find_run(EXTENTS, 3, &[]).unwrap();
+        let dev = MemDev::new(g.device_size);
+        dev.write_at(&AllocMap::empty(&g).format_pages(&g), g.alloc_off)
+            .unwrap();
+        let mut v = PageView::load(&dev, &g, &[(EXTENTS, 0)]).unwrap();
+        let a = v.find_run(EXTENTS, 3, &[], 0).unwrap();
         assert_eq!(a, 0);
-        m.apply(EXTENTS, a, 3, true);
-        let b = m.find_run(EXTENTS, 2, &[(3, 2)]).unwrap();
+        v.apply(EXTENTS, a, 3, true);
+        let b = v.find_run(EXTENTS, 2, &[(3, 2)], 3).unwrap();
         assert_eq!(b, 5);
-        m.apply(EXTENTS, 0, 3, false);
-        // Next fit wraps around to the freed space eventually.
-        let len = m.len(EXTENTS);
-        m.apply(EXTENTS, 3, len - 3, true);
-        assert_eq!(m.find_run(EXTENTS, 3, &[]), Some(0));
-        assert_eq!(m.find_run(EXTENTS, 4, &[]), None);
-        assert_eq!(m.largest_free_run(EXTENTS), 3);
+        v.apply(EXTENTS, 0, 3, false);
+        // Next fit starts at the cursor and wraps around to freed space.
+        let len = g.bitmap_bits()[EXTENTS];
+        v.apply(EXTENTS, 3, len - 3, true);
+        assert_eq!(v.find_run(EXTENTS, 3, &[], 40), Some(0));
+        assert_eq!(v.find_run(EXTENTS, 4, &[], 0), None);
+        assert_eq!(v.largest_free_run(EXTENTS), 3);
+        assert_eq!(v.free_on(EXTENTS, 0), 3);
+    }
+
+    #[test]
+    fn a_view_allocates_only_on_the_pages_it_holds() {
+        let (g, dev) = paged();
+        assert_eq!(g.bitmap_page_counts()[VOLUME_SLOTS], 3);
+        let v = PageView::load(&dev, &g, &[(VOLUME_SLOTS, 1)]).unwrap();
+        assert!(v.has(VOLUME_SLOTS, 1) && !v.has(VOLUME_SLOTS, 0));
+        // Items on pages not held count as taken.
+        assert_eq!(
+            v.find_run(VOLUME_SLOTS, 1, &[], 0),
+            Some(BITS_PER_PAGE),
+            "the first free slot of page 1"
+        );
+        assert_eq!(
+            v.find_run(VOLUME_SLOTS, 1, &[(BITS_PER_PAGE, 2)], 0),
+            Some(BITS_PER_PAGE + 2)
+        );
+        assert_eq!(
+            v.find_run(VOLUME_SLOTS, 1, &[], BITS_PER_PAGE + 7),
+            Some(BITS_PER_PAGE + 7)
+        );
+        assert!(!v.run_is_free(VOLUME_SLOTS, BITS_PER_PAGE - 1, 2, &[]));
+        assert!(v.run_is_free(VOLUME_SLOTS, BITS_PER_PAGE, 2, &[]));
+        assert_eq!(v.missing(VOLUME_SLOTS, BITS_PER_PAGE - 1, 2), vec![0]);
+        assert_eq!(v.all_missing(VOLUME_SLOTS), vec![0, 2]);
+        assert_eq!(v.free_on(VOLUME_SLOTS, 1), BITS_PER_PAGE);
+        assert_eq!(v.free_on(VOLUME_SLOTS, 0), 0, "not held");
+        // A run longer than the pages held is not found.
+        assert_eq!(v.find_run(VOLUME_SLOTS, BITS_PER_PAGE + 1, &[], 0), None);
+        let both = PageView::load(&dev, &g, &[(VOLUME_SLOTS, 1), (VOLUME_SLOTS, 2)]).unwrap();
+        // The last page is short: 3 pages minus 10 items.
+        assert_eq!(both.free_on(VOLUME_SLOTS, 2), BITS_PER_PAGE - 10);
+        assert_eq!(
+            both.find_run(VOLUME_SLOTS, BITS_PER_PAGE + 1, &[], 0),
+            Some(BITS_PER_PAGE)
+        );
     }
 
     #[test]
     fn pages_round_trip_through_a_device() {
-        let g = geom();
-        let dev = MemDev::new(g.device_size);
-        let mut m = AllocMap::empty(&g);
-        dev.write_at(&m.format_pages(&g), g.alloc_off).unwrap();
-        let touched = m.apply(VOLUME_SLOTS, 7, 1, true);
-        let t: Vec<_> = touched.into_iter().map(|p| (VOLUME_SLOTS, p)).collect();
-        m.write_pages(&dev, &g, &t, 5, 0).unwrap();
+        let (g, dev) = paged();
+        let mut v = PageView::load(&dev, &g, &[(VOLUME_SLOTS, 0), (VOLUME_SLOTS, 2)]).unwrap();
+        let mut touched: Vec<_> = v
+            .apply(VOLUME_SLOTS, 7, 1, true)
+            .into_iter()
+            .map(|p| (VOLUME_SLOTS, p))
+            .collect();
+        touched.extend(
+            v.apply(VOLUME_SLOTS, 2 * BITS_PER_PAGE + 3, 2, true)
+                .into_iter()
+                .map(|p| (VOLUME_SLOTS, p)),
+        );
+        v.write(&dev, &g, &touched, |_, p| 100 + p).unwrap();
         let loaded = AllocMap::load(&dev, &g).unwrap();
         assert!(loaded.is_set(VOLUME_SLOTS, 7));
-        assert_eq!(loaded.count_set(VOLUME_SLOTS), 1);
-        assert_eq!(loaded.high_water(VOLUME_SLOTS), 8);
-        let mut stale = AllocMap::empty(&g);
-        assert!(stale.refresh(&dev, &g).unwrap());
-        assert!(stale.is_set(VOLUME_SLOTS, 7));
-        assert!(!stale.refresh(&dev, &g).unwrap());
+        assert_eq!(loaded.count_set(VOLUME_SLOTS), 3);
+        assert_eq!(loaded.high_water(VOLUME_SLOTS), 2 * BITS_PER_PAGE + 5);
+        assert_eq!(
+            loaded.free_per_page(VOLUME_SLOTS),
+            vec![BITS_PER_PAGE - 1, BITS_PER_PAGE, BITS_PER_PAGE - 12]
+        );
+        let again = PageView::load(&dev, &g, &[(VOLUME_SLOTS, 0), (VOLUME_SLOTS, 2)]).unwrap();
+        assert_eq!(again.token(VOLUME_SLOTS, 0), Some(100));
+        assert_eq!(again.token(VOLUME_SLOTS, 2), Some(102));
+        assert_eq!(again.free_on(VOLUME_SLOTS, 0), BITS_PER_PAGE - 1);
     }
 }

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use zerocopy::IntoBytes;
 
-use crate::alloc::{AllocMap, EXTENTS, TAG_SLOTS, VOLUME_SLOTS};
+use crate::alloc::{AllocMap, PageView, EXTENTS, TAG_SLOTS, VOLUME_SLOTS};
 use crate::error::{DomainError, Result};
 use crate::geometry::{FormatParams, Geometry};
 use crate::io::{AlignedBuf, BlockDev};
 use crate::journal::{Action, Intent, JournalWriter};
+use crate::layout::BITS_PER_PAGE;
 use crate::layout::{jkind, outcome, slot_state, PAGE, RECORD, TAG_MAGIC, VOL_MAGIC};
 use crate::lock::{LockGuard, LockService, Resource, ResourceKind, Token};
 use crate::model::*;
@@ -267,10 +268,39 @@ pub struct Domain {
     pub(crate) host: HostIdentity,
     pub(crate) lock_timeout: Duration,
     pub(crate) claim: Option<Claim>,
-    pub(crate) alloc: Mutex<Option<AllocMap>>,
+    pub(crate) hints: Mutex<AllocHints>,
     pub(crate) sb_status: SuperblockStatus,
     pub(crate) poisoned: AtomicBool,
     pub(crate) recovered: Mutex<Vec<RecoveryReport>>,
+}
+
+/// What this host believes about the allocation map's pages: free items
+/// per page (refreshed from every page it reads under the page's lock),
+/// which pages its own transactions are about to lock, and where the last
+/// run was found. It only steers which page locks a transaction asks for;
+/// correctness never depends on it.
+#[derive(Default)]
+pub(crate) struct AllocHints {
+    free: [Vec<u64>; 3],
+    busy: [Vec<u32>; 3],
+    cursor: [u64; 3],
+}
+
+/// Pages a transaction picked, marked busy until it ends.
+struct PickedPages<'d> {
+    d: &'d Domain,
+    pages: Vec<(usize, u64)>,
+}
+
+impl Drop for PickedPages<'_> {
+    fn drop(&mut self) {
+        let mut h = self.d.hints.lock().expect("poisoned");
+        for &(m, p) in &self.pages {
+            if let Some(b) = h.busy[m].get_mut(p as usize) {
+                *b = b.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// What recovery did to one host slot's journal.
@@ -415,7 +445,7 @@ impl Domain {
             host: opts.host.clone(),
             lock_timeout: opts.lock_timeout,
             claim: None,
-            alloc: Mutex::new(None),
+            hints: Mutex::new(AllocHints::default()),
             sb_status,
             poisoned: AtomicBool::new(false),
             recovered: Mutex::new(Vec::new()),
@@ -425,7 +455,13 @@ impl Domain {
             d.barrier()?;
         }
         let map = AllocMap::load(d.dev.as_ref(), &d.geom)?;
-        *d.alloc.lock().expect("poisoned") = Some(map);
+        {
+            let mut h = d.hints.lock().expect("poisoned");
+            for m in 0..3 {
+                h.free[m] = map.free_per_page(m);
+                h.busy[m] = vec![0; h.free[m].len()];
+            }
+        }
         Ok(d)
     }
 
@@ -480,6 +516,44 @@ impl Domain {
             .as_ref()
             .map(|c| c.slot as u16)
             .unwrap_or(u16::MAX)
+    }
+
+    fn page_res(&self, map: usize, page: u64) -> Resource {
+        self.resource(ResourceKind::AllocPage {
+            map: map as u8,
+            page: page as u32,
+        })
+    }
+
+    /// The pages of `map` to lock for allocating `need` items: one page
+    /// that seems to have room, starting from a place that depends on the
+    /// host slot (so hosts spread over the map) and skipping pages this
+    /// host's other transactions are about to lock; every page when none
+    /// seems to have room or the run may cross pages.
+    fn pick_pages(&self, map: usize, need: u64, picked: &mut Vec<(usize, u64)>) -> Vec<u64> {
+        let pages = self.geom.bitmap_page_counts()[map];
+        if pages == 1 {
+            return vec![0];
+        }
+        if need > BITS_PER_PAGE / 2 {
+            return (0..pages).collect();
+        }
+        let mut h = self.hints.lock().expect("poisoned");
+        let start = (self.writer_slot() as u64 * 3) % pages;
+        let order = || (0..pages).map(|i| (start + i) % pages);
+        let room = |p: u64| h.free[map].get(p as usize).is_some_and(|&f| f >= need);
+        let idle = |p: u64| h.busy[map].get(p as usize).is_none_or(|&b| b == 0);
+        let Some(p) = order()
+            .find(|&p| room(p) && idle(p))
+            .or_else(|| order().find(|&p| room(p)))
+        else {
+            return (0..pages).collect();
+        };
+        if let Some(b) = h.busy[map].get_mut(p as usize) {
+            *b += 1;
+        }
+        picked.push((map, p));
+        vec![p]
     }
 
     fn claim_ref(&self) -> Result<&Claim> {
@@ -741,7 +815,6 @@ impl Domain {
             .lock()
             .expect("poisoned")
             .push(report.clone());
-        // The allocation map may have changed under us.
         Ok(report)
     }
 
@@ -1133,7 +1206,11 @@ impl Domain {
             }
             g.check()?;
         }
-        let mut wanted: Vec<Resource> = tx.direct_resources(self);
+        let mut picked = PickedPages {
+            d: self,
+            pages: Vec::new(),
+        };
+        let mut wanted: Vec<Resource> = tx.direct_resources(self, &mut picked.pages);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -1161,45 +1238,84 @@ impl Domain {
             for (r, g) in &owned {
                 guards.insert(r.clone(), g);
             }
-            // The cached map is only used (and refreshed) under the
-            // allocation lock.
-            let has_alloc = guards.contains_key(&self.resource(ResourceKind::Alloc));
-            let mut alloc_guard = has_alloc.then(|| self.alloc.lock().expect("poisoned"));
-            let mut alloc = match alloc_guard.as_mut() {
-                Some(g) => {
-                    let m = g.as_mut().expect("alloc map loaded at open");
-                    m.refresh(self.dev.as_ref(), &self.geom)?;
-                    Some(m)
-                }
-                None => None,
-            };
+            // The allocation map pages whose locks we hold, read fresh.
+            let mut view = self.load_pages(&guards)?;
+            let cursor = self.hints.lock().expect("poisoned").cursor;
             let mut plan = Planner::new(
                 self,
                 &guards,
-                alloc.as_deref_mut(),
+                &mut view,
+                cursor,
                 claim.slot as u16,
                 tx.lock_created,
             );
             match plan.run(&tx.ops) {
                 Ok(()) => {}
-                Err(PlanError::NeedLock(r)) if attempts < 8 => {
-                    drop(alloc_guard);
-                    wanted.push(r);
+                Err(PlanError::NeedLocks(rs)) if attempts < 8 => {
+                    self.note_free(&view);
+                    wanted.extend(rs);
                     continue;
                 }
-                Err(PlanError::NeedLock(r)) => {
+                Err(PlanError::NeedLocks(rs)) => {
+                    let r = rs.first().map(|r| r.key()).unwrap_or_default();
                     return Err(DomainError::LockTimeout {
-                        resource: format!("{} (records kept changing)", r.key()),
-                    })
+                        resource: format!("{r} (records kept changing)"),
+                    });
                 }
-                Err(PlanError::Domain(e)) => return Err(e),
+                Err(PlanError::Domain(e)) => {
+                    self.note_free(&view);
+                    return Err(e);
+                }
             }
             let planned = plan.finish()?;
-            let out = self.execute(claim, tx, planned, alloc, &guards);
-            drop(alloc_guard);
+            let ends = planned.run_ends();
+            let out = self.execute(claim, tx, planned, &mut view, &guards);
+            if out.is_ok() {
+                self.note_free(&view);
+                let mut h = self.hints.lock().expect("poisoned");
+                for (m, end) in ends.into_iter().enumerate() {
+                    if let Some(e) = end {
+                        h.cursor[m] = e;
+                    }
+                }
+            }
             // Locks taken here are released as `owned` drops; new volumes'
             // locks go to the caller.
             return out;
+        }
+    }
+
+    /// Read the allocation map pages whose locks are in `guards`. A page
+    /// written under a newer token than our lock's means a newer holder
+    /// exists: we were fenced.
+    fn load_pages(&self, guards: &BTreeMap<Resource, &LockGuard>) -> Result<PageView> {
+        let mut want = Vec::new();
+        for r in guards.keys() {
+            if let ResourceKind::AllocPage { map, page } = r.kind {
+                want.push((map as usize, page as u64));
+            }
+        }
+        let view = PageView::load(self.dev.as_ref(), &self.geom, &want)?;
+        for (m, p) in view.held() {
+            let ours = guards[&self.page_res(m, p)].token();
+            let on_disk = view.token(m, p).unwrap_or(0);
+            if on_disk > ours {
+                return Err(DomainError::Fenced(format!(
+                    "allocation map page {m}/{p} was written under token {on_disk} but the \
+                     lock's token is {ours}"
+                )));
+            }
+        }
+        Ok(view)
+    }
+
+    /// Remember the free counts of the pages just read.
+    fn note_free(&self, view: &PageView) {
+        let mut h = self.hints.lock().expect("poisoned");
+        for (m, p) in view.held() {
+            if let Some(f) = h.free[m].get_mut(p as usize) {
+                *f = view.free_on(m, p);
+            }
         }
     }
 
@@ -1208,7 +1324,7 @@ impl Domain {
         claim: &Claim,
         tx: &Transaction<'_>,
         p: Planned,
-        alloc: Option<&mut AllocMap>,
+        view: &mut PageView,
         guards: &BTreeMap<Resource, &LockGuard>,
     ) -> Result<Outcome> {
         claim.guard.check()?;
@@ -1241,7 +1357,7 @@ impl Domain {
                 j.flushed(upto);
                 Ok(0)
             })?;
-            self.apply(&p, alloc)?;
+            self.apply(&p, view, guards)?;
             let upto = journal(&mut |j| Ok(j.last_written()))?;
             self.dev
                 .flush()
@@ -1264,49 +1380,35 @@ impl Domain {
         })
     }
 
-    fn apply(&self, p: &Planned, alloc: Option<&mut AllocMap>) -> Result<()> {
-        let mut touched = Vec::new();
-        let has_bits = p
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::SetBits { .. } | Action::ClearBits { .. }));
-        if has_bits {
-            let alloc = alloc.ok_or_else(|| {
-                DomainError::FailedPrecondition("bitmap change without the allocation lock".into())
-            })?;
-            self.apply_bits(p, alloc, &mut touched)?;
-        }
-        self.apply_rest(p)
-    }
-
-    fn apply_bits(
+    fn apply(
         &self,
         p: &Planned,
-        alloc: &mut AllocMap,
-        touched: &mut Vec<(usize, u64)>,
+        view: &mut PageView,
+        guards: &BTreeMap<Resource, &LockGuard>,
     ) -> Result<()> {
+        let mut touched = Vec::new();
         for a in &p.actions {
-            match a {
-                Action::SetBits { map, start, count } => {
-                    for pg in alloc.apply(*map as usize, *start, *count, true) {
-                        touched.push((*map as usize, pg));
-                    }
-                }
-                Action::ClearBits { map, start, count } => {
-                    for pg in alloc.apply(*map as usize, *start, *count, false) {
-                        touched.push((*map as usize, pg));
-                    }
-                }
-                _ => {}
+            let (map, start, count, set) = match a {
+                Action::SetBits { map, start, count } => (*map as usize, *start, *count, true),
+                Action::ClearBits { map, start, count } => (*map as usize, *start, *count, false),
+                _ => continue,
+            };
+            if !view.missing(map, start, count).is_empty() {
+                return Err(DomainError::FailedPrecondition(
+                    "bitmap change without its page's lock".into(),
+                ));
+            }
+            for pg in view.apply(map, start, count, set) {
+                touched.push((map, pg));
             }
         }
-        alloc.write_pages(
-            self.dev.as_ref(),
-            &self.geom,
-            touched,
-            p.alloc_token,
-            self.writer_slot(),
-        )
+        view.write(self.dev.as_ref(), &self.geom, &touched, |m, pg| {
+            guards
+                .get(&self.page_res(m, pg))
+                .map(|g| g.token())
+                .unwrap_or(0)
+        })?;
+        self.apply_rest(p)
     }
 
     fn apply_rest(&self, p: &Planned) -> Result<()> {
@@ -1495,33 +1597,55 @@ impl<'a> Transaction<'a> {
         self.domain.commit_tx(&self)
     }
 
-    fn direct_resources(&self, d: &Domain) -> Vec<Resource> {
+    fn direct_resources(&self, d: &Domain, picked: &mut Vec<(usize, u64)>) -> Vec<Resource> {
         let mut v = Vec::new();
-        let mut alloc = false;
+        // Items to allocate, by map.
+        let mut need = [0u64; 3];
+        let mut pages: Vec<(usize, u64)> = Vec::new();
+        let on_pages = |pages: &mut Vec<(usize, u64)>, map: usize, start: u64, n: u64| {
+            if n > 0 {
+                let last = (start + n - 1) / BITS_PER_PAGE;
+                let last = last.min(d.geom.bitmap_page_counts()[map].saturating_sub(1));
+                pages.extend((start / BITS_PER_PAGE..=last).map(|p| (map, p)));
+            }
+        };
         // Locks an operation is sure to need, so planning rarely has to
-        // stop, take one more lock in order and start over.
+        // stop, take more locks in order and start over. Records read here
+        // without their locks only guide the choice; planning checks it.
         for op in &self.ops {
             match op {
                 Op::CreateVolume(spec) => {
-                    alloc = true;
+                    need[EXTENTS] += spec.size.div_ceil(d.geom.extent_size).max(1);
+                    need[VOLUME_SLOTS] += 1;
                     if let Some(TagRef::Existing(p)) = spec.parent {
                         v.push(d.resource(ResourceKind::Tag(p)));
                     }
                 }
                 Op::CreateTag(meta) => {
-                    alloc = true;
+                    need[TAG_SLOTS] += 1;
                     if let VolumeRef::Existing(vol) = meta.volume {
                         v.push(d.resource(ResourceKind::Volume(vol)));
                     }
                 }
-                Op::DeleteVolume(id) | Op::ExtendVolume(id, _) => {
-                    alloc = true;
+                Op::DeleteVolume(id) => {
                     v.push(d.resource(ResourceKind::Volume(*id)));
+                    on_pages(&mut pages, VOLUME_SLOTS, id.slot() as u64, 1);
+                    if let Ok(vol) = d.read_volume(id) {
+                        on_pages(&mut pages, EXTENTS, vol.extent_start, vol.extent_count);
+                    }
+                }
+                Op::ExtendVolume(id, size) => {
+                    v.push(d.resource(ResourceKind::Volume(*id)));
+                    if let Ok(vol) = d.read_volume(id) {
+                        let n = size.div_ceil(d.geom.extent_size);
+                        let end = vol.extent_start + vol.extent_count;
+                        on_pages(&mut pages, EXTENTS, end, n.saturating_sub(vol.extent_count));
+                    }
                 }
                 Op::WriteVolumeMeta(id, _) => v.push(d.resource(ResourceKind::Volume(*id))),
                 Op::DeleteTag(id) => {
-                    alloc = true;
                     v.push(d.resource(ResourceKind::Tag(*id)));
+                    on_pages(&mut pages, TAG_SLOTS, id.slot() as u64, 1);
                 }
                 // A changed tag needs its volumes' locks only when it moves;
                 // planning finds that out.
@@ -1535,15 +1659,21 @@ impl<'a> Transaction<'a> {
                 Op::InitVolumeData { .. } => {}
             }
         }
-        if alloc {
-            v.push(d.resource(ResourceKind::Alloc));
+        for (map, n) in need.into_iter().enumerate() {
+            if n > 0 {
+                for p in d.pick_pages(map, n, picked) {
+                    pages.push((map, p));
+                }
+            }
         }
+        v.extend(pages.into_iter().map(|(m, p)| d.page_res(m, p)));
         v
     }
 }
 
 enum PlanError {
-    NeedLock(Resource),
+    /// Planning needs these locks too: take them and start over.
+    NeedLocks(Vec<Resource>),
     Domain(DomainError),
 }
 
@@ -1563,7 +1693,9 @@ struct Entry<T> {
 struct Planner<'p> {
     d: &'p Domain,
     guards: &'p BTreeMap<Resource, &'p LockGuard>,
-    alloc: Option<&'p mut AllocMap>,
+    view: &'p mut PageView,
+    /// Where to look for free runs first, by map.
+    cursor: [u64; 3],
     writer: u16,
     vols: BTreeMap<u32, Entry<Volume>>,
     tags: BTreeMap<u32, Entry<Tag>>,
@@ -1604,21 +1736,35 @@ struct Planned {
     new_volumes: Vec<Volume>,
     volume_locks: Vec<LockGuard>,
     new_tags: Vec<Tag>,
-    alloc_token: Token,
+}
+
+impl Planned {
+    /// Where the last run allocated in each map ends.
+    fn run_ends(&self) -> [Option<u64>; 3] {
+        let mut ends = [None; 3];
+        for a in &self.actions {
+            if let Action::SetBits { map, start, count } = a {
+                ends[*map as usize] = Some(start + count);
+            }
+        }
+        ends
+    }
 }
 
 impl<'p> Planner<'p> {
     fn new(
         d: &'p Domain,
         guards: &'p BTreeMap<Resource, &'p LockGuard>,
-        alloc: Option<&'p mut AllocMap>,
+        view: &'p mut PageView,
+        cursor: [u64; 3],
         writer: u16,
         lock_created: bool,
     ) -> Self {
         Planner {
             d,
             guards,
-            alloc,
+            view,
+            cursor,
             writer,
             lock_created,
             vols: BTreeMap::new(),
@@ -1636,19 +1782,54 @@ impl<'p> Planner<'p> {
     fn token_for(&self, r: &Resource) -> std::result::Result<Token, PlanError> {
         match self.guards.get(r) {
             Some(g) => Ok(g.token()),
-            None => Err(PlanError::NeedLock(r.clone())),
+            None => Err(PlanError::NeedLocks(vec![r.clone()])),
         }
     }
 
-    fn alloc_token(&self) -> std::result::Result<Token, PlanError> {
-        self.token_for(&self.d.resource(ResourceKind::Alloc))
+    /// Fail with the locks of the pages `start..start + n` of `map` lies
+    /// on that are not held.
+    fn need_pages(&self, map: usize, start: u64, n: u64) -> std::result::Result<(), PlanError> {
+        let missing = self.view.missing(map, start, n);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(PlanError::NeedLocks(
+                missing
+                    .into_iter()
+                    .map(|p| self.d.page_res(map, p))
+                    .collect(),
+            ))
+        }
     }
 
-    fn map(&mut self) -> std::result::Result<&mut AllocMap, PlanError> {
-        self.alloc_token()?;
-        self.alloc
-            .as_deref_mut()
-            .ok_or_else(|| PlanError::NeedLock(self.d.resource(ResourceKind::Alloc)))
+    /// Find `n` free items in `map` on the pages held; when there are none
+    /// there, ask for the other pages' locks, or fail with `full` when
+    /// every page is held.
+    fn find(
+        &self,
+        map: usize,
+        n: u64,
+        full: impl FnOnce(&PageView) -> DomainError,
+    ) -> std::result::Result<u64, PlanError> {
+        let taken = self.taken(map as u8);
+        if let Some(s) = self.view.find_run(map, n, &taken, self.cursor[map]) {
+            return Ok(s);
+        }
+        let missing = self.view.all_missing(map);
+        if missing.is_empty() {
+            return Err(full(self.view).into());
+        }
+        Err(PlanError::NeedLocks(
+            missing
+                .into_iter()
+                .map(|p| self.d.page_res(map, p))
+                .collect(),
+        ))
+    }
+
+    /// The token of the lock of the page holding item `i` of `map`.
+    fn page_token(&self, map: usize, i: u64) -> std::result::Result<Token, PlanError> {
+        self.token_for(&self.d.page_res(map, i / BITS_PER_PAGE))
     }
 
     /// Load a volume for writing: it must be locked.
@@ -1775,11 +1956,9 @@ impl<'p> Planner<'p> {
         what: &str,
         total: u32,
     ) -> std::result::Result<u32, PlanError> {
-        let taken = self.taken(map as u8);
-        let s = self
-            .map()?
-            .find_run(map, 1, &taken)
-            .ok_or_else(|| DomainError::NoSpace(format!("all {total} {what} slots are in use")))?;
+        let s = self.find(map, 1, |_| {
+            DomainError::NoSpace(format!("all {total} {what} slots are in use"))
+        })?;
         self.set_bits.push((map as u8, s, 1));
         Ok(s as u32)
     }
@@ -1831,16 +2010,18 @@ impl<'p> Planner<'p> {
         self.lock_new()
     }
 
-    /// Give the new records their tokens: the allocation lock's, under
-    /// which their slots were free (a later holder of their own lock has a
-    /// larger one). New volumes a caller goes on working on are locked, all
-    /// at once; their ids are new, so nobody else can hold or want them.
+    /// Give the new records their tokens: that of the lock of the
+    /// allocation map page their slot is on, under which the slot was free
+    /// (a later holder of their own lock has a larger one). New volumes a
+    /// caller goes on working on are locked, all at once; their ids are
+    /// new, so nobody else can hold or want them.
     fn lock_new(&mut self) -> std::result::Result<(), PlanError> {
         if self.new_volumes.is_empty() && self.new_tags.is_empty() {
             return Ok(());
         }
-        let token = self.alloc_token()?;
-        for id in &self.new_tags {
+        for i in 0..self.new_tags.len() {
+            let id = self.new_tags[i];
+            let token = self.page_token(TAG_SLOTS, id.slot() as u64)?;
             if let Some(e) = self.tags.get_mut(&id.slot()) {
                 e.token = token;
                 if let Slot::Live(t) = &mut e.cur {
@@ -1859,16 +2040,20 @@ impl<'p> Planner<'p> {
             Vec::new()
         }
         .into_iter();
-        for (id, g) in self.new_volumes.iter_mut() {
+        for i in 0..self.new_volumes.len() {
+            let id = self.new_volumes[i].0;
             let guard = got.next();
-            let t = guard.as_ref().map(|g| g.token()).unwrap_or(token);
+            let t = match &guard {
+                Some(g) => g.token(),
+                None => self.page_token(VOLUME_SLOTS, id.slot() as u64)?,
+            };
             if let Some(e) = self.vols.get_mut(&id.slot()) {
                 e.token = t;
                 if let Slot::Live(v) = &mut e.cur {
                     v.token = t;
                 }
             }
-            *g = guard;
+            self.new_volumes[i].1 = guard;
         }
         Ok(())
     }
@@ -1891,18 +2076,12 @@ impl<'p> Planner<'p> {
                     }
                     None => None,
                 };
-                let taken = self.taken(EXTENTS as u8);
-                let map = self.map()?;
-                let start = match map.find_run(EXTENTS, n, &taken) {
-                    Some(s) => s,
-                    None => {
-                        return Err(DomainError::NoSpace(format!(
-                            "no run of {n} free extents (largest free run: {})",
-                            map.largest_free_run(EXTENTS)
-                        ))
-                        .into())
-                    }
-                };
+                let start = self.find(EXTENTS, n, |v| {
+                    DomainError::NoSpace(format!(
+                        "no run of {n} free extents (largest free run: {})",
+                        v.largest_free_run(EXTENTS)
+                    ))
+                })?;
                 self.set_bits.push((EXTENTS as u8, start, n));
                 let slot = self.alloc_slot(VOLUME_SLOTS, "volume", self.d.geom.volume_slots)?;
                 let (before, cur) = self.d.read_volume_slot(slot)?;
@@ -1956,7 +2135,8 @@ impl<'p> Planner<'p> {
                     let t = self.live_tag(&p)?;
                     t.child_refs = t.child_refs.saturating_sub(1);
                 }
-                self.map()?;
+                self.need_pages(EXTENTS, v.extent_start, v.extent_count)?;
+                self.need_pages(VOLUME_SLOTS, id.slot() as u64, 1)?;
                 let e = self.vol(id)?;
                 e.cur = Slot::Free {
                     generation: v.generation + 1,
@@ -2006,7 +2186,8 @@ impl<'p> Planner<'p> {
                 let extra = n - v.extent_count;
                 let from = v.extent_start + v.extent_count;
                 let taken = self.taken(EXTENTS as u8);
-                if !self.map()?.run_is_free(EXTENTS, from, extra, &taken) {
+                self.need_pages(EXTENTS, from, extra)?;
+                if !self.view.run_is_free(EXTENTS, from, extra, &taken) {
                     return Err(DomainError::NoSpace(format!(
                         "the {extra} extent(s) after volume {id} are not free; it cannot grow in place"
                     ))
@@ -2079,7 +2260,7 @@ impl<'p> Planner<'p> {
                 }
                 let v = self.live_vol(&t.volume)?;
                 v.tag_refs = v.tag_refs.saturating_sub(1);
-                self.map()?;
+                self.need_pages(TAG_SLOTS, id.slot() as u64, 1)?;
                 let e = self.tag(id)?;
                 e.cur = Slot::Free {
                     generation: t.generation + 1,
@@ -2259,14 +2440,6 @@ impl<'p> Planner<'p> {
     fn finish(mut self) -> Result<Planned> {
         let salt = self.d.salt();
         let mut actions = Vec::new();
-        let alloc_token = if self.set_bits.is_empty() && self.clear_bits.is_empty() {
-            0
-        } else {
-            self.guards
-                .get(&self.d.resource(ResourceKind::Alloc))
-                .map(|g| g.token())
-                .unwrap_or(0)
-        };
         for &(map, start, count) in &self.set_bits {
             actions.push(Action::SetBits { map, start, count });
         }
@@ -2388,7 +2561,6 @@ impl<'p> Planner<'p> {
             new_volumes: volumes,
             volume_locks,
             new_tags: tags,
-            alloc_token,
         })
     }
 }

@@ -42,8 +42,8 @@ pub fn next_token(last: Token) -> Token {
 }
 
 /// What a lock protects, in lock order: a disk's operation lock before
-/// tags before volumes before the allocation map. Host slot and named locks
-/// are taken alone.
+/// tags before volumes before allocation map pages (by map, then page).
+/// Host slot and named locks are taken alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceKind {
     /// A high-level operation on a disk (the coordinator holds it across
@@ -53,8 +53,14 @@ pub enum ResourceKind {
     Tag(TagId),
     /// One volume.
     Volume(VolumeId),
-    /// The allocation map (innermost, held briefly).
-    Alloc,
+    /// One page of the allocation map: bitmap `map` (0 extents, 1 volume
+    /// slots, 2 tag slots), page `page` (innermost, held briefly).
+    AllocPage {
+        /// The bitmap.
+        map: u8,
+        /// The page within it.
+        page: u32,
+    },
     /// A host slot and its journal.
     HostSlot(u32),
     /// A cluster-wide lock outside the domain's data, e.g. the
@@ -79,7 +85,7 @@ impl Resource {
             ResourceKind::Disk(t) => format!("cairn/{d}/disk/{t}"),
             ResourceKind::Tag(t) => format!("cairn/{d}/tag/{t}"),
             ResourceKind::Volume(v) => format!("cairn/{d}/volume/{v}"),
-            ResourceKind::Alloc => format!("cairn/{d}/alloc"),
+            ResourceKind::AllocPage { map, page } => format!("cairn/{d}/alloc/{map}/{page}"),
             ResourceKind::HostSlot(i) => format!("cairn/{d}/slot/{i}"),
             ResourceKind::Named(n) => format!("cairn/lock/{n}"),
         }
@@ -89,7 +95,7 @@ impl Resource {
             ResourceKind::Disk(t) => format!("disk-{t}.lock"),
             ResourceKind::Tag(t) => format!("tag-{t}.lock"),
             ResourceKind::Volume(v) => format!("volume-{v}.lock"),
-            ResourceKind::Alloc => "alloc.lock".into(),
+            ResourceKind::AllocPage { map, page } => format!("alloc-{map}-{page}.lock"),
             ResourceKind::HostSlot(i) => format!("slot-{i}.lock"),
             ResourceKind::Named(n) => format!("named-{n}.lock"),
         }
@@ -715,12 +721,16 @@ mod tests {
         };
         let a = Resource {
             domain: d,
-            kind: ResourceKind::Alloc,
+            kind: ResourceKind::AllocPage { map: 0, page: 0 },
+        };
+        let a2 = Resource {
+            domain: d,
+            kind: ResourceKind::AllocPage { map: 0, page: 1 },
         };
         let disk = Resource {
             domain: d,
             kind: ResourceKind::Disk(TagId::generate(9)),
         };
-        assert!(disk < t && t < v && v < a);
+        assert!(disk < t && t < v && v < a && a < a2);
     }
 }

@@ -315,7 +315,71 @@ fn a_dead_hosts_open_intent_is_recovered_by_the_next_transaction() {
     let t = d2.create_tag(tag_on(v.id), &[]).unwrap();
     assert_eq!(d2.read_tag(&t.id).unwrap().volume, v.id);
     assert_clean(dev.as_ref());
-    let _ = locks.holder(&d2.resource(crate::lock::ResourceKind::Alloc));
+    for map in 0..3 {
+        let r = d2.resource(crate::lock::ResourceKind::AllocPage { map, page: 0 });
+        assert_eq!(locks.holder(&r).unwrap(), None, "{r:?} is released");
+    }
+}
+
+#[test]
+fn hosts_allocate_on_different_pages_and_fall_back_to_others_when_full() {
+    use crate::alloc::VOLUME_SLOTS;
+    use crate::layout::BITS_PER_PAGE;
+    use crate::lock::ResourceKind;
+    let dev = Arc::new(MemDev::new(64 << 20));
+    let locks = Arc::new(MemLockService::new());
+    let mut p = params();
+    // Two pages of volume slots, the second with room for five.
+    p.volume_slots = Some((BITS_PER_PAGE + 5) as u32);
+    format(dev.as_ref(), &p, false, locks.as_ref(), &FixedClock(1)).unwrap();
+    let open = |n| {
+        let mut o = OpenOptions::new(host(n));
+        o.lock_timeout = Duration::from_millis(300);
+        Domain::open(dev.clone(), locks.clone(), o).unwrap()
+    };
+    let (d1, d2) = (open(1), open(2));
+    let home = |d: &Domain| (d.slot().unwrap() as u64 * 3) % 2;
+    assert_ne!(
+        home(&d1),
+        home(&d2),
+        "slots {:?} and {:?}",
+        d1.slot(),
+        d2.slot()
+    );
+    let (a, b) = if home(&d1) == 0 { (d1, d2) } else { (d2, d1) };
+    let page_of = |v: &Volume| v.id.slot() as u64 / BITS_PER_PAGE;
+    // While a transaction of host `a` holds page 0, host `b` allocates on
+    // page 1 without waiting.
+    let page0 = a.resource(ResourceKind::AllocPage {
+        map: VOLUME_SLOTS as u8,
+        page: 0,
+    });
+    let held = locks.acquire(&page0, Duration::ZERO).unwrap();
+    let (vb, _) = b.create_volume(raw(1 << 20)).unwrap();
+    assert_eq!(page_of(&vb), 1);
+    drop(held);
+    let (va, _) = a.create_volume(raw(1 << 20)).unwrap();
+    assert_eq!(page_of(&va), 0);
+    // Another host fills page 1 while `b` believes it has room: `b`'s
+    // plan finds no free slot there, takes page 0's lock as well and goes
+    // on; after that it knows, and asks for page 0 directly.
+    let g = b.geometry().clone();
+    crate::alloc::apply_on_disk(dev.as_ref(), &g, VOLUME_SLOTS, BITS_PER_PAGE + 1, 4, true)
+        .unwrap();
+    let (v1, _) = b.create_volume(raw(1 << 20)).unwrap();
+    assert_eq!(page_of(&v1), 0, "page 1 is full");
+    let (v2, _) = b.create_volume(raw(1 << 20)).unwrap();
+    assert_eq!(page_of(&v2), 0);
+    crate::alloc::apply_on_disk(dev.as_ref(), &g, VOLUME_SLOTS, BITS_PER_PAGE + 1, 4, false)
+        .unwrap();
+    assert_eq!(a.list_volumes().unwrap().len(), 4);
+    assert_clean(dev.as_ref());
+    for map in 0..3u8 {
+        for page in 0..2 {
+            let r = a.resource(ResourceKind::AllocPage { map, page });
+            assert_eq!(locks.holder(&r).unwrap(), None, "{r:?} is released");
+        }
+    }
 }
 
 #[test]
