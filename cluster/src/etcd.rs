@@ -755,6 +755,16 @@ impl Inner {
         Ok(kept)
     }
 
+    /// Let go of the etcd key a handoff brought for `lock`, keeping this
+    /// thread's turn here.
+    fn unkeep(self: &Arc<Self>, lock: &str, k: Kept) {
+        if let Some(st) = self.local.lock().expect("poisoned").get_mut(lock) {
+            st.holder = None;
+            st.releasing += 1;
+        }
+        self.release_in_background(Some(lock.to_string()), k.key, k.revision, k.epoch);
+    }
+
     /// Give back turns taken by `acquire_all` that it could not use: a
     /// handed-over key is released (or handed on) as a guard would be.
     fn give_back(self: &Arc<Self>, turns: Vec<(Resource, String, Option<Kept>)>) {
@@ -1069,6 +1079,22 @@ impl LockService for EtcdLockService {
                 }
             }
         };
+        if at_once.is_none() && !need.is_empty() {
+            // Key by key, we may wait in etcd for a lock that comes before
+            // one whose key a handoff here brought along: holding that key
+            // while waiting would take locks out of order (another process
+            // may hold the earlier lock and wait for the later). Let such
+            // keys go, keeping this thread's turn, and queue for them again
+            // in order.
+            let mut waiting_before = false;
+            for (_, key, kept) in turns.iter_mut() {
+                match kept.take() {
+                    None => waiting_before = true,
+                    Some(k) if waiting_before => inner.unkeep(key, k),
+                    Some(k) => *kept = Some(k),
+                }
+            }
+        }
         let mut guards = Vec::with_capacity(turns.len());
         let mut pending = turns.into_iter();
         while let Some((r, key, kept)) = pending.next() {

@@ -156,7 +156,6 @@ fn bin(name: &str) -> PathBuf {
 fn make_domain(path: &Path) {
     let st = Command::new(bin_of("cairn-cli", "cairn"))
         .args(["domain", "format", "--name", "bench", "--size", "256G"])
-        .args(["--volume-slots", "32768", "--tag-slots", "32768"])
         .args(["--host-slots", "8", "--lock-dir"])
         .arg(path.with_extension("locks"))
         .arg(path)

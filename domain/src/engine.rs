@@ -275,32 +275,13 @@ pub struct Domain {
 }
 
 /// What this host believes about the allocation map's pages: free items
-/// per page (refreshed from every page it reads under the page's lock),
-/// which pages its own transactions are about to lock, and where the last
-/// run was found. It only steers which page locks a transaction asks for;
-/// correctness never depends on it.
+/// per page (refreshed from every page it reads under the page's lock) and
+/// where the last run was found. It only steers which page locks a
+/// transaction asks for; correctness never depends on it.
 #[derive(Default)]
 pub(crate) struct AllocHints {
     free: [Vec<u64>; 3],
-    busy: [Vec<u32>; 3],
     cursor: [u64; 3],
-}
-
-/// Pages a transaction picked, marked busy until it ends.
-struct PickedPages<'d> {
-    d: &'d Domain,
-    pages: Vec<(usize, u64)>,
-}
-
-impl Drop for PickedPages<'_> {
-    fn drop(&mut self) {
-        let mut h = self.d.hints.lock().expect("poisoned");
-        for &(m, p) in &self.pages {
-            if let Some(b) = h.busy[m].get_mut(p as usize) {
-                *b = b.saturating_sub(1);
-            }
-        }
-    }
 }
 
 /// What recovery did to one host slot's journal.
@@ -459,7 +440,6 @@ impl Domain {
             let mut h = d.hints.lock().expect("poisoned");
             for m in 0..3 {
                 h.free[m] = map.free_per_page(m);
-                h.busy[m] = vec![0; h.free[m].len()];
             }
         }
         Ok(d)
@@ -525,12 +505,13 @@ impl Domain {
         })
     }
 
-    /// The pages of `map` to lock for allocating `need` items: one page
-    /// that seems to have room, starting from a place that depends on the
-    /// host slot (so hosts spread over the map) and skipping pages this
-    /// host's other transactions are about to lock; every page when none
-    /// seems to have room or the run may cross pages.
-    fn pick_pages(&self, map: usize, need: u64, picked: &mut Vec<(usize, u64)>) -> Vec<u64> {
+    /// The pages of `map` to lock for allocating `need` items: the first
+    /// page that seems to have room, from a start that depends on the host
+    /// slot, so that hosts allocate on different pages and one host's
+    /// transactions queue for its page within the process (a lock handed
+    /// from thread to thread costs no etcd round trip); every page when
+    /// none seems to have room or the run may cross pages.
+    fn pick_pages(&self, map: usize, need: u64) -> Vec<u64> {
         let pages = self.geom.bitmap_page_counts()[map];
         if pages == 1 {
             return vec![0];
@@ -538,22 +519,13 @@ impl Domain {
         if need > BITS_PER_PAGE / 2 {
             return (0..pages).collect();
         }
-        let mut h = self.hints.lock().expect("poisoned");
+        let h = self.hints.lock().expect("poisoned");
         let start = (self.writer_slot() as u64 * 3) % pages;
-        let order = || (0..pages).map(|i| (start + i) % pages);
-        let room = |p: u64| h.free[map].get(p as usize).is_some_and(|&f| f >= need);
-        let idle = |p: u64| h.busy[map].get(p as usize).is_none_or(|&b| b == 0);
-        let Some(p) = order()
-            .find(|&p| room(p) && idle(p))
-            .or_else(|| order().find(|&p| room(p)))
-        else {
-            return (0..pages).collect();
-        };
-        if let Some(b) = h.busy[map].get_mut(p as usize) {
-            *b += 1;
-        }
-        picked.push((map, p));
-        vec![p]
+        (0..pages)
+            .map(|i| (start + i) % pages)
+            .find(|&p| h.free[map].get(p as usize).is_some_and(|&f| f >= need))
+            .map(|p| vec![p])
+            .unwrap_or_else(|| (0..pages).collect())
     }
 
     fn claim_ref(&self) -> Result<&Claim> {
@@ -1206,11 +1178,7 @@ impl Domain {
             }
             g.check()?;
         }
-        let mut picked = PickedPages {
-            d: self,
-            pages: Vec::new(),
-        };
-        let mut wanted: Vec<Resource> = tx.direct_resources(self, &mut picked.pages);
+        let mut wanted: Vec<Resource> = tx.direct_resources(self);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -1597,7 +1565,7 @@ impl<'a> Transaction<'a> {
         self.domain.commit_tx(&self)
     }
 
-    fn direct_resources(&self, d: &Domain, picked: &mut Vec<(usize, u64)>) -> Vec<Resource> {
+    fn direct_resources(&self, d: &Domain) -> Vec<Resource> {
         let mut v = Vec::new();
         // Items to allocate, by map.
         let mut need = [0u64; 3];
@@ -1661,7 +1629,7 @@ impl<'a> Transaction<'a> {
         }
         for (map, n) in need.into_iter().enumerate() {
             if n > 0 {
-                for p in d.pick_pages(map, n, picked) {
+                for p in d.pick_pages(map, n) {
                     pages.push((map, p));
                 }
             }

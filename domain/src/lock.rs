@@ -556,6 +556,7 @@ pub mod conformance {
         blocking_wait(make);
         two_handles_exclude(make);
         acquire_all_is_all_or_none(make);
+        no_later_lock_held_while_waiting_for_an_earlier(make);
     }
 
     /// A held lock cannot be taken again; other resources can.
@@ -574,6 +575,36 @@ pub mod conformance {
             kind: ResourceKind::HostSlot(1),
         };
         let _g3 = s.acquire(&other, Duration::ZERO).unwrap();
+    }
+
+    /// A handle that waits for a lock never holds a later one (in lock
+    /// order) meanwhile, even one its own previous holder left to it: else
+    /// a handle holding the earlier lock and wanting the later one would
+    /// wait for it forever.
+    pub fn no_later_lock_held_while_waiting_for_an_earlier(
+        make: &dyn Fn() -> Arc<dyn LockService>,
+    ) {
+        let (a, b) = (make(), make());
+        let d = uuid::Uuid::new_v4();
+        let (x, y) = (res(d, 1), res(d, 2));
+        let gx = a.acquire(&x, Duration::ZERO).unwrap();
+        let gy = b.acquire(&y, Duration::ZERO).unwrap();
+        // Another thread of `b` wants both; it queues behind `gy` here.
+        let both = std::thread::spawn({
+            let (b, x, y) = (b.clone(), x.clone(), y.clone());
+            move || b.acquire_all(&[x, y], Duration::from_secs(20))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // `y` goes to that thread, which still waits for `x`.
+        drop(gy);
+        std::thread::sleep(Duration::from_millis(300));
+        // The holder of `x` can take `y`.
+        let gy = a
+            .acquire(&y, Duration::from_secs(5))
+            .expect("y is not held by a handle waiting for x");
+        drop((gx, gy));
+        let got = both.join().expect("no panic").unwrap();
+        assert_eq!(got.len(), 2);
     }
 
     /// Dropping a guard releases it; `holder` reports the holder's token.

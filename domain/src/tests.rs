@@ -431,3 +431,42 @@ fn a_restarted_lock_service_still_outranks_old_tokens() {
     m.description = "after restart".into();
     d.write_volume_meta(&v.id, m, &[]).unwrap();
 }
+
+#[test]
+fn sixteen_threads_on_three_hosts_allocate_over_many_pages() {
+    use crate::layout::BITS_PER_PAGE;
+    let dev = Arc::new(MemDev::new(768 << 20));
+    let locks = Arc::new(MemLockService::new());
+    let mut p = params();
+    p.volume_slots = Some((4 * BITS_PER_PAGE) as u32);
+    p.tag_slots = Some(2000);
+    p.user_data_size = Some(4096);
+    format(dev.as_ref(), &p, false, locks.as_ref(), &FixedClock(1)).unwrap();
+    let ds: Vec<Arc<Domain>> = (1..4)
+        .map(|n| {
+            let mut o = OpenOptions::new(host(n));
+            o.lock_timeout = Duration::from_secs(5);
+            Arc::new(Domain::open(dev.clone(), locks.clone(), o).unwrap())
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for i in 0..16 {
+            let d = ds[i % 3].clone();
+            s.spawn(move || {
+                for _ in 0..20 {
+                    let (v, g) = d.create_volume(raw(1 << 20)).unwrap();
+                    d.create_tag(tag_on(v.id), &[&g]).unwrap();
+                }
+            });
+        }
+    });
+    let vols = ds[0].list_volumes().unwrap();
+    assert_eq!(vols.len(), 320);
+    let pages: std::collections::BTreeSet<u64> = vols
+        .iter()
+        .map(|v| v.id.slot() as u64 / BITS_PER_PAGE)
+        .collect();
+    assert!(pages.len() > 1, "slots spread over pages: {pages:?}");
+    assert_eq!(ds[0].list_tags().unwrap().len(), 320);
+    assert_clean(dev.as_ref());
+}
