@@ -85,6 +85,18 @@ struct Inner {
     /// without leaving etcd (see [`LocalKey`]).
     local: Mutex<HashMap<String, LocalKey>>,
     local_cv: std::sync::Condvar,
+    /// Lock keys to delete: the guards a transaction drops together go
+    /// out in one etcd transaction.
+    releases: Mutex<Vec<Release>>,
+}
+
+/// One of our keys on its way out of etcd.
+struct Release {
+    /// The lock whose queue it is in, to tell this process's queue there
+    /// when it is gone (None: nobody here waits for it).
+    lock: Option<String>,
+    key: String,
+    epoch: u64,
 }
 
 /// Hand a lock to a waiting thread of this process at most this many times
@@ -506,21 +518,53 @@ impl Inner {
         }
     }
 
-    /// Release our key, trying again while etcd does not answer, until it
-    /// is gone or its session is (the lease takes the key with it): a key
-    /// left behind would hold up every later contender, us included.
-    async fn release_for_sure(&self, key: &str, revision: i64, epoch: u64) {
-        let mut pause = Duration::from_millis(50);
+    /// Delete the keys queued for release, all queued at once in one
+    /// transaction, trying again while etcd does not answer, until they
+    /// are gone or their session is (the lease takes its keys with it): a
+    /// key left behind would hold up every later contender, us included.
+    /// A key's name is unique to one attempt at a lock, so deleting it by
+    /// name cannot take anybody else's.
+    async fn flush_releases(&self) {
+        // Let the other guards of the same transaction join.
+        tokio::task::yield_now().await;
         loop {
-            if self.try_release(key, revision).await.is_ok() {
+            let mut batch = std::mem::take(&mut *self.releases.lock().expect("poisoned"));
+            if batch.is_empty() {
                 return;
             }
-            let current = self.session.lock().expect("poisoned").map(|s| s.epoch);
-            if self.stopped.load(Ordering::SeqCst) || current != Some(epoch) {
-                return;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let current = self.session.lock().expect("poisoned").map(|s| s.epoch);
+                let (live, gone): (Vec<Release>, Vec<Release>) =
+                    batch.into_iter().partition(|r| Some(r.epoch) == current);
+                self.after_release(&gone);
+                batch = live;
+                if batch.is_empty() || self.stopped.load(Ordering::SeqCst) {
+                    self.after_release(&batch);
+                    break;
+                }
+                let txn = Txn::new().and_then(
+                    batch
+                        .iter()
+                        .map(|r| TxnOp::delete(r.key.clone(), None))
+                        .collect::<Vec<_>>(),
+                );
+                let mut c = self.client.clone();
+                if c.txn(txn).await.is_ok() {
+                    self.after_release(&batch);
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn after_release(&self, done: &[Release]) {
+        for r in done {
+            if let Some(lock) = &r.lock {
+                self.released(lock);
+            }
         }
     }
 
@@ -634,41 +678,31 @@ impl Drop for EtcdHeld {
                 st.releasing += 1;
                 inner.local_cv.notify_all();
                 drop(m);
-                inner.release_in_background(Some(self.lock.clone()), key, rev, self.epoch);
+                inner.release_in_background(Some(self.lock.clone()), key, self.epoch);
                 return;
             }
             inner.local_cv.notify_all();
         }
-        inner.release_in_background(None, key, rev, self.epoch);
+        inner.release_in_background(None, key, self.epoch);
     }
 }
 
 impl Inner {
     /// Release our etcd `key`; with `lock`, tell this process's queue at
     /// it when that is done.
-    fn release_in_background(
-        self: &Arc<Self>,
-        lock: Option<String>,
-        key: String,
-        rev: i64,
-        epoch: u64,
-    ) {
-        let inner = self.clone();
-        let done = move |inner: &Arc<Inner>| {
-            if let Some(lock) = &lock {
-                inner.released(lock);
-            }
-        };
+    fn release_in_background(self: &Arc<Self>, lock: Option<String>, key: String, epoch: u64) {
         // Never on the caller's time: the delete goes out at once and a
         // thread of this process that wants the lock again waits for it
         // (`releasing`), as do this process's reads of the holder.
-        inner.rt().spawn({
-            let inner = inner.clone();
-            async move {
-                inner.release_for_sure(&key, rev, epoch).await;
-                done(&inner);
-            }
-        });
+        let first = {
+            let mut q = self.releases.lock().expect("poisoned");
+            q.push(Release { lock, key, epoch });
+            q.len() == 1
+        };
+        if first {
+            let inner = self.clone();
+            self.rt().spawn(async move { inner.flush_releases().await });
+        }
     }
 
     /// Wait (briefly) until releases of our keys at `locks` reached etcd,
@@ -762,7 +796,7 @@ impl Inner {
             st.holder = None;
             st.releasing += 1;
         }
-        self.release_in_background(Some(lock.to_string()), k.key, k.revision, k.epoch);
+        self.release_in_background(Some(lock.to_string()), k.key, k.epoch);
     }
 
     /// Give back turns taken by `acquire_all` that it could not use: a
@@ -954,6 +988,7 @@ impl EtcdLockService {
             registrations: Mutex::new(Vec::new()),
             local: Mutex::new(HashMap::new()),
             local_cv: std::sync::Condvar::new(),
+            releases: Mutex::new(Vec::new()),
         });
         inner.rt().spawn(inner.clone().keep_alive());
         let deadline = Instant::now() + inner.cfg.ttl;
