@@ -657,6 +657,15 @@ impl Coordinator {
                 rec.result_domain = dom.to_string();
                 rec.result_disk = disk.to_string();
             }
+            (JobKind::DeleteSnapshot, Step::Merge) if !rec.agent_job.is_empty() => {
+                // Following the merge an earlier run of this job started
+                // (and checked): the snapshot may be gone already.
+                let snap = parse_tag("snapshot_id", &rec.params.disk)?;
+                self.agent_job(rec, lock, &dom, None, |c, rid| async move {
+                    c.merge(&rid, &dom, &snap).await
+                })
+                .await?;
+            }
             (JobKind::DeleteSnapshot, Step::Merge) => {
                 let snap = parse_tag("snapshot_id", &rec.params.disk)?;
                 let t = match self.tag(&dom, &snap).await {
@@ -1312,6 +1321,35 @@ mod tests {
     use cairn_domain::MemLockService;
 
     fn agent(dir: &std::path::Path, locks: Arc<dyn LockService>) -> Transport {
+        agent_with(
+            dir,
+            locks,
+            Arc::new(cairn_agent::loopdev::MemLoop::default()),
+            cairn_domain::HostIdentity::local(),
+        )
+    }
+
+    /// An agent on real loop devices (for steps that run qemu-img on
+    /// activated volumes), under a host id of its own so that it never
+    /// touches another agent's devices.
+    fn kernel_agent(dir: &std::path::Path, locks: Arc<dyn LockService>) -> Transport {
+        agent_with(
+            dir,
+            locks,
+            Arc::new(cairn_agent::loopdev::KernelLoop),
+            cairn_domain::HostIdentity {
+                id: uuid::Uuid::new_v4(),
+                name: "test".into(),
+            },
+        )
+    }
+
+    fn agent_with(
+        dir: &std::path::Path,
+        locks: Arc<dyn LockService>,
+        loops: Arc<dyn cairn_agent::loopdev::LoopControl>,
+        host: cairn_domain::HostIdentity,
+    ) -> Transport {
         use cairn_domain::io::FileDev;
         let path = dir.join("d.img");
         std::fs::File::create(&path)
@@ -1338,17 +1376,12 @@ mod tests {
         let cfg = cairn_agent::AgentConfig {
             domains: vec![path],
             run_dir: dir.join("run"),
-            host: cairn_domain::HostIdentity::local(),
+            host,
             lock_timeout: Duration::from_secs(5),
             io_dirs: vec![],
             gc_quarantine: Duration::from_secs(60),
         };
-        let a = cairn_agent::Agent::open(
-            &cfg,
-            locks,
-            Arc::new(cairn_agent::loopdev::MemLoop::default()),
-        )
-        .unwrap();
+        let a = cairn_agent::Agent::open(&cfg, locks, loops).unwrap();
         let svc = cairn_agent::service::AgentService::new(
             Arc::new(a),
             Arc::new(cairn_agent::metrics::Metrics::new()),
@@ -1548,5 +1581,95 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((r.expired, r.adopted.len()), (0, 0));
+    }
+
+    /// Regression (kill loop): a coordinator killed while it followed a
+    /// merge, restarted after the merge had ended, failed the job with
+    /// "snapshot not found" though the merge had succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn root_a_resumed_delete_snapshot_follows_its_finished_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
+        let t = kernel_agent(dir.path(), locks.clone());
+        let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
+        let c = Arc::new(Coordinator::new(
+            CoordConfig::new("c1"),
+            kv.clone(),
+            locks,
+            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
+        ));
+        let d = c
+            .submit(
+                JobKind::Create,
+                "mk",
+                1,
+                Params {
+                    format: "qcow2".into(),
+                    size: 4 << 20,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let disk = d.result_disk.clone();
+        let s = c
+            .submit(JobKind::Snapshot, "snap", 2, params(&disk))
+            .await
+            .unwrap();
+        let dom: uuid::Uuid = d.result_domain.parse().unwrap();
+        let snap = TagId::parse("", &s.snapshot).unwrap();
+        // The job as its dead run left it: merging, the agent job started.
+        let mut rec = JobRecord::new(
+            JobKind::DeleteSnapshot,
+            "del",
+            3,
+            params(&s.snapshot),
+            "c1",
+            now(),
+        );
+        rec.params.domain = dom.to_string();
+        rec.step = Step::Merge;
+        rec.attempts = 1;
+        let rid = Coordinator::rid(&rec);
+        let started = c
+            .agents
+            .call_once(&dom, None, 0, |a| {
+                let rid = rid.clone();
+                async move {
+                    let j = a.merge(&rid, &dom, &snap).await?;
+                    Ok((a, j))
+                }
+            })
+            .await
+            .unwrap();
+        let Once::Answered((a, job)) = started else {
+            panic!("the agent answers")
+        };
+        // The merge ends before anybody takes the job back.
+        let t0 = std::time::Instant::now();
+        while a.job(&job).await.unwrap().state == plan::JobState::Running {
+            assert!(t0.elapsed() < Duration::from_secs(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ended = a.job(&job).await.unwrap();
+        assert_eq!(ended.state, plan::JobState::Succeeded, "{:?}", ended.error);
+        assert!(c.disk("", &disk).await.unwrap().snapshots.is_empty());
+        rec.host = a.host.clone();
+        rec.instance = a.instance.clone();
+        rec.agent_job = job;
+        c.save(&rec).await.unwrap();
+        assert_eq!(c.resume_own().await.unwrap(), 1);
+        let t0 = std::time::Instant::now();
+        let done = loop {
+            let j = c.job(&rec.id).await.unwrap();
+            if j.state != JobState::Running {
+                break j;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "{j:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(done.attempts, 1);
+        assert_eq!(c.disk("", &disk).await.unwrap().chain.len(), 1);
     }
 }
