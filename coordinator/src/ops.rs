@@ -1392,6 +1392,19 @@ mod tests {
         ))
     }
 
+    /// The record of job `id` once it is no longer running (20 s at most).
+    async fn ended(c: &Coordinator, id: &str) -> JobRecord {
+        let t = std::time::Instant::now();
+        loop {
+            let j = c.job(id).await.unwrap();
+            if j.state != JobState::Running {
+                return j;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{j:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn params(disk: &str) -> Params {
         Params {
             disk: disk.into(),
@@ -1564,15 +1577,7 @@ mod tests {
         ));
         assert_eq!(c.job(&new.id).await.unwrap().state, JobState::Succeeded);
         // The adopted job was never started by its dead owner: it runs now.
-        let t = std::time::Instant::now();
-        let done = loop {
-            let j = c.job(&orphan.id).await.unwrap();
-            if j.state != JobState::Running {
-                break j;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "{j:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let done = ended(&c, &orphan.id).await;
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
         assert_eq!(done.owner, "c1");
         assert_eq!(c.disk("", &disk).await.unwrap().snapshots.len(), 1);
@@ -1651,23 +1656,20 @@ mod tests {
             assert!(t0.elapsed() < Duration::from_secs(20));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let ended = a.job(&job).await.unwrap();
-        assert_eq!(ended.state, plan::JobState::Succeeded, "{:?}", ended.error);
+        let merged = a.job(&job).await.unwrap();
+        assert_eq!(
+            merged.state,
+            plan::JobState::Succeeded,
+            "{:?}",
+            merged.error
+        );
         assert!(c.disk("", &disk).await.unwrap().snapshots.is_empty());
         rec.host = a.host.clone();
         rec.instance = a.instance.clone();
         rec.agent_job = job;
         c.save(&rec).await.unwrap();
         assert_eq!(c.resume_own().await.unwrap(), 1);
-        let t0 = std::time::Instant::now();
-        let done = loop {
-            let j = c.job(&rec.id).await.unwrap();
-            if j.state != JobState::Running {
-                break j;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "{j:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let done = ended(&c, &rec.id).await;
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
         assert_eq!(done.attempts, 1);
         assert_eq!(c.disk("", &disk).await.unwrap().chain.len(), 1);

@@ -28,10 +28,56 @@ const MAP_NAMES: [&str; 3] = ["extent", "volume slot", "tag slot"];
 /// The whole allocation map as read at one moment (listing, usage, check).
 #[derive(Clone)]
 pub struct AllocMap {
-    root_gen: u64,
     bits: [Vec<u8>; 3],
-    page_gens: [Vec<u64>; 3],
     len: [u64; 3],
+}
+
+/// Pages that items `start..start + n` of a map lie on.
+pub fn page_span(start: u64, n: u64) -> std::ops::RangeInclusive<u64> {
+    if n == 0 {
+        #[allow(clippy::reversed_empty_ranges)]
+        return 1..=0;
+    }
+    start / BITS_PER_PAGE..=(start + n - 1) / BITS_PER_PAGE
+}
+
+/// Items page `p` of a map of `len` items holds.
+fn items_on(len: u64, p: u64) -> u64 {
+    len.saturating_sub(p * BITS_PER_PAGE).min(BITS_PER_PAGE)
+}
+
+/// Free items of a page holding `items` (bits past a map's end are zero:
+/// `check_tail`).
+fn free_of(bits: &[u8], items: u64) -> u64 {
+    items.saturating_sub(bits.iter().map(|b| b.count_ones() as u64).sum())
+}
+
+/// Set or clear bit `i` of a page; whether it changed.
+fn set_bit(bits: &mut [u8], i: u64, set: bool) -> bool {
+    let byte = &mut bits[(i / 8) as usize];
+    let old = *byte;
+    if set {
+        *byte |= 1 << (i % 8);
+    } else {
+        *byte &= !(1 << (i % 8));
+    }
+    *byte != old
+}
+
+/// Refuse page `p` of `map` if a bit past the map's end is set.
+fn check_tail(g: &Geometry, map: usize, p: u64, bits: &[u8]) -> Result<()> {
+    let items = items_on(g.bitmap_bits()[map], p);
+    match (items..BITS_PER_PAGE).find(|&i| bits[(i / 8) as usize] & (1 << (i % 8)) != 0) {
+        None => Ok(()),
+        Some(i) => Err(DomainError::corrupt(
+            format!("{} bitmap", MAP_NAMES[map]),
+            g.bitmap_page_off(map, p),
+            format!(
+                "bit {} is set beyond the end of the map",
+                p * BITS_PER_PAGE + i
+            ),
+        )),
+    }
 }
 
 /// Encode the root page.
@@ -122,9 +168,7 @@ impl AllocMap {
     pub fn empty(g: &Geometry) -> AllocMap {
         let counts = g.bitmap_page_counts();
         AllocMap {
-            root_gen: 1,
             bits: counts.map(|c| vec![0u8; (c * 4032) as usize]),
-            page_gens: counts.map(|c| vec![1u64; c as usize]),
             len: g.bitmap_bits(),
         }
     }
@@ -132,9 +176,9 @@ impl AllocMap {
     /// Pages for a fresh domain: root then every bitmap page.
     pub fn format_pages(&self, g: &Geometry) -> AlignedBuf {
         let mut buf = AlignedBuf::zeroed(g.alloc_pages as usize * PAGE as usize);
-        buf[..PAGE as usize].copy_from_slice(&encode_root(g, self.root_gen, 0, 0));
+        buf[..PAGE as usize].copy_from_slice(&encode_root(g, 1, 0, 0));
         for map in 0..3 {
-            for p in 0..self.page_gens[map].len() as u64 {
+            for p in 0..self.pages(map) {
                 let off = (g.bitmap_page_off(map, p) - g.alloc_off) as usize;
                 let page = encode_page(g, map, p, self.page_bits(map, p), 1, 0);
                 buf[off..off + PAGE as usize].copy_from_slice(&page);
@@ -148,28 +192,21 @@ impl AllocMap {
         let mut buf = AlignedBuf::zeroed(g.alloc_pages as usize * PAGE as usize);
         dev.read_at(&mut buf, g.alloc_off)
             .map_err(DomainError::io("reading the allocation map"))?;
-        let (root_gen, _) = decode_root(g, &buf[..PAGE as usize])?;
+        decode_root(g, &buf[..PAGE as usize])?;
         let mut m = AllocMap::empty(g);
-        m.root_gen = root_gen;
-        #[allow(clippy::needless_range_loop)]
         for map in 0..3 {
-            for p in 0..m.page_gens[map].len() as u64 {
+            for p in 0..m.pages(map) {
                 let off = (g.bitmap_page_off(map, p) - g.alloc_off) as usize;
-                let (gen, bits) = decode_page(g, map, p, &buf[off..off + PAGE as usize])?;
-                m.page_gens[map][p as usize] = gen;
+                let (_, bits) = decode_page(g, map, p, &buf[off..off + PAGE as usize])?;
+                check_tail(g, map, p, &bits)?;
                 m.bits[map][(p * 4032) as usize..((p + 1) * 4032) as usize].copy_from_slice(&bits);
-            }
-            if let Some(bad) = (m.len[map]..m.page_gens[map].len() as u64 * BITS_PER_PAGE)
-                .find(|&b| m.is_set(map, b))
-            {
-                return Err(DomainError::corrupt(
-                    format!("{} bitmap", MAP_NAMES[map]),
-                    g.bitmap_page_off(map, bad / BITS_PER_PAGE),
-                    format!("bit {bad} is set beyond the end of the map"),
-                ));
             }
         }
         Ok(m)
+    }
+
+    fn pages(&self, map: usize) -> u64 {
+        self.bits[map].len() as u64 / 4032
     }
 
     fn page_bits(&self, map: usize, p: u64) -> &[u8] {
@@ -181,16 +218,6 @@ impl AllocMap {
         self.bits[map][(bit / 8) as usize] & (1 << (bit % 8)) != 0
     }
 
-    /// Items in `map`.
-    pub fn len(&self, map: usize) -> u64 {
-        self.len[map]
-    }
-
-    /// Whether `map` tracks no items at all.
-    pub fn is_empty(&self, map: usize) -> bool {
-        self.len[map] == 0
-    }
-
     /// Items in use in `map`.
     pub fn count_set(&self, map: usize) -> u64 {
         self.bits[map].iter().map(|b| b.count_ones() as u64).sum()
@@ -198,19 +225,8 @@ impl AllocMap {
 
     /// Free items on each page of `map`.
     pub fn free_per_page(&self, map: usize) -> Vec<u64> {
-        let pages = self.bits[map].len() as u64 / 4032;
-        (0..pages)
-            .map(|p| {
-                let items = self.len[map]
-                    .saturating_sub(p * BITS_PER_PAGE)
-                    .min(BITS_PER_PAGE);
-                let used: u64 = self
-                    .page_bits(map, p)
-                    .iter()
-                    .map(|b| b.count_ones() as u64)
-                    .sum();
-                items.saturating_sub(used)
-            })
+        (0..self.pages(map))
+            .map(|p| free_of(self.page_bits(map, p), items_on(self.len[map], p)))
             .collect()
     }
 
@@ -220,27 +236,6 @@ impl AllocMap {
             Some(i) => i as u64 * 8 + 8 - self.bits[map][i].leading_zeros() as u64,
             None => 0,
         }
-    }
-
-    /// Set or clear `n` bits from `start`; returns the pages touched.
-    pub fn apply(&mut self, map: usize, start: u64, n: u64, set: bool) -> Vec<u64> {
-        for b in start..start + n {
-            let byte = &mut self.bits[map][(b / 8) as usize];
-            if set {
-                *byte |= 1 << (b % 8);
-            } else {
-                *byte &= !(1 << (b % 8));
-            }
-        }
-        if n == 0 {
-            return Vec::new();
-        }
-        (start / BITS_PER_PAGE..=(start + n - 1) / BITS_PER_PAGE).collect()
-    }
-
-    /// The raw bits of `map` (for check and dump).
-    pub fn bits(&self, map: usize) -> &[u8] {
-        &self.bits[map]
     }
 }
 
@@ -282,22 +277,15 @@ impl PageView {
                 .expect("page")
                 .token
                 .get();
-            let page = ViewPage {
-                generation,
-                token,
-                bits,
-            };
-            let end = ((p + 1) * BITS_PER_PAGE).min(v.len[map]);
-            if let Some(bad) =
-                (end..(p + 1) * BITS_PER_PAGE).find(|&b| page.is_set(b - p * BITS_PER_PAGE))
-            {
-                return Err(DomainError::corrupt(
-                    format!("{} bitmap", MAP_NAMES[map]),
-                    off,
-                    format!("bit {bad} is set beyond the end of the map"),
-                ));
-            }
-            v.pages[map].insert(p, page);
+            check_tail(g, map, p, &bits)?;
+            v.pages[map].insert(
+                p,
+                ViewPage {
+                    generation,
+                    token,
+                    bits,
+                },
+            );
         }
         Ok(v)
     }
@@ -321,12 +309,8 @@ impl PageView {
 
     /// Pages of `map` that items `start..start + n` lie on but are not here.
     pub fn missing(&self, map: usize, start: u64, n: u64) -> Vec<u64> {
-        if n == 0 {
-            return Vec::new();
-        }
-        let last = ((start + n - 1) / BITS_PER_PAGE).min(self.counts[map].saturating_sub(1));
-        (start / BITS_PER_PAGE..=last)
-            .filter(|p| !self.has(map, *p))
+        page_span(start, n)
+            .filter(|&p| p < self.counts[map] && !self.has(map, p))
             .collect()
     }
 
@@ -339,13 +323,9 @@ impl PageView {
 
     /// Free items on page `p` of `map` (0 if it is not here).
     pub fn free_on(&self, map: usize, p: u64) -> u64 {
-        let Some(pg) = self.pages[map].get(&p) else {
-            return 0;
-        };
-        let items = self.len[map]
-            .saturating_sub(p * BITS_PER_PAGE)
-            .min(BITS_PER_PAGE);
-        items - (0..items).filter(|&b| pg.is_set(b)).count() as u64
+        self.pages[map]
+            .get(&p)
+            .map_or(0, |pg| free_of(&pg.bits, items_on(self.len[map], p)))
     }
 
     /// Whether item `b` of `map` is free here (its page held, in the map,
@@ -435,18 +415,9 @@ impl PageView {
             let pg = self.pages[map]
                 .get_mut(&(b / BITS_PER_PAGE))
                 .expect("planned only on pages held");
-            let i = b % BITS_PER_PAGE;
-            let byte = &mut pg.bits[(i / 8) as usize];
-            if set {
-                *byte |= 1 << (i % 8);
-            } else {
-                *byte &= !(1 << (i % 8));
-            }
+            set_bit(&mut pg.bits, b % BITS_PER_PAGE, set);
         }
-        if n == 0 {
-            return Vec::new();
-        }
-        (start / BITS_PER_PAGE..=(start + n - 1) / BITS_PER_PAGE).collect()
+        page_span(start, n).collect()
     }
 
     /// Write the touched pages, each under the token of its lock
@@ -505,7 +476,7 @@ pub fn apply_on_disk(
         ));
     }
     let mut changed = false;
-    for p in start / BITS_PER_PAGE..=(start + count - 1) / BITS_PER_PAGE {
+    for p in page_span(start, count) {
         let off = g.bitmap_page_off(map, p);
         let mut buf = AlignedBuf::zeroed(PAGE as usize);
         dev.read_at(&mut buf, off)
@@ -519,14 +490,7 @@ pub fn apply_on_disk(
         let hi = (start + count).min((p + 1) * BITS_PER_PAGE) - p * BITS_PER_PAGE;
         let mut page_changed = false;
         for b in lo..hi {
-            let byte = &mut bits[(b / 8) as usize];
-            let old = *byte;
-            if set {
-                *byte |= 1 << (b % 8);
-            } else {
-                *byte &= !(1 << (b % 8));
-            }
-            page_changed |= *byte != old;
+            page_changed |= set_bit(&mut bits, b, set);
         }
         if page_changed {
             dev.write_at(&encode_page(g, map, p, &bits, gen + 1, token), off)

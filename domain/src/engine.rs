@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use zerocopy::IntoBytes;
 
-use crate::alloc::{AllocMap, PageView, EXTENTS, TAG_SLOTS, VOLUME_SLOTS};
+use crate::alloc::{page_span, AllocMap, PageView, EXTENTS, TAG_SLOTS, VOLUME_SLOTS};
 use crate::error::{DomainError, Result};
 use crate::geometry::{FormatParams, Geometry};
 use crate::io::{AlignedBuf, BlockDev};
@@ -1570,12 +1570,13 @@ impl<'a> Transaction<'a> {
         // Items to allocate, by map.
         let mut need = [0u64; 3];
         let mut pages: Vec<(usize, u64)> = Vec::new();
+        let counts = d.geom.bitmap_page_counts();
         let on_pages = |pages: &mut Vec<(usize, u64)>, map: usize, start: u64, n: u64| {
-            if n > 0 {
-                let last = (start + n - 1) / BITS_PER_PAGE;
-                let last = last.min(d.geom.bitmap_page_counts()[map].saturating_sub(1));
-                pages.extend((start / BITS_PER_PAGE..=last).map(|p| (map, p)));
-            }
+            pages.extend(
+                page_span(start, n)
+                    .filter(|&p| p < counts[map])
+                    .map(|p| (map, p)),
+            );
         };
         // Locks an operation is sure to need, so planning rarely has to
         // stop, take more locks in order and start over. Records read here
@@ -1761,13 +1762,13 @@ impl<'p> Planner<'p> {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(PlanError::NeedLocks(
-                missing
-                    .into_iter()
-                    .map(|p| self.d.page_res(map, p))
-                    .collect(),
-            ))
+            Err(self.need(map, missing))
         }
+    }
+
+    /// Planning needs the locks of `pages` of `map` too.
+    fn need(&self, map: usize, pages: Vec<u64>) -> PlanError {
+        PlanError::NeedLocks(pages.into_iter().map(|p| self.d.page_res(map, p)).collect())
     }
 
     /// Find `n` free items in `map` on the pages held; when there are none
@@ -1787,12 +1788,7 @@ impl<'p> Planner<'p> {
         if missing.is_empty() {
             return Err(full(self.view).into());
         }
-        Err(PlanError::NeedLocks(
-            missing
-                .into_iter()
-                .map(|p| self.d.page_res(map, p))
-                .collect(),
-        ))
+        Err(self.need(map, missing))
     }
 
     /// The token of the lock of the page holding item `i` of `map`.
