@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use cairn_agent::client::{connect, Target};
 use cairn_agent::pb;
 use cairn_agent::pb::agent_client::AgentClient;
+use cairn_proto::transport::{agent_client as connect, Target};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use tonic::transport::Channel;

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use cairn_agent::client::{channel, Target};
 use cairn_coordinator::pb;
 use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
+use cairn_proto::transport::{channel, Target};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tonic::transport::Channel;

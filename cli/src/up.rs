@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_agent::server::{init_logging, serve, Bound, Locks, ServeOptions};
+use cairn_agent::server::{serve, Bound, Locks, ServeOptions};
 use cairn_agent::AgentConfig;
 use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, LocalLockService, SystemClock};
+use cairn_proto::server::init_logging;
 use clap::Args;
 
 use crate::{human_bytes, parse_size};

@@ -8,10 +8,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_agent::pb;
-use cairn_agent::pb::agent_client::AgentClient;
 use cairn_cluster::Kv;
-use cairn_domain::{Format, Legality, TagId, TagState, TagType, VolumeId};
+use cairn_domain::api::{CopyTarget, DomainInfo, JobInfo, Recovered, RequestState, TagSpec};
+use cairn_domain::{Allocation, Format, TagId, VolumeId};
+use cairn_proto::agent as pb;
+use cairn_proto::agent::agent_client::AgentClient;
+use cairn_proto::convert::{self as wire, ConvertError};
+use cairn_proto::transport::{lazy_channel, Target, MAX_DECODING};
 use tonic::codegen::http;
 use tower::ServiceExt;
 
@@ -51,32 +54,8 @@ pub type Transport = tower::util::BoxCloneSyncService<
 /// path (`unix:/path` or `/path`). Connects lazily: an unreachable agent
 /// fails the call with UNAVAILABLE.
 pub fn net_transport(address: &str) -> Result<Transport> {
-    use tonic::transport::{Endpoint, Uri};
-    let ep = |s: &str| {
-        Endpoint::from_shared(s.to_string())
-            .map_err(|e| CoordError::invalid("address", format!("{s:?}: {e}")))
-    };
-    let channel = if let Some(path) = address
-        .strip_prefix("unix:")
-        .or_else(|| address.starts_with('/').then_some(address))
-    {
-        let path = path.to_string();
-        ep("http://localhost")?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let p = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-    } else {
-        ep(address)?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy()
-    };
+    let channel = lazy_channel(&Target::parse(address), Duration::from_secs(2))
+        .map_err(|e| CoordError::invalid("address", format!("{address:?}: {e}")))?;
     Ok(Transport::new(
         channel.map_err(|e| TransportError(Box::new(e) as BoxError)),
     ))
@@ -212,7 +191,7 @@ impl Agents {
             host: a.host_id.clone(),
             instance: a.instance.clone(),
             client: AgentClient::new(self.transport(&a.host_id, &a.address)?)
-                .max_decoding_message_size(64 << 20),
+                .max_decoding_message_size(MAX_DECODING),
         })
     }
 
@@ -358,30 +337,30 @@ async fn ask_domains(host: &str, address: &str, t: Transport) -> Result<AgentInf
         .await
         .map_err(agent_err(host))?
         .into_inner();
+    // A domain this coordinator cannot read is one it does not use.
+    let domains: Vec<DomainInfo> = r
+        .domains
+        .iter()
+        .filter_map(|d| DomainInfo::try_from(d).ok())
+        .collect();
     Ok(AgentInfo {
         instance: r.instance.clone(),
-        slots: r
-            .domains
+        slots: domains
             .iter()
-            .filter_map(|d| {
-                Some(plan::HostSlot {
-                    domain: uuid::Uuid::parse_str(&d.id).ok()?,
-                    slot: d.host_slot,
-                    token: d.host_slot_token,
-                })
+            .map(|d| plan::HostSlot {
+                domain: d.id,
+                slot: d.host_slot,
+                token: d.host_slot_token,
             })
             .collect(),
         host_id: host.to_string(),
         host_name: host.to_string(),
         address: address.to_string(),
-        domains: r
-            .domains
+        domains: domains
             .iter()
-            .filter_map(|d| {
-                Some(DomainRef {
-                    id: uuid::Uuid::parse_str(&d.id).ok()?,
-                    name: d.name.clone(),
-                })
+            .map(|d| DomainRef {
+                id: d.id,
+                name: d.name.clone(),
             })
             .collect(),
     })
@@ -407,34 +386,6 @@ pub struct AgentJob {
     pub tag: Option<TagInfo>,
     /// Why it failed.
     pub error: Option<plan::JobError>,
-}
-
-/// What RecoverDomain did.
-#[derive(Debug, Clone, Default)]
-pub struct Recovered {
-    /// Host slots replayed.
-    pub slots: Vec<u32>,
-    /// Intents rolled forward.
-    pub forward: u32,
-    /// Intents rolled back.
-    pub back: u32,
-    /// Half-made volumes removed.
-    pub removed: Vec<String>,
-    /// Host slots in use afterwards, with their lock tokens.
-    pub active: Vec<(u32, u64)>,
-}
-
-/// What an agent process knows of a request id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestState {
-    /// Not seen (or forgotten).
-    Unknown,
-    /// Running now.
-    Running,
-    /// Answered.
-    Answered,
-    /// Failed.
-    Failed,
 }
 
 /// How a mutating call ended (see [`Agents::call_once`]).
@@ -508,90 +459,26 @@ pub struct AgentConn {
     client: AgentClient<Transport>,
 }
 
-fn pb_format(f: Format) -> i32 {
-    match f {
-        Format::Raw => pb::VolumeFormat::Raw as i32,
-        Format::Qcow2 => pb::VolumeFormat::Qcow2 as i32,
-    }
-}
-
-fn pb_alloc(pre: bool) -> i32 {
-    if pre {
-        pb::Allocation::Preallocated as i32
-    } else {
-        pb::Allocation::Sparse as i32
-    }
-}
-
-fn disk_spec(options: &[(String, String)]) -> pb::TagSpec {
-    pb::TagSpec {
-        volume: String::new(),
-        size: 0,
-        mutable: true,
-        strategy: pb::Strategy::Chain as i32,
-        options: options
-            .iter()
-            .map(|(k, v)| pb::KeyValue {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
-        r#type: pb::TagType::Strong as i32,
-        state: pb::TagState::Optimized as i32,
-    }
-}
-
 fn bad(host: &str, what: impl Into<String>) -> CoordError {
     CoordError::Internal(format!("agent {host} answered {}", what.into()))
 }
 
-fn volume_of(host: &str, v: &pb::Volume) -> Result<VolumeInfo> {
-    Ok(VolumeInfo {
-        id: VolumeId::parse("volume", &v.id).map_err(|_| bad(host, "a bad volume id"))?,
-        parent: if v.parent_tag.is_empty() {
-            None
-        } else {
-            Some(TagId::parse("parent_tag", &v.parent_tag).map_err(|_| bad(host, "a bad tag id"))?)
-        },
-        format: match pb::VolumeFormat::try_from(v.format) {
-            Ok(pb::VolumeFormat::Qcow2) => Format::Qcow2,
-            _ => Format::Raw,
-        },
-        capacity: v.capacity,
-        size: v.size,
-        legality: match pb::Legality::try_from(v.legality) {
-            Ok(pb::Legality::Legal) => Legality::Legal,
-            _ => Legality::Illegal,
-        },
-        description: v.description.clone(),
-        ctime: v.ctime,
-        tag_refs: v.tag_refs,
-    })
+/// An answer this coordinator cannot read is the agent's fault, not the
+/// caller's.
+fn unreadable(host: &str) -> impl Fn(ConvertError) -> CoordError + '_ {
+    move |e| bad(host, format!("a message it cannot read: {e}"))
 }
 
 fn tag_of(host: &str, t: &pb::Tag) -> Result<TagInfo> {
-    Ok(TagInfo {
-        id: TagId::parse("tag", &t.id).map_err(|_| bad(host, "a bad tag id"))?,
-        volume: VolumeId::parse("volume", &t.volume).map_err(|_| bad(host, "a bad volume id"))?,
-        size: t.size,
-        mutable: t.mutable,
-        tag_type: match pb::TagType::try_from(t.r#type) {
-            Ok(pb::TagType::Weak) => TagType::Weak,
-            _ => TagType::Strong,
-        },
-        state: match pb::TagState::try_from(t.state) {
-            Ok(pb::TagState::Degraded) => TagState::Degraded,
-            Ok(pb::TagState::Broken) => TagState::Broken,
-            _ => TagState::Optimized,
-        },
-        options: t
-            .options
-            .iter()
-            .map(|kv| (kv.key.clone(), kv.value.clone()))
-            .collect(),
-        ctime: t.ctime,
-        child_refs: t.child_refs,
-    })
+    TagInfo::try_from(t).map_err(unreadable(host))
+}
+
+fn allocation(preallocated: bool) -> Allocation {
+    if preallocated {
+        Allocation::Preallocated
+    } else {
+        Allocation::Sparse
+    }
 }
 
 fn need<T>(host: &str, v: Option<T>, what: &str) -> Result<T> {
@@ -628,7 +515,7 @@ impl AgentConn {
                 .map(|t| tag_of(&self.host, t))
                 .collect::<Result<_>>()?,
             vols.iter()
-                .map(|v| volume_of(&self.host, v))
+                .map(|v| VolumeInfo::try_from(v).map_err(unreadable(&self.host)))
                 .collect::<Result<_>>()?,
         ))
     }
@@ -659,13 +546,13 @@ impl AgentConn {
             .create_volume(pb::CreateVolumeRequest {
                 request_id: rid.into(),
                 domain: domain.to_string(),
-                format: pb_format(d.format),
+                format: wire::volume_format_code(d.format),
                 capacity: d.size,
                 size: 0,
-                allocation: pb_alloc(d.preallocated),
+                allocation: wire::allocation_code(allocation(d.preallocated)),
                 parent_tag: String::new(),
                 description: d.description.clone(),
-                tag: Some(disk_spec(&d.options)),
+                tag: Some((&TagSpec::disk(d.options.clone())).into()),
                 keep_locked: false,
                 lock_lease_seconds: 0,
             })
@@ -693,10 +580,10 @@ impl AgentConn {
                 format: pb::VolumeFormat::Qcow2 as i32,
                 capacity: 0,
                 size: 0,
-                allocation: pb_alloc(false),
+                allocation: wire::allocation_code(Allocation::Sparse),
                 parent_tag: parent.to_string(),
                 description: description.into(),
-                tag: Some(disk_spec(options)),
+                tag: Some((&TagSpec::disk(options.to_vec())).into()),
                 keep_locked: false,
                 lock_lease_seconds: 0,
             })
@@ -726,14 +613,8 @@ impl AgentConn {
                 tag_id: disk.to_string(),
                 description: description.into(),
                 size: 0,
-                clone: clone.map(disk_spec),
-                snapshot_options: mark
-                    .iter()
-                    .map(|(k, v)| pb::KeyValue {
-                        key: k.clone(),
-                        value: v.clone(),
-                    })
-                    .collect(),
+                clone: clone.map(|o| (&TagSpec::disk(o.to_vec())).into()),
+                snapshot_options: wire::options_to_wire(mark),
             })
             .await
             .map_err(self.err())?
@@ -803,12 +684,15 @@ impl AgentConn {
                 request_id: rid.into(),
                 domain: domain.to_string(),
                 volume_id: volume.to_string(),
-                target: Some(pb::TargetSpec {
-                    format: format.map(pb_format).unwrap_or(0),
-                    allocation: pb_alloc(preallocated),
-                    description: description.into(),
-                    tag: Some(disk_spec(options)),
-                }),
+                target: Some(
+                    (&CopyTarget {
+                        format,
+                        allocation: allocation(preallocated),
+                        description: description.into(),
+                        tag: Some(TagSpec::disk(options.to_vec())),
+                    })
+                        .into(),
+                ),
                 target_domain: if target == domain {
                     String::new()
                 } else {
@@ -864,20 +748,21 @@ impl AgentConn {
             .await
             .map_err(self.err())?
             .into_inner();
+        let j = JobInfo::try_from(&j).map_err(unreadable(&self.host))?;
         Ok(AgentJob {
-            state: match pb::JobState::try_from(j.state) {
-                Ok(pb::JobState::Succeeded) => plan::JobState::Succeeded,
-                Ok(pb::JobState::Failed) => plan::JobState::Failed,
-                Ok(pb::JobState::Cancelled) => plan::JobState::Cancelled,
-                _ => plan::JobState::Running,
+            state: match j.state {
+                cairn_domain::api::JobState::Running => plan::JobState::Running,
+                cairn_domain::api::JobState::Succeeded => plan::JobState::Succeeded,
+                cairn_domain::api::JobState::Failed => plan::JobState::Failed,
+                cairn_domain::api::JobState::Cancelled => plan::JobState::Cancelled,
             },
             done: j.done_bytes,
             total: j.total_bytes,
-            tag: j.tag.as_ref().map(|t| tag_of(&self.host, t)).transpose()?,
-            error: (j.error_code != 0).then(|| plan::JobError {
-                code: j.error_code,
-                reason: j.error_reason.clone(),
-                message: format!("agent {}: {}", self.host, j.error_message),
+            tag: j.tag,
+            error: j.error.map(|e| plan::JobError {
+                code: e.code,
+                reason: e.reason,
+                message: format!("agent {}: {}", self.host, e.message),
             }),
         })
     }
@@ -915,13 +800,7 @@ impl AgentConn {
             .await
             .map_err(self.err())?
             .into_inner();
-        Ok(Recovered {
-            slots: r.slots_recovered,
-            forward: r.rolled_forward,
-            back: r.rolled_back,
-            removed: r.volumes_removed,
-            active: r.active_slots.iter().map(|a| (a.slot, a.token)).collect(),
-        })
+        Recovered::try_from(&r).map_err(unreadable(&self.host))
     }
 
     /// What this agent process knows of request id `rid`.
@@ -934,12 +813,9 @@ impl AgentConn {
             .await
             .map_err(self.err())?
             .into_inner();
-        Ok(match pb::RequestState::try_from(r.state) {
-            Ok(pb::RequestState::Running) => RequestState::Running,
-            Ok(pb::RequestState::Answered) => RequestState::Answered,
-            Ok(pb::RequestState::Failed) => RequestState::Failed,
-            _ => RequestState::Unknown,
-        })
+        Ok(wire::request_state("state", r.state)
+            .map_err(unreadable(&self.host))?
+            .unwrap_or(RequestState::Unknown))
     }
 
     /// Whether the agent answers at all.

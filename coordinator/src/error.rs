@@ -113,5 +113,14 @@ impl From<DomainError> for CoordError {
     }
 }
 
+impl From<cairn_proto::ConvertError> for CoordError {
+    fn from(e: cairn_proto::ConvertError) -> Self {
+        CoordError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 /// Results of this crate.
 pub type Result<T, E = CoordError> = std::result::Result<T, E>;

@@ -19,12 +19,6 @@ pub mod service;
 pub use error::CoordError;
 pub use ops::{CoordConfig, Coordinator};
 
-/// Generated gRPC types of `cairn.coordinator.v1`. They stop at the
-/// service layer.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("cairn.coordinator.v1");
-    /// Encoded file descriptor set for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("cairn_coordinator_v1");
-}
+/// Generated gRPC types of `cairn.coordinator.v1` (from `cairn-proto`).
+/// They stop at the service layer.
+pub use cairn_proto::coordinator as pb;

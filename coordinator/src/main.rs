@@ -52,7 +52,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    cairn_agent::server::init_logging(a.log_json);
+    cairn_proto::server::init_logging(a.log_json);
     let id = a.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let cluster = if a.etcd.is_empty() {
         let agents = if a.agents.is_empty() {

@@ -12,12 +12,13 @@ use cairn_cluster::Kv;
 use cairn_domain::lock::{Resource, ResourceKind};
 use cairn_domain::{Format, LockGuard, LockService, TagId};
 
-use crate::agents::{AgentConn, Agents, NewDisk, Once, RequestState};
+use crate::agents::{AgentConn, Agents, NewDisk, Once};
 use crate::error::{CoordError, Result};
 use crate::plan::{
     self, CloneSource, DiskView, DomainRef, JobError, JobKind, JobRecord, JobState, Params, Step,
     TagInfo, CLONE_OF_KEY, CONVERT_KEY, JOB_KEY, NAME_KEY, SNAP_KEY,
 };
+use cairn_domain::api::RequestState;
 
 /// How the coordinator runs.
 #[derive(Debug, Clone)]
@@ -1289,7 +1290,7 @@ fn same_request(rec: JobRecord, request_id: &str, fingerprint: u64) -> Result<Jo
 }
 
 fn spread_of(s: &str) -> u64 {
-    cairn_agent::service::fingerprint(s.as_bytes())
+    cairn_proto::fingerprint(s.as_bytes())
 }
 
 fn rand_spread() -> u64 {

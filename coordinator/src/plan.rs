@@ -5,25 +5,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cairn_domain::{Format, Legality, TagId, TagState, TagType, VolumeId};
+use cairn_domain::{TagId, TagType, VolumeId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordError, Result};
 
-/// Tag option naming a disk for people.
-pub const NAME_KEY: &str = "cairn.name";
-/// Tag option naming the coordinator job that made a disk (lets a retry or
-/// an adopting leader find what a job made).
-pub const JOB_KEY: &str = "cairn.job";
-/// Tag option naming the disk a clone was made from.
-pub const CLONE_OF_KEY: &str = "cairn.clone-of";
-/// Tag option of the copy a conversion makes before it takes the disk's
-/// place: the disk. Such a tag is not a disk of its own.
-pub const CONVERT_KEY: &str = "cairn.convert-of";
-/// Tag option the agent puts on a snapshot's weak tag: its description.
-pub const SNAP_DESC_KEY: &str = "cairn.description";
-/// Tag option the agent puts on a snapshot's weak tag: the disk.
-pub const SNAP_KEY: &str = "cairn.snapshot-of";
+pub use cairn_proto::keys::{
+    CLONE_OF as CLONE_OF_KEY, CONVERT_OF as CONVERT_KEY, JOB as JOB_KEY, NAME as NAME_KEY,
+    SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY,
+};
 
 /// A domain as agents report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,61 +166,7 @@ pub fn pick_agent<'a>(
     Some(best[(spread % best.len() as u64) as usize])
 }
 
-/// A volume as the coordinator sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VolumeInfo {
-    /// Id.
-    pub id: VolumeId,
-    /// Parent tag.
-    pub parent: Option<TagId>,
-    /// Format.
-    pub format: Format,
-    /// Virtual size.
-    pub capacity: u64,
-    /// Bytes of run.
-    pub size: u64,
-    /// Complete or not.
-    pub legality: Legality,
-    /// Free text.
-    pub description: String,
-    /// Seconds since the epoch.
-    pub ctime: u64,
-    /// Tags on it.
-    pub tag_refs: u32,
-}
-
-/// A tag as the coordinator sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TagInfo {
-    /// Id.
-    pub id: TagId,
-    /// Its volume.
-    pub volume: VolumeId,
-    /// Logical size.
-    pub size: u64,
-    /// Whether it may change.
-    pub mutable: bool,
-    /// Strong (a disk) or weak (a snapshot).
-    pub tag_type: TagType,
-    /// Health.
-    pub state: TagState,
-    /// Options.
-    pub options: Vec<(String, String)>,
-    /// Seconds since the epoch.
-    pub ctime: u64,
-    /// Volumes hanging from it.
-    pub child_refs: u32,
-}
-
-impl TagInfo {
-    /// An option's value.
-    pub fn option(&self, key: &str) -> Option<&str> {
-        self.options
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use cairn_domain::api::{TagInfo, VolumeInfo};
 
 /// One layer of a disk's chain.
 #[derive(Debug, Clone, PartialEq)]
@@ -660,6 +596,7 @@ pub fn adopt(rec: &JobRecord, agent_job_alive: bool) -> Adopt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cairn_domain::{Format, Legality, TagState};
 
     fn agent(id: &str, doms: &[uuid::Uuid]) -> AgentInfo {
         AgentInfo {
@@ -790,6 +727,13 @@ mod tests {
             description: format!("v{n}"),
             ctime: n as u64,
             tag_refs: 1,
+            domain: "d".into(),
+            extent_start: 0,
+            extent_count: 1,
+            allocation: cairn_domain::Allocation::Sparse,
+            generation: 1,
+            token: 1,
+            writer_slot: 0,
         }
     }
 
@@ -807,6 +751,12 @@ mod tests {
                 .collect(),
             ctime: n as u64,
             child_refs: children,
+            domain: "d".into(),
+            strategy: cairn_domain::Strategy::Chain,
+            user_data_bytes: 0,
+            generation: 1,
+            token: 1,
+            writer_slot: 0,
         }
     }
 

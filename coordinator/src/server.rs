@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cairn_cluster::{EtcdConfig, EtcdLockService, FileKv, Kv};
 use cairn_domain::{LocalLockService, LockService};
+use cairn_proto::server::{serve_router, standard_services};
 
 use crate::agents::{Agents, Discovery};
 use crate::ops::{CoordConfig, Coordinator};
@@ -93,14 +94,10 @@ pub async fn serve(
     ));
     let svc = CoordService::new(coord.clone());
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::coordinator_server::CoordinatorServer<CoordService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (health_svc, reflection) = standard_services::<
+        pb::coordinator_server::CoordinatorServer<CoordService>,
+    >(pb::FILE_DESCRIPTOR_SET)
+    .await?;
     let router = || {
         tonic::transport::Server::builder()
             .add_service(health_svc.clone())
@@ -109,7 +106,7 @@ pub async fn serve(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (socket, listen, mut tasks) = cairn_agent::server::serve_router(
+    let (socket, listen, mut tasks) = serve_router(
         router,
         opts.socket.as_deref(),
         opts.listen,

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_agent::service::fingerprint;
+use cairn_proto::convert as wire;
+use cairn_proto::fingerprint;
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -98,33 +99,24 @@ impl CoordService {
 }
 
 fn format_str(v: i32) -> Result<String, Status> {
-    match pb::Format::try_from(v) {
-        Ok(pb::Format::Unspecified) => Ok(String::new()),
-        Ok(pb::Format::Raw) => Ok("raw".into()),
-        Ok(pb::Format::Qcow2) => Ok("qcow2".into()),
-        Err(_) => Err(to_status(&CoordError::invalid(
-            "format",
-            format!("{v} is not a format"),
-        ))),
+    match wire::disk_format("format", v) {
+        Ok(f) => Ok(f.map(|f| f.as_str().to_string()).unwrap_or_default()),
+        Err(e) => Err(to_status(&e.into())),
     }
 }
 
 fn allocation_str(v: i32) -> Result<String, Status> {
-    match pb::Allocation::try_from(v) {
-        Ok(pb::Allocation::Unspecified) | Ok(pb::Allocation::Sparse) => Ok("sparse".into()),
-        Ok(pb::Allocation::Preallocated) => Ok("preallocated".into()),
-        Err(_) => Err(to_status(&CoordError::invalid(
-            "allocation",
-            format!("{v} is not an allocation"),
-        ))),
+    match wire::disk_allocation("allocation", v) {
+        Ok(a) => Ok(a
+            .unwrap_or(cairn_domain::Allocation::Sparse)
+            .as_str()
+            .to_string()),
+        Err(e) => Err(to_status(&e.into())),
     }
 }
 
 fn pb_fmt(f: cairn_domain::Format) -> i32 {
-    match f {
-        cairn_domain::Format::Raw => pb::Format::Raw as i32,
-        cairn_domain::Format::Qcow2 => pb::Format::Qcow2 as i32,
-    }
+    wire::disk_format_code(f)
 }
 
 /// A disk view as a message.

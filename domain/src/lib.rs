@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod alloc;
+pub mod api;
 pub mod check;
 pub mod engine;
 pub mod error;

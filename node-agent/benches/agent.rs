@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_agent::client::{connect, Target};
 use cairn_agent::pb;
 use cairn_agent::pb::agent_client::AgentClient;
 use cairn_agent::server::{serve, ServeOptions};
 use cairn_agent::AgentConfig;
 use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, MemLockService, SystemClock};
+use cairn_proto::transport::{agent_client as connect, Target};
 use tonic::transport::Channel;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {

@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use cairn_domain::io::{AlignedBuf, BlockDev, FileDev};
 use cairn_domain::lock::LockService;
 use cairn_domain::{
-    Allocation, Domain, DomainError, Format, HostIdentity, Legality, LockGuard, OpenOptions,
-    Strategy, Tag, TagId, TagMeta, TagRef, TagState, TagType, Volume, VolumeId, VolumeMeta,
-    VolumeRef, VolumeSpec,
+    Allocation, Domain, DomainError, Format, HostIdentity, Legality, LockGuard, OpenOptions, Tag,
+    TagId, TagMeta, TagRef, TagState, TagType, Volume, VolumeId, VolumeMeta, VolumeRef, VolumeSpec,
 };
 
 use crate::activation::{plan_reconcile, Extent, Fix, RunDir};
@@ -110,22 +109,7 @@ pub struct CreateVolume {
     pub keep_locked: Option<Duration>,
 }
 
-/// A tag's metadata without its volume.
-#[derive(Debug, Clone)]
-pub struct TagSpec {
-    /// Logical size; 0 takes the volume's capacity.
-    pub size: u64,
-    /// Whether operations may change it.
-    pub mutable: bool,
-    /// Snapshot/clone strategy.
-    pub strategy: Strategy,
-    /// Options.
-    pub options: Vec<(String, String)>,
-    /// Strong or weak.
-    pub tag_type: TagType,
-    /// Health.
-    pub state: TagState,
-}
+pub use cairn_domain::api::TagSpec;
 
 /// What CreateVolume made.
 #[derive(Debug)]
@@ -1653,11 +1637,8 @@ impl Agent {
     }
 }
 
-/// Option key marking a weak tag made by a snapshot (value: the disk).
-pub const SNAP_KEY: &str = "cairn.snapshot-of";
-/// Option of a snapshot's weak tag: the snapshot's description (its first
-/// 256 bytes; the new top volume has all of it).
-pub const SNAP_DESC_KEY: &str = "cairn.description";
+/// Tag options the agent puts on a snapshot's weak tag.
+pub use cairn_proto::keys::{SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY};
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a
 /// character boundary.

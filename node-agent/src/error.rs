@@ -66,6 +66,15 @@ pub enum AgentError {
     },
 }
 
+impl From<cairn_proto::ConvertError> for AgentError {
+    fn from(e: cairn_proto::ConvertError) -> Self {
+        AgentError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 /// Result alias for the agent.
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 

@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_domain::{Allocation, Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
+use cairn_domain::{Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
 
-use crate::agent::{Agent, Opened, TagSpec};
+use cairn_domain::api::CopyTarget;
+
+use crate::agent::{Agent, Opened};
 use crate::datapath::{copy_raw, qemu_convert, CopyError, Progress, Region};
 use crate::error::{AgentError, Result};
 use crate::qcow2;
@@ -132,19 +134,6 @@ impl Jobs {
             .cloned()
             .collect()
     }
-}
-
-/// The new volume of a copy or import.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Format; `None` takes the source's.
-    pub format: Option<Format>,
-    /// Provisioning.
-    pub allocation: Allocation,
-    /// Free text.
-    pub description: String,
-    /// Tag to create on it.
-    pub tag: Option<TagSpec>,
 }
 
 /// A data copy's error as the agent's; `tool` names what ran when qemu
@@ -271,7 +260,7 @@ impl Agent {
         o: Arc<Opened>,
         src: &VolumeId,
         to: Option<Arc<Opened>>,
-        target: Target,
+        target: CopyTarget,
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
         let d = to.unwrap_or_else(|| o.clone());
@@ -332,7 +321,7 @@ impl Agent {
         o: Arc<Opened>,
         path: &str,
         source_format: Format,
-        target: Target,
+        target: CopyTarget,
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
         self.check_target(&target)?;
@@ -461,7 +450,7 @@ impl Agent {
         }))
     }
 
-    fn check_target(&self, t: &Target) -> Result<()> {
+    fn check_target(&self, t: &CopyTarget) -> Result<()> {
         crate::agent::validate_description(&t.description)?;
         if let Some(s) = &t.tag {
             crate::agent::validate_tag_spec(s)?;
@@ -474,7 +463,7 @@ impl Agent {
         o: &Opened,
         format: Format,
         capacity: u64,
-        t: &Target,
+        t: &CopyTarget,
         request_id: [u8; 16],
     ) -> Result<(Volume, cairn_domain::LockGuard)> {
         let size = match format {
@@ -498,7 +487,7 @@ impl Agent {
         o: &Arc<Opened>,
         vol: Volume,
         guard: cairn_domain::LockGuard,
-        t: &Target,
+        t: &CopyTarget,
         request_id: [u8; 16],
         r: Result<()>,
     ) -> Result<Outcome> {

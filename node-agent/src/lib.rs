@@ -10,7 +10,6 @@
 
 pub mod activation;
 pub mod agent;
-pub mod client;
 pub mod compose;
 pub mod datapath;
 pub mod error;
@@ -24,10 +23,6 @@ pub mod service;
 pub use agent::{Agent, AgentConfig};
 pub use error::AgentError;
 
-/// Generated gRPC types of `cairn.agent.v1`. They stop at the service layer.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("cairn.agent.v1");
-    /// Encoded file descriptor set for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_agent_v1");
-}
+/// Generated gRPC types of `cairn.agent.v1` (from `cairn-proto`). They
+/// stop at the service layer.
+pub use cairn_proto::agent as pb;

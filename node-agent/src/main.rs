@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cairn_agent::server::{init_logging, serve, Locks, ServeOptions};
+use cairn_agent::server::{serve, Locks, ServeOptions};
 use cairn_agent::AgentConfig;
+use cairn_proto::server::init_logging;
 use clap::Parser;
 
 /// Cairn node agent: serves volume operations on the storage domains this

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
+use cairn_proto::server::{serve_router, standard_services};
+use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::loopdev::KernelLoop;
@@ -82,14 +82,9 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let svc = AgentService::new(agent.clone(), metrics.clone());
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::agent_server::AgentServer<AgentService>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (health_svc, reflection) =
+        standard_services::<pb::agent_server::AgentServer<AgentService>>(pb::FILE_DESCRIPTOR_SET)
+            .await?;
 
     let router = || {
         tonic::transport::Server::builder()
@@ -187,68 +182,4 @@ pub async fn serve(
         anyhow::bail!("lost the host slot on domain {name} (the etcd lease expired)");
     }
     Ok(())
-}
-
-/// Tasks serving gRPC, each ending with its server.
-pub type ServerTasks = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
-
-/// Serve what `router` makes on a unix socket (replacing one a dead
-/// process left, refusing one a live process serves) and/or a TCP address,
-/// until `stop` turns true. Returns the socket and the bound address.
-pub async fn serve_router(
-    router: impl Fn() -> tonic::transport::server::Router,
-    socket: Option<&std::path::Path>,
-    listen: Option<SocketAddr>,
-    stop: tokio::sync::watch::Receiver<bool>,
-    what: &str,
-) -> anyhow::Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks)> {
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mut tasks = ServerTasks::new();
-    let mut bound = (None, None);
-    if let Some(path) = socket {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        // A socket left by a dead process is in the way; a live one answers.
-        if path.exists() {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                anyhow::bail!("another {what} is serving on {}", path.display());
-            }
-            std::fs::remove_file(path)?;
-        }
-        let l = UnixListener::bind(path)?;
-        bound.0 = Some(path.to_path_buf());
-        let (r, s) = (router(), stopped(stop.clone()));
-        tasks.spawn(async move {
-            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
-                .await
-        });
-    }
-    if let Some(addr) = listen {
-        let l = TcpListener::bind(addr).await?;
-        bound.1 = Some(l.local_addr()?);
-        let (r, s) = (router(), stopped(stop.clone()));
-        // Without TCP_NODELAY a response's frames wait for the client's
-        // delayed ACK: 40 ms per call.
-        let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
-        tasks.spawn(async move { r.serve_with_incoming_shutdown(incoming, s).await });
-    }
-    Ok((bound.0, bound.1, tasks))
-}
-
-/// Set up logging: human-readable or JSON lines, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        b.json().try_init()
-    } else {
-        b.try_init()
-    };
 }

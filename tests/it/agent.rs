@@ -1237,10 +1237,11 @@ fn agent_serves_health_and_reflection() {
     make_domain(&dom, 1);
     let agent = AgentProc::start(&dom, dir.path());
     rt().block_on(async {
-        let ch =
-            cairn_agent::client::channel(&cairn_agent::client::Target::Unix(agent.socket.clone()))
-                .await
-                .unwrap();
+        let ch = cairn_proto::transport::channel(&cairn_proto::transport::Target::Unix(
+            agent.socket.clone(),
+        ))
+        .await
+        .unwrap();
         let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
         let st = h
             .check(tonic_health::pb::HealthCheckRequest {

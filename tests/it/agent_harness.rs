@@ -5,11 +5,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use cairn_agent::client::{connect, Target};
 use cairn_agent::pb;
 use cairn_agent::pb::agent_client::AgentClient;
 use cairn_domain::io::FileDev;
 use cairn_domain::*;
+use cairn_proto::transport::{agent_client as connect, Target};
 use tonic::transport::Channel;
 
 use crate::common::agent_bin;

@@ -5,13 +5,13 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use cairn_agent::client::{channel, Target};
 use cairn_agent::pb as apb;
 use cairn_agent::pb::agent_client::AgentClient;
 use cairn_coordinator::pb;
 use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
 use cairn_domain::io::FileDev;
 use cairn_domain::*;
+use cairn_proto::transport::{channel, Target};
 use tonic::transport::Channel;
 
 use crate::agent_harness::run;

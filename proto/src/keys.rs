@@ -1,0 +1,17 @@
+//! Tag options with a meaning to Cairn itself. Agents and coordinators of
+//! every version read and write them; they are part of the protocol.
+
+/// A disk's name for people.
+pub const NAME: &str = "cairn.name";
+/// The coordinator job that made a disk: a retry or an adopting leader
+/// finds what a job made by it.
+pub const JOB: &str = "cairn.job";
+/// The disk a clone was made from.
+pub const CLONE_OF: &str = "cairn.clone-of";
+/// On the copy a conversion makes before it takes the disk's place: the
+/// disk. Such a tag is not a disk of its own.
+pub const CONVERT_OF: &str = "cairn.convert-of";
+/// On a snapshot's weak tag: its description.
+pub const SNAPSHOT_DESCRIPTION: &str = "cairn.description";
+/// On a snapshot's weak tag: the disk it is a snapshot of.
+pub const SNAPSHOT_OF: &str = "cairn.snapshot-of";

@@ -1,0 +1,129 @@
+//! What every Cairn server shares: where it listens (a unix socket and/or
+//! TCP), gRPC health and reflection beside its own service, and logging.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A live process answers on the socket.
+    #[error("another {what} is serving on {}", path.display())]
+    InUse {
+        /// "agent", "coordinator".
+        what: String,
+        /// The socket.
+        path: PathBuf,
+    },
+    /// Binding or preparing a listener failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built.
+    #[error("reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Io { context, source }
+}
+
+/// Tasks serving gRPC, each ending with its server.
+pub type ServerTasks = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
+
+/// The health service (reporting `S` as serving) and the reflection
+/// service for `S`'s descriptor set and the health protocol's.
+pub async fn standard_services<S: tonic::server::NamedService>(
+    descriptors: &'static [u8],
+) -> Result<
+    (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(descriptors)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServeError::Reflection)?;
+    Ok((health_svc, reflection))
+}
+
+/// Serve what `router` makes on a unix socket (replacing one a dead
+/// process left, refusing one a live process serves) and/or a TCP address,
+/// until `stop` turns true. Returns the socket and the bound address.
+pub async fn serve_router(
+    router: impl Fn() -> tonic::transport::server::Router,
+    socket: Option<&Path>,
+    listen: Option<SocketAddr>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks), ServeError> {
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = ServerTasks::new();
+    let mut bound = (None, None);
+    if let Some(path) = socket {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        // A socket left by a dead process is in the way; a live one answers.
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(ServeError::InUse {
+                    what: what.to_string(),
+                    path: path.to_path_buf(),
+                });
+            }
+            std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
+        }
+        let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+        bound.0 = Some(path.to_path_buf());
+        let (r, s) = (router(), stopped(stop.clone()));
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
+                .await
+        });
+    }
+    if let Some(addr) = listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(io(format!("binding {addr}")))?;
+        bound.1 = Some(l.local_addr().map_err(io(format!("binding {addr}")))?);
+        let (r, s) = (router(), stopped(stop.clone()));
+        // Without TCP_NODELAY a response's frames wait for the client's
+        // delayed ACK: 40 ms per call.
+        let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+        tasks.spawn(async move { r.serve_with_incoming_shutdown(incoming, s).await });
+    }
+    Ok((bound.0, bound.1, tasks))
+}
+
+/// Set up logging: human-readable or JSON lines, filtered by `RUST_LOG`
+/// (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
