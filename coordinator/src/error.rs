@@ -83,6 +83,27 @@ impl CoordError {
         }
     }
 
+    /// The gRPC status code of the error: an agent's own code for what
+    /// an agent refused or failed.
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CoordError::InvalidArgument { .. } => Code::InvalidArgument,
+            CoordError::NotFound { .. } => Code::NotFound,
+            CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordError::RequestIdReused(_) => Code::AlreadyExists,
+            CoordError::NoAgent(_) => Code::Unavailable,
+            CoordError::Agent { status, .. } => status.code(),
+            CoordError::Busy(_) => Code::Aborted,
+            CoordError::Fenced(_) => Code::Unavailable,
+            CoordError::Store(_) => Code::Unavailable,
+            CoordError::Cancelled => Code::Cancelled,
+            CoordError::TooLate(_) => Code::FailedPrecondition,
+            CoordError::Unsettled(_) => Code::Unavailable,
+            CoordError::Internal(_) => Code::Internal,
+        }
+    }
+
     /// An invalid argument naming its field.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> CoordError {
         CoordError::InvalidArgument {

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use cairn_domain::lock::{Resource, ResourceKind};
 use cairn_domain::LockGuard;
 
+use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
-use crate::ops::Coordinator;
-use crate::plan::{DomainRef, JobState};
+use crate::plan::DomainRef;
+use crate::record::JobState;
 
 /// The store prefix under which live replicas register.
 pub const REPLICAS: &str = "cairn/coordinators/";
@@ -177,7 +178,7 @@ pub async fn duties(
     if !due {
         return Ok(round);
     }
-    let now = crate::ops::now();
+    let now = crate::coordinator::now();
     let keep = coord.job_retention().as_secs();
     for j in coord.jobs().await? {
         if j.state != JobState::Running {

@@ -11,7 +11,7 @@ use cairn_domain::{LocalLockService, LockService};
 use cairn_proto::server::{serve_router, standard_services};
 
 use crate::agents::{Agents, Discovery};
-use crate::ops::{CoordConfig, Coordinator};
+use crate::coordinator::{CoordConfig, Coordinator};
 use crate::pb;
 use crate::service::CoordService;
 

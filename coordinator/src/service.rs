@@ -8,32 +8,23 @@ use std::time::Duration;
 use cairn_proto::convert as wire;
 use cairn_proto::fingerprint;
 use prost::Message;
-use tonic::{Code, Request, Response, Status};
+#[cfg(test)]
+use tonic::Code;
+use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::CoordError;
-use crate::ops::Coordinator;
-use crate::pb;
-use crate::plan::{DiskView, JobKind, JobRecord, JobState, Params, NAME_KEY};
+use cairn_domain::{Allocation, Format, TagId};
 
-/// The status code of an error (the agent's own code for its errors).
-pub fn code_of(e: &CoordError) -> Code {
-    match e {
-        CoordError::InvalidArgument { .. } => Code::InvalidArgument,
-        CoordError::NotFound { .. } => Code::NotFound,
-        CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
-        CoordError::RequestIdReused(_) => Code::AlreadyExists,
-        CoordError::NoAgent(_) => Code::Unavailable,
-        CoordError::Agent { status, .. } => status.code(),
-        CoordError::Busy(_) => Code::Aborted,
-        CoordError::Fenced(_) => Code::Unavailable,
-        CoordError::Store(_) => Code::Unavailable,
-        CoordError::Cancelled => Code::Cancelled,
-        CoordError::TooLate(_) => Code::FailedPrecondition,
-        CoordError::Unsettled(_) => Code::Unavailable,
-        CoordError::Internal(_) => Code::Internal,
-    }
-}
+use crate::coordinator::{parse_tag, Coordinator};
+use crate::error::CoordError;
+use crate::jobs::{
+    Convert, CopyTo, Create, Delete, DeleteSnapshot, Extend, FullClone, JobSpec, Move, Snapshot,
+    ThinClone,
+};
+use crate::pb;
+use crate::plan::{DiskView, NAME_KEY};
+use crate::record::{JobRecord, JobState};
+use crate::runner::check_request_id;
 
 /// The one mapping of coordinator errors to gRPC statuses: the code, the
 /// message with its causes, and an ErrorInfo with the stable code (an
@@ -53,7 +44,7 @@ pub fn to_status(e: &CoordError) -> Status {
     if let CoordError::InvalidArgument { field, reason } = e {
         details.add_bad_request_violation(*field, reason.clone());
     }
-    Status::with_error_details(code_of(e), e.to_string(), details)
+    Status::with_error_details(e.grpc_code(), e.to_string(), details)
 }
 
 /// The `cairn.coordinator.v1.Coordinator` service.
@@ -68,19 +59,31 @@ impl CoordService {
         CoordService { coord }
     }
 
+    /// Start the job a request asks for: its request id and fields are
+    /// checked first (`build` makes the spec from the resolved domain and
+    /// target, and is tried once on placeholders), then its domains are
+    /// resolved and the job submitted.
     async fn submit<Req: Message>(
         &self,
-        kind: JobKind,
         request_id: &str,
         req: &Req,
-        params: Params,
+        domain: &str,
+        target: &str,
+        build: impl Fn(uuid::Uuid, Option<uuid::Uuid>) -> Result<JobSpec, CoordError>,
     ) -> Result<Response<pb::Job>, Status> {
         let fp = fingerprint(&req.encode_to_vec());
-        let rec = self
-            .coord
-            .submit(kind, request_id, fp, params)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let go = async {
+            check_request_id(request_id)?;
+            let placeholder = (!target.is_empty()).then_some(uuid::Uuid::nil());
+            build(uuid::Uuid::nil(), placeholder)?.validate()?;
+            let d = self.coord.domain(domain).await?.id;
+            let t = match target {
+                "" => None,
+                t => Some(self.coord.domain(t).await?.id),
+            };
+            self.coord.submit(request_id, fp, build(d, t)?).await
+        };
+        let rec = go.await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
     }
 
@@ -98,21 +101,20 @@ impl CoordService {
     }
 }
 
-fn format_str(v: i32) -> Result<String, Status> {
-    match wire::disk_format("format", v) {
-        Ok(f) => Ok(f.map(|f| f.as_str().to_string()).unwrap_or_default()),
-        Err(e) => Err(to_status(&e.into())),
-    }
+fn format_of(v: i32) -> Result<Option<Format>, CoordError> {
+    Ok(wire::disk_format("format", v)?)
 }
 
-fn allocation_str(v: i32) -> Result<String, Status> {
-    match wire::disk_allocation("allocation", v) {
-        Ok(a) => Ok(a
-            .unwrap_or(cairn_domain::Allocation::Sparse)
-            .as_str()
-            .to_string()),
-        Err(e) => Err(to_status(&e.into())),
-    }
+fn required_format(v: i32) -> Result<Format, CoordError> {
+    format_of(v)?.ok_or_else(|| CoordError::invalid("format", "is required (raw or qcow2)"))
+}
+
+fn allocation_of(v: i32) -> Result<Allocation, CoordError> {
+    Ok(wire::disk_allocation("allocation", v)?.unwrap_or(Allocation::Sparse))
+}
+
+fn disk_id(field: &'static str, s: &str) -> Result<TagId, CoordError> {
+    parse_tag(field, s)
 }
 
 fn pb_fmt(f: cairn_domain::Format) -> i32 {
@@ -179,7 +181,7 @@ pub fn pb_job(r: &JobRecord, disk: Option<&DiskView>) -> pb::Job {
     };
     pb::Job {
         id: r.id.clone(),
-        kind: r.kind.as_str().to_string(),
+        kind: r.spec.name().to_string(),
         state: match r.state {
             JobState::Running => pb::JobState::Running,
             JobState::Succeeded => pb::JobState::Succeeded,
@@ -187,8 +189,8 @@ pub fn pb_job(r: &JobRecord, disk: Option<&DiskView>) -> pb::Job {
             JobState::Cancelled => pb::JobState::Cancelled,
         } as i32,
         request_id: r.request_id.clone(),
-        domain: r.params.domain.clone(),
-        disk_id: r.params.disk.clone(),
+        domain: r.spec.domain().to_string(),
+        disk_id: r.spec.disk().map(|d| d.to_string()).unwrap_or_default(),
         done_bytes: r.done,
         total_bytes: r.total,
         step: r.step.as_str().to_string(),
@@ -270,113 +272,138 @@ impl pb::coordinator_server::Coordinator for CoordService {
 
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            name: r.name.clone(),
-            format: format_str(r.format)?,
-            allocation: allocation_str(r.allocation)?,
-            size: r.size,
-            description: r.description.clone(),
-            ..Default::default()
-        };
-        self.submit(JobKind::Create, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::Create(Create {
+                domain,
+                name: r.name.clone(),
+                format: required_format(r.format)?,
+                allocation: allocation_of(r.allocation)?,
+                size: r.size,
+                description: r.description.clone(),
+            }))
+        })
+        .await
     }
 
     async fn snapshot_disk(&self, r: Request<pb::SnapshotDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.disk_id.clone(),
-            description: r.description.clone(),
-            ..Default::default()
-        };
-        self.submit(JobKind::Snapshot, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::Snapshot(Snapshot {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                description: r.description.clone(),
+            }))
+        })
+        .await
     }
 
     async fn clone_disk(&self, r: Request<pb::CloneDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.source_id.clone(),
-            name: r.name.clone(),
-            format: format_str(r.format)?,
-            allocation: allocation_str(r.allocation)?,
-            ..Default::default()
-        };
-        if !r.full && (r.format != 0 || r.allocation == pb::Allocation::Preallocated as i32) {
+        let (format, allocation) = (
+            format_of(r.format).map_err(|e| to_status(&e))?,
+            allocation_of(r.allocation).map_err(|e| to_status(&e))?,
+        );
+        if !r.full && (format.is_some() || allocation == Allocation::Preallocated) {
             return Err(to_status(&CoordError::invalid(
                 "full",
                 "format and allocation apply to full clones only",
             )));
         }
-        let kind = if r.full {
-            JobKind::FullClone
-        } else {
-            JobKind::Clone
-        };
-        self.submit(kind, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            let source = disk_id("source_id", &r.source_id)?;
+            let name = r.name.clone();
+            Ok(if r.full {
+                JobSpec::FullClone(FullClone {
+                    domain,
+                    source,
+                    name,
+                    format,
+                    allocation,
+                    description: String::new(),
+                })
+            } else {
+                JobSpec::Clone(ThinClone {
+                    domain,
+                    source,
+                    name,
+                    description: String::new(),
+                })
+            })
+        })
+        .await
     }
 
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.snapshot_id.clone(),
-            ..Default::default()
-        };
-        self.submit(JobKind::DeleteSnapshot, &r.request_id, &r, p)
-            .await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::DeleteSnapshot(DeleteSnapshot {
+                domain,
+                snapshot: disk_id("snapshot_id", &r.snapshot_id)?,
+            }))
+        })
+        .await
     }
 
     async fn delete_disk(&self, r: Request<pb::DeleteDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.disk_id.clone(),
-            ..Default::default()
-        };
-        self.submit(JobKind::Delete, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::Delete(Delete {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+            }))
+        })
+        .await
     }
 
     async fn copy_disk(&self, r: Request<pb::CopyDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.disk_id.clone(),
-            target_domain: r.target_domain.clone(),
-            format: format_str(r.format)?,
-            allocation: allocation_str(r.allocation)?,
-            ..Default::default()
-        };
-        let kind = if r.r#move {
-            JobKind::Move
-        } else {
-            JobKind::Copy
-        };
-        self.submit(kind, &r.request_id, &r, p).await
+        self.submit(
+            &r.request_id,
+            &r,
+            &r.domain,
+            &r.target_domain,
+            |domain, target| {
+                let to = CopyTo {
+                    domain,
+                    disk: disk_id("disk_id", &r.disk_id)?,
+                    target: target
+                        .ok_or_else(|| CoordError::invalid("target_domain", "is required"))?,
+                    format: format_of(r.format)?,
+                    allocation: allocation_of(r.allocation)?,
+                };
+                Ok(if r.r#move {
+                    JobSpec::Move(Move(to))
+                } else {
+                    JobSpec::Copy(to)
+                })
+            },
+        )
+        .await
     }
 
     async fn extend_disk(&self, r: Request<pb::ExtendDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.disk_id.clone(),
-            size: r.size,
-            ..Default::default()
-        };
-        self.submit(JobKind::Extend, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::Extend(Extend {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                size: r.size,
+            }))
+        })
+        .await
     }
 
     async fn convert_disk(&self, r: Request<pb::ConvertDiskRequest>) -> R<pb::Job> {
         let r = r.into_inner();
-        let p = Params {
-            domain: r.domain.clone(),
-            disk: r.disk_id.clone(),
-            format: format_str(r.format)?,
-            allocation: allocation_str(r.allocation)?,
-            ..Default::default()
-        };
-        self.submit(JobKind::Convert, &r.request_id, &r, p).await
+        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
+            Ok(JobSpec::Convert(Convert {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                format: required_format(r.format)?,
+                allocation: allocation_of(r.allocation)?,
+            }))
+        })
+        .await
     }
 
     async fn get_job(&self, r: Request<pb::GetJobRequest>) -> R<pb::Job> {
@@ -446,5 +473,102 @@ impl pb::coordinator_server::Coordinator for CoordService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The boundary: a request is checked before its domain is resolved
+    //! (here there is no agent at all, so a request that passes the checks
+    //! fails for want of one).
+
+    use super::*;
+    use crate::agents::{Agents, Discovery};
+    use crate::coordinator::CoordConfig;
+    use pb::coordinator_server::Coordinator as _;
+
+    fn service() -> CoordService {
+        CoordService::new(Arc::new(Coordinator::new(
+            CoordConfig::new("c1"),
+            Arc::new(cairn_cluster::MemKv::new()),
+            Arc::new(cairn_domain::MemLockService::new()),
+            Agents::new(Discovery::Fixed(vec![])),
+        )))
+    }
+
+    fn field(s: &Status) -> String {
+        s.get_details_bad_request()
+            .map(|b| b.field_violations[0].field.clone())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn requests_are_checked_before_anything_runs() {
+        let svc = service();
+        let create = |format: pb::Format, size| pb::CreateDiskRequest {
+            format: format as i32,
+            size,
+            ..Default::default()
+        };
+        let e = svc
+            .create_disk(Request::new(create(pb::Format::Unspecified, 4096)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), field(&e).as_str()),
+            (Code::InvalidArgument, "format")
+        );
+        let e = svc
+            .create_disk(Request::new(create(pb::Format::Raw, 1000)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), field(&e).as_str()),
+            (Code::InvalidArgument, "size")
+        );
+        let mut bad = create(pb::Format::Raw, 4096);
+        bad.format = 9;
+        let e = svc.create_disk(Request::new(bad)).await.unwrap_err();
+        assert_eq!(
+            (e.code(), field(&e).as_str()),
+            (Code::InvalidArgument, "format")
+        );
+        // A valid request gets as far as looking for the domain.
+        let e = svc
+            .create_disk(Request::new(create(pb::Format::Raw, 4096)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        let e = svc
+            .copy_disk(Request::new(pb::CopyDiskRequest {
+                disk_id: "x".into(),
+                target_domain: "other".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), field(&e).as_str()),
+            (Code::InvalidArgument, "disk_id")
+        );
+        let e = svc
+            .copy_disk(Request::new(pb::CopyDiskRequest {
+                disk_id: cairn_domain::TagId::generate(1).to_string(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), field(&e).as_str()),
+            (Code::InvalidArgument, "target_domain")
+        );
+        let e = svc
+            .create_disk(Request::new(pb::CreateDiskRequest {
+                request_id: "x".repeat(65),
+                ..create(pb::Format::Raw, 4096)
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(field(&e), "request_id");
     }
 }

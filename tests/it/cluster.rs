@@ -1057,7 +1057,7 @@ fn root_etcd_slow_sigkill_loop_leaves_every_disk_before_or_after() {
                 // The agent doing the work: for a short operation the one
                 // whose request log shows the job's call running (caught
                 // in the middle), for a long one the job's host.
-                let job_id = cairn_coordinator::ops::job_id(&rid);
+                let job_id = cairn_coordinator::runner::job_id(&rid);
                 let long = matches!(op, LoopOp::FullClone { .. } | LoopOp::DeleteSnapshot { .. });
                 let probe = format!("{job_id}:Call:1");
                 let mut victim = None;

@@ -1,0 +1,314 @@
+//! Jobs that copy a disk's chain into a new volume through one agent job:
+//! a copy to another domain, a move (a copy, then the source deleted) and
+//! a conversion (a copy in another format, then the disk swapped onto
+//! it, keeping its id). A full clone copies too ([`copy`] does the work).
+
+use std::sync::Arc;
+
+use cairn_domain::{Allocation, Format, LockGuard, TagId, TagType};
+use serde::{Deserialize, Serialize};
+
+use super::{format_or, options, text, Kind};
+use crate::coordinator::Coordinator;
+use crate::error::{CoordError, Result};
+use crate::plan::{self, CloneSource, DomainRef, CONVERT_KEY, NAME_KEY};
+use crate::record::{JobRecord, Step};
+
+/// What a copy or move asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyTo {
+    /// The source's domain.
+    pub domain: uuid::Uuid,
+    /// The disk.
+    pub disk: TagId,
+    /// The domain the copy goes to.
+    #[serde(rename = "target_domain")]
+    pub target: uuid::Uuid,
+    /// The copy's format; none keeps the disk's.
+    #[serde(
+        default,
+        serialize_with = "text::ser_format",
+        deserialize_with = "text::de_format"
+    )]
+    pub format: Option<Format>,
+    /// The copy's provisioning.
+    #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
+    pub allocation: Allocation,
+}
+
+/// A move: a copy, then the source deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Move(pub CopyTo);
+
+/// What a conversion asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Convert {
+    /// The domain.
+    pub domain: uuid::Uuid,
+    /// The disk.
+    pub disk: TagId,
+    /// The new format.
+    pub format: Format,
+    /// The new provisioning.
+    #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
+    pub allocation: Allocation,
+}
+
+/// One copy of a chain into a new disk.
+pub(super) struct CopyOf<'a> {
+    /// The source's domain.
+    pub domain: uuid::Uuid,
+    /// The disk or snapshot copied.
+    pub source: TagId,
+    /// Where the copy goes.
+    pub target: uuid::Uuid,
+    /// Its format; none keeps the source's top's.
+    pub format: Option<Format>,
+    /// Its provisioning.
+    pub allocation: Allocation,
+    /// Its name; empty keeps the source's.
+    pub name: &'a str,
+    /// Its description.
+    pub description: &'a str,
+    /// One more option of its tag (what it is a copy of).
+    pub mark: Option<&'static str>,
+}
+
+/// Copy `what.source`'s chain (flattened) into a new disk, following the
+/// agent's job to its end.
+pub(super) async fn copy(
+    c: &Arc<Coordinator>,
+    rec: &mut JobRecord,
+    lock: Option<&LockGuard>,
+    what: CopyOf<'_>,
+) -> Result<()> {
+    let (dom, target) = (what.domain, what.target);
+    let d = DomainRef {
+        id: dom,
+        name: String::new(),
+    };
+    let (tags, vols) = c.contents(&d).await?;
+    let view = match plan::clone_source(&what.source, &tags)? {
+        CloneSource::Disk(disk) => plan::disk_view(&d, &disk, &tags, &vols)?,
+        CloneSource::Snapshot(s) => {
+            // A full clone of a snapshot copies the snapshot's chain.
+            let t = tags.iter().find(|t| t.id == s).expect("found above");
+            let mut fake = t.clone();
+            fake.tag_type = TagType::Strong;
+            let mut tags2 = tags.clone();
+            tags2.retain(|x| x.id != s);
+            tags2.push(fake);
+            plan::disk_view(&d, &s, &tags2, &vols)?
+        }
+    };
+    let top = view.chain.last().expect("a chain has a top").volume.clone();
+    let format = Some(format_or(what.format, top.format));
+    let pre = what.allocation == Allocation::Preallocated;
+    let name = if what.name.is_empty() {
+        view.tag.option(NAME_KEY).unwrap_or_default().to_string()
+    } else {
+        what.name.to_string()
+    };
+    let source = what.source.to_string();
+    let extra: Vec<(&str, &str)> = what
+        .mark
+        .map(|k| (k, source.as_str()))
+        .into_iter()
+        .collect();
+    let opts = options(&name, &rec.id, &extra);
+    let desc = what.description.to_string();
+    let also = (target != dom).then_some(target);
+    let made = c
+        .agent_job(rec, lock, &dom, also.as_ref(), |a, rid| {
+            let (opts, desc) = (opts.clone(), desc.clone());
+            async move {
+                a.copy(&rid, &dom, &top.id, &target, format, pre, &desc, &opts)
+                    .await
+            }
+        })
+        .await?;
+    match made {
+        Some(Some(t)) => {
+            rec.result_domain = target.to_string();
+            rec.result_disk = t.id.to_string();
+        }
+        Some(None) => return Err(CoordError::Internal("a copy job without its tag".into())),
+        // Found done on the domain: the results are in `rec`.
+        None => {}
+    }
+    Ok(())
+}
+
+/// Whether the copy of `rec` was made on `target`.
+pub(super) async fn copy_done(
+    c: &Coordinator,
+    rec: &mut JobRecord,
+    domain: uuid::Uuid,
+    target: uuid::Uuid,
+) -> Result<bool> {
+    if target != domain {
+        c.settle(&target).await?;
+    }
+    c.found_made(rec, target).await
+}
+
+impl CopyTo {
+    fn copy_of(&self) -> CopyOf<'_> {
+        CopyOf {
+            domain: self.domain,
+            source: self.disk,
+            target: self.target,
+            format: self.format,
+            allocation: self.allocation,
+            name: "",
+            description: "",
+            mark: None,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kind for CopyTo {
+    fn name(&self) -> &'static str {
+        "copy"
+    }
+    fn domain(&self) -> uuid::Uuid {
+        self.domain
+    }
+    fn disk(&self) -> Option<TagId> {
+        Some(self.disk)
+    }
+    fn plan(&self) -> &'static [Step] {
+        &[Step::Copy]
+    }
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn step(
+        &self,
+        c: &Arc<Coordinator>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+    ) -> Result<()> {
+        copy(c, rec, lock, self.copy_of()).await
+    }
+
+    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
+        copy_done(c, rec, self.domain, self.target).await
+    }
+}
+
+#[tonic::async_trait]
+impl Kind for Move {
+    fn name(&self) -> &'static str {
+        "move"
+    }
+    fn domain(&self) -> uuid::Uuid {
+        self.0.domain
+    }
+    fn disk(&self) -> Option<TagId> {
+        Some(self.0.disk)
+    }
+    fn plan(&self) -> &'static [Step] {
+        &[Step::Copy, Step::DeleteSource]
+    }
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn step(
+        &self,
+        c: &Arc<Coordinator>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+    ) -> Result<()> {
+        let (dom, disk) = (self.0.domain, self.0.disk);
+        match rec.step {
+            Step::Copy => copy(c, rec, lock, self.0.copy_of()).await,
+            _ => {
+                c.refuse_active(&dom, &disk).await?;
+                c.mutate(rec, |a, rid| async move {
+                    a.delete_disk(&rid, &dom, &disk).await
+                })
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
+        match rec.step {
+            Step::Copy => copy_done(c, rec, self.0.domain, self.0.target).await,
+            _ => c.gone(&self.0.domain, &self.0.disk).await,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kind for Convert {
+    fn name(&self) -> &'static str {
+        "convert"
+    }
+    fn domain(&self) -> uuid::Uuid {
+        self.domain
+    }
+    fn disk(&self) -> Option<TagId> {
+        Some(self.disk)
+    }
+    fn plan(&self) -> &'static [Step] {
+        &[Step::Copy, Step::Swap]
+    }
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn step(
+        &self,
+        c: &Arc<Coordinator>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+    ) -> Result<()> {
+        let (dom, disk) = (self.domain, self.disk);
+        match rec.step {
+            Step::Copy => {
+                let what = CopyOf {
+                    domain: dom,
+                    source: disk,
+                    target: dom,
+                    format: Some(self.format),
+                    allocation: self.allocation,
+                    name: "",
+                    description: "",
+                    mark: Some(CONVERT_KEY),
+                };
+                copy(c, rec, lock, what).await
+            }
+            _ => {
+                let with = copy_made(rec)?;
+                c.refuse_active(&dom, &disk).await?;
+                c.mutate(rec, |a, rid| async move {
+                    a.swap(&rid, &dom, &disk, &with).await
+                })
+                .await?;
+                rec.result_domain = dom.to_string();
+                rec.result_disk = disk.to_string();
+                Ok(())
+            }
+        }
+    }
+
+    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
+        match rec.step {
+            Step::Copy => copy_done(c, rec, self.domain, self.domain).await,
+            // The swap removes the copy's tag.
+            _ => c.gone(&self.domain, &copy_made(rec)?).await,
+        }
+    }
+}
+
+/// The copy a conversion's first step made.
+fn copy_made(rec: &JobRecord) -> Result<TagId> {
+    TagId::parse("copy", &rec.result_disk).map_err(|e| CoordError::invalid("copy", e.to_string()))
+}

@@ -1,0 +1,96 @@
+//! Delete a snapshot: an agent job merges it away (the child is rebased
+//! onto the snapshot's parent, or committed into a base it sits on),
+//! under the lock of the disk it belongs to.
+
+use std::sync::Arc;
+
+use cairn_domain::{LockGuard, TagId};
+use serde::{Deserialize, Serialize};
+
+use super::Kind;
+use crate::coordinator::Coordinator;
+use crate::error::{CoordError, Result};
+use crate::plan::SNAP_KEY;
+use crate::record::{JobRecord, Step};
+
+/// What a delete-snapshot asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteSnapshot {
+    /// The domain.
+    pub domain: uuid::Uuid,
+    /// The snapshot's weak tag.
+    #[serde(rename = "disk")]
+    pub snapshot: TagId,
+}
+
+#[tonic::async_trait]
+impl Kind for DeleteSnapshot {
+    fn name(&self) -> &'static str {
+        "delete-snapshot"
+    }
+    fn domain(&self) -> uuid::Uuid {
+        self.domain
+    }
+    fn disk(&self) -> Option<TagId> {
+        Some(self.snapshot)
+    }
+    fn plan(&self) -> &'static [Step] {
+        &[Step::Merge]
+    }
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The disk the snapshot belongs to, so that its other operations
+    /// wait; the snapshot itself when that is not known.
+    async fn lock_target(&self, c: &Coordinator) -> Result<Option<TagId>> {
+        let t = match c.tag(&self.domain, &self.snapshot).await {
+            Ok(t) => Some(t),
+            Err(CoordError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Some(
+            t.as_ref()
+                .and_then(|t| t.option(SNAP_KEY))
+                .and_then(|d| TagId::parse("", d).ok())
+                .unwrap_or(self.snapshot),
+        ))
+    }
+
+    async fn step(
+        &self,
+        c: &Arc<Coordinator>,
+        rec: &mut JobRecord,
+        lock: Option<&LockGuard>,
+    ) -> Result<()> {
+        let (dom, snap) = (self.domain, self.snapshot);
+        if rec.agent_job.is_empty() {
+            let t = match c.tag(&dom, &snap).await {
+                Ok(t) => t,
+                Err(CoordError::NotFound { .. }) => {
+                    return Err(CoordError::NotFound {
+                        kind: "snapshot",
+                        id: snap.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(disk) = t.option(SNAP_KEY).and_then(|d| TagId::parse("", d).ok()) {
+                c.refuse_active(&dom, &disk).await?;
+                rec.result_disk = disk.to_string();
+            }
+            rec.result_domain = dom.to_string();
+        }
+        // Otherwise this follows the merge an earlier run of this job
+        // started (and checked): the snapshot may be gone already.
+        c.agent_job(rec, lock, &dom, None, |a, rid| async move {
+            a.merge(&rid, &dom, &snap).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn done(&self, c: &Coordinator, _: &mut JobRecord) -> Result<bool> {
+        c.gone(&self.domain, &self.snapshot).await
+    }
+}
