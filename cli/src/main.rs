@@ -311,15 +311,15 @@ fn domain(cli: &Cli, c: &DomainCmd) -> Result<ExitCode> {
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, h)| match h {
-                    Ok(h) if h.state == 0 => None,
+                    Ok(h) if h.state == cairn_domain::layout::SlotState::Never => None,
                     Ok(h) => Some(serde_json::json!({
                         "slot": i,
-                        "state": if h.state == 1 { "active" } else { "free" },
+                        "state": if h.state == cairn_domain::layout::SlotState::Active { "active" } else { "free" },
                         "host_id": h.host_id,
                         "host_name": h.host_name,
                         "claimed_at": h.claimed_at,
                     })),
-                    Err(e) => Some(serde_json::json!({"slot": i, "state": "damaged", "error": e})),
+                    Err(e) => Some(serde_json::json!({"slot": i, "state": "damaged", "error": e.to_string()})),
                 })
                 .collect();
             if cli.json {

@@ -296,13 +296,7 @@ impl Coordinator {
 
 /// Refuse a request id that could not be remembered.
 pub fn check_request_id(id: &str) -> Result<()> {
-    if id.len() > 64 || id.chars().any(char::is_control) {
-        return Err(CoordError::invalid(
-            "request_id",
-            "must be at most 64 bytes without control characters",
-        ));
-    }
-    Ok(())
+    Ok(cairn_domain::limits::check_request_id(id)?)
 }
 
 /// A job's id: derived from its request id when there is one, so that

@@ -13,7 +13,7 @@ use crate::error::{DomainError, Result};
 use crate::geometry::Geometry;
 use crate::io::{AlignedBuf, BlockDev};
 use crate::journal::{self, Action, Intent};
-use crate::layout::{csum, jkind, slot_state, JOURNAL_MAGIC, PAGE, RECORD};
+use crate::layout::{csum, JournalKind, SlotState, JOURNAL_MAGIC, PAGE, RECORD};
 use crate::model::*;
 use crate::records::*;
 
@@ -135,13 +135,13 @@ fn finding(
     code: &'static str,
     location: impl Into<String>,
     offset: Option<u64>,
-    detail: impl Into<String>,
+    detail: impl std::fmt::Display,
 ) -> Finding {
     Finding {
         code,
         location: location.into(),
         offset,
-        detail: detail.into(),
+        detail: detail.to_string(),
     }
 }
 
@@ -232,8 +232,8 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
             }
         };
         let state = match header.as_ref().map(|h| h.state) {
-            Some(slot_state::NEVER) => "never",
-            Some(slot_state::ACTIVE) => "active",
+            Some(SlotState::Never) => "never",
+            Some(SlotState::Active) => "active",
             Some(_) => "free",
             None => "damaged",
         };
@@ -277,7 +277,7 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
                 for (seq, r) in &s.live {
                     let mut rd = RecordDump {
                         seq: *seq,
-                        kind: if r.header.kind == jkind::INTENT {
+                        kind: if r.header.kind == JournalKind::Intent.code() {
                             "intent"
                         } else {
                             "commit"
@@ -287,7 +287,7 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
                         open: s.open.contains_key(seq),
                         actions: Vec::new(),
                     };
-                    if r.header.kind == jkind::INTENT {
+                    if r.header.kind == JournalKind::Intent.code() {
                         if let Ok(intent) = Intent::decode(&r.payload) {
                             rd.summary = intent.label.clone();
                             rd.actions = intent.actions.iter().map(describe).collect();
@@ -296,7 +296,7 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
                         rd.summary = format!(
                             "commits {} ({})",
                             c.intent_seq,
-                            if c.outcome == crate::layout::outcome::FORWARD {
+                            if c.outcome == crate::layout::Direction::Forward {
                                 "forward"
                             } else {
                                 "back"
@@ -422,7 +422,7 @@ fn read_user_data(
     if csum(&g.salt(), blob) != u.crc {
         return Err("checksum mismatch".into());
     }
-    decode_user_data(&t.id, blob)
+    decode_user_data(&t.id, blob).map_err(|e| e.to_string())
 }
 
 /// Check every invariant of the domain on `dev`. Fails only when it cannot

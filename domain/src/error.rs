@@ -168,11 +168,15 @@ impl DomainError {
     }
 
     /// Damage found at `offset` while reading `what`.
-    pub fn corrupt(what: impl Into<String>, offset: u64, detail: impl Into<String>) -> DomainError {
+    pub fn corrupt(
+        what: impl Into<String>,
+        offset: u64,
+        detail: impl std::fmt::Display,
+    ) -> DomainError {
         DomainError::Corrupt {
             what: what.into(),
             offset,
-            detail: detail.into(),
+            detail: detail.to_string(),
         }
     }
 }

@@ -29,18 +29,11 @@ pub struct FormatParams {
     pub journal_size: Option<u64>,
 }
 
-/// Limits on format parameters.
+/// Limits on format parameters (in [`crate::limits`]).
 pub mod limits {
-    /// Most host slots.
-    pub const MAX_HOST_SLOTS: u32 = 2000;
-    /// Most volume or tag slots.
-    pub const MAX_SLOTS: u32 = 1 << 22;
-    /// Most user data bytes per tag.
-    pub const MAX_USER_DATA: u32 = 1 << 20;
-    /// Fewest extents a domain must have.
-    pub const MIN_EXTENTS: u64 = 4;
-    /// Largest name in bytes.
-    pub const MAX_NAME: usize = 64;
+    pub use crate::limits::{
+        MAX_DOMAIN_NAME as MAX_NAME, MAX_HOST_SLOTS, MAX_SLOTS, MAX_USER_DATA, MIN_EXTENTS,
+    };
 }
 
 /// Where everything is on a domain.

@@ -146,7 +146,7 @@ fn golden_records() {
         "75d32c36",
     );
     let h = SlotHeader {
-        state: slot_state::ACTIVE,
+        state: SlotState::Active,
         generation: 3,
         token: 77,
         host_id: uuid::Uuid::from_bytes([0x22; 16]),
@@ -209,7 +209,7 @@ fn golden_alloc_and_journal() {
         }],
     };
     let h = RecordHeader {
-        kind: jkind::INTENT,
+        kind: JournalKind::Intent.code(),
         seq: 12,
         oldest_open: 11,
         durable: 10,
@@ -225,7 +225,7 @@ fn golden_alloc_and_journal() {
     );
     let c = Commit {
         intent_seq: 12,
-        outcome: outcome::FORWARD,
+        outcome: Direction::Forward,
         resolver_slot: 1,
     };
     assert_eq!(
@@ -302,7 +302,7 @@ proptest! {
     #[test]
     fn slot_headers_round_trip(gen in any::<u64>(), token in any::<u64>(), id in any::<[u8; 16]>(),
                                name in "[a-z0-9.-]{0,64}", c in any::<u64>(), r in any::<u64>(), active in any::<bool>()) {
-        let h = SlotHeader { state: if active { slot_state::ACTIVE } else { slot_state::FREE },
+        let h = SlotHeader { state: if active { SlotState::Active } else { SlotState::Free },
             generation: gen, token, host_id: uuid::Uuid::from_bytes(id), host_name: name,
             claimed_at: c, released_at: r };
         prop_assert_eq!(SlotHeader::decode(&SALT, 9, &h.encode(&SALT, 9)).unwrap(), h);

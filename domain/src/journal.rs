@@ -120,7 +120,7 @@ impl Intent {
                     before,
                     after,
                 } => {
-                    r.kind.set(akind::PUT_VOLUME);
+                    r.kind.set(ActionKind::PutVolume.code());
                     r.target.set(*slot);
                     Some((before, after))
                 }
@@ -129,16 +129,17 @@ impl Intent {
                     before,
                     after,
                 } => {
-                    r.kind.set(akind::PUT_TAG);
+                    r.kind.set(ActionKind::PutTag.code());
                     r.target.set(*slot);
                     Some((before, after))
                 }
                 Action::SetBits { map, start, count } | Action::ClearBits { map, start, count } => {
-                    r.kind.set(if matches!(a, Action::SetBits { .. }) {
-                        akind::SET_BITS
+                    let kind = if matches!(a, Action::SetBits { .. }) {
+                        ActionKind::SetBits
                     } else {
-                        akind::CLEAR_BITS
-                    });
+                        ActionKind::ClearBits
+                    };
+                    r.kind.set(kind.code());
                     r.target.set(*map as u32);
                     r.a.set(*start);
                     r.b.set(*count);
@@ -150,7 +151,7 @@ impl Intent {
                     len,
                     crc,
                 } => {
-                    r.kind.set(akind::USER_DATA);
+                    r.kind.set(ActionKind::UserData.code());
                     r.target.set(*slot);
                     r.a.set(*half as u64);
                     r.b.set(*len as u64);
@@ -158,7 +159,7 @@ impl Intent {
                     None
                 }
                 Action::VolumeData { slot, len, crc } => {
-                    r.kind.set(akind::VOLUME_DATA);
+                    r.kind.set(ActionKind::VolumeData.code());
                     r.target.set(*slot);
                     r.b.set(*len);
                     r.c.set(*crc as u64);
@@ -175,25 +176,28 @@ impl Intent {
     }
 
     /// Decode a journal payload; the error says what is wrong.
-    pub fn decode(p: &[u8]) -> std::result::Result<Intent, String> {
-        let (h, mut rest) =
-            IntentHeaderRaw::read_from_prefix(p).map_err(|_| "intent header truncated")?;
+    pub fn decode(p: &[u8]) -> std::result::Result<Intent, DecodeError> {
+        let (h, mut rest) = IntentHeaderRaw::read_from_prefix(p)
+            .map_err(|_| DecodeError::Length("intent header"))?;
         let n = h.action_count.get() as usize;
         if n > MAX_ACTIONS {
-            return Err(format!("{n} actions is over the limit"));
+            return Err(DecodeError::field(
+                "action_count",
+                format!("{n} is over the limit"),
+            ));
         }
         if h.label_len as usize > h.label.len() {
-            return Err("label length out of range".into());
+            return Err(DecodeError::field("label", "length out of range"));
         }
         let mut actions = Vec::with_capacity(n);
         for i in 0..n {
             let (r, tail) =
-                ActionRaw::read_from_prefix(rest).map_err(|_| format!("action {i} truncated"))?;
+                ActionRaw::read_from_prefix(rest).map_err(|_| DecodeError::Length("action"))?;
             rest = tail;
             let kind = r.kind.get();
-            let take_images = |rest: &mut &[u8]| -> std::result::Result<_, String> {
+            let take_images = |rest: &mut &[u8]| -> std::result::Result<_, DecodeError> {
                 if rest.len() < 2 * RECORD {
-                    return Err(format!("action {i} images truncated"));
+                    return Err(DecodeError::Length("action images"));
                 }
                 let before: Box<[u8; RECORD]> = Box::new(rest[..RECORD].try_into().expect("len"));
                 let after: Box<[u8; RECORD]> =
@@ -201,15 +205,18 @@ impl Intent {
                 *rest = &rest[2 * RECORD..];
                 Ok((before, after))
             };
-            let map = || -> std::result::Result<u8, String> {
+            let map = || -> std::result::Result<u8, DecodeError> {
                 let m = r.target.get();
                 if m > 2 {
-                    return Err(format!("action {i} names bitmap {m}"));
+                    return Err(DecodeError::field(
+                        "action.target",
+                        format!("action {i} names bitmap {m}"),
+                    ));
                 }
                 Ok(m as u8)
             };
-            let a = match kind {
-                akind::PUT_VOLUME => {
+            let a = match ActionKind::from_code(kind) {
+                Some(ActionKind::PutVolume) => {
                     let (before, after) = take_images(&mut rest)?;
                     Action::PutVolume {
                         slot: r.target.get(),
@@ -217,7 +224,7 @@ impl Intent {
                         after,
                     }
                 }
-                akind::PUT_TAG => {
+                Some(ActionKind::PutTag) => {
                     let (before, after) = take_images(&mut rest)?;
                     Action::PutTag {
                         slot: r.target.get(),
@@ -225,19 +232,22 @@ impl Intent {
                         after,
                     }
                 }
-                akind::SET_BITS => Action::SetBits {
+                Some(ActionKind::SetBits) => Action::SetBits {
                     map: map()?,
                     start: r.a.get(),
                     count: r.b.get(),
                 },
-                akind::CLEAR_BITS => Action::ClearBits {
+                Some(ActionKind::ClearBits) => Action::ClearBits {
                     map: map()?,
                     start: r.a.get(),
                     count: r.b.get(),
                 },
-                akind::USER_DATA => {
+                Some(ActionKind::UserData) => {
                     if r.a.get() > 1 || r.b.get() > u32::MAX as u64 || r.c.get() > u32::MAX as u64 {
-                        return Err(format!("action {i} has bad user data fields"));
+                        return Err(DecodeError::field(
+                            "action",
+                            format!("action {i} has bad user data fields"),
+                        ));
                     }
                     Action::UserData {
                         slot: r.target.get(),
@@ -246,13 +256,16 @@ impl Intent {
                         crc: r.c.get() as u32,
                     }
                 }
-                akind::VOLUME_DATA => {
+                Some(ActionKind::VolumeData) => {
                     if r.a.get() != 0
                         || r.b.get() == 0
                         || r.b.get() > MAX_VOLUME_DATA
                         || r.c.get() > u32::MAX as u64
                     {
-                        return Err(format!("action {i} has bad volume data fields"));
+                        return Err(DecodeError::field(
+                            "action",
+                            format!("action {i} has bad volume data fields"),
+                        ));
                     }
                     Action::VolumeData {
                         slot: r.target.get(),
@@ -260,12 +273,12 @@ impl Intent {
                         crc: r.c.get() as u32,
                     }
                 }
-                k => return Err(format!("action {i} has unknown kind {k}")),
+                None => return Err(DecodeError::unknown("action kind", kind)),
             };
             actions.push(a);
         }
         if !rest.is_empty() {
-            return Err(format!("{} trailing bytes", rest.len()));
+            return Err(DecodeError::Length("intent"));
         }
         Ok(Intent {
             created: h.created.get(),
@@ -292,8 +305,8 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 pub struct Commit {
     /// The intent it closes.
     pub intent_seq: u64,
-    /// [`outcome`].
-    pub outcome: u8,
+    /// Forward or back.
+    pub outcome: Direction,
     /// Who resolved it.
     pub resolver_slot: u16,
 }
@@ -303,19 +316,18 @@ impl Commit {
     pub fn encode(&self) -> Vec<u8> {
         let mut c = CommitRaw::new_zeroed();
         c.intent_seq.set(self.intent_seq);
-        c.outcome = self.outcome;
+        c.outcome = self.outcome.code();
         c.resolver_slot.set(self.resolver_slot);
         c.as_bytes().to_vec()
     }
     /// Decode a journal payload.
-    pub fn decode(p: &[u8]) -> std::result::Result<Commit, String> {
-        let c = CommitRaw::read_from_bytes(p).map_err(|_| "commit has wrong length")?;
-        if c.outcome != outcome::FORWARD && c.outcome != outcome::BACK {
-            return Err(format!("unknown commit outcome {}", c.outcome));
-        }
+    pub fn decode(p: &[u8]) -> std::result::Result<Commit, DecodeError> {
+        let c = CommitRaw::read_from_bytes(p).map_err(|_| DecodeError::Length("commit"))?;
+        let outcome = Direction::from_code(c.outcome)
+            .ok_or(DecodeError::unknown("commit outcome", c.outcome))?;
         Ok(Commit {
             intent_seq: c.intent_seq.get(),
-            outcome: c.outcome,
+            outcome,
             resolver_slot: c.resolver_slot.get(),
         })
     }
@@ -324,7 +336,7 @@ impl Commit {
 /// Header fields shared by every block of a record.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordHeader {
-    /// [`jkind`].
+    /// A [`JournalKind`] code (an unknown one is reported by the scan).
     pub kind: u16,
     /// Sequence number.
     pub seq: u64,
@@ -533,24 +545,24 @@ pub fn scan(salt: &[u8; 16], slot: u16, ring: &[u8], ring_off: u64) -> Result<Sc
     let mut intents = BTreeMap::new();
     for (seq, r) in &s.live {
         let at = ring_off + r.page * PAGE;
-        match r.header.kind {
-            jkind::INTENT => {
+        match JournalKind::from_code(r.header.kind) {
+            Some(JournalKind::Intent) => {
                 let i = Intent::decode(&r.payload).map_err(|d| {
                     DomainError::corrupt(format!("journal intent {seq} of host slot {slot}"), at, d)
                 })?;
                 intents.insert(*seq, i);
             }
-            jkind::COMMIT => {
+            Some(JournalKind::Commit) => {
                 let c = Commit::decode(&r.payload).map_err(|d| {
                     DomainError::corrupt(format!("journal commit {seq} of host slot {slot}"), at, d)
                 })?;
                 s.commits.insert(c.intent_seq, c);
             }
-            k => {
+            None => {
                 return Err(DomainError::corrupt(
                     format!("journal record {seq} of host slot {slot}"),
                     at,
-                    format!("unknown kind {k}"),
+                    DecodeError::unknown("kind", r.header.kind),
                 ))
             }
         }
@@ -607,7 +619,7 @@ impl JournalWriter {
 
     /// Append a record; returns its seq. The write is complete (not
     /// flushed) when this returns.
-    pub fn append(&mut self, dev: &dyn BlockDev, kind: u16, payload: &[u8]) -> Result<u64> {
+    pub fn append(&mut self, dev: &dyn BlockDev, kind: JournalKind, payload: &[u8]) -> Result<u64> {
         let n = payload.len().div_ceil(JOURNAL_PAYLOAD).max(1) as u64;
         if payload.len() > self.max_payload() {
             return Err(DomainError::NoSpace(format!(
@@ -634,7 +646,7 @@ impl JournalWriter {
         let seq = self.next_seq;
         let oldest_open = self.open.keys().next().copied().unwrap_or(seq).min(seq);
         let h = RecordHeader {
-            kind,
+            kind: kind.code(),
             seq,
             oldest_open,
             durable: self.durable,
@@ -649,7 +661,7 @@ impl JournalWriter {
         self.next_seq += 1;
         self.head = start + n;
         self.last_written = seq;
-        if kind == jkind::INTENT {
+        if kind == JournalKind::Intent {
             self.open.insert(seq, (start, n));
         }
         Ok(seq)
@@ -671,7 +683,7 @@ impl JournalWriter {
         &mut self,
         dev: &dyn BlockDev,
         intent_seq: u64,
-        outcome: u8,
+        outcome: Direction,
         resolver_slot: u16,
     ) -> Result<u64> {
         let c = Commit {
@@ -679,7 +691,7 @@ impl JournalWriter {
             outcome,
             resolver_slot,
         };
-        let seq = self.append(dev, jkind::COMMIT, &c.encode())?;
+        let seq = self.append(dev, JournalKind::Commit, &c.encode())?;
         self.open.remove(&intent_seq);
         Ok(seq)
     }
@@ -742,12 +754,12 @@ mod tests {
     fn scan_finds_open_intents_and_commits() {
         let (dev, mut w) = ring(64);
         let a = w
-            .append(&dev, jkind::INTENT, &sample_intent(1).encode())
+            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
             .unwrap();
         let b = w
-            .append(&dev, jkind::INTENT, &sample_intent(9).encode())
+            .append(&dev, JournalKind::Intent, &sample_intent(9).encode())
             .unwrap();
-        w.commit(&dev, a, outcome::FORWARD, 0).unwrap();
+        w.commit(&dev, a, Direction::Forward, 0).unwrap();
         let s = scan(&SALT, 0, &dev.image(), 0).unwrap();
         assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![b]);
         assert_eq!(s.open[&b], sample_intent(9));
@@ -759,11 +771,11 @@ mod tests {
         let (dev, mut w) = ring(16);
         for _ in 0..100 {
             let i = w
-                .append(&dev, jkind::INTENT, &sample_intent(4).encode())
+                .append(&dev, JournalKind::Intent, &sample_intent(4).encode())
                 .unwrap();
             let up = w.last_written();
             w.flushed(up);
-            w.commit(&dev, i, outcome::FORWARD, 0).unwrap();
+            w.commit(&dev, i, Direction::Forward, 0).unwrap();
         }
         let s = scan(&SALT, 0, &dev.image(), 0).unwrap();
         assert!(s.open.is_empty());
@@ -774,13 +786,13 @@ mod tests {
     fn writer_refuses_to_overwrite_an_open_intent() {
         let (dev, mut w) = ring(16);
         let _held = w
-            .append(&dev, jkind::INTENT, &sample_intent(1).encode())
+            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
             .unwrap();
         let mut err = None;
         for _ in 0..40 {
-            match w.append(&dev, jkind::INTENT, &sample_intent(4).encode()) {
+            match w.append(&dev, JournalKind::Intent, &sample_intent(4).encode()) {
                 Ok(s) => {
-                    w.commit(&dev, s, outcome::FORWARD, 0).unwrap();
+                    w.commit(&dev, s, Direction::Forward, 0).unwrap();
                 }
                 Err(e) => {
                     err = Some(e);
@@ -796,12 +808,12 @@ mod tests {
     fn torn_tail_is_discarded_but_damage_below_durable_is_reported() {
         let (dev, mut w) = ring(64);
         let a = w
-            .append(&dev, jkind::INTENT, &sample_intent(1).encode())
+            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
             .unwrap();
         let up = w.last_written();
         w.flushed(up);
         let b = w
-            .append(&dev, jkind::INTENT, &sample_intent(1).encode())
+            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
             .unwrap();
         // Tear the newest record (never flushed): it is dropped.
         let img = dev.image();

@@ -41,6 +41,94 @@ pub const USER_DATA_MAGIC: [u8; 4] = *b"CUDB";
 /// Version of records, journal blocks and the other small structures.
 pub const RECORD_VERSION: u16 = 1;
 
+/// Why bytes on the domain do not decode as the structure expected there.
+/// Structural failures (length, magic, version, checksum) have their own
+/// variants; a field whose value is impossible names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer or more bytes than the structure has.
+    #[error("wrong length: {0}")]
+    Length(&'static str),
+    /// The magic is not the structure's.
+    #[error("bad magic")]
+    Magic,
+    /// A version this build does not read.
+    #[error("unknown version {0}")]
+    Version(u32),
+    /// The checksum does not match the bytes.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// A state or kind code this build does not know.
+    #[error("unknown {what} {code}")]
+    UnknownCode {
+        /// What the code is ("state", "format", "action kind").
+        what: &'static str,
+        /// The code found.
+        code: u64,
+    },
+    /// A field whose value cannot be (out of range, inconsistent with
+    /// another, or in the wrong place).
+    #[error("{field}: {detail}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl DecodeError {
+    /// A field that cannot be.
+    pub fn field(field: &'static str, detail: impl Into<String>) -> DecodeError {
+        DecodeError::Field {
+            field,
+            detail: detail.into(),
+        }
+    }
+
+    /// An unknown code.
+    pub fn unknown(what: &'static str, code: impl Into<u64>) -> DecodeError {
+        DecodeError::UnknownCode {
+            what,
+            code: code.into(),
+        }
+    }
+}
+
+/// A state or kind stored as a little-endian integer: the enum's
+/// discriminant is its on-disk code, and an unknown code decodes to `None`.
+macro_rules! disk_code {
+    ($(#[$m:meta])* $name:ident: $t:ty { $($(#[$vm:meta])* $v:ident = $c:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr($t)]
+        pub enum $name {
+            $($(#[$vm])* $v = $c,)+
+        }
+
+        impl $name {
+            /// The on-disk code.
+            pub fn code(self) -> $t {
+                self as $t
+            }
+            /// From the on-disk code.
+            pub fn from_code(c: $t) -> Option<Self> {
+                match c {
+                    $($c => Some($name::$v),)+
+                    _ => None,
+                }
+            }
+        }
+
+        /// Dumps show the on-disk code.
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_u64(self.code() as u64)
+            }
+        }
+    };
+}
+
 /// CRC-32C of `bytes`, salted with the domain id.
 pub fn csum(salt: &[u8; 16], bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(salt), bytes)
@@ -131,14 +219,16 @@ pub struct SuperblockRaw {
 }
 const _: () = assert!(size_of::<SuperblockRaw>() == 4096);
 
-/// Host slot states.
-pub mod slot_state {
-    /// Never claimed (all-zero sector).
-    pub const NEVER: u16 = 0;
-    /// Owned by a live host, or by a dead one whose journal is unrecovered.
-    pub const ACTIVE: u16 = 1;
-    /// Released cleanly or recovered.
-    pub const FREE: u16 = 2;
+disk_code! {
+    /// A host slot's state.
+    SlotState: u16 {
+        /// Never claimed (all-zero sector).
+        Never = 0,
+        /// Owned by a live host, or by a dead one whose journal is unrecovered.
+        Active = 1,
+        /// Released cleanly or recovered.
+        Free = 2,
+    }
 }
 
 /// One host slot's header: who owns the slot and its journal.
@@ -149,7 +239,7 @@ pub struct SlotHeaderRaw {
     pub magic: [u8; 4],
     /// Record version.
     pub version: U16,
-    /// [`slot_state`].
+    /// [`SlotState`].
     pub state: U16,
     /// Slot index (guards against misdirected writes).
     pub index: U32,
@@ -178,14 +268,16 @@ pub struct SlotHeaderRaw {
 }
 const _: () = assert!(size_of::<SlotHeaderRaw>() == RECORD);
 
-/// Record states shared by volume and tag records.
-pub mod rec_state {
-    /// Never used (all-zero sector).
-    pub const EMPTY: u16 = 0;
-    /// Holds a live object.
-    pub const LIVE: u16 = 1;
-    /// Freed; keeps its generation so generations stay monotonic per slot.
-    pub const FREE: u16 = 2;
+disk_code! {
+    /// The state of a volume or tag record.
+    RecState: u16 {
+        /// Never used (all-zero sector).
+        Empty = 0,
+        /// Holds a live object.
+        Live = 1,
+        /// Freed; keeps its generation so generations stay monotonic per slot.
+        Free = 2,
+    }
 }
 
 /// A volume's metadata record.
@@ -358,12 +450,14 @@ pub struct BitmapPageRaw {
 }
 const _: () = assert!(size_of::<BitmapPageRaw>() == 4096);
 
-/// Journal record kinds.
-pub mod jkind {
-    /// An intent: what a transaction will change.
-    pub const INTENT: u16 = 1;
-    /// A commit: the intent with `intent_seq` is finished.
-    pub const COMMIT: u16 = 2;
+disk_code! {
+    /// A journal record's kind.
+    JournalKind: u16 {
+        /// An intent: what a transaction will change.
+        Intent = 1,
+        /// A commit: the intent with `intent_seq` is finished.
+        Commit = 2,
+    }
 }
 
 /// Payload bytes carried by one journal block.
@@ -379,7 +473,7 @@ pub struct JournalBlockRaw {
     pub magic: [u8; 4],
     /// Record version.
     pub version: U16,
-    /// [`jkind`].
+    /// [`JournalKind`].
     pub kind: U16,
     /// Record sequence number, increasing per slot.
     pub seq: U64,
@@ -429,30 +523,32 @@ pub struct IntentHeaderRaw {
 }
 const _: () = assert!(size_of::<IntentHeaderRaw>() == 80);
 
-/// Action kinds of an intent.
-pub mod akind {
-    /// Replace a volume record; two record images follow (before, after).
-    pub const PUT_VOLUME: u16 = 1;
-    /// Replace a tag record; two record images follow (before, after).
-    pub const PUT_TAG: u16 = 2;
-    /// Set `count` bits from `start` in bitmap `target`.
-    pub const SET_BITS: u16 = 3;
-    /// Clear `count` bits from `start` in bitmap `target`.
-    pub const CLEAR_BITS: u16 = 4;
-    /// A user data blob of `len` bytes with checksum `crc` was written to
-    /// half `half` of tag slot `target`; it must verify to roll forward.
-    pub const USER_DATA: u16 = 5;
-    /// The first `b` bytes of the run of the volume in slot `target` were
-    /// written (zeros and pages) with checksum `c`; they must verify to
-    /// roll forward. `a` is 0 (reserved for an offset).
-    pub const VOLUME_DATA: u16 = 6;
+disk_code! {
+    /// The kind of one action of an intent.
+    ActionKind: u16 {
+        /// Replace a volume record; two record images follow (before, after).
+        PutVolume = 1,
+        /// Replace a tag record; two record images follow (before, after).
+        PutTag = 2,
+        /// Set `count` bits from `start` in bitmap `target`.
+        SetBits = 3,
+        /// Clear `count` bits from `start` in bitmap `target`.
+        ClearBits = 4,
+        /// A user data blob of `len` bytes with checksum `crc` was written to
+        /// half `half` of tag slot `target`; it must verify to roll forward.
+        UserData = 5,
+        /// The first `b` bytes of the run of the volume in slot `target` were
+        /// written (zeros and pages) with checksum `c`; they must verify to
+        /// roll forward. `a` is 0 (reserved for an offset).
+        VolumeData = 6,
+    }
 }
 
 /// One action of an intent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct ActionRaw {
-    /// [`akind`].
+    /// [`ActionKind`].
     pub kind: U16,
     /// Padding.
     pub pad0: U16,
@@ -467,12 +563,14 @@ pub struct ActionRaw {
 }
 const _: () = assert!(size_of::<ActionRaw>() == 32);
 
-/// Commit outcomes.
-pub mod outcome {
-    /// Applied (live, or rolled forward by recovery).
-    pub const FORWARD: u8 = 1;
-    /// Rolled back by recovery.
-    pub const BACK: u8 = 2;
+disk_code! {
+    /// How an intent ended: a commit record's outcome.
+    Direction: u8 {
+        /// Applied (live, or rolled forward by recovery).
+        Forward = 1,
+        /// Rolled back by recovery.
+        Back = 2,
+    }
 }
 
 /// Payload of a commit record.
@@ -481,7 +579,7 @@ pub mod outcome {
 pub struct CommitRaw {
     /// Sequence number of the intent this commits.
     pub intent_seq: U64,
-    /// [`outcome`].
+    /// [`Direction`].
     pub outcome: u8,
     /// Padding.
     pub pad0: [u8; 7],
@@ -523,9 +621,11 @@ pub fn put_str(dst: &mut [u8], s: &str) -> usize {
 /// Read a length-prefixed UTF-8 string from a fixed buffer; invalid UTF-8
 /// or a length past the buffer is an error (never decoded lossily, so that
 /// whatever decodes re-encodes to the same bytes).
-pub fn get_str(src: &[u8], len: usize) -> Result<String, String> {
-    let b = src.get(..len).ok_or("text length out of range")?;
-    String::from_utf8(b.to_vec()).map_err(|_| "text is not UTF-8".to_string())
+pub fn get_str(src: &[u8], len: usize) -> Result<String, DecodeError> {
+    let b = src
+        .get(..len)
+        .ok_or_else(|| DecodeError::field("text", "length out of range"))?;
+    String::from_utf8(b.to_vec()).map_err(|_| DecodeError::field("text", "not UTF-8"))
 }
 
 /// The bytes of a declared structure (for tools outside this crate).

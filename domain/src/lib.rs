@@ -30,6 +30,7 @@ pub mod geometry;
 pub mod io;
 pub mod journal;
 pub mod layout;
+pub mod limits;
 pub mod lock;
 pub mod model;
 pub mod records;

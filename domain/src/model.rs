@@ -379,29 +379,7 @@ impl From<TagId> for TagRef {
     }
 }
 
-/// Largest description, in bytes.
-pub const MAX_DESCRIPTION: usize = 400;
-/// Largest encoded options, in bytes.
-pub const MAX_OPTIONS: usize = 408;
-/// Largest virtual size accepted (8 EiB would overflow offsets).
-pub const MAX_CAPACITY: u64 = 1 << 60;
-
-/// Check free text: length and no control characters.
-pub fn validate_text(field: &'static str, s: &str, max: usize) -> Result<()> {
-    if s.len() > max {
-        return Err(DomainError::invalid(
-            field,
-            format!("{} bytes is over the limit of {max}", s.len()),
-        ));
-    }
-    if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(DomainError::invalid(
-            field,
-            format!("control character {c:?} is not allowed"),
-        ));
-    }
-    Ok(())
-}
+pub use crate::limits::{check_text as validate_text, MAX_CAPACITY, MAX_DESCRIPTION, MAX_OPTIONS};
 
 fn valid_key(k: &str) -> bool {
     !k.is_empty()

@@ -94,7 +94,7 @@ pub fn encode_volume(salt: &[u8; 16], v: &Volume) -> RecordBytes {
     let mut r = VolumeRecordRaw::new_zeroed();
     r.magic = VOL_MAGIC;
     r.version.set(RECORD_VERSION);
-    r.state.set(rec_state::LIVE);
+    r.state.set(RecState::Live.code());
     r.generation.set(v.generation);
     r.token.set(v.token);
     r.writer_slot.set(v.writer_slot);
@@ -126,7 +126,7 @@ pub fn encode_free(
     let mut out = [0u8; RECORD];
     out[..4].copy_from_slice(&magic);
     out[4..6].copy_from_slice(&RECORD_VERSION.to_le_bytes());
-    out[6..8].copy_from_slice(&rec_state::FREE.to_le_bytes());
+    out[6..8].copy_from_slice(&RecState::Free.code().to_le_bytes());
     out[8..16].copy_from_slice(&generation.to_le_bytes());
     out[16..24].copy_from_slice(&token.to_le_bytes());
     out[24..26].copy_from_slice(&writer.to_le_bytes());
@@ -135,41 +135,46 @@ pub fn encode_free(
 }
 
 /// Decode a volume slot; the error says what is wrong.
-pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, String> {
+pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, DecodeError> {
     let b = &b[..RECORD];
     if is_zero(b) {
         return Ok(Slot::Empty);
     }
-    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| "size")?;
+    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
     if r.magic != VOL_MAGIC {
-        return Err("bad magic".into());
+        return Err(DecodeError::Magic);
     }
     if r.version.get() != RECORD_VERSION {
-        return Err(format!("unknown record version {}", r.version.get()));
+        return Err(DecodeError::Version(r.version.get().into()));
     }
     if !verify(salt, b) {
-        return Err("checksum mismatch".into());
+        return Err(DecodeError::Checksum);
     }
-    match r.state.get() {
-        rec_state::FREE => {
+    match RecState::from_code(r.state.get()) {
+        Some(RecState::Free) => {
             return Ok(Slot::Free {
                 generation: r.generation.get(),
                 token: r.token.get(),
             })
         }
-        rec_state::LIVE => {}
-        s => return Err(format!("unknown state {s}")),
+        Some(RecState::Live) => {}
+        _ => return Err(DecodeError::unknown("state", r.state.get())),
     }
     let id = VolumeId(r.id);
     if id.slot() != slot || r.id[4] != VolumeId::generate(0).0[4] {
-        return Err(format!("holds id {id}, which does not name slot {slot}"));
+        return Err(DecodeError::field(
+            "id",
+            format!("{id} does not name slot {slot}"),
+        ));
     }
-    let format = Format::from_code(r.format).ok_or("unknown format")?;
-    let legality = Legality::from_code(r.legality).ok_or("unknown legality")?;
-    let allocation = Allocation::from_code(r.allocation).ok_or("unknown allocation")?;
+    let format = Format::from_code(r.format).ok_or(DecodeError::unknown("format", r.format))?;
+    let legality =
+        Legality::from_code(r.legality).ok_or(DecodeError::unknown("legality", r.legality))?;
+    let allocation = Allocation::from_code(r.allocation)
+        .ok_or(DecodeError::unknown("allocation", r.allocation))?;
     let dl = r.desc_len.get() as usize;
     if dl > r.description.len() {
-        return Err("description length out of range".into());
+        return Err(DecodeError::field("description", "length out of range"));
     }
     Ok(Slot::Live(Volume {
         id,
@@ -194,7 +199,7 @@ pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
     let mut r = TagRecordRaw::new_zeroed();
     r.magic = TAG_MAGIC;
     r.version.set(RECORD_VERSION);
-    r.state.set(rec_state::LIVE);
+    r.state.set(RecState::Live.code());
     r.generation.set(t.generation);
     r.token.set(t.token);
     r.writer_slot.set(t.writer_slot);
@@ -218,56 +223,62 @@ pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
 }
 
 /// Decode a tag slot; the error says what is wrong.
-pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, String> {
+pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, DecodeError> {
     let b = &b[..RECORD];
     if is_zero(b) {
         return Ok(Slot::Empty);
     }
-    let r = TagRecordRaw::ref_from_bytes(b).map_err(|_| "size")?;
+    let r = TagRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
     if r.magic != TAG_MAGIC {
-        return Err("bad magic".into());
+        return Err(DecodeError::Magic);
     }
     if r.version.get() != RECORD_VERSION {
-        return Err(format!("unknown record version {}", r.version.get()));
+        return Err(DecodeError::Version(r.version.get().into()));
     }
     if !verify(salt, b) {
-        return Err("checksum mismatch".into());
+        return Err(DecodeError::Checksum);
     }
-    match r.state.get() {
-        rec_state::FREE => {
+    match RecState::from_code(r.state.get()) {
+        Some(RecState::Free) => {
             return Ok(Slot::Free {
                 generation: r.generation.get(),
                 token: r.token.get(),
             })
         }
-        rec_state::LIVE => {}
-        s => return Err(format!("unknown state {s}")),
+        Some(RecState::Live) => {}
+        _ => return Err(DecodeError::unknown("state", r.state.get())),
     }
     let id = TagId(r.id);
     if id.slot() != slot || r.id[4] != TagId::generate(0).0[4] {
-        return Err(format!("holds id {id}, which does not name slot {slot}"));
+        return Err(DecodeError::field(
+            "id",
+            format!("{id} does not name slot {slot}"),
+        ));
     }
-    let volume = VolumeId::from_bytes(r.volume).ok_or("tag points at no volume")?;
+    let volume = VolumeId::from_bytes(r.volume).ok_or(DecodeError::field("volume", "none"))?;
     let ol = r.options_len.get() as usize;
     if ol > r.options.len() {
-        return Err("options length out of range".into());
+        return Err(DecodeError::field("options", "length out of range"));
     }
     let options = std::str::from_utf8(&r.options[..ol])
         .ok()
         .and_then(decode_options)
-        .ok_or("malformed options")?;
+        .ok_or(DecodeError::field("options", "malformed"))?;
     if r.mutable > 1 || r.ud_half > 1 {
-        return Err("bad flag value".into());
+        return Err(DecodeError::field("mutable", "not 0 or 1"));
     }
     Ok(Slot::Live(Tag {
         id,
         volume,
         size: r.size.get(),
         mutable: r.mutable == 1,
-        strategy: Strategy::from_code(r.strategy).ok_or("unknown strategy")?,
+        strategy: Strategy::from_code(r.strategy)
+            .ok_or(DecodeError::unknown("strategy", r.strategy))?,
         options,
-        tag_type: TagType::from_code(r.tag_type).ok_or("unknown tag type")?,
-        state: TagState::from_code(r.tag_state).ok_or("unknown tag state")?,
+        tag_type: TagType::from_code(r.tag_type)
+            .ok_or(DecodeError::unknown("tag type", r.tag_type))?,
+        state: TagState::from_code(r.tag_state)
+            .ok_or(DecodeError::unknown("tag state", r.tag_state))?,
         ctime: r.ctime.get(),
         child_refs: r.child_refs.get(),
         user_data: UserDataRef {
@@ -284,8 +295,8 @@ pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, Str
 /// A host slot header, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotHeader {
-    /// [`slot_state`].
-    pub state: u16,
+    /// Never claimed, active or free.
+    pub state: SlotState,
     /// Bumped on every write.
     pub generation: u64,
     /// Slot lock token of the writer.
@@ -306,7 +317,7 @@ impl SlotHeader {
         let mut r = SlotHeaderRaw::new_zeroed();
         r.magic = SLOT_MAGIC;
         r.version.set(RECORD_VERSION);
-        r.state.set(self.state);
+        r.state.set(self.state.code());
         r.index.set(index);
         r.generation.set(self.generation);
         r.token.set(self.token);
@@ -325,11 +336,11 @@ impl SlotHeader {
     }
 
     /// Decode slot `index`'s header (all zero: never used).
-    pub fn decode(salt: &[u8; 16], index: u32, b: &[u8]) -> Result<SlotHeader, String> {
+    pub fn decode(salt: &[u8; 16], index: u32, b: &[u8]) -> Result<SlotHeader, DecodeError> {
         let b = &b[..RECORD];
         if is_zero(b) {
             return Ok(SlotHeader {
-                state: slot_state::NEVER,
+                state: SlotState::Never,
                 generation: 0,
                 token: 0,
                 host_id: uuid::Uuid::nil(),
@@ -338,27 +349,31 @@ impl SlotHeader {
                 released_at: 0,
             });
         }
-        let r = SlotHeaderRaw::ref_from_bytes(b).map_err(|_| "size")?;
-        if r.magic != SLOT_MAGIC || r.version.get() != RECORD_VERSION {
-            return Err("bad magic or version".into());
+        let r = SlotHeaderRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
+        if r.magic != SLOT_MAGIC {
+            return Err(DecodeError::Magic);
+        }
+        if r.version.get() != RECORD_VERSION {
+            return Err(DecodeError::Version(r.version.get().into()));
         }
         if !verify(salt, b) {
-            return Err("checksum mismatch".into());
+            return Err(DecodeError::Checksum);
         }
         if r.index.get() != index {
-            return Err(format!(
-                "header of slot {} found in slot {index}",
-                r.index.get()
+            return Err(DecodeError::field(
+                "index",
+                format!("header of slot {} found in slot {index}", r.index.get()),
             ));
         }
-        if r.state.get() != slot_state::ACTIVE && r.state.get() != slot_state::FREE {
-            return Err(format!("unknown state {}", r.state.get()));
-        }
+        let state = match SlotState::from_code(r.state.get()) {
+            Some(s @ (SlotState::Active | SlotState::Free)) => s,
+            _ => return Err(DecodeError::unknown("state", r.state.get())),
+        };
         if r.host_name_len as usize > r.host_name.len() {
-            return Err("host name length out of range".into());
+            return Err(DecodeError::field("host_name", "length out of range"));
         }
         Ok(SlotHeader {
-            state: r.state.get(),
+            state,
             generation: r.generation.get(),
             token: r.token.get(),
             host_id: uuid::Uuid::from_bytes(r.host_id),
@@ -373,7 +388,7 @@ impl SlotHeader {
 pub type UserData = BTreeMap<String, Vec<u8>>;
 
 /// Largest user data item name.
-pub const MAX_ITEM_NAME: usize = 64;
+pub use crate::limits::MAX_ITEM_NAME;
 
 /// Check a user data item name.
 pub fn valid_item_name(n: &str) -> bool {
@@ -412,40 +427,56 @@ pub fn encoded_user_data_len(items: &UserData) -> usize {
 }
 
 /// Decode a user data blob of `tag`.
-pub fn decode_user_data(tag: &TagId, b: &[u8]) -> Result<UserData, String> {
-    let (h, mut rest) = UserDataHeaderRaw::read_from_prefix(b).map_err(|_| "truncated header")?;
-    if h.magic != USER_DATA_MAGIC || h.version.get() != RECORD_VERSION {
-        return Err("bad magic or version".into());
+pub fn decode_user_data(tag: &TagId, b: &[u8]) -> Result<UserData, DecodeError> {
+    let (h, mut rest) = UserDataHeaderRaw::read_from_prefix(b)
+        .map_err(|_| DecodeError::Length("user data header"))?;
+    if h.magic != USER_DATA_MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    if h.version.get() != RECORD_VERSION {
+        return Err(DecodeError::Version(h.version.get().into()));
     }
     if h.tag != tag.0 {
-        return Err("blob belongs to another tag".into());
+        return Err(DecodeError::field("tag", "another tag's blob"));
     }
     if h.total_len.get() as usize != b.len() {
-        return Err("length disagrees with header".into());
+        return Err(DecodeError::field("length", "disagrees with the header"));
     }
     let mut items = UserData::new();
     for i in 0..h.count.get() {
-        let (&nl, r) = rest.split_first().ok_or(format!("item {i} truncated"))?;
+        let (&nl, r) = rest
+            .split_first()
+            .ok_or_else(|| DecodeError::field("items", format!("item {i} truncated")))?;
         let nl = nl as usize;
         if r.len() < nl + 4 {
-            return Err(format!("item {i} truncated"));
+            return Err(DecodeError::field("items", format!("item {i} truncated")));
         }
-        let name = std::str::from_utf8(&r[..nl]).map_err(|_| format!("item {i} name not UTF-8"))?;
+        let name = std::str::from_utf8(&r[..nl])
+            .map_err(|_| DecodeError::field("items", format!("item {i} name not UTF-8")))?;
         if !valid_item_name(name) {
-            return Err(format!("item {i} has an invalid name"));
+            return Err(DecodeError::field(
+                "items",
+                format!("item {i} has an invalid name"),
+            ));
         }
         let dl = u32::from_le_bytes(r[nl..nl + 4].try_into().expect("4")) as usize;
         let r = &r[nl + 4..];
         if r.len() < dl {
-            return Err(format!("item {i} data truncated"));
+            return Err(DecodeError::field(
+                "items",
+                format!("item {i} data truncated"),
+            ));
         }
         if items.insert(name.to_string(), r[..dl].to_vec()).is_some() {
-            return Err(format!("item {name:?} appears twice"));
+            return Err(DecodeError::field(
+                "items",
+                format!("item {name:?} appears twice"),
+            ));
         }
         rest = &r[dl..];
     }
     if !rest.is_empty() {
-        return Err("trailing bytes".into());
+        return Err(DecodeError::Length("user data"));
     }
     Ok(items)
 }

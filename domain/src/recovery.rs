@@ -11,7 +11,7 @@ use crate::engine::{Domain, RecoveryReport};
 use crate::error::{DomainError, Result};
 use crate::io::AlignedBuf;
 use crate::journal::{self, Action, Intent, JournalWriter};
-use crate::layout::{csum, outcome, RECORD};
+use crate::layout::{csum, Direction, RECORD};
 use crate::lock::LockGuard;
 use crate::records::{decode_tag, decode_volume, RecordBytes};
 
@@ -33,7 +33,7 @@ pub fn decide(
     intent: &Intent,
     mut blob_ok: impl FnMut(u32, u8, u32, u32) -> Result<bool>,
     mut data_ok: impl FnMut(u32, u64, u32) -> Result<bool>,
-) -> Result<u8> {
+) -> Result<Direction> {
     for a in &intent.actions {
         let ok = match a {
             Action::UserData {
@@ -46,10 +46,10 @@ pub fn decide(
             _ => true,
         };
         if !ok {
-            return Ok(outcome::BACK);
+            return Ok(Direction::Back);
         }
     }
-    Ok(outcome::FORWARD)
+    Ok(Direction::Forward)
 }
 
 /// Classify a record against an intent's images.
@@ -98,7 +98,7 @@ impl Domain {
             guard.check()?;
             let oc = self.resolve_intent(slot, *seq, intent)?;
             w.commit(self.dev.as_ref(), *seq, oc, resolver)?;
-            if oc == outcome::FORWARD {
+            if oc == Direction::Forward {
                 report.forward.push(*seq);
             } else {
                 report.back.push(*seq);
@@ -114,7 +114,7 @@ impl Domain {
         Ok((w, report))
     }
 
-    fn resolve_intent(&self, slot: u32, seq: u64, intent: &Intent) -> Result<u8> {
+    fn resolve_intent(&self, slot: u32, seq: u64, intent: &Intent) -> Result<Direction> {
         let g = &self.geom;
         let salt = self.salt();
         let dir = decide(
@@ -184,7 +184,7 @@ impl Domain {
             states.push(st);
         }
         let dev = self.dev.as_ref();
-        if dir == outcome::FORWARD {
+        if dir == Direction::Forward {
             for (a, st) in intent.actions.iter().zip(&states) {
                 match a {
                     Action::PutVolume { slot: s, after, .. }
@@ -234,7 +234,7 @@ impl Domain {
             slot,
             seq,
             label = %intent.label,
-            direction = if dir == outcome::FORWARD { "forward" } else { "back" },
+            direction = if dir == Direction::Forward { "forward" } else { "back" },
             "resolved an open intent"
         );
         Ok(dir)

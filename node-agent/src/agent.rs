@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_domain::io::{AlignedBuf, BlockDev, FileDev};
+use cairn_domain::limits;
 use cairn_domain::lock::LockService;
 use cairn_domain::{
     Allocation, Domain, DomainError, Format, HostIdentity, Legality, LockGuard, OpenOptions, Tag,
@@ -125,7 +126,7 @@ pub struct CreatedVolume {
 /// What a snapshot's weak tag says.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotSpec {
-    /// Shown with the snapshot (at most 256 bytes are kept on its tag).
+    /// Shown with the snapshot, also on its weak tag.
     pub description: String,
     /// Bytes of extent run for the new volume; 0 sizes it for the whole
     /// virtual size.
@@ -1281,10 +1282,12 @@ impl Agent {
                 mutable: false,
                 strategy: t.strategy,
                 options: std::iter::once((SNAP_KEY.into(), disk.to_string()))
-                    .chain(
-                        (!description.is_empty())
-                            .then(|| (SNAP_DESC_KEY.into(), clip(&description, 256).to_string())),
-                    )
+                    .chain((!description.is_empty()).then(|| {
+                        (
+                            SNAP_DESC_KEY.into(),
+                            clip(&description, limits::MAX_DESCRIPTION).to_string(),
+                        )
+                    }))
                     .chain(options.iter().cloned())
                     .collect(),
                 tag_type: TagType::Weak,
@@ -1666,12 +1669,12 @@ fn validate_capacity(c: u64) -> Result<()> {
     if c == 0 {
         return Err(AgentError::invalid("capacity", "must be more than 0 bytes"));
     }
-    if c > cairn_domain::model::MAX_CAPACITY {
+    if c > limits::MAX_CAPACITY {
         return Err(AgentError::invalid(
             "capacity",
             format!(
                 "{c} bytes is more than the largest volume ({} bytes)",
-                cairn_domain::model::MAX_CAPACITY
+                limits::MAX_CAPACITY
             ),
         ));
     }
@@ -1685,7 +1688,7 @@ fn validate_capacity(c: u64) -> Result<()> {
 }
 
 pub(crate) fn validate_description(d: &str) -> Result<()> {
-    cairn_domain::model::validate_text("description", d, cairn_domain::model::MAX_DESCRIPTION)?;
+    limits::check_text("description", d, limits::MAX_DESCRIPTION)?;
     Ok(())
 }
 
@@ -1705,10 +1708,17 @@ fn validate_item_name(n: &str) -> Result<()> {
 /// A domain name or id as given in a request: no path separators, no
 /// control characters.
 pub fn validate_name(field: &'static str, n: &str) -> Result<()> {
-    if n.len() > 64 || n.contains('/') || n.contains('\0') || n.chars().any(char::is_control) {
+    if n.len() > limits::MAX_DOMAIN_NAME
+        || n.contains('/')
+        || n.contains('\0')
+        || n.chars().any(char::is_control)
+    {
         return Err(AgentError::invalid(
             field,
-            format!("{n:?} is not a name (at most 64 bytes, no '/' or control characters)"),
+            format!(
+                "{n:?} is not a name (at most {} bytes, no '/' or control characters)",
+                limits::MAX_DOMAIN_NAME
+            ),
         ));
     }
     Ok(())

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use cairn_domain::layout::slot_state;
+use cairn_domain::layout::SlotState;
 use cairn_domain::{
     Format, Legality, LockGuard, Tag, TagId, TagMeta, TagState, TagType, Volume, VolumeId,
     VolumeMeta,
@@ -568,7 +568,7 @@ impl Agent {
             // must not be anyone else's yet.
             let gone = match headers.get(v.writer_slot as usize) {
                 Some(Ok(h)) => {
-                    (h.state != slot_state::ACTIVE || h.token > v.token)
+                    (h.state != SlotState::Active || h.token > v.token)
                         && now.saturating_sub(h.released_at) >= self.gc_quarantine.as_secs()
                 }
                 _ => false,

@@ -17,7 +17,7 @@ mod snapshot;
 
 use std::sync::Arc;
 
-use cairn_domain::{Format, LockGuard, TagId};
+use cairn_domain::{limits, Format, LockGuard, TagId};
 use serde::{Deserialize, Serialize};
 
 use crate::coordinator::Coordinator;
@@ -136,13 +136,7 @@ pub(crate) trait Kind: Send + Sync {
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool>;
 }
 
-/// The largest name of a disk, in bytes.
-pub const MAX_NAME: usize = 128;
-/// The largest description, in bytes.
-pub const MAX_DESCRIPTION: usize = 256;
-/// The largest disk (qcow2's limit is far above; this is the domain's
-/// practical one).
-pub const MAX_SIZE: u64 = 1 << 50;
+pub use cairn_domain::limits::{MAX_CAPACITY as MAX_SIZE, MAX_DESCRIPTION, MAX_NAME};
 
 fn check_name(name: &str) -> Result<()> {
     if name.len() > MAX_NAME || name.chars().any(char::is_control) {
@@ -155,23 +149,11 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn check_description(d: &str) -> Result<()> {
-    if d.len() > MAX_DESCRIPTION {
-        return Err(CoordError::invalid(
-            "description",
-            format!("is longer than {MAX_DESCRIPTION} bytes"),
-        ));
-    }
-    Ok(())
+    Ok(limits::check_text("description", d, MAX_DESCRIPTION)?)
 }
 
 fn check_size(size: u64) -> Result<()> {
-    if size == 0 || size % 512 != 0 || size > MAX_SIZE {
-        return Err(CoordError::invalid(
-            "size",
-            format!("{size} is not a positive multiple of 512 up to {MAX_SIZE}"),
-        ));
-    }
-    Ok(())
+    Ok(limits::check_capacity("size", size)?)
 }
 
 /// The options of a disk a job makes: the job (so that a retry finds

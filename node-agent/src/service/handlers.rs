@@ -42,7 +42,7 @@ pub(super) fn recover_domain(
     let mut active = Vec::new();
     for (i, h) in o.domain.read_slot_headers()?.into_iter().enumerate() {
         match h {
-            Ok(h) if h.state == cairn_domain::layout::slot_state::ACTIVE => {
+            Ok(h) if h.state == cairn_domain::layout::SlotState::Active => {
                 active.push((i as u32, h.token))
             }
             Ok(_) => {}

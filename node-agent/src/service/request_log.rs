@@ -85,13 +85,7 @@ pub(crate) fn request_bytes(id: &str) -> [u8; 16] {
 }
 
 pub(crate) fn check_request_id(id: &str) -> Result<(), AgentError> {
-    if id.len() > 64 || id.chars().any(char::is_control) {
-        return Err(AgentError::invalid(
-            "request_id",
-            "must be at most 64 bytes without control characters",
-        ));
-    }
-    Ok(())
+    Ok(cairn_domain::limits::check_request_id(id)?)
 }
 
 #[cfg(test)]

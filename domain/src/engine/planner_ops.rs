@@ -1,0 +1,512 @@
+//! The planner's operations, one arm each.
+
+use super::planner::*;
+use super::*;
+
+impl Planner<'_> {
+    pub(super) fn op(&mut self, op: &Op) -> std::result::Result<(), PlanError> {
+        match op {
+            Op::CreateVolume(spec) => {
+                validate_text("description", &spec.description, MAX_DESCRIPTION)?;
+                let n = self.extents_for(spec.size)?;
+                Self::validate_capacity(spec.capacity, spec.format, n * self.d.geom.extent_size)?;
+                let parent = match spec.parent {
+                    Some(r) => {
+                        let p = self.resolve_tag(r)?;
+                        self.live_tag(&p)?.child_refs += 1;
+                        Some(p)
+                    }
+                    None => None,
+                };
+                let start = self.find(EXTENTS, n, |v| {
+                    DomainError::NoSpace(format!(
+                        "no run of {n} free extents (largest free run: {})",
+                        v.largest_free_run(EXTENTS)
+                    ))
+                })?;
+                self.set_bits.push((EXTENTS as u8, start, n));
+                let slot = self.alloc_slot(VOLUME_SLOTS, "volume", self.d.geom.volume_slots)?;
+                let (before, cur) = self.d.read_volume_slot(slot)?;
+                if let Slot::Live(v) = &cur {
+                    return Err(DomainError::corrupt(
+                        format!("volume slot {slot}"),
+                        self.d.geom.volume_off(slot),
+                        format!("free in the allocation map but holds volume {}", v.id),
+                    )
+                    .into());
+                }
+                let id = VolumeId::generate(slot);
+                // The token comes in `lock_new`.
+                let v = Volume {
+                    id,
+                    parent,
+                    format: spec.format,
+                    capacity: spec.capacity,
+                    extent_start: start,
+                    extent_count: n,
+                    legality: spec.legality,
+                    allocation: spec.allocation,
+                    ctime: self.now(),
+                    description: spec.description.clone(),
+                    tag_refs: 0,
+                    generation: cur.generation() + 1,
+                    token: 0,
+                    writer_slot: self.writer,
+                };
+                self.vols.insert(
+                    slot,
+                    Entry {
+                        before,
+                        cur: Slot::Live(v),
+                        token: 0,
+                        fresh: true,
+                    },
+                );
+                self.new_volumes.push((id, None));
+            }
+            Op::DeleteVolume(id) => {
+                let v = self.live_vol(id)?.clone();
+                if v.tag_refs > 0 {
+                    return Err(DomainError::FailedPrecondition(format!(
+                        "volume {id} is referenced by {} tag(s)",
+                        v.tag_refs
+                    ))
+                    .into());
+                }
+                if let Some(p) = v.parent {
+                    let t = self.live_tag(&p)?;
+                    t.child_refs = t.child_refs.saturating_sub(1);
+                }
+                self.need_pages(EXTENTS, v.extent_start, v.extent_count)?;
+                self.need_pages(VOLUME_SLOTS, id.slot() as u64, 1)?;
+                let e = self.vol(id)?;
+                e.cur = Slot::Free {
+                    generation: v.generation + 1,
+                    token: e.token,
+                };
+                self.clear_bits
+                    .push((EXTENTS as u8, v.extent_start, v.extent_count));
+                self.clear_bits
+                    .push((VOLUME_SLOTS as u8, id.slot() as u64, 1));
+            }
+            Op::WriteVolumeMeta(id, meta) => {
+                validate_text("description", &meta.description, MAX_DESCRIPTION)?;
+                let v = self.live_vol(id)?.clone();
+                Self::validate_capacity(
+                    meta.capacity,
+                    v.format,
+                    v.extent_count * self.d.geom.extent_size,
+                )?;
+                if meta.parent != v.parent {
+                    if let Some(p) = meta.parent {
+                        self.live_tag(&p)?.child_refs += 1;
+                    }
+                    if let Some(p) = v.parent {
+                        let t = self.live_tag(&p)?;
+                        t.child_refs = t.child_refs.saturating_sub(1);
+                    }
+                }
+                let v = self.live_vol(id)?;
+                v.parent = meta.parent;
+                v.capacity = meta.capacity;
+                v.legality = meta.legality;
+                v.description = meta.description.clone();
+            }
+            Op::ExtendVolume(id, size) => {
+                let n = self.extents_for(*size)?;
+                let v = self.live_vol(id)?.clone();
+                if n <= v.extent_count {
+                    return Err(DomainError::invalid(
+                        "size",
+                        format!(
+                            "{size} bytes does not grow the volume (it has {} extents of {} bytes)",
+                            v.extent_count, self.d.geom.extent_size
+                        ),
+                    )
+                    .into());
+                }
+                let extra = n - v.extent_count;
+                let from = v.extent_start + v.extent_count;
+                let taken = self.taken(EXTENTS as u8);
+                self.need_pages(EXTENTS, from, extra)?;
+                if !self.view.run_is_free(EXTENTS, from, extra, &taken) {
+                    return Err(DomainError::NoSpace(format!(
+                        "the {extra} extent(s) after volume {id} are not free; it cannot grow in place"
+                    ))
+                    .into());
+                }
+                self.set_bits.push((EXTENTS as u8, from, extra));
+                self.live_vol(id)?.extent_count = n;
+            }
+            Op::CreateTag(meta) => {
+                encode_options(&meta.options)?;
+                if meta.size > MAX_CAPACITY {
+                    return Err(DomainError::invalid(
+                        "size",
+                        format!("{} is too large", meta.size),
+                    )
+                    .into());
+                }
+                let vid = self.resolve_vol(meta.volume)?;
+                self.live_vol(&vid)?.tag_refs += 1;
+                let slot = self.alloc_slot(TAG_SLOTS, "tag", self.d.geom.tag_slots)?;
+                let (before, cur) = self.d.read_tag_slot(slot)?;
+                if let Slot::Live(t) = &cur {
+                    return Err(DomainError::corrupt(
+                        format!("tag slot {slot}"),
+                        self.d.geom.tag_off(slot),
+                        format!("free in the allocation map but holds tag {}", t.id),
+                    )
+                    .into());
+                }
+                let id = TagId::generate(slot);
+                let t = Tag {
+                    id,
+                    volume: vid,
+                    size: meta.size,
+                    mutable: meta.mutable,
+                    strategy: meta.strategy,
+                    options: meta.options.clone(),
+                    tag_type: meta.tag_type,
+                    state: meta.state,
+                    ctime: self.now(),
+                    child_refs: 0,
+                    user_data: UserDataRef {
+                        half: 0,
+                        len: 0,
+                        crc: 0,
+                    },
+                    generation: cur.generation() + 1,
+                    token: 0,
+                    writer_slot: self.writer,
+                };
+                self.tags.insert(
+                    slot,
+                    Entry {
+                        before,
+                        cur: Slot::Live(t),
+                        token: 0,
+                        fresh: true,
+                    },
+                );
+                self.new_tags.push(id);
+            }
+            Op::DeleteTag(id) => {
+                let t = self.live_tag(id)?.clone();
+                if t.child_refs > 0 {
+                    return Err(DomainError::FailedPrecondition(format!(
+                        "tag {id} is the parent of {} volume(s)",
+                        t.child_refs
+                    ))
+                    .into());
+                }
+                let v = self.live_vol(&t.volume)?;
+                v.tag_refs = v.tag_refs.saturating_sub(1);
+                self.need_pages(TAG_SLOTS, id.slot() as u64, 1)?;
+                let e = self.tag(id)?;
+                e.cur = Slot::Free {
+                    generation: t.generation + 1,
+                    token: e.token,
+                };
+                self.clear_bits.push((TAG_SLOTS as u8, id.slot() as u64, 1));
+                self.blobs.remove(&id.slot());
+            }
+            Op::ExpectTag(id, generation) => {
+                let t = self.live_tag(id)?;
+                if t.generation != *generation {
+                    return Err(DomainError::Changed(format!(
+                        "tag {id} is at generation {}, read at {generation}",
+                        t.generation
+                    ))
+                    .into());
+                }
+            }
+            Op::ChangeTag(id, meta) => {
+                encode_options(&meta.options)?;
+                if meta.size > MAX_CAPACITY {
+                    return Err(DomainError::invalid(
+                        "size",
+                        format!("{} is too large", meta.size),
+                    )
+                    .into());
+                }
+                let new_vol = self.resolve_vol(meta.volume)?;
+                let t = self.live_tag(id)?.clone();
+                if new_vol != t.volume {
+                    self.live_vol(&new_vol)?.tag_refs += 1;
+                    let old = self.live_vol(&t.volume)?;
+                    old.tag_refs = old.tag_refs.saturating_sub(1);
+                }
+                let t = self.live_tag(id)?;
+                t.volume = new_vol;
+                t.size = meta.size;
+                t.mutable = meta.mutable;
+                t.strategy = meta.strategy;
+                t.options = meta.options.clone();
+                t.tag_type = meta.tag_type;
+                t.state = meta.state;
+            }
+            Op::SetUserData(r, name, data) => {
+                if !valid_item_name(name) {
+                    return Err(DomainError::invalid(
+                        "user_data_name",
+                        format!("{name:?} must be 1-{MAX_ITEM_NAME} characters of [A-Za-z0-9._:-]"),
+                    )
+                    .into());
+                }
+                let id = self.resolve_tag(*r)?;
+                let mut items = self.items_of(&id)?;
+                items.insert(name.clone(), data.clone());
+                self.store_items(&id, items)?;
+            }
+            Op::RemoveUserData(id, name) => {
+                let mut items = self.items_of(id)?;
+                if items.remove(name).is_none() {
+                    return Err(DomainError::NotFound {
+                        kind: "user data item",
+                        id: format!("{name} of tag {id}"),
+                    }
+                    .into());
+                }
+                self.store_items(id, items)?;
+            }
+            Op::InitVolumeData {
+                volume,
+                zero,
+                pages,
+            } => {
+                let id = self.resolve_vol(*volume)?;
+                let sector = self.d.geom.sector_size as u64;
+                let run = {
+                    let e = self.vol(&id)?;
+                    if !e.fresh {
+                        return Err(DomainError::invalid(
+                            "volume",
+                            format!("volume {id} was not created by this transaction"),
+                        )
+                        .into());
+                    }
+                    match &e.cur {
+                        Slot::Live(v) => v.extent_count * self.d.geom.extent_size,
+                        _ => {
+                            return Err(DomainError::NotFound {
+                                kind: "volume",
+                                id: id.to_string(),
+                            }
+                            .into())
+                        }
+                    }
+                };
+                if *zero == 0
+                    || zero % sector != 0
+                    || *zero > run
+                    || *zero > crate::journal::MAX_VOLUME_DATA
+                {
+                    return Err(DomainError::invalid(
+                        "volume_data",
+                        format!(
+                            "{zero} bytes to initialise must be whole sectors, at most the run ({run}) and {}",
+                            crate::journal::MAX_VOLUME_DATA
+                        ),
+                    )
+                    .into());
+                }
+                for (off, p) in pages {
+                    if off % sector != 0
+                        || p.len() as u64 % sector != 0
+                        || off + p.len() as u64 > *zero
+                    {
+                        return Err(DomainError::invalid(
+                            "volume_data",
+                            format!("a page of {} bytes at {off} is not whole sectors inside the {zero} bytes", p.len()),
+                        )
+                        .into());
+                    }
+                }
+                self.vol_data.insert(
+                    id.slot(),
+                    VolData {
+                        zero: *zero,
+                        pages: pages.clone(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn items_of(&mut self, id: &TagId) -> std::result::Result<UserData, PlanError> {
+        let t = self.live_tag(id)?.clone();
+        if let Some(items) = self.user_data.get(&id.slot()) {
+            return Ok(items.clone());
+        }
+        Ok(self.d.blob_of(&t)?)
+    }
+
+    pub(super) fn store_items(
+        &mut self,
+        id: &TagId,
+        items: UserData,
+    ) -> std::result::Result<(), PlanError> {
+        let limit = self.d.geom.user_data_size as usize;
+        let len = encoded_user_data_len(&items);
+        if len > limit {
+            return Err(DomainError::invalid(
+                "user_data",
+                format!("{len} encoded bytes is over this domain's limit of {limit} per tag"),
+            )
+            .into());
+        }
+        let blob = encode_user_data(id, &items);
+        let salt = self.d.salt();
+        let slot = id.slot();
+        let cur_half = self.live_tag(id)?.user_data.half;
+        // A tag written twice in one transaction reuses the half it chose.
+        let half = match self.blobs.get(&slot) {
+            Some((h, _)) => *h,
+            None => 1 - cur_half,
+        };
+        let t = self.live_tag(id)?;
+        t.user_data = UserDataRef {
+            half,
+            len: blob.len() as u32,
+            crc: crate::layout::csum(&salt, &blob),
+        };
+        if items.is_empty() {
+            t.user_data.len = 0;
+            t.user_data.crc = 0;
+            self.blobs.remove(&slot);
+        } else {
+            self.blobs.insert(slot, (half, blob));
+        }
+        self.user_data.insert(slot, items);
+        Ok(())
+    }
+
+    pub(super) fn finish(mut self) -> Result<Planned> {
+        let salt = self.d.salt();
+        let mut actions = Vec::new();
+        for &(map, start, count) in &self.set_bits {
+            actions.push(Action::SetBits { map, start, count });
+        }
+        for (slot, (half, blob)) in &self.blobs {
+            actions.push(Action::UserData {
+                slot: *slot,
+                half: *half,
+                len: blob.len() as u32,
+                crc: crate::layout::csum(&salt, blob),
+            });
+        }
+        let mut vol_data = Vec::new();
+        for (slot, data) in std::mem::take(&mut self.vol_data) {
+            // The volume may have been deleted again in this transaction.
+            let Some(Slot::Live(v)) = self.vols.get(&slot).map(|e| &e.cur) else {
+                continue;
+            };
+            let off = self.d.geom.extent_off(v.extent_start);
+            actions.push(Action::VolumeData {
+                slot,
+                len: data.zero,
+                crc: crate::layout::csum(&salt, &data.image()),
+            });
+            vol_data.push((slot, off, data));
+        }
+        let mut new_volumes_rec = Vec::new();
+        for (slot, e) in &self.vols {
+            let after = match &e.cur {
+                Slot::Live(v) if !e.fresh && encode_volume(&salt, v) == e.before => continue,
+                Slot::Live(v) => {
+                    let mut v = v.clone();
+                    if !e.fresh {
+                        v.generation += 1;
+                        v.token = e.token;
+                        v.writer_slot = self.writer;
+                    } else {
+                        new_volumes_rec.push(v.clone());
+                    }
+                    encode_volume(&salt, &v)
+                }
+                Slot::Free { generation, token } => {
+                    encode_free(&salt, VOL_MAGIC, *generation, *token, self.writer)
+                }
+                Slot::Empty => continue,
+            };
+            actions.push(Action::PutVolume {
+                slot: *slot,
+                before: Box::new(e.before),
+                after: Box::new(after),
+            });
+        }
+        let mut new_tags_rec = Vec::new();
+        for (slot, e) in &self.tags {
+            let after = match &e.cur {
+                Slot::Live(t) if !e.fresh && encode_tag(&salt, t) == e.before => continue,
+                Slot::Live(t) => {
+                    let mut t = t.clone();
+                    if !e.fresh {
+                        t.generation += 1;
+                        t.token = e.token;
+                        t.writer_slot = self.writer;
+                    } else {
+                        new_tags_rec.push(t.clone());
+                    }
+                    encode_tag(&salt, &t)
+                }
+                Slot::Free { generation, token } => {
+                    encode_free(&salt, TAG_MAGIC, *generation, *token, self.writer)
+                }
+                Slot::Empty => continue,
+            };
+            actions.push(Action::PutTag {
+                slot: *slot,
+                before: Box::new(e.before),
+                after: Box::new(after),
+            });
+        }
+        for &(map, start, count) in &self.clear_bits {
+            actions.push(Action::ClearBits { map, start, count });
+        }
+        // Return new objects in creation order with their final records.
+        let mut volumes = Vec::new();
+        let mut volume_locks = Vec::new();
+        for (id, guard) in self.new_volumes {
+            volume_locks.extend(guard);
+            let v = new_volumes_rec
+                .iter()
+                .find(|v| v.id == id)
+                .cloned()
+                .ok_or_else(|| {
+                    DomainError::FailedPrecondition(format!(
+                        "volume {id} was created and deleted in the same transaction"
+                    ))
+                })?;
+            volumes.push(v);
+        }
+        let mut tags = Vec::new();
+        for id in self.new_tags {
+            let t = new_tags_rec
+                .iter()
+                .find(|t| t.id == id)
+                .cloned()
+                .ok_or_else(|| {
+                    DomainError::FailedPrecondition(format!(
+                        "tag {id} was created and deleted in the same transaction"
+                    ))
+                })?;
+            tags.push(t);
+        }
+        let blobs = self
+            .blobs
+            .into_iter()
+            .map(|(s, (h, b))| (s, h, b))
+            .collect();
+        Ok(Planned {
+            actions,
+            blobs,
+            vol_data,
+            new_volumes: volumes,
+            volume_locks,
+            new_tags: tags,
+        })
+    }
+}
