@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cairn_domain::{DomainError, Result};
+use crate::error::{ClusterError, Result};
 
 /// Keys are `/`-separated paths of plain names, values are text (JSON).
 pub trait Kv: Send + Sync {
@@ -33,11 +33,8 @@ pub trait Kv: Send + Sync {
     fn register(&self, key: &str, value: &str) -> Result<()>;
 }
 
-fn kv_err(context: impl Into<String>, e: std::io::Error) -> DomainError {
-    DomainError::Lock {
-        context: context.into(),
-        source: e,
-    }
+fn kv_err(context: impl Into<String>, e: std::io::Error) -> ClusterError {
+    ClusterError::io(context)(e)
 }
 
 /// Refuse keys that are not plain `/`-separated names.
@@ -53,10 +50,10 @@ pub fn check_key(key: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(DomainError::invalid(
-            "key",
-            format!("{key:?} is not a /-separated path of plain names"),
-        ))
+        Err(ClusterError::InvalidKey {
+            key: key.to_string(),
+            reason: "not a /-separated path of plain names",
+        })
     }
 }
 

@@ -8,8 +8,10 @@
 //! the integration tests.
 #![warn(missing_docs)]
 
+pub mod error;
 pub mod etcd;
 pub mod kv;
 
+pub use error::ClusterError;
 pub use etcd::{EtcdConfig, EtcdLockService};
 pub use kv::{FileKv, Kv, MemKv};

@@ -1,5 +1,6 @@
 //! The coordinator's errors, each with a stable code.
 
+use cairn_cluster::ClusterError;
 use cairn_domain::DomainError;
 
 /// Everything a coordinator operation can fail with.
@@ -47,7 +48,7 @@ pub enum CoordError {
     Fenced(String),
     /// The cluster store or lock service failed.
     #[error("cluster store: {0}")]
-    Store(#[source] DomainError),
+    Store(#[source] ClusterError),
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,
@@ -129,6 +130,15 @@ impl From<DomainError> for CoordError {
             DomainError::InvalidArgument { field, reason } => {
                 CoordError::InvalidArgument { field, reason }
             }
+            other => CoordError::Store(ClusterError::Session(other)),
+        }
+    }
+}
+
+impl From<ClusterError> for CoordError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Session(d) => d.into(),
             other => CoordError::Store(other),
         }
     }

@@ -116,9 +116,9 @@ pub enum DomainError {
     Lock {
         /// What was being done.
         context: String,
-        /// The cause.
+        /// The cause (an I/O error of lock files, etcd's own error).
         #[source]
-        source: io::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A record was not what the transaction expected (someone changed it
     /// since the caller read it).

@@ -357,7 +357,7 @@ impl LocalLockService {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|source| DomainError::Lock {
             context: format!("creating lock directory {}", dir.display()),
-            source,
+            source: source.into(),
         })?;
         Ok(LocalLockService {
             dir,
@@ -374,7 +374,7 @@ impl LocalLockService {
         let d = self.dir.join(domain.to_string());
         fs::create_dir_all(&d).map_err(|source| DomainError::Lock {
             context: format!("creating {}", d.display()),
-            source,
+            source: source.into(),
         })?;
         Ok(d)
     }
@@ -452,7 +452,7 @@ impl LockService for LocalLockService {
         }
         let fail = |e: io::Error| DomainError::Lock {
             context: format!("locking {key}"),
-            source: e,
+            source: e.into(),
         };
         let dd = match self.domain_dir(&resource.domain) {
             Ok(d) => d,
@@ -515,7 +515,7 @@ impl LockService for LocalLockService {
             .join(resource.file_name());
         let fail = |e: io::Error| DomainError::Lock {
             context: format!("probing {}", resource.key()),
-            source: e,
+            source: e.into(),
         };
         let f = match OpenOptions::new().read(true).open(&path) {
             Ok(f) => f,
