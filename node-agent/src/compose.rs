@@ -16,7 +16,7 @@ use cairn_domain::{
 };
 
 use crate::agent::{Agent, Opened};
-use crate::datapath::{qemu_with_progress, Progress};
+use crate::datapath::Progress;
 use crate::error::{AgentError, Result};
 use crate::jobs::{from_copy, open_direct, Job, Outcome};
 use crate::qcow2;
@@ -260,7 +260,8 @@ impl Agent {
                     None => args.extend(["-b".into(), String::new()]),
                 }
                 args.push(child_path.clone());
-                qemu_with_progress("rebase", &args, child.capacity, p)
+                self.qemu
+                    .with_progress("rebase", &args, child.capacity, p)
                     .map_err(from_copy("qemu-img rebase"))
             }
             MergePlan::Commit { child, .. } => self.mark_merging(o, id, &held).and_then(|()| {
@@ -272,7 +273,8 @@ impl Agent {
                     "-d".into(),
                     child_path.clone(),
                 ];
-                qemu_with_progress("commit", &args, child.capacity, p)
+                self.qemu
+                    .with_progress("commit", &args, child.capacity, p)
                     .map_err(from_copy("qemu-img commit"))
             }),
         });
@@ -553,10 +555,7 @@ impl Agent {
             return Ok((slots, fwd, back, Vec::new()));
         }
         let headers = o.domain.read_slot_headers()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = self.clock.now();
         let mut removed = Vec::new();
         for v in o.domain.list_volumes()? {
             if v.legality != Legality::Illegal || v.tag_refs != 0 {

@@ -1,16 +1,14 @@
 //! Moving data: a native copy for raw data with direct I/O, and
-//! `qemu-img convert` for anything with a qcow2 in it. Both skip
+//! `qemu-img convert` ([`crate::qemu`]) for anything with a qcow2 in it. Both skip
 //! unallocated ranges and zeros, report progress, stop when cancelled, and
 //! flush before they return.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use cairn_domain::io::AlignedBuf;
 
@@ -30,7 +28,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn cancelled(&self) -> bool {
+    pub(crate) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
 }
@@ -55,7 +53,7 @@ pub enum CopyError {
     Qemu(String),
 }
 
-fn io_err(context: &str) -> impl FnOnce(io::Error) -> CopyError + '_ {
+pub(crate) fn io_err(context: &str) -> impl FnOnce(io::Error) -> CopyError + '_ {
     move |source| CopyError::Io {
         context: context.to_string(),
         source,
@@ -247,101 +245,10 @@ fn write_nonzero(buf: &[u8], dst: Region, off: u64, n: usize, p: &Progress) -> i
     Ok(())
 }
 
-/// Run `qemu-img convert` with `-p`, turning its percentage into progress
-/// over `total` bytes, and killing it when cancelled.
-pub fn qemu_convert(args: &[String], total: u64, p: &Progress) -> Result<(), CopyError> {
-    qemu_with_progress("convert", args, total, p)
-}
-
-/// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping its
-/// percentage onto `total` bytes of progress; killed when cancelled.
-pub fn qemu_with_progress(
-    sub: &str,
-    args: &[String],
-    total: u64,
-    p: &Progress,
-) -> Result<(), CopyError> {
-    p.total.store(total, Ordering::Relaxed);
-    let mut child = Command::new("qemu-img")
-        .arg(sub)
-        .arg("-p")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err("running qemu-img convert"))?;
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let (pct_tx, pct_rx) = mpsc::channel::<f64>();
-    let stdout = std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        let mut line = Vec::new();
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            for &b in &buf[..n] {
-                if b == b'\r' || b == b'\n' {
-                    if let Some(v) = parse_percent(&String::from_utf8_lossy(&line)) {
-                        let _ = pct_tx.send(v);
-                    }
-                    line.clear();
-                } else {
-                    line.push(b);
-                }
-            }
-        }
-    });
-    let status = loop {
-        while let Ok(v) = pct_rx.try_recv() {
-            p.done
-                .store(((v / 100.0) * total as f64) as u64, Ordering::Relaxed);
-        }
-        if p.cancelled() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = stdout.join();
-            let _ = stderr.join();
-            return Err(CopyError::Cancelled);
-        }
-        match child.try_wait().map_err(io_err("waiting for qemu-img"))? {
-            Some(st) => break st,
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    let _ = stdout.join();
-    let msg = stderr.join().unwrap_or_default();
-    if !status.success() {
-        return Err(CopyError::Qemu(msg.trim().to_string()));
-    }
-    p.done.store(total, Ordering::Relaxed);
-    Ok(())
-}
-
-/// "    (45.50/100%)" -> 45.5
-fn parse_percent(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let inner = s.strip_prefix('(')?.strip_suffix("/100%)")?;
-    inner.trim().parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::OpenOptionsExt;
-
-    #[test]
-    fn percent_lines_parse() {
-        assert_eq!(parse_percent("    (45.50/100%)"), Some(45.5));
-        assert_eq!(parse_percent("(100.00/100%)"), Some(100.0));
-        assert_eq!(parse_percent("garbage"), None);
-    }
 
     #[test]
     fn zero_detection() {

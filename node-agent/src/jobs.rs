@@ -12,14 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_domain::{Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
+use cairn_domain::{Clock, Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
 
 use cairn_domain::api::CopyTarget;
 
 use crate::agent::{Agent, Opened};
-use crate::datapath::{copy_raw, qemu_convert, CopyError, Progress, Region};
+use crate::datapath::{copy_raw, CopyError, Progress, Region};
 use crate::error::{AgentError, Result};
 use crate::qcow2;
+use crate::qemu::QemuImg;
 
 /// What a job made.
 #[derive(Clone)]
@@ -68,33 +69,34 @@ impl Job {
     pub fn status(&self) -> (Status, u64) {
         self.status.lock().expect("poisoned").clone()
     }
-    fn end(&self, s: Status) {
-        *self.status.lock().expect("poisoned") = (s, now());
+    fn end(&self, s: Status, now: u64) {
+        *self.status.lock().expect("poisoned") = (s, now);
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The jobs an agent knows (running, and the last finished ones).
-#[derive(Default)]
 pub struct Jobs {
     map: Mutex<BTreeMap<String, Arc<Job>>>,
+    clock: Arc<dyn Clock>,
 }
 
 const KEEP_FINISHED: usize = 1000;
 
 impl Jobs {
+    /// No jobs yet; times by `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Jobs {
+        Jobs {
+            map: Mutex::default(),
+            clock,
+        }
+    }
+
     fn add(&self, kind: &'static str) -> Arc<Job> {
         let job = Arc::new(Job {
             id: uuid::Uuid::new_v4().to_string(),
             kind,
             progress: Arc::new(Progress::default()),
-            started: now(),
+            started: self.clock.now(),
             status: Mutex::new((Status::Running, 0)),
         });
         let mut m = self.map.lock().expect("poisoned");
@@ -247,7 +249,7 @@ impl Agent {
                     Status::Cancelled => tracing::info!(job = %j.id, kind, "job cancelled"),
                     _ => tracing::info!(job = %j.id, kind, "job done"),
                 }
-                j.end(s);
+                j.end(s, agent.jobs.clock.now());
             })
             .expect("spawning a job thread");
         job
@@ -304,7 +306,14 @@ impl Agent {
                 } else {
                     let (src, _scratch) = a.chain_node(&o, &v)?;
                     let dst = a.node(&d, &vol);
-                    convert_into(format, &format!("json:{src}"), &dst, v.capacity, p)?;
+                    convert_into(
+                        &*a.qemu,
+                        format,
+                        &format!("json:{src}"),
+                        &dst,
+                        v.capacity,
+                        p,
+                    )?;
                     d.domain
                         .device()
                         .flush()
@@ -334,7 +343,7 @@ impl Agent {
                     .len();
                 len.div_ceil(512) * 512
             }
-            Format::Qcow2 => qcow2_file_info(&path)?,
+            Format::Qcow2 => qcow2_file_info(&*self.qemu, &path)?,
         };
         if capacity == 0 {
             return Err(AgentError::invalid("path", "the file is empty"));
@@ -366,7 +375,7 @@ impl Agent {
                 } else {
                     let src = file_node(&path, source_format);
                     let dst = a.node(&o, &vol);
-                    convert_into(format, &format!("json:{src}"), &dst, capacity, p)?;
+                    convert_into(&*a.qemu, format, &format!("json:{src}"), &dst, capacity, p)?;
                     o.domain
                         .device()
                         .flush()
@@ -434,7 +443,9 @@ impl Agent {
                         format!("json:{src}"),
                         path.display().to_string(),
                     ];
-                    qemu_convert(&args, v.capacity, p).map_err(from_copy("qemu-img convert"))?;
+                    a.qemu
+                        .with_progress("convert", &args, v.capacity, p)
+                        .map_err(from_copy("qemu-img convert"))?;
                     File::open(&path)
                         .and_then(|f| f.sync_all())
                         .map_err(AgentError::io("flushing the file"))
@@ -543,6 +554,7 @@ pub(crate) fn fenced_while<T>(
 /// `qemu-img convert` into an existing volume image (`dst` node), which
 /// reads as zeros.
 fn convert_into(
+    qemu: &dyn QemuImg,
     format: Format,
     src: &str,
     dst: &serde_json::Value,
@@ -561,7 +573,8 @@ fn convert_into(
         src.to_string(),
         format!("json:{dst}"),
     ];
-    qemu_convert(&args, total, p).map_err(from_copy("qemu-img convert"))
+    qemu.with_progress("convert", &args, total, p)
+        .map_err(from_copy("qemu-img convert"))
 }
 
 /// A host file as a qemu node; a qcow2 file's own backing reference is
@@ -575,28 +588,29 @@ fn file_node(path: &Path, f: Format) -> serde_json::Value {
 }
 
 /// Virtual size of a qcow2 file, refusing ones that point at other files.
-fn qcow2_file_info(path: &Path) -> Result<u64> {
+fn qcow2_file_info(qemu: &dyn QemuImg, path: &Path) -> Result<u64> {
     let node = file_node(path, Format::Qcow2);
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(format!("json:{node}"))
-        .output()
+    let out = qemu
+        .output(&[
+            "info".into(),
+            "--output=json".into(),
+            format!("json:{node}"),
+        ])
         .map_err(AgentError::io("running qemu-img info"))?;
-    if !out.status.success() {
+    if out.code != Some(0) {
         return Err(AgentError::invalid(
             "path",
             format!(
                 "{} is not a readable qcow2 image: {}",
                 path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                out.stderr.trim()
             ),
         ));
     }
-    let j: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| AgentError::Qemu {
-            tool: "qemu-img info".into(),
-            detail: e.to_string(),
-        })?;
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| AgentError::Qemu {
+        tool: "qemu-img info".into(),
+        detail: e.to_string(),
+    })?;
     if j["format-specific"]["data"]["data-file"].is_string() {
         return Err(AgentError::invalid(
             "path",

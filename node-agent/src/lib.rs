@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod loopdev;
 pub mod metrics;
 pub mod qcow2;
+pub mod qemu;
 pub mod server;
 pub mod service;
 

@@ -1,0 +1,283 @@
+//! Every run of `qemu-img` goes through [`QemuImg`]: the real one spawns
+//! the program, the fake one ([`FakeQemu`]) answers from a script and
+//! records what it was asked, for tests of what the agent makes of the
+//! answers. Arguments are built by the callers; nothing here interprets
+//! them.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
+
+use crate::datapath::{io_err, CopyError, Progress};
+use crate::error::{AgentError, Result};
+
+/// What one run of qemu-img said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QemuOutput {
+    /// Its exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// qemu-img, as the agent uses it.
+pub trait QemuImg: Send + Sync {
+    /// Run `qemu-img args` to its end.
+    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput>;
+    /// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping
+    /// its percentage onto `total` bytes of `p`; killed when `p` is
+    /// cancelled.
+    fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError>;
+}
+
+impl dyn QemuImg {
+    /// Run `qemu-img args`; its standard output when it succeeded, else
+    /// an error naming the subcommand with qemu-img's own message.
+    pub fn run(&self, args: &[String]) -> Result<String> {
+        let sub = args.first().map(String::as_str).unwrap_or("");
+        let out = self
+            .output(args)
+            .map_err(AgentError::io(format!("running qemu-img {sub}")))?;
+        if out.code != Some(0) {
+            return Err(AgentError::Qemu {
+                tool: format!("qemu-img {sub}"),
+                detail: out.stderr.trim().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+}
+
+/// The qemu-img on `PATH`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemQemu;
+
+impl QemuImg for SystemQemu {
+    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(QemuOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError> {
+        system_with_progress(sub, args, total, p)
+    }
+}
+
+/// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping its
+/// percentage onto `total` bytes of progress; killed when cancelled.
+fn system_with_progress(
+    sub: &str,
+    args: &[String],
+    total: u64,
+    p: &Progress,
+) -> Result<(), CopyError> {
+    p.total.store(total, Ordering::Relaxed);
+    let mut child = Command::new("qemu-img")
+        .arg(sub)
+        .arg("-p")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err("running qemu-img"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (pct_tx, pct_rx) = mpsc::channel::<f64>();
+    let stdout = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let mut line = Vec::new();
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if b == b'\r' || b == b'\n' {
+                    if let Some(v) = parse_percent(&String::from_utf8_lossy(&line)) {
+                        let _ = pct_tx.send(v);
+                    }
+                    line.clear();
+                } else {
+                    line.push(b);
+                }
+            }
+        }
+    });
+    let status = loop {
+        while let Ok(v) = pct_rx.try_recv() {
+            p.done
+                .store(((v / 100.0) * total as f64) as u64, Ordering::Relaxed);
+        }
+        if p.cancelled() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = stdout.join();
+            let _ = stderr.join();
+            return Err(CopyError::Cancelled);
+        }
+        match child.try_wait().map_err(io_err("waiting for qemu-img"))? {
+            Some(st) => break st,
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let _ = stdout.join();
+    let msg = stderr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(CopyError::Qemu(msg.trim().to_string()));
+    }
+    p.done.store(total, Ordering::Relaxed);
+    Ok(())
+}
+
+/// "    (45.50/100%)" -> 45.5
+fn parse_percent(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let inner = s.strip_prefix('(')?.strip_suffix("/100%)")?;
+    inner.trim().parse().ok()
+}
+
+/// A scripted qemu-img: each call takes the next answer (a call with no
+/// answer left fails as qemu-img not found), and every call's arguments
+/// are kept.
+#[derive(Debug, Default)]
+pub struct FakeQemu {
+    answers: Mutex<VecDeque<QemuOutput>>,
+    calls: Mutex<Vec<Vec<String>>>,
+}
+
+impl FakeQemu {
+    /// A fake that will give these answers, in order.
+    pub fn answering(answers: impl IntoIterator<Item = QemuOutput>) -> FakeQemu {
+        FakeQemu {
+            answers: Mutex::new(answers.into_iter().collect()),
+            calls: Mutex::default(),
+        }
+    }
+
+    /// A successful answer with this standard output.
+    pub fn ok(stdout: &str) -> QemuOutput {
+        QemuOutput {
+            code: Some(0),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+
+    /// A failed answer with this exit code and standard error.
+    pub fn failed(code: i32, stderr: &str) -> QemuOutput {
+        QemuOutput {
+            code: Some(code),
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
+    }
+
+    /// The arguments of every call so far (with_progress calls start with
+    /// their subcommand and `-p`).
+    pub fn calls(&self) -> Vec<Vec<String>> {
+        self.calls.lock().expect("poisoned").clone()
+    }
+
+    fn next(&self, args: Vec<String>) -> std::io::Result<QemuOutput> {
+        self.calls.lock().expect("poisoned").push(args);
+        self.answers
+            .lock()
+            .expect("poisoned")
+            .pop_front()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no answer left"))
+    }
+}
+
+impl QemuImg for FakeQemu {
+    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
+        self.next(args.to_vec())
+    }
+
+    fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError> {
+        let mut all = vec![sub.to_string(), "-p".to_string()];
+        all.extend_from_slice(args);
+        let out = self.next(all).map_err(io_err("running qemu-img"))?;
+        if out.code != Some(0) {
+            return Err(CopyError::Qemu(out.stderr.trim().to_string()));
+        }
+        p.total.store(total, Ordering::Relaxed);
+        p.done.store(total, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_lines_parse() {
+        assert_eq!(parse_percent("    (45.50/100%)"), Some(45.5));
+        assert_eq!(parse_percent("(100.00/100%)"), Some(100.0));
+        assert_eq!(parse_percent("garbage"), None);
+    }
+
+    #[test]
+    fn a_failed_run_names_its_subcommand_and_says_why() {
+        let q: &dyn QemuImg = &FakeQemu::answering([
+            FakeQemu::ok("{}"),
+            FakeQemu::failed(1, "  Could not open 'x'\n"),
+        ]);
+        assert_eq!(q.run(&["info".into()]).unwrap(), "{}");
+        match q.run(&["check".into(), "x".into()]) {
+            Err(AgentError::Qemu { tool, detail }) => {
+                assert_eq!(tool, "qemu-img check");
+                assert_eq!(detail, "Could not open 'x'");
+            }
+            other => panic!("{other:?}"),
+        }
+        // No answer left: as if qemu-img were missing.
+        assert!(matches!(
+            q.run(&["info".into()]),
+            Err(AgentError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn the_system_qemu_img_runs() {
+        let q: &dyn QemuImg = &SystemQemu;
+        let v = q.run(&["--version".into()]).unwrap();
+        assert!(v.contains("qemu-img"), "{v}");
+        assert!(q.run(&["info".into(), "/nonexistent".into()]).is_err());
+    }
+}
