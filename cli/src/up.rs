@@ -15,7 +15,8 @@ use cairn_domain::{format, FormatParams, HostIdentity, LocalLockService, SystemC
 use cairn_proto::server::init_logging;
 use clap::Args;
 
-use crate::{human_bytes, parse_size};
+use crate::args::parse_size;
+use crate::output::human_bytes;
 
 /// Options of `cairn up`.
 #[derive(Args, Debug)]

@@ -1,0 +1,110 @@
+//! Reaching the agent and the coordinator, and what their refusals become:
+//! [`Refused`] carries the stable error code for `--json` and exit code 1.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use cairn_proto::agent::agent_client::AgentClient;
+use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
+use cairn_proto::transport::{agent_client, channel, Target};
+use clap::Args;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+/// How to reach the agent.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// The agent's unix socket.
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_SOCKET",
+        default_value = "/run/cairn/agent.sock"
+    )]
+    pub socket: PathBuf,
+    /// Talk to an agent over TCP instead, e.g. http://10.0.0.5:7070.
+    #[arg(long, global = true, env = "CAIRN_AGENT")]
+    pub agent: Option<String>,
+    /// Domain name or id (may be left out when the agent has one domain).
+    #[arg(long, global = true, env = "CAIRN_DOMAIN", default_value = "")]
+    pub domain: String,
+}
+
+/// How to reach the coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct CoordConn {
+    /// The coordinator: its unix socket, or http://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_COORDINATOR",
+        default_value = "/run/cairn/coordinator.sock"
+    )]
+    pub coordinator: String,
+}
+
+/// A refusal by the agent or coordinator, for the exit code and --json.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} ({reason})")]
+pub struct Refused {
+    /// The status code.
+    pub code: tonic::Code,
+    /// The stable error code.
+    pub reason: String,
+    /// The message.
+    pub message: String,
+}
+
+/// A status as a [`Refused`] error.
+pub fn refused(s: tonic::Status) -> anyhow::Error {
+    let reason = s
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_else(|| format!("{:?}", s.code()).to_lowercase());
+    Refused {
+        code: s.code(),
+        reason,
+        message: s.message().to_string(),
+    }
+    .into()
+}
+
+/// A client of the agent.
+pub async fn agent(c: &Conn) -> Result<AgentClient<Channel>> {
+    let t = match &c.agent {
+        Some(a) => Target::Tcp(a.clone()),
+        None => Target::Unix(c.socket.clone()),
+    };
+    agent_client(&t).await.with_context(|| match &t {
+        Target::Unix(p) => format!(
+            "cannot reach the agent at {} (is `cairn up` or cairn-agent running? set --socket)",
+            p.display()
+        ),
+        Target::Tcp(a) => format!("cannot reach the agent at {a}"),
+    })
+}
+
+/// A client of the coordinator.
+pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Channel>> {
+    let t = if c.coordinator.starts_with("http://") || c.coordinator.starts_with("https://") {
+        Target::Tcp(c.coordinator.clone())
+    } else {
+        Target::Unix(PathBuf::from(&c.coordinator))
+    };
+    let ch = channel(&t).await.with_context(|| {
+        format!(
+            "cannot reach the coordinator at {} (is `cairn up` or cairn-coordinator running? set --coordinator)",
+            c.coordinator
+        )
+    })?;
+    Ok(CoordinatorClient::new(ch))
+}
+
+/// Run a command's future on a runtime of this thread.
+pub fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}

@@ -1,0 +1,296 @@
+//! The coordinator's jobs and agents, and the dispatch of the
+//! coordinator family ([`crate::disk`]).
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use cairn_proto::coordinator as pb;
+use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
+use clap::Subcommand;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::args::Wait;
+use crate::connect::{self, refused, Conn, CoordConn};
+use crate::disk::{disk_json, DiskCmd};
+use crate::output::{human_bytes, progress_bar, Out};
+
+/// Coordinator job commands.
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// List jobs.
+    List {
+        /// Only running ones.
+        #[arg(long)]
+        running: bool,
+    },
+    /// Show a job.
+    Show {
+        /// The job.
+        id: String,
+    },
+    /// Follow a job until it ends.
+    Watch {
+        /// The job.
+        id: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job.
+        id: String,
+    },
+}
+
+/// Commands against the coordinator.
+#[derive(Subcommand, Debug)]
+pub enum CoordCmd {
+    /// Disks (through the coordinator).
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// The coordinator's jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// The agents the coordinator uses.
+    Agents,
+}
+
+/// A job state's name.
+pub fn state(v: i32) -> String {
+    pb::JobState::try_from(v)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// A coordinator job as JSON.
+pub fn job_json(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id, "kind": j.kind, "state": state(j.state), "step": j.step,
+        "request_id": j.request_id, "domain": j.domain, "disk": j.disk_id,
+        "done_bytes": j.done_bytes, "total_bytes": j.total_bytes,
+        "host": j.host_id, "owner": j.owner, "attempts": j.attempts,
+        "snapshot": if j.snapshot_id.is_empty() { Value::Null } else { j.snapshot_id.clone().into() },
+        "result": j.disk.as_ref().map(disk_json),
+        "error": if j.error_reason.is_empty() { Value::Null } else {
+            json!({"reason": j.error_reason, "message": j.error_message}) },
+        "created": j.created, "finished": j.finished,
+    })
+}
+
+/// Follow a job with a progress bar (quietly with --json or -q).
+async fn follow(c: &mut CoordinatorClient<Channel>, job: pb::Job, quiet: bool) -> Result<pb::Job> {
+    if job.state != pb::JobState::Running as i32 {
+        return Ok(job);
+    }
+    let mut s = c
+        .watch_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let bar = (!quiet).then(|| progress_bar(job.total_bytes, &job.step));
+    let mut last = job;
+    while let Some(j) = s.message().await.map_err(refused)? {
+        if let Some(b) = &bar {
+            b.set_message(j.step.clone());
+            b.set_length(j.total_bytes.max(1));
+            b.set_position(j.done_bytes);
+        }
+        last = j;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(last)
+}
+
+/// Print a job's outcome; exit 1 unless it succeeded (or is still running
+/// with --no-wait).
+pub fn outcome(j: &pb::Job, out: &mut Out<'_>, quiet: Option<&str>) -> Result<ExitCode> {
+    let json_out = out.json_mode();
+    let ok = j.state == pb::JobState::Succeeded as i32;
+    match quiet {
+        Some(id) if ok && !json_out => writeln!(out, "{id}")?,
+        _ => {
+            if json_out {
+                out.json(&job_json(j))?;
+            } else {
+                let d = j.disk.as_ref().map(|d| d.id.as_str()).unwrap_or("-");
+                writeln!(
+                    out,
+                    "job {} ({}): {} — disk {d}",
+                    j.id,
+                    j.kind,
+                    state(j.state)
+                )?;
+                if !j.snapshot_id.is_empty() {
+                    writeln!(out, "snapshot {}", j.snapshot_id)?;
+                }
+                if !j.error_reason.is_empty() {
+                    writeln!(out, "error: {} ({})", j.error_message, j.error_reason)?;
+                }
+            }
+        }
+    }
+    Ok(
+        if ok || (j.state == pb::JobState::Running as i32 && j.finished == 0) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
+}
+
+/// Follow a long job unless `--no-wait`, then print its outcome.
+pub async fn long(
+    c: &mut CoordinatorClient<Channel>,
+    j: pb::Job,
+    wait: &Wait,
+    out: &mut Out<'_>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let json_out = out.json_mode();
+    if wait.no_wait {
+        return outcome(&j, out, None);
+    }
+    let j = follow(c, j, json_out || quiet).await?;
+    let id = j.disk.as_ref().map(|d| d.id.clone()).unwrap_or_default();
+    outcome(&j, out, quiet.then_some(id.as_str()))
+}
+
+/// Run a coordinator command.
+pub fn run(cc: &CoordConn, conn: &Conn, cmd: &CoordCmd, out: &mut Out<'_>) -> Result<ExitCode> {
+    connect::block_on(run_async(cc, conn, cmd, out))
+}
+
+async fn run_async(
+    cc: &CoordConn,
+    conn: &Conn,
+    cmd: &CoordCmd,
+    out: &mut Out<'_>,
+) -> Result<ExitCode> {
+    let j = out.json_mode();
+    let mut c = connect::coordinator(cc).await?;
+    let d = conn.domain.clone();
+    match cmd {
+        CoordCmd::Agents => {
+            let r = c
+                .list_agents(pb::ListAgentsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if j {
+                out.json(&json!(r.agents.iter().map(|a| json!({
+                    "host_id": a.host_id, "host_name": a.host_name, "address": a.address,
+                    "reachable": a.reachable,
+                    "domains": a.domains.iter().map(|d| json!({"id": d.id, "name": d.name})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>()))?;
+            } else {
+                out.table(
+                    &["HOST", "NAME", "ADDRESS", "REACHABLE", "DOMAINS"],
+                    r.agents
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                a.host_id.clone(),
+                                a.host_name.clone(),
+                                a.address.clone(),
+                                a.reachable.to_string(),
+                                a.domains
+                                    .iter()
+                                    .map(|d| d.name.clone())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CoordCmd::Job(cmd) => job(&mut c, cmd, out).await,
+        CoordCmd::Disk(cmd) => crate::disk::run(&mut c, &d, cmd, out).await,
+    }
+}
+
+async fn job(
+    c: &mut CoordinatorClient<Channel>,
+    cmd: &JobCmd,
+    out: &mut Out<'_>,
+) -> Result<ExitCode> {
+    let j = out.json_mode();
+    match cmd {
+        JobCmd::List { running } => {
+            let r = c
+                .list_jobs(pb::ListJobsRequest { running: *running })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if j {
+                out.json(&json!(r.jobs.iter().map(job_json).collect::<Vec<_>>()))?;
+            } else {
+                out.table(
+                    &["JOB", "KIND", "STATE", "STEP", "DISK", "PROGRESS", "HOST"],
+                    r.jobs
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.id.clone(),
+                                x.kind.clone(),
+                                state(x.state),
+                                x.step.clone(),
+                                x.disk_id.clone(),
+                                if x.total_bytes > 0 {
+                                    format!(
+                                        "{}/{}",
+                                        human_bytes(x.done_bytes),
+                                        human_bytes(x.total_bytes)
+                                    )
+                                } else {
+                                    "-".into()
+                                },
+                                if x.host_id.is_empty() {
+                                    "-".into()
+                                } else {
+                                    x.host_id.clone()
+                                },
+                            ]
+                        })
+                        .collect(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCmd::Show { id } => {
+            let x = c
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            out.json(&job_json(&x))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCmd::Watch { id } => {
+            let x = c
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let x = follow(c, x, j).await?;
+            outcome(&x, out, None)
+        }
+        JobCmd::Cancel { id } => {
+            let x = c
+                .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            outcome(&x, out, None)
+        }
+    }
+}
