@@ -602,7 +602,7 @@ mod tests {
     /// merge, restarted after the merge had ended, failed the job with
     /// "snapshot not found" though the merge had succeeded.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn root_a_resumed_delete_snapshot_follows_its_finished_merge() {
+    async fn root_qemu_a_resumed_delete_snapshot_follows_its_finished_merge() {
         let dir = tempfile::tempdir().unwrap();
         let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
         let t = kernel_agent(dir.path(), locks.clone());

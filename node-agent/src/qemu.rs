@@ -274,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn the_system_qemu_img_runs() {
+    fn qemu_the_system_binary_runs() {
         let q: &dyn QemuImg = &SystemQemu;
         let v = q.run(&["--version".into()]).unwrap();
         assert!(v.contains("qemu-img"), "{v}");

@@ -9,7 +9,7 @@ use cairn_domain::io::{BlockDev, MemDev};
 use cairn_domain::layout::PAGE;
 use cairn_domain::*;
 
-use crate::common::*;
+use cairn_tests::domain::*;
 
 struct Populated {
     image: Vec<u8>,

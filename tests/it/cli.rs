@@ -7,7 +7,8 @@ use std::sync::Arc;
 use cairn_domain::io::{CrashKeep, MemDev, SimDev};
 use cairn_domain::*;
 
-use crate::common::*;
+use cairn_tests::bins::*;
+use cairn_tests::domain::*;
 
 fn cairn(locks: &Path, args: &[&str]) -> Output {
     Command::new(cairn_bin())
@@ -243,7 +244,7 @@ fn completions_are_generated() {
 /// The README's first session, extracted from the README itself and run
 /// against `cairn up` (with its paths moved into a temporary directory).
 #[test]
-fn root_cairn_up_runs_the_readme_first_session() {
+fn root_qemu_cairn_up_runs_the_readme_first_session() {
     use std::io::BufRead;
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
@@ -400,7 +401,7 @@ fn sigterm_right_after_ready_stops_cleanly() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let dom = dir.path().join("d.img");
-    crate::agent_harness::make_domain(&dom, 1);
+    cairn_tests::domain::make_domain(&dom, 1);
     for i in 0..5 {
         for agent in [false, true] {
             let mut c = if agent {

@@ -6,8 +6,10 @@ use std::process::Command;
 use cairn_coordinator::pb;
 use tonic::Code;
 
-use crate::agent_harness::*;
-use crate::coord_harness::*;
+use cairn_tests::agent::*;
+use cairn_tests::coordinator::*;
+use cairn_tests::data::*;
+use cairn_tests::domain::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -29,7 +31,7 @@ fn create(
 }
 
 #[test]
-fn root_coordinator_every_operation_end_to_end_verified_by_qemu() {
+fn root_qemu_coordinator_every_operation_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let (d1, d2) = (dir.path().join("one.img"), dir.path().join("two.img"));
     make_named_domain(&d1, 2, "one");
@@ -530,7 +532,7 @@ fn root_coordinator_every_operation_end_to_end_verified_by_qemu() {
     drop(agent);
     for d in [&d1, &d2] {
         domain_clean(d);
-        let out = run(Command::new(crate::common::cairn_bin())
+        let out = run(Command::new(cairn_tests::bins::cairn_bin())
             .args(["domain", "info", "--json"])
             .arg(d));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cairn_domain::io::{BlockDev, CrashKeep, MemDev, SimDev};
 use cairn_domain::*;
 
-use crate::common::*;
+use cairn_tests::domain::*;
 
 /// A domain's contents with random id bytes replaced by slot numbers, so
 /// two runs of the same operation compare equal.

@@ -6,7 +6,9 @@ use std::process::Command;
 
 use cairn_agent::pb;
 
-use crate::agent_harness::*;
+use cairn_tests::agent::*;
+use cairn_tests::data::*;
+use cairn_tests::domain::*;
 
 fn target(format: pb::VolumeFormat, tag: bool) -> Option<pb::TargetSpec> {
     Some(pb::TargetSpec {
@@ -27,11 +29,12 @@ fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
 }
 
 #[test]
-fn root_agent_import_copy_convert_export_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let dom = dir.path().join("domain.img");
-    make_domain(&dom, 4);
-    let agent = AgentProc::start(&dom, dir.path());
+fn root_qemu_agent_import_copy_convert_export_round_trip() {
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(4);
     let io = agent.io_dir();
     let src = io.join("src.raw");
     // 40 MiB + 512: half data, half written zeros, an odd tail.
@@ -202,10 +205,11 @@ fn root_agent_import_copy_convert_export_round_trip() {
 
 #[test]
 fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let dom = dir.path().join("domain.img");
-    make_domain(&dom, 4);
-    let agent = AgentProc::start(&dom, dir.path());
+    let AgentFixture {
+        dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(4);
     let io = agent.io_dir();
     let outside = dir.path().join("outside.raw");
     std::fs::write(&outside, vec![1u8; 4096]).unwrap();
@@ -299,11 +303,12 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
 }
 
 #[test]
-fn root_agent_killed_mid_copy_leaves_target_absent_or_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let dom = dir.path().join("domain.img");
-    make_domain(&dom, 8);
-    let mut agent = AgentProc::start(&dom, dir.path());
+fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
+    let AgentFixture {
+        dir,
+        domain: dom,
+        mut agent,
+    } = AgentFixture::new(8);
     let src = agent.io_dir().join("src.raw");
     pattern_file(&src, 1 << 30, 1 << 20, 1 << 20, 11);
     let rt = rt();

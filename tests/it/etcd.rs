@@ -1,137 +1,14 @@
 //! The etcd lock service against a real etcd (Debian's etcd-server) that
 //! the test starts on free loopback ports and stops afterwards.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_cluster::{EtcdConfig, EtcdLockService};
 use cairn_domain::lock::{conformance, Resource, ResourceKind};
 use cairn_domain::{DomainError, LockService};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A single-member etcd on loopback.
-pub struct Etcd {
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    client: u16,
-    peer: u16,
-}
-
-impl Etcd {
-    pub fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let mut e = Etcd {
-            child: None,
-            data: dir.path().join("data"),
-            _dir: dir,
-            client: free_port(),
-            peer: free_port(),
-        };
-        e.spawn();
-        e
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
-    }
-
-    fn spawn(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
-            .arg("--name=t")
-            .arg(format!("--data-dir={}", self.data.display()))
-            .arg(format!("--listen-client-urls={}", self.url()))
-            .arg(format!("--advertise-client-urls={}", self.url()))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=t={peer}"))
-            .arg("--log-level=error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd is installed (apt-get install etcd-server)");
-        self.child = Some(child);
-        // Ready when it answers a read.
-        let t = Instant::now();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        loop {
-            let ok = rt.block_on(async {
-                let Ok(mut c) = etcd_client::Client::connect([self.url()], None).await else {
-                    return false;
-                };
-                c.get("probe", None).await.is_ok()
-            });
-            if ok {
-                return;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, sig) };
-        }
-    }
-
-    /// SIGSTOP: etcd stops answering without closing connections.
-    pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
-    }
-
-    /// SIGCONT.
-    pub fn resume(&self) {
-        self.signal(libc::SIGCONT);
-    }
-
-    /// Kill it.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Start it again after `stop`, on the same ports and data.
-    pub fn start_again(&mut self) {
-        self.spawn();
-    }
-
-    /// Start it again on the same ports and data.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    /// Start it again with no data at all.
-    pub fn wipe(&mut self) {
-        self.stop();
-        std::fs::remove_dir_all(&self.data).unwrap();
-        self.spawn();
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.resume();
-        self.stop();
-    }
-}
+use cairn_tests::etcd::{free_port, Etcd};
 
 fn cfg(e: &Etcd, ttl: u64, margin_ms: u64) -> EtcdConfig {
     let mut c = EtcdConfig::new(vec![e.url()], "test");
@@ -254,7 +131,7 @@ fn open_domain(path: &std::path::Path, s: &EtcdLockService, host: u8) -> cairn_d
     cairn_domain::Domain::open(
         Arc::new(cairn_domain::io::FileDev::open(path, true).unwrap()),
         Arc::new(s.clone()),
-        crate::common::opts(host),
+        cairn_tests::domain::opts(host),
     )
     .unwrap()
 }
@@ -264,7 +141,7 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
     let e = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.img");
-    crate::agent_harness::make_domain(&path, 1);
+    cairn_tests::domain::make_domain(&path, 1);
     let (s1, s2) = (
         EtcdLockService::connect(cfg(&e, 3, 1000)).unwrap(),
         EtcdLockService::connect(cfg(&e, 3, 1000)).unwrap(),
@@ -279,8 +156,10 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
         threads.push(std::thread::spawn(move || {
             let mut kept = Vec::new();
             for i in 0..15 {
-                let (v, g) = d.create_volume(crate::common::raw(1)).unwrap();
-                let t = d.create_tag(crate::common::tag_on(v.id), &[&g]).unwrap();
+                let (v, g) = d.create_volume(cairn_tests::domain::raw(1)).unwrap();
+                let t = d
+                    .create_tag(cairn_tests::domain::tag_on(v.id), &[&g])
+                    .unwrap();
                 if i % 3 == 0 {
                     d.delete_tag(&t.id, &[&g]).unwrap();
                     d.delete_volume(&v.id, &[&g]).unwrap();
@@ -303,7 +182,7 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
     // write under that lock any more.
     let v = kept[0];
     let g = d1.lock_volume(&v).unwrap();
-    let before = crate::agent_harness::domain_state(&path);
+    let before = cairn_tests::domain::domain_state(&path);
     e.pause();
     let t = Instant::now();
     while g.check().is_ok() {
@@ -314,20 +193,21 @@ fn etcd_two_hosts_share_a_domain_and_a_stale_holder_cannot_write() {
     m.description = "stale write".into();
     let err = d1.write_volume_meta(&v, m, &[&g]).unwrap_err();
     assert!(matches!(err, DomainError::Fenced(_)), "{err}");
-    let after = crate::agent_harness::domain_state(&path);
+    let after = cairn_tests::domain::domain_state(&path);
     assert!(before == after, "a fenced holder changed the domain");
     e.resume();
     drop(g);
     std::thread::sleep(Duration::from_millis(500));
     drop(d1);
     drop(d2);
-    crate::agent_harness::domain_clean(&path);
+    cairn_tests::domain::domain_clean(&path);
 }
 
 #[test]
-fn root_etcd_two_agents_on_one_domain_work_on_the_same_disk() {
-    use crate::agent_harness::*;
+fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
     use cairn_agent::pb;
+    use cairn_tests::agent::*;
+    use cairn_tests::domain::*;
     let e = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let dom = dir.path().join("domain.img");
@@ -441,7 +321,8 @@ fn root_etcd_two_agents_on_one_domain_work_on_the_same_disk() {
 
 #[test]
 fn etcd_agent_registers_while_alive() {
-    use crate::agent_harness::*;
+    use cairn_tests::agent::*;
+    use cairn_tests::domain::*;
     let mut e = Etcd::start();
     let url = e.url();
     let dir = tempfile::tempdir().unwrap();
@@ -510,9 +391,9 @@ fn etcd_agent_registers_while_alive() {
 fn etcd_local_cluster_script_runs_and_stops() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let bin = crate::common::cairn_bin();
-    let _ = crate::common::agent_bin();
-    let _ = crate::coord_harness::coordinator_bin();
+    let bin = cairn_tests::bins::cairn_bin();
+    let _ = cairn_tests::bins::agent_bin();
+    let _ = cairn_tests::bins::coordinator_bin();
     let mut child = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/local-cluster"
@@ -579,5 +460,5 @@ fn etcd_local_cluster_script_runs_and_stops() {
         "left running: {}",
         String::from_utf8_lossy(&left.stdout)
     );
-    crate::agent_harness::domain_clean(&dir.path().join("domain.img"));
+    cairn_tests::domain::domain_clean(&dir.path().join("domain.img"));
 }

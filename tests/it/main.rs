@@ -1,17 +1,18 @@
 //! Cairn's integration tests: one test binary.
 //!
 //! Test names mark what they need: `root_` (loop devices), `slow_` (long
-//! runs), `etcd_` (a real etcd server).
+//! runs), `etcd_` (a real etcd server), `qemu_` (qemu-img or qemu-io).
+//! The fixtures are the test kit, `cairn_tests`.
 
-mod agent;
-mod agent_harness;
+mod activation;
+mod api_errors;
 mod bitflip;
 mod cli;
-mod cluster;
-mod common;
-mod coord_harness;
 mod coordinator;
 mod crash;
 mod datapath;
 mod etcd;
+mod failover;
+mod kill_loop;
 mod multiprocess;
+mod volumes;

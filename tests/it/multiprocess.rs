@@ -9,7 +9,7 @@ use std::time::Duration;
 use cairn_domain::io::FileDev;
 use cairn_domain::*;
 
-use crate::common::*;
+use cairn_tests::domain::*;
 
 fn format_file(path: &Path) {
     std::fs::File::create(path)

@@ -11,18 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use cairn_domain::io::FileDev;
 use cairn_domain::*;
+use cairn_tests::stats::Rng;
 use serde_json::json;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn main() -> Result<()> {
     let a: Vec<String> = std::env::args().collect();
@@ -50,7 +40,7 @@ fn main() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut n = 0u64;
     while Instant::now() < deadline {
-        let pick = rng.next() % 10;
+        let pick = rng.next_u64() % 10;
         let line = if mine.is_empty() || pick < 4 {
             let spec = VolumeSpec {
                 format: Format::Raw,
@@ -80,10 +70,10 @@ fn main() -> Result<()> {
                 Err(e) => return Err(e).context("create"),
             }
         } else {
-            let i = (rng.next() % mine.len() as u64) as usize;
+            let i = (rng.next_u64() % mine.len() as u64) as usize;
             let (v, t) = mine[i];
             if pick < 6 {
-                let len = (rng.next() % 1500) as usize;
+                let len = (rng.next_u64() % 1500) as usize;
                 d.set_user_data(&t, "item", vec![n as u8; len], &[])
                     .context("user data")?;
                 json!({"op": "ud", "tag": t, "len": len})

@@ -1,18 +1,16 @@
-//! A real `cairn-agent` process on a domain file, and a gRPC client to it.
+//! A real `cairn-agent` process on a domain file, a gRPC client to it,
+//! and what tests do with agents (loop devices, jobs, requests).
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
-use cairn_agent::pb;
-use cairn_agent::pb::agent_client::AgentClient;
-use cairn_domain::io::FileDev;
-use cairn_domain::*;
+use cairn_proto::agent as pb;
+use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::transport::{agent_client as connect, Target};
 use tonic::transport::Channel;
 
-use crate::common::agent_bin;
+use crate::bins::{agent_bin, spawn_ready};
 
 /// A runtime for driving the async client from plain tests.
 pub fn rt() -> tokio::runtime::Runtime {
@@ -23,22 +21,26 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// Format a sparse domain file of `gib` GiB.
-pub fn make_domain(path: &Path, gib: u64) {
-    std::fs::File::create(path)
-        .unwrap()
-        .set_len(gib << 30)
-        .unwrap();
-    let dev = FileDev::open(path, true).unwrap();
-    let params = FormatParams {
-        name: "it".into(),
-        host_slots: Some(4),
-        volume_slots: Some(1024),
-        tag_slots: Some(1024),
-        extent_size: Some(1 << 20),
-        ..Default::default()
-    };
-    format(&dev, &params, false, &MemLockService::new(), &SystemClock).unwrap();
+/// An agent on a domain file of its own, in a scratch directory.
+pub struct AgentFixture {
+    /// The agent (dropped first: it detaches its loop devices while the
+    /// domain file is still there).
+    pub agent: AgentProc,
+    /// The domain file.
+    pub domain: PathBuf,
+    /// The scratch directory (the agent's files under it).
+    pub dir: tempfile::TempDir,
+}
+
+impl AgentFixture {
+    /// A fresh `gib` GiB domain and an agent on it.
+    pub fn new(gib: u64) -> AgentFixture {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = dir.path().join("domain.img");
+        crate::domain::make_domain(&domain, gib);
+        let agent = AgentProc::start(&domain, dir.path());
+        AgentFixture { agent, domain, dir }
+    }
 }
 
 /// A running agent.
@@ -52,6 +54,8 @@ pub struct AgentProc {
     pub socket: PathBuf,
     /// Metrics address.
     pub metrics: String,
+    /// `http://` address of its gRPC over TCP, when it listens on one.
+    pub listen: Option<String>,
 }
 
 impl AgentProc {
@@ -77,47 +81,38 @@ impl AgentProc {
         let socket = dir.join("agent.sock");
         let io = dir.join("io");
         std::fs::create_dir_all(&io).unwrap();
-        let mut child = Command::new(agent_bin())
-            .arg("--io-dir")
-            .arg(&io)
-            .arg("--domain")
-            .arg(domain)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .arg("--lock-dir")
-            .arg(dir.join("locks"))
-            .args(["--metrics", "127.0.0.1:0"])
-            .args(if extra.iter().any(|a| a == "--lock-timeout") {
-                &[][..]
-            } else {
-                &["--lock-timeout", "5"][..]
-            })
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            // Its own process group: pausing the group pauses the agent
-            // with its qemu-img children, as a frozen host would be.
-            .process_group(0)
-            .spawn()
-            .expect("spawn cairn-agent");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(!line.is_empty(), "cairn-agent exited before it was ready");
-        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line");
+        let (child, ready) = spawn_ready(
+            Command::new(agent_bin())
+                .arg("--io-dir")
+                .arg(&io)
+                .arg("--domain")
+                .arg(domain)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--run-dir")
+                .arg(dir.join("run"))
+                .arg("--lock-dir")
+                .arg(dir.join("locks"))
+                .args(["--metrics", "127.0.0.1:0"])
+                .args(if extra.iter().any(|a| a == "--lock-timeout") {
+                    &[][..]
+                } else {
+                    &["--lock-timeout", "5"][..]
+                })
+                .args(extra)
+                .envs(env.iter().copied())
+                // Its own process group: pausing the group pauses the agent
+                // with its qemu-img children, as a frozen host would be.
+                .process_group(0),
+            "CAIRN_TEST_LOG",
+        );
         AgentProc {
             child: Some(child),
             dir: dir.to_path_buf(),
             domain: domain.to_path_buf(),
             socket,
             metrics: ready["metrics"].as_str().unwrap_or_default().to_string(),
+            listen: ready["listen"].as_str().map(|a| format!("http://{a}")),
         }
     }
 
@@ -158,6 +153,11 @@ impl AgentProc {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         None
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL and reap.
@@ -212,6 +212,17 @@ pub fn loops_of(path: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// An HTTP GET of `path` on `addr` (the metrics endpoint); the whole
+/// response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// A raw or qcow2 volume request with a strong mutable tag.
 pub fn disk_request(id: &str, format: pb::VolumeFormat, mib: u64) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {
@@ -239,12 +250,6 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The domain's offline check, through the library.
-pub fn domain_clean(path: &Path) {
-    let dev = FileDev::open(path, false).unwrap();
-    crate::common::assert_clean(&dev);
-}
-
 /// Follow a job until it ends.
 pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
     let mut s = c
@@ -257,44 +262,4 @@ pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
         last = Some(j);
     }
     last.expect("a watched job reports at least once")
-}
-
-/// Write `len` bytes of a file: random-looking data in the first `data`
-/// bytes of every `stride` (multiples of 8), zeros elsewhere (written, not
-/// holes).
-pub fn pattern_file(path: &Path, len: u64, stride: u64, data: u64, seed: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x = seed | 1;
-    let mut pos = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        for (i, w) in buf[..n].chunks_mut(8).enumerate() {
-            let at = pos + 8 * i as u64;
-            if at % stride < data {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let b = x.to_le_bytes();
-                w.copy_from_slice(&b[..w.len()]);
-            } else {
-                w.fill(0);
-            }
-        }
-        f.write_all(&buf[..n]).unwrap();
-        pos += n as u64;
-    }
-    f.flush().unwrap();
-}
-
-/// The domain as bytes (all metadata, journals included) and as a dump.
-pub fn domain_state(path: &Path) -> (Vec<u8>, String) {
-    let dev = cairn_domain::io::FileDev::open(path, false).unwrap();
-    let (g, _) = cairn_domain::engine::read_superblocks(&dev).unwrap();
-    let mut meta = cairn_domain::io::AlignedBuf::zeroed(g.data_off as usize);
-    use cairn_domain::io::BlockDev;
-    dev.read_at(&mut meta, 0).unwrap();
-    let d = cairn_domain::check::dump(&dev).unwrap();
-    (meta.to_vec(), serde_json::to_string(&d).unwrap())
 }

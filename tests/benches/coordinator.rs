@@ -10,31 +10,24 @@
 //!   of copying it) to that disk taking a snapshot again through another
 //!   agent, against the lease TTL + 5 s.
 //!
-//! `cargo bench -p cairn-coordinator --bench coordinator`. CAIRN_BENCH_N:
+//! `cargo bench -p cairn-tests --bench coordinator`. CAIRN_BENCH_N:
 //! operations per client (default 200 for one client, a quarter of it per
 //! client for 16); CAIRN_BENCH_KILLS: SIGKILL samples (default 3);
 //! CAIRN_BENCH_TTL: lease TTL in seconds (default 10, the production
 //! default).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_agent::pb as apb;
-use cairn_agent::pb::agent_client::AgentClient;
-use cairn_coordinator::pb;
-use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
+use cairn_proto::agent as apb;
+use cairn_proto::agent::agent_client::AgentClient;
+use cairn_proto::coordinator as pb;
+use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
+use cairn_tests::bins::{built_bin, spawn_ready, Profile};
+use cairn_tests::etcd::Etcd;
+use cairn_tests::stats::{cpu_of, env_u64, ms, pct};
 use tonic::transport::Channel;
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:8.3} ms", d.as_secs_f64() * 1e3)
-}
 
 /// CPU per operation: each part and the sum.
 fn cpu_line(c: &[Duration; 4]) -> String {
@@ -49,38 +42,8 @@ fn cpu_line(c: &[Duration; 4]) -> String {
     )
 }
 
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// A process killed when dropped.
 struct Proc(Child);
-
-/// CPU time (user + system) a process used so far, from /proc (clock
-/// ticks of 10 ms, Linux's USER_HZ).
-fn cpu_of(pid: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name (which may hold spaces): utime and
-    // stime are the 12th and 13th.
-    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    Duration::from_millis((f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10)
-}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -89,72 +52,18 @@ impl Drop for Proc {
     }
 }
 
-/// The release binary `name` of package `package`, built if needed.
-fn bin_of(package: &str, name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let st = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", package])
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release")
-        .join(name)
-}
-
-/// Start a process that prints one JSON ready line; return it and the line.
+/// Start a release server binary; return it and its ready line.
 fn start(cmd: &mut Command) -> (Proc, serde_json::Value) {
-    let mut c = cmd
-        .env(
-            "RUST_LOG",
-            std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (Proc(c), serde_json::from_str(&line).expect("ready line"))
-}
-
-fn start_etcd(dir: &Path) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let purl = format!("http://127.0.0.1:{peer}");
-    let c = Command::new("etcd")
-        .arg("--name=b")
-        .arg(format!("--data-dir={}", dir.join("etcd").display()))
-        .arg(format!("--listen-client-urls={url}"))
-        .arg(format!("--advertise-client-urls={url}"))
-        .arg(format!("--listen-peer-urls={purl}"))
-        .arg(format!("--initial-advertise-peer-urls={purl}"))
-        .arg(format!("--initial-cluster=b={purl}"))
-        .arg("--log-level=error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd is installed (apt-get install etcd-server)");
-    let p = Proc(c);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    (p, url)
+    let (c, ready) = spawn_ready(cmd, "CAIRN_BENCH_LOG");
+    (Proc(c), ready)
 }
 
 fn bin(name: &str) -> PathBuf {
-    bin_of(name, name)
+    built_bin(name, name, Profile::Release)
 }
 
 fn make_domain(path: &Path) {
-    let st = Command::new(bin_of("cairn-cli", "cairn"))
+    let st = Command::new(built_bin("cairn-cli", "cairn", Profile::Release))
         .args(["domain", "format", "--name", "bench", "--size", "256G"])
         .args(["--host-slots", "8", "--lock-dir"])
         .arg(path.with_extension("locks"))
@@ -166,7 +75,7 @@ fn make_domain(path: &Path) {
 }
 
 struct Cluster {
-    _etcd: Proc,
+    _etcd: Etcd,
     agents: Vec<Option<Proc>>,
     agent_addrs: Vec<String>,
     _coord: Proc,
@@ -183,7 +92,7 @@ impl Cluster {
     fn cpu(&self) -> [Duration; 4] {
         let of = |p: &Proc| cpu_of(&p.0.id().to_string());
         [
-            of(&self._etcd),
+            cpu_of(&self._etcd.pid().map(|p| p.to_string()).unwrap_or_default()),
             self.agents.iter().flatten().map(of).sum(),
             of(&self._coord),
             cpu_of("self"),
@@ -218,7 +127,8 @@ fn cluster(ttl: u64) -> Cluster {
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
         .join(format!("cairn-coord-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (etcd_p, etcd) = start_etcd(&dir);
+    let etcd_p = Etcd::start_in(&dir);
+    let etcd = etcd_p.url();
     let domain = dir.join("domain.img");
     make_domain(&domain);
     let mut c = Cluster {

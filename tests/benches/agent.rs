@@ -7,7 +7,7 @@
 //!   the same extents.
 //!
 //! Run as root (activation uses loop devices):
-//! `cargo bench -p cairn-agent --bench agent`. CAIRN_BENCH_DIR picks the
+//! `cargo bench -p cairn-tests --bench agent`. CAIRN_BENCH_DIR picks the
 //! directory (default: a temporary one under /var/tmp), CAIRN_BENCH_N the
 //! number of latency samples (default 200), CAIRN_BENCH_COPY_MIB the copy
 //! size (default 2048).
@@ -16,56 +16,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_agent::pb;
-use cairn_agent::pb::agent_client::AgentClient;
 use cairn_agent::server::{serve, ServeOptions};
 use cairn_agent::AgentConfig;
 use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, MemLockService, SystemClock};
+use cairn_proto::agent as pb;
+use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::transport::{agent_client as connect, Target};
+use cairn_tests::data::pattern_file;
+use cairn_tests::stats::{env_u64, median, ms, pct};
 use tonic::transport::Channel;
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:8.3} ms", d.as_secs_f64() * 1e3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    v[v.len() / 2]
-}
-
-fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
 
 /// A file of `len` bytes: in every 10 MiB, the first `data_mib` MiB random.
 fn make_file(path: &Path, len: u64, data_mib: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for mib in 0..len >> 20 {
-        if mib % 10 < data_mib {
-            for w in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&buf).unwrap();
-        } else {
-            f.write_all(&vec![0u8; 1 << 20]).unwrap();
-        }
-    }
-    f.flush().unwrap();
+    pattern_file(path, len, 10 << 20, data_mib << 20, 0x9e37_79b9_7f4a_7c15);
 }
 
 struct Bench {

@@ -1,0 +1,436 @@
+//! Volumes through the agent's real gRPC API: extend and measure, client
+//! locks, rebase, deleting a disk, preallocation.
+
+use cairn_proto::agent as pb;
+use cairn_tests::agent::*;
+use cairn_tests::domain::*;
+
+#[test]
+fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(1);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let a = c
+            .create_volume(disk_request("a", pb::VolumeFormat::Qcow2, 16))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let b = c
+            .create_volume(disk_request("b", pb::VolumeFormat::Raw, 16))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        // b is last: it grows in place.
+        let r = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x1".into(),
+                volume_id: b.id.clone(),
+                capacity: 32 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.changed);
+        let v = r.volume.unwrap();
+        assert_eq!((v.capacity, v.extent_start), (32 << 20, b.extent_start));
+        // a is followed by b: no room in place.
+        let before = domain_state(&dom);
+        let e = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x2".into(),
+                volume_id: a.id.clone(),
+                capacity: 64 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+        use tonic_types::StatusExt;
+        assert_eq!(
+            e.get_details_error_info().unwrap().reason,
+            "extents_exhausted"
+        );
+        assert!(
+            before == domain_state(&dom),
+            "a refused extend changed the domain"
+        );
+        // A qcow2 grows its virtual size within the slack of its run (a
+        // header rewrite), and stays a valid image.
+        let r = c
+            .extend_volume(pb::ExtendVolumeRequest {
+                request_id: "x3".into(),
+                volume_id: a.id.clone(),
+                capacity: (16 << 20) + (512 << 10),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let grown = r.volume.unwrap();
+        assert_eq!(grown.capacity, (16 << 20) + (512 << 10));
+        assert_eq!(grown.extent_count, a.extent_count, "the run moved or grew");
+        let chk = c
+            .check_volume(pb::CheckVolumeRequest {
+                volume_id: a.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(chk.clean, "{}", chk.report_json);
+        let m = c
+            .measure_volume(pb::MeasureVolumeRequest {
+                volume_id: b.id.clone(),
+                target_format: pb::VolumeFormat::Qcow2 as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // An empty raw volume needs only qcow2 metadata; fully written, all.
+        assert!(m.required < 1 << 20, "{m:?}");
+        assert!(m.fully_allocated > 32 << 20, "{m:?}");
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_client_locks_exclude_others_until_unlocked() {
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(1);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let mut req = disk_request("v", pb::VolumeFormat::Raw, 4);
+        req.tag = None;
+        req.keep_locked = true;
+        let r = c.create_volume(req).await.unwrap().into_inner();
+        let v = r.volume.unwrap();
+        assert!(!r.lock_id.is_empty(), "keep_locked gave no lock id");
+        // With the lock id the holder changes the volume at once.
+        let u = c
+            .update_volume(pb::UpdateVolumeRequest {
+                request_id: "u1".into(),
+                volume_id: v.id.clone(),
+                description: "mine".into(),
+                legality: pb::Legality::Legal as i32,
+                lock_id: r.lock_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(u.volume.unwrap().description, "mine");
+        // Without it, a change waits for the lock and gives up (ABORTED
+        // after the agent's 5 s lock timeout).
+        let t = std::time::Instant::now();
+        let e = c
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: "d1".into(),
+                volume_id: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Aborted, "{}", e.message());
+        assert!(t.elapsed().as_secs_f64() > 4.0);
+        // Someone else's lock id does not fit this volume.
+        let other = c
+            .create_volume(disk_request("w", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let e = c
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: "d2".into(),
+                volume_id: other.id.clone(),
+                lock_id: r.lock_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        let un = c
+            .unlock_volume(pb::UnlockVolumeRequest {
+                lock_id: r.lock_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(un.released);
+        let again = c
+            .unlock_volume(pb::UnlockVolumeRequest {
+                lock_id: r.lock_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.released);
+        // Now anyone may delete it; LockVolume takes it again on request.
+        let l = c
+            .lock_volume(pb::LockVolumeRequest {
+                request_id: "l".into(),
+                volume_id: v.id.clone(),
+                lease_seconds: 60,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(l.token > 0);
+        c.delete_volume(pb::DeleteVolumeRequest {
+            request_id: "d3".into(),
+            volume_id: v.id.clone(),
+            lock_id: l.lock_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_rebase_changes_the_parent_and_refuses_loops() {
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(1);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let base = c
+            .create_volume(disk_request("a", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner();
+        let base_tag = base.tag.unwrap();
+        let mut q = disk_request("q", pb::VolumeFormat::Qcow2, 4);
+        q.parent_tag = base_tag.id.clone();
+        let q = c.create_volume(q).await.unwrap().into_inner();
+        let qv = q.volume.unwrap();
+        let q_tag = q.tag.unwrap();
+        assert_eq!(qv.parent_tag, base_tag.id);
+        let r = c
+            .create_volume(disk_request("r", pb::VolumeFormat::Qcow2, 4))
+            .await
+            .unwrap()
+            .into_inner();
+        let (rv, r_tag) = (r.volume.unwrap(), r.tag.unwrap());
+        let upd = |id: &str, parent: &str, rid: &str| pb::UpdateVolumeRequest {
+            request_id: rid.into(),
+            volume_id: id.into(),
+            legality: pb::Legality::Legal as i32,
+            description: "disk".into(),
+            set_parent: true,
+            parent_tag: parent.into(),
+            ..Default::default()
+        };
+        // A raw volume cannot get a parent.
+        let e = c
+            .update_volume(upd(&base.volume.unwrap().id, &r_tag.id, "u0"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        // Rebase q onto r.
+        let u = c
+            .update_volume(upd(&qv.id, &r_tag.id, "u1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(u.changed);
+        assert_eq!(u.volume.unwrap().parent_tag, r_tag.id);
+        // r onto q's tag would be a loop (q's chain goes through r).
+        let e = c
+            .update_volume(upd(&rv.id, &q_tag.id, "u2"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("loop"), "{}", e.message());
+        // The old parent's child count went down, the new one's up.
+        let t = c
+            .get_tag(pb::GetTagRequest {
+                tag_id: base_tag.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.child_refs, 0);
+        let t = c
+            .get_tag(pb::GetTagRequest {
+                tag_id: r_tag.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.child_refs, 1);
+        // No parent at all.
+        let u = c
+            .update_volume(upd(&qv.id, "", "u3"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(u.volume.unwrap().parent_tag, "");
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_delete_disk_reclaims_what_only_it_references() {
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(1);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let disk = c
+            .create_volume(disk_request("d", pb::VolumeFormat::Raw, 4))
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        let mut weak = Vec::new();
+        for i in 0..3 {
+            let s = c
+                .snapshot(pb::SnapshotRequest {
+                    request_id: format!("s{i}"),
+                    tag_id: disk.id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            weak.push(s.parent_tag.unwrap().id);
+        }
+        // A thin clone on the first snapshot's weak tag keeps that part of
+        // the chain alive.
+        let mut clone = disk_request("clone", pb::VolumeFormat::Qcow2, 4);
+        clone.parent_tag = weak[0].clone();
+        let clone = c
+            .create_volume(clone)
+            .await
+            .unwrap()
+            .into_inner()
+            .tag
+            .unwrap();
+        let counts = |c: &mut cairn_agent::pb::agent_client::AgentClient<_>| {
+            let mut c = c.clone();
+            async move {
+                let v = c
+                    .list_volumes(pb::ListVolumesRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .volumes
+                    .len();
+                let t = c
+                    .list_tags(pb::ListTagsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .tags
+                    .len();
+                (v, t)
+            }
+        };
+        assert_eq!(counts(&mut c).await, (5, 5));
+        let r = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "del".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The disk, its top three volumes and the two upper weak tags go;
+        // the base and its weak tag stay for the clone.
+        assert_eq!(r.tags_removed.len(), 3, "{r:?}");
+        assert_eq!(r.volumes_removed.len(), 3, "{r:?}");
+        assert!(!r.tags_removed.contains(&weak[0]));
+        assert_eq!(counts(&mut c).await, (2, 2));
+        let r = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "del2".into(),
+                tag_id: clone.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.tags_removed.len(), r.volumes_removed.len()),
+            (2, 2),
+            "{r:?}"
+        );
+        assert_eq!(counts(&mut c).await, (0, 0));
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+#[test]
+fn agent_preallocated_volumes_own_their_blocks() {
+    use std::os::unix::fs::MetadataExt;
+    let AgentFixture {
+        dir: _dir,
+        domain: dom,
+        agent,
+    } = AgentFixture::new(1);
+    let blocks = || std::fs::metadata(&dom).unwrap().blocks() * 512;
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        for (i, f) in [pb::VolumeFormat::Raw, pb::VolumeFormat::Qcow2]
+            .into_iter()
+            .enumerate()
+        {
+            let before = blocks();
+            let mut sparse = disk_request(&format!("s{i}"), f, 32);
+            sparse.tag = None;
+            c.create_volume(sparse).await.unwrap();
+            let mid = blocks();
+            let mut pre = disk_request(&format!("p{i}"), f, 32);
+            pre.tag = None;
+            pre.allocation = pb::Allocation::Preallocated as i32;
+            let v = c
+                .create_volume(pre)
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            assert_eq!(v.allocation, pb::Allocation::Preallocated as i32);
+            let after = blocks();
+            // A sparse volume costs next to nothing; a preallocated one its
+            // whole run.
+            assert!(mid - before < 4 << 20, "{f:?} sparse took {}", mid - before);
+            assert!(
+                after - mid >= 32 << 20,
+                "{f:?} preallocated took {}",
+                after - mid
+            );
+        }
+    });
+    drop(agent);
+    domain_clean(&dom);
+}

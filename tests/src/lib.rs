@@ -1,0 +1,23 @@
+//! Cairn's test kit: fixtures for real components and helpers, used by
+//! the integration tests (`tests/it`), the benchmarks (`tests/benches`)
+//! and the `cairn-torture` helper.
+//!
+//! - [`bins`]: the workspace's binaries, built on first use;
+//! - [`domain`]: domains in files, formatting parameters, checks;
+//! - [`agent`], [`coordinator`]: real processes and clients;
+//! - [`etcd`]: a real etcd on loopback;
+//! - [`cluster`]: etcd, agents on one domain and coordinators together;
+//! - [`data`]: files of known patterns and what images read like;
+//! - [`refusals`]: tables of requests that must be refused, checked at once;
+//! - [`stats`]: percentiles, medians and a seeded generator.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod bins;
+pub mod cluster;
+pub mod coordinator;
+pub mod data;
+pub mod domain;
+pub mod etcd;
+pub mod refusals;
+pub mod stats;
