@@ -382,3 +382,180 @@ fn non_utf8_text_is_refused_not_decoded_lossily() {
     seal(&SALT, &mut v);
     assert!(decode_volume(&SALT, 3, &v).is_err());
 }
+
+/// The fuzz targets' seed corpora (`fuzz/seeds/<target>/`): the golden
+/// structures above, each as the target reads it (a mode byte, then the
+/// bytes), once as they are and once in repair mode. Regenerated with
+/// `CAIRN_BLESS=1`; checked against the files otherwise, so a layout
+/// change cannot leave the fuzzers seeded with stale structures.
+#[test]
+fn fuzz_seeds_are_the_golden_structures() {
+    let gold = FormatParams {
+        name: "gold".into(),
+        host_slots: Some(2),
+        volume_slots: Some(16),
+        tag_slots: Some(16),
+        journal_size: Some(65536),
+        user_data_size: Some(4096),
+        extent_size: None,
+    };
+    let g = Geometry::compute(
+        64 << 20,
+        512,
+        &gold,
+        uuid::Uuid::from_bytes(SALT),
+        1_700_000_000,
+    )
+    .unwrap();
+    // The alloc_pages target's own geometry.
+    let fz = FormatParams {
+        name: "fuzz".into(),
+        host_slots: Some(2),
+        volume_slots: Some(64),
+        tag_slots: Some(64),
+        journal_size: Some(65536),
+        user_data_size: Some(4096),
+        extent_size: None,
+    };
+    let fg = Geometry::compute(64 << 20, 512, &fz, uuid::Uuid::nil(), 0).unwrap();
+    let with = |mode: u8, parts: &[&[u8]]| -> Vec<u8> {
+        let mut v = vec![mode];
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    };
+    let rec = |r: &[u8], slot: u32, mode: u8| with(mode, &[r, &SALT, &slot.to_le_bytes()]);
+    let intent = Intent {
+        created: 1_700_000_000,
+        request_id: [3; 16],
+        label: "create volume".into(),
+        actions: vec![
+            Action::SetBits {
+                map: 0,
+                start: 17,
+                count: 4,
+            },
+            Action::PutVolume {
+                slot: 3,
+                before: Box::new([0; RECORD]),
+                after: Box::new(encode_volume(&SALT, &sample_volume())),
+            },
+        ],
+    };
+    let commit = Commit {
+        intent_seq: 12,
+        outcome: Direction::Forward,
+        resolver_slot: 0,
+    };
+    let header = |kind: JournalKind, seq| RecordHeader {
+        kind: kind.code(),
+        seq,
+        oldest_open: 12,
+        durable: seq - 1,
+        slot: 0,
+    };
+    let mut ring =
+        encode_record(&[0; 16], &header(JournalKind::Intent, 12), &intent.encode()).to_vec();
+    ring.extend_from_slice(&encode_record(
+        &[0; 16],
+        &header(JournalKind::Commit, 13),
+        &commit.encode(),
+    ));
+    let slot = SlotHeader {
+        state: SlotState::Active,
+        generation: 3,
+        token: 77,
+        host_id: uuid::Uuid::from_bytes([0x22; 16]),
+        host_name: "node-a".into(),
+        claimed_at: 1_700_000_000,
+        released_at: 0,
+    };
+    let mut bits = [0u8; 4032];
+    bits[0] = 0b1011;
+    let mut items = UserData::new();
+    items.insert("a".into(), b"xy".to_vec());
+    let sb = g.encode();
+    let seeds: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("superblock", "golden", with(0, &[sb.as_bytes()])),
+        ("superblock", "golden-repair", with(1, &[sb.as_bytes()])),
+        (
+            "records",
+            "volume",
+            rec(&encode_volume(&SALT, &sample_volume()), 3, 0),
+        ),
+        (
+            "records",
+            "volume-repair",
+            rec(&encode_volume(&SALT, &sample_volume()), 3, 1),
+        ),
+        (
+            "records",
+            "tag",
+            rec(&encode_tag(&SALT, &sample_tag()), 1, 0),
+        ),
+        (
+            "records",
+            "tag-repair",
+            rec(&encode_tag(&SALT, &sample_tag()), 1, 3),
+        ),
+        ("records", "slot", rec(&slot.encode(&SALT, 4), 4, 0)),
+        ("records", "slot-repair", rec(&slot.encode(&SALT, 4), 4, 5)),
+        (
+            "records",
+            "free",
+            rec(&encode_free(&SALT, VOL_MAGIC, 9, 8, 2), 9, 0),
+        ),
+        (
+            "alloc_pages",
+            "root",
+            with(0, &[&crate::alloc::encode_root(&fg, 5, 6, 1)]),
+        ),
+        (
+            "alloc_pages",
+            "root-repair",
+            with(1, &[&crate::alloc::encode_root(&fg, 5, 6, 1)]),
+        ),
+        (
+            "alloc_pages",
+            "bitmap",
+            with(0, &[&crate::alloc::encode_page(&fg, 0, 0, &bits, 2, 6)]),
+        ),
+        (
+            "alloc_pages",
+            "bitmap-repair",
+            with(3, &[&crate::alloc::encode_page(&fg, 0, 0, &bits, 2, 6)]),
+        ),
+        ("journal_ring", "intent-commit", with(0, &[&ring])),
+        ("journal_ring", "intent-commit-repair", with(1, &[&ring])),
+        ("intent", "intent", with(0, &[&intent.encode()])),
+        ("intent", "commit", with(0, &[&commit.encode()])),
+        (
+            "user_data",
+            "blob",
+            with(0, &[&encode_user_data(&tid(1), &items)]),
+        ),
+        (
+            "user_data",
+            "blob-repair",
+            with(1, &[&encode_user_data(&tid(1), &items)]),
+        ),
+    ];
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let bless = std::env::var_os("CAIRN_BLESS").is_some();
+    for (target, name, bytes) in seeds {
+        let p = root.join(target).join(name);
+        if bless {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, &bytes).unwrap();
+        } else {
+            let on_disk = std::fs::read(&p)
+                .unwrap_or_else(|e| panic!("{}: {e} (regenerate with CAIRN_BLESS=1)", p.display()));
+            assert!(
+                on_disk == bytes,
+                "{} is stale (regenerate with CAIRN_BLESS=1)",
+                p.display()
+            );
+        }
+    }
+}

@@ -26,6 +26,7 @@ pub mod api;
 pub mod check;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod geometry;
 pub mod io;
 pub mod journal;

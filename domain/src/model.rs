@@ -424,17 +424,21 @@ pub fn encode_options(opts: &[(String, String)]) -> Result<String> {
     Ok(out)
 }
 
-/// Decode tag options; `None` if malformed.
+/// Decode tag options; `None` if malformed or if they could not have been
+/// written (a control character, a key twice): what decodes encodes again.
 pub fn decode_options(s: &str) -> Option<Vec<(String, String)>> {
     if s.is_empty() {
         return Some(Vec::new());
     }
-    s.split('\n')
+    let opts: Vec<(String, String)> = s
+        .split('\n')
         .map(|line| {
             let (k, v) = line.split_once('=')?;
             valid_key(k).then(|| (k.to_string(), v.to_string()))
         })
-        .collect()
+        .collect::<Option<_>>()?;
+    encode_options(&opts).ok()?;
+    Some(opts)
 }
 
 /// Parse a `KEY=VALUE` option argument.

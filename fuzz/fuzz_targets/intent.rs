@@ -1,13 +1,5 @@
 #![no_main]
-//! Intent and commit payload decoders.
-use cairn_domain::journal::{Commit, Intent};
+//! See `cairn_domain::fuzzing::intent`.
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(i) = Intent::decode(data) {
-        assert_eq!(Intent::decode(&i.encode()).unwrap(), i);
-    }
-    if let Ok(c) = Commit::decode(data) {
-        assert_eq!(Commit::decode(&c.encode()).unwrap(), c);
-    }
-});
+fuzz_target!(|data: &[u8]| cairn_domain::fuzzing::intent(data));

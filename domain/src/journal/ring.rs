@@ -202,6 +202,20 @@ pub fn scan(salt: &[u8; 16], slot: u16, ring: &[u8], ring_off: u64) -> Result<Sc
         .max()
         .unwrap_or(0);
     let newest_seq = newest.header.seq;
+    // Every record from the oldest open intent on was written after it,
+    // and the writer never wraps over an open intent: they fit in the
+    // ring, one page each at least.
+    if newest_seq >= s.oldest_open && newest_seq - s.oldest_open >= pages {
+        return Err(DomainError::corrupt(
+            format!("journal of host slot {slot}"),
+            ring_off + newest.page * PAGE,
+            format!(
+                "record {newest_seq} says intent {} is open, {} records back in a ring of {pages} pages",
+                s.oldest_open,
+                newest_seq - s.oldest_open
+            ),
+        ));
+    }
     for seq in s.oldest_open..=newest_seq {
         match records.remove(&seq) {
             Some(r) => {
