@@ -124,8 +124,7 @@ impl Coordinator {
     pub(crate) async fn found_made(&self, rec: &mut JobRecord, domain: uuid::Uuid) -> Result<bool> {
         match self.made_by(&domain, &rec.id).await? {
             Some(t) => {
-                rec.result_domain = domain.to_string();
-                rec.result_disk = t.id.to_string();
+                rec.made(domain, t.id);
                 Ok(true)
             }
             None => Ok(false),

@@ -187,7 +187,13 @@ impl JobRecord {
         format!("{}:{:?}:{}", self.id, self.step, self.attempts)
     }
 
-    /// The domain and, for a copy elsewhere, the target domain.
+    /// Record the disk the job made or changed.
+    pub fn made(&mut self, domain: impl std::fmt::Display, disk: impl std::fmt::Display) {
+        self.result_domain = domain.to_string();
+        self.result_disk = disk.to_string();
+    }
+
+    /// The domain the job works on.
     pub fn domain(&self) -> uuid::Uuid {
         self.spec.domain()
     }

@@ -202,7 +202,8 @@ impl Coordinator {
             return Ok(());
         }
         let spec = rec.spec.clone();
-        spec.kind().step(self, rec, lock).await
+        let mut cx = crate::jobs::Cx { c: self, rec, lock };
+        spec.kind().step(&mut cx).await
     }
 
     // ---- taking over ---------------------------------------------------------------------

@@ -135,25 +135,7 @@ impl AgentConn {
         domain: &uuid::Uuid,
         d: &NewDisk,
     ) -> Result<TagInfo> {
-        let r = self
-            .c()
-            .create_volume(pb::CreateVolumeRequest {
-                request_id: rid.into(),
-                domain: domain.to_string(),
-                format: wire::volume_format_code(d.format),
-                capacity: d.size,
-                size: 0,
-                allocation: wire::allocation_code(allocation(d.preallocated)),
-                parent_tag: String::new(),
-                description: d.description.clone(),
-                tag: Some((&TagSpec::disk(d.options.clone())).into()),
-                keep_locked: false,
-                lock_lease_seconds: 0,
-            })
-            .await
-            .map_err(self.err())?
-            .into_inner();
-        tag_of(&self.host, &need(&self.host, r.tag, "a tag")?)
+        self.create(rid, domain, d, None).await
     }
 
     /// A thin disk on a snapshot: a qcow2 layer on `parent` with a strong
@@ -166,18 +148,35 @@ impl AgentConn {
         description: &str,
         options: &[(String, String)],
     ) -> Result<TagInfo> {
+        let d = NewDisk {
+            format: Format::Qcow2,
+            size: 0,
+            preallocated: false,
+            description: description.into(),
+            options: options.to_vec(),
+        };
+        self.create(rid, domain, &d, Some(parent)).await
+    }
+
+    async fn create(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        d: &NewDisk,
+        parent: Option<&TagId>,
+    ) -> Result<TagInfo> {
         let r = self
             .c()
             .create_volume(pb::CreateVolumeRequest {
                 request_id: rid.into(),
                 domain: domain.to_string(),
-                format: pb::VolumeFormat::Qcow2 as i32,
-                capacity: 0,
+                format: wire::volume_format_code(d.format),
+                capacity: d.size,
                 size: 0,
-                allocation: wire::allocation_code(Allocation::Sparse),
-                parent_tag: parent.to_string(),
-                description: description.into(),
-                tag: Some((&TagSpec::disk(options.to_vec())).into()),
+                allocation: wire::allocation_code(allocation(d.preallocated)),
+                parent_tag: parent.map(|p| p.to_string()).unwrap_or_default(),
+                description: d.description.clone(),
+                tag: Some((&TagSpec::disk(d.options.clone())).into()),
                 keep_locked: false,
                 lock_lease_seconds: 0,
             })

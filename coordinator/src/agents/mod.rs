@@ -83,6 +83,15 @@ pub struct Agents {
     load: Mutex<HashMap<String, usize>>,
 }
 
+/// Which agents may take a call: those that see `domain` (and `also`),
+/// equal ones spread by `spread`.
+#[derive(Clone, Copy)]
+struct Pick<'a> {
+    domain: &'a uuid::Uuid,
+    also: Option<&'a uuid::Uuid>,
+    spread: u64,
+}
+
 /// How long a discovered list of agents is used before asking again.
 const FRESH: Duration = Duration::from_millis(1000);
 
@@ -224,31 +233,14 @@ impl Agents {
         F: Fn(AgentConn) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut exclude = HashSet::new();
-        let mut last = None;
-        for round in 0..2 {
-            if round > 0 {
-                self.invalidate();
-            }
-            let agents = self.list().await?;
-            loop {
-                let load = self.load.lock().expect("poisoned").clone();
-                let Some(a) = plan::pick_agent(&agents, domain, also, &load, &exclude, spread)
-                else {
-                    break;
-                };
-                let _busy = self.busy(&a.host_id);
-                match f(self.conn(a)?).await {
-                    Err(e) if e.agent_unavailable() => {
-                        tracing::warn!(host = %a.host_id, error = %e, "agent unavailable; trying another");
-                        exclude.insert(a.host_id.clone());
-                        last = Some(e);
-                    }
-                    r => return r,
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| CoordError::NoAgent(domain.to_string())))
+        let pick = Pick {
+            domain,
+            also,
+            spread,
+        };
+        self.first_answer(pick, CoordError::agent_unavailable, f)
+            .await
+            .and_then(|(_, r)| r)
     }
 
     /// Make a mutating call `f` on an agent that sees `domain` (and
@@ -269,6 +261,31 @@ impl Agents {
         F: Fn(AgentConn) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
+        let pick = Pick {
+            domain,
+            also,
+            spread,
+        };
+        match self.first_answer(pick, not_sent, &f).await? {
+            (a, Err(e)) if e.agent_unavailable() => self.ask_again(&a, e, &f).await,
+            (_, r) => r.map(Once::Answered),
+        }
+    }
+
+    /// Call `f` on agents picked by load until one answers with something
+    /// other than an error `skip` says to try another agent for (in two
+    /// rounds, the second on a fresh list). Returns that agent and its
+    /// answer.
+    async fn first_answer<T, F, Fut>(
+        &self,
+        pick: Pick<'_>,
+        skip: fn(&CoordError) -> bool,
+        f: F,
+    ) -> Result<(AgentInfo, Result<T>)>
+    where
+        F: Fn(AgentConn) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut exclude = HashSet::new();
         let mut last = None;
         for round in 0..2 {
@@ -278,23 +295,28 @@ impl Agents {
             let agents = self.list().await?;
             loop {
                 let load = self.load.lock().expect("poisoned").clone();
-                let Some(a) = plan::pick_agent(&agents, domain, also, &load, &exclude, spread)
-                else {
+                let Some(a) = plan::pick_agent(
+                    &agents,
+                    pick.domain,
+                    pick.also,
+                    &load,
+                    &exclude,
+                    pick.spread,
+                ) else {
                     break;
                 };
                 let _busy = self.busy(&a.host_id);
                 match f(self.conn(a)?).await {
-                    Err(e) if not_sent(&e) => {
-                        tracing::warn!(host = %a.host_id, error = %e, "agent unreachable; trying another");
+                    Err(e) if skip(&e) => {
+                        tracing::warn!(host = %a.host_id, error = %e, "agent unavailable; trying another");
                         exclude.insert(a.host_id.clone());
                         last = Some(e);
                     }
-                    Err(e) if e.agent_unavailable() => return self.ask_again(a, e, &f).await,
-                    r => return r.map(Once::Answered),
+                    r => return Ok((a.clone(), r)),
                 }
             }
         }
-        Err(last.unwrap_or_else(|| CoordError::NoAgent(domain.to_string())))
+        Err(last.unwrap_or_else(|| CoordError::NoAgent(pick.domain.to_string())))
     }
 
     /// The call `f` may have reached agent `a` (it failed with `e`): send it

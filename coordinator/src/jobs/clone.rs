@@ -2,13 +2,11 @@
 //! snapshot, or, of a disk, a snapshot and the clone's layer on it in one
 //! transaction. A full clone is a copy of the chain in the same domain.
 
-use std::sync::Arc;
-
-use cairn_domain::{Allocation, Format, LockGuard, TagId};
+use cairn_domain::{Allocation, Format, TagId};
 use serde::{Deserialize, Serialize};
 
 use super::copy::{copy, copy_done, CopyOf};
-use super::{check_description, check_name, options, text, Kind};
+use super::{check_description, check_name, options, text, Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::{self, CloneSource, CLONE_OF_KEY, SNAP_KEY};
@@ -42,11 +40,7 @@ pub struct FullClone {
     #[serde(default)]
     pub name: String,
     /// Its format; none keeps the source's.
-    #[serde(
-        default,
-        serialize_with = "text::ser_format",
-        deserialize_with = "text::de_format"
-    )]
+    #[serde(default, with = "text::opt_format")]
     pub format: Option<Format>,
     /// Its provisioning.
     #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
@@ -58,29 +52,10 @@ pub struct FullClone {
 
 #[tonic::async_trait]
 impl Kind for ThinClone {
-    fn name(&self) -> &'static str {
-        "clone"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.source)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Call]
-    }
-    fn validate(&self) -> Result<()> {
-        check_name(&self.name)?;
-        check_description(&self.description)
-    }
+    facts!("clone", [Call], domain: domain, disk: source);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        _: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec) = (cx.c, &mut *cx.rec);
         let (dom, src) = (self.domain, self.source);
         let st = c.tag(&dom, &src).await?;
         let source = plan::clone_source(&src, std::slice::from_ref(&st))?;
@@ -109,8 +84,7 @@ impl Kind for ThinClone {
             })
             .await?;
         if let Some(t) = made {
-            rec.result_domain = dom.to_string();
-            rec.result_disk = t.id.to_string();
+            rec.made(dom, t.id);
         }
         Ok(())
     }
@@ -118,33 +92,19 @@ impl Kind for ThinClone {
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
         c.found_made(rec, self.domain).await
     }
-}
 
-#[tonic::async_trait]
-impl Kind for FullClone {
-    fn name(&self) -> &'static str {
-        "clone"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.source)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Copy]
-    }
     fn validate(&self) -> Result<()> {
         check_name(&self.name)?;
         check_description(&self.description)
     }
+}
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()> {
+#[tonic::async_trait]
+impl Kind for FullClone {
+    facts!("clone", [Copy], domain: domain, disk: source);
+
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
         let what = CopyOf {
             domain: self.domain,
             source: self.source,
@@ -160,5 +120,10 @@ impl Kind for FullClone {
 
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
         copy_done(c, rec, self.domain, self.domain).await
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_name(&self.name)?;
+        check_description(&self.description)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cairn_domain::{Allocation, Format, LockGuard, TagId, TagType};
 use serde::{Deserialize, Serialize};
 
-use super::{format_or, options, text, Kind};
+use super::{format_or, options, text, Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::{self, CloneSource, DomainRef, CONVERT_KEY, NAME_KEY};
@@ -25,11 +25,7 @@ pub struct CopyTo {
     #[serde(rename = "target_domain")]
     pub target: uuid::Uuid,
     /// The copy's format; none keeps the disk's.
-    #[serde(
-        default,
-        serialize_with = "text::ser_format",
-        deserialize_with = "text::de_format"
-    )]
+    #[serde(default, with = "text::opt_format")]
     pub format: Option<Format>,
     /// The copy's provisioning.
     #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
@@ -130,8 +126,7 @@ pub(super) async fn copy(
         .await?;
     match made {
         Some(Some(t)) => {
-            rec.result_domain = target.to_string();
-            rec.result_disk = t.id.to_string();
+            rec.made(target, t.id);
         }
         Some(None) => return Err(CoordError::Internal("a copy job without its tag".into())),
         // Found done on the domain: the results are in `rec`.
@@ -170,28 +165,10 @@ impl CopyTo {
 
 #[tonic::async_trait]
 impl Kind for CopyTo {
-    fn name(&self) -> &'static str {
-        "copy"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Copy]
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
+    facts!("copy", [Copy], domain: domain, disk: disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
         copy(c, rec, lock, self.copy_of()).await
     }
 
@@ -202,28 +179,10 @@ impl Kind for CopyTo {
 
 #[tonic::async_trait]
 impl Kind for Move {
-    fn name(&self) -> &'static str {
-        "move"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.0.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.0.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Copy, Step::DeleteSource]
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
+    facts!("move", [Copy, DeleteSource], domain: 0.domain, disk: 0.disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
         let (dom, disk) = (self.0.domain, self.0.disk);
         match rec.step {
             Step::Copy => copy(c, rec, lock, self.0.copy_of()).await,
@@ -248,28 +207,10 @@ impl Kind for Move {
 
 #[tonic::async_trait]
 impl Kind for Convert {
-    fn name(&self) -> &'static str {
-        "convert"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Copy, Step::Swap]
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
+    facts!("convert", [Copy, Swap], domain: domain, disk: disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
         let (dom, disk) = (self.domain, self.disk);
         match rec.step {
             Step::Copy => {
@@ -292,8 +233,7 @@ impl Kind for Convert {
                     a.swap(&rid, &dom, &disk, &with).await
                 })
                 .await?;
-                rec.result_domain = dom.to_string();
-                rec.result_disk = disk.to_string();
+                rec.made(dom, disk);
                 Ok(())
             }
         }

@@ -1,12 +1,10 @@
 //! Create a disk: one agent call makes a volume and its strong tag in one
 //! transaction. No lock: nothing exists yet that another job could touch.
 
-use std::sync::Arc;
-
-use cairn_domain::{Allocation, Format, LockGuard, TagId};
+use cairn_domain::{Allocation, Format, TagId};
 use serde::{Deserialize, Serialize};
 
-use super::{check_description, check_name, check_size, options, text, Kind};
+use super::{check_description, check_name, check_size, options, text, Cx, Kind};
 use crate::agents::NewDisk;
 use crate::coordinator::Coordinator;
 use crate::error::Result;
@@ -34,30 +32,10 @@ pub struct Create {
 
 #[tonic::async_trait]
 impl Kind for Create {
-    fn name(&self) -> &'static str {
-        "create"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        None
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Call]
-    }
-    fn validate(&self) -> Result<()> {
-        check_name(&self.name)?;
-        check_description(&self.description)?;
-        check_size(self.size)
-    }
+    facts!("create", [Call], domain: domain, disk: none);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        _: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec) = (cx.c, &mut *cx.rec);
         let dom = self.domain;
         let nd = NewDisk {
             format: self.format,
@@ -73,13 +51,18 @@ impl Kind for Create {
             })
             .await?;
         if let Some(t) = made {
-            rec.result_domain = dom.to_string();
-            rec.result_disk = t.id.to_string();
+            rec.made(dom, t.id);
         }
         Ok(())
     }
 
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
         c.found_made(rec, self.domain).await
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_name(&self.name)?;
+        check_description(&self.description)?;
+        check_size(self.size)
     }
 }

@@ -1,12 +1,10 @@
 //! Delete a disk: refused while it is active on any host; one agent call
 //! removes its tag and every volume only it reaches.
 
-use std::sync::Arc;
-
-use cairn_domain::{LockGuard, TagId};
+use cairn_domain::TagId;
 use serde::{Deserialize, Serialize};
 
-use super::Kind;
+use super::{Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::Result;
 use crate::record::{JobRecord, Step};
@@ -22,36 +20,17 @@ pub struct Delete {
 
 #[tonic::async_trait]
 impl Kind for Delete {
-    fn name(&self) -> &'static str {
-        "delete"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Call]
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
+    facts!("delete", [Call], domain: domain, disk: disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        _: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec) = (cx.c, &mut *cx.rec);
         let (dom, disk) = (self.domain, self.disk);
         c.refuse_active(&dom, &disk).await?;
         c.mutate(rec, |a, rid| async move {
             a.delete_disk(&rid, &dom, &disk).await
         })
         .await?;
-        rec.result_domain = dom.to_string();
-        rec.result_disk = disk.to_string();
+        rec.made(dom, disk);
         Ok(())
     }
 

@@ -2,12 +2,10 @@
 //! onto the snapshot's parent, or committed into a base it sits on),
 //! under the lock of the disk it belongs to.
 
-use std::sync::Arc;
-
-use cairn_domain::{LockGuard, TagId};
+use cairn_domain::TagId;
 use serde::{Deserialize, Serialize};
 
-use super::Kind;
+use super::{Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::SNAP_KEY;
@@ -25,21 +23,7 @@ pub struct DeleteSnapshot {
 
 #[tonic::async_trait]
 impl Kind for DeleteSnapshot {
-    fn name(&self) -> &'static str {
-        "delete-snapshot"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.snapshot)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Merge]
-    }
-    fn validate(&self) -> Result<()> {
-        Ok(())
-    }
+    facts!("delete-snapshot", [Merge], domain: domain, disk: snapshot);
 
     /// The disk the snapshot belongs to, so that its other operations
     /// wait; the snapshot itself when that is not known.
@@ -57,12 +41,8 @@ impl Kind for DeleteSnapshot {
         ))
     }
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
         let (dom, snap) = (self.domain, self.snapshot);
         if rec.agent_job.is_empty() {
             let t = match c.tag(&dom, &snap).await {

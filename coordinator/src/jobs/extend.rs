@@ -2,12 +2,10 @@
 //! moving the top where there is room) and the tag's size. Disks only
 //! grow.
 
-use std::sync::Arc;
-
-use cairn_domain::{LockGuard, TagId, TagType};
+use cairn_domain::{TagId, TagType};
 use serde::{Deserialize, Serialize};
 
-use super::{check_size, Kind};
+use super::{check_size, Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::record::{JobRecord, Step};
@@ -25,28 +23,10 @@ pub struct Extend {
 
 #[tonic::async_trait]
 impl Kind for Extend {
-    fn name(&self) -> &'static str {
-        "extend"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Call]
-    }
-    fn validate(&self) -> Result<()> {
-        check_size(self.size)
-    }
+    facts!("extend", [Call], domain: domain, disk: disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        _: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec) = (cx.c, &mut *cx.rec);
         let (dom, disk, size) = (self.domain, self.disk, self.size);
         let t = c.tag(&dom, &disk).await?;
         if t.tag_type != TagType::Strong {
@@ -69,8 +49,7 @@ impl Kind for Extend {
             a.extend(&rid, &dom, &top, &disk, size).await
         })
         .await?;
-        rec.result_domain = dom.to_string();
-        rec.result_disk = disk.to_string();
+        rec.made(dom, disk);
         Ok(())
     }
 
@@ -80,5 +59,9 @@ impl Kind for Extend {
             Err(CoordError::NotFound { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_size(self.size)
     }
 }

@@ -7,6 +7,40 @@
 //! records have always had, so that a record written by an earlier
 //! version reads as the same job.
 
+/// A kind's fixed facts, written once: its name, its steps after Begin,
+/// the field that holds its domain and the one that holds the disk it
+/// works on (`none` for a create).
+macro_rules! facts {
+    ($name:literal, [$($step:ident),+], domain: $($d:tt).+, disk: none) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn domain(&self) -> uuid::Uuid {
+            self.$($d).+
+        }
+        fn disk(&self) -> Option<TagId> {
+            None
+        }
+        fn plan(&self) -> &'static [Step] {
+            &[$(Step::$step),+]
+        }
+    };
+    ($name:literal, [$($step:ident),+], domain: $($d:tt).+, disk: $($k:tt).+) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn domain(&self) -> uuid::Uuid {
+            self.$($d).+
+        }
+        fn disk(&self) -> Option<TagId> {
+            Some(self.$($k).+)
+        }
+        fn plan(&self) -> &'static [Step] {
+            &[$(Step::$step),+]
+        }
+    };
+}
+
 mod clone;
 mod copy;
 mod create;
@@ -106,8 +140,18 @@ impl JobSpec {
     }
 }
 
-/// What each kind of job does. Steps take the record they advance (their
-/// results go into it) and the disk lock they run under, if any.
+/// What a step works with: the replica, the record it advances (its
+/// results go into it) and the disk lock it runs under, if any.
+pub(crate) struct Cx<'a> {
+    /// The replica.
+    pub c: &'a Arc<Coordinator>,
+    /// The job.
+    pub rec: &'a mut JobRecord,
+    /// The disk's lock.
+    pub lock: Option<&'a LockGuard>,
+}
+
+/// What each kind of job does.
 #[tonic::async_trait]
 pub(crate) trait Kind: Send + Sync {
     /// The name clients see.
@@ -118,19 +162,16 @@ pub(crate) trait Kind: Send + Sync {
     fn disk(&self) -> Option<TagId>;
     /// Its steps after Begin.
     fn plan(&self) -> &'static [Step];
-    /// Check its fields.
-    fn validate(&self) -> Result<()>;
+    /// Check its fields (nothing to check by default).
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
     /// The disk whose lock it runs under: by default the one it works on.
     async fn lock_target(&self, _c: &Coordinator) -> Result<Option<TagId>> {
         Ok(self.disk())
     }
-    /// Carry out `rec.step`.
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        lock: Option<&LockGuard>,
-    ) -> Result<()>;
+    /// Carry out `cx.rec.step`.
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()>;
     /// Whether `rec.step` took effect though nobody heard its answer (the
     /// domain is settled); fills in the step's results when it did.
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool>;
@@ -174,19 +215,25 @@ fn options(name: &str, job: &str, extra: &[(&str, &str)]) -> Vec<(String, String
 /// How optional fields are kept in a record: an empty string is none, as
 /// in records of earlier versions.
 mod text {
-    use cairn_domain::{Allocation, Format};
-    use serde::{Deserialize, Deserializer, Serializer};
+    use cairn_domain::Allocation;
+    use serde::{Deserialize, Deserializer};
 
-    pub fn ser_format<S: Serializer>(f: &Option<Format>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(f.map(Format::as_str).unwrap_or(""))
-    }
+    /// An optional format: an empty string is none.
+    pub mod opt_format {
+        use cairn_domain::Format;
+        use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn de_format<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.is_empty() {
-            return Ok(None);
+        pub fn serialize<S: Serializer>(f: &Option<Format>, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(f.map(Format::as_str).unwrap_or(""))
         }
-        s.parse().map(Some).map_err(serde::de::Error::custom)
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+            let s = String::deserialize(d)?;
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse().map(Some).map_err(serde::de::Error::custom)
+        }
     }
 
     pub fn de_allocation<'de, D: Deserializer<'de>>(d: D) -> Result<Allocation, D::Error> {

@@ -2,12 +2,10 @@
 //! tag onto it; the weak tag left on the old top carries the job's id, so
 //! that a lost answer can be found on the domain.
 
-use std::sync::Arc;
-
-use cairn_domain::{LockGuard, TagId, TagType};
+use cairn_domain::{TagId, TagType};
 use serde::{Deserialize, Serialize};
 
-use super::{check_description, Kind};
+use super::{check_description, Cx, Kind};
 use crate::coordinator::Coordinator;
 use crate::error::Result;
 use crate::plan::{DomainRef, JOB_KEY};
@@ -27,28 +25,10 @@ pub struct Snapshot {
 
 #[tonic::async_trait]
 impl Kind for Snapshot {
-    fn name(&self) -> &'static str {
-        "snapshot"
-    }
-    fn domain(&self) -> uuid::Uuid {
-        self.domain
-    }
-    fn disk(&self) -> Option<TagId> {
-        Some(self.disk)
-    }
-    fn plan(&self) -> &'static [Step] {
-        &[Step::Call]
-    }
-    fn validate(&self) -> Result<()> {
-        check_description(&self.description)
-    }
+    facts!("snapshot", [Call], domain: domain, disk: disk);
 
-    async fn step(
-        &self,
-        c: &Arc<Coordinator>,
-        rec: &mut JobRecord,
-        _: Option<&LockGuard>,
-    ) -> Result<()> {
+    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
+        let (c, rec) = (cx.c, &mut *cx.rec);
         let (dom, disk) = (self.domain, self.disk);
         let desc = self.description.clone();
         let mark = vec![(JOB_KEY.to_string(), rec.id.clone())];
@@ -60,8 +40,7 @@ impl Kind for Snapshot {
             .await?;
         if let Some((weak, _)) = made {
             rec.snapshot = weak.id.to_string();
-            rec.result_domain = dom.to_string();
-            rec.result_disk = disk.to_string();
+            rec.made(dom, disk);
         }
         Ok(())
     }
@@ -79,11 +58,14 @@ impl Kind for Snapshot {
         Ok(match made {
             Some(t) => {
                 rec.snapshot = t.id.to_string();
-                rec.result_domain = self.domain.to_string();
-                rec.result_disk = self.disk.to_string();
+                rec.made(self.domain, self.disk);
                 true
             }
             None => false,
         })
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_description(&self.description)
     }
 }
