@@ -25,6 +25,7 @@ use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::transport::{agent_client as connect, Target};
 use cairn_tests::data::pattern_file;
 use cairn_tests::stats::{env_u64, median, ms, pct};
+use cairn_tests::Answer;
 use tonic::transport::Channel;
 
 /// A file of `len` bytes: in every 10 MiB, the first `data_mib` MiB random.
@@ -57,8 +58,7 @@ impl Bench {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
     }
 
     async fn job(&mut self, j: pb::Job) -> (pb::Job, Duration) {
@@ -70,8 +70,7 @@ impl Bench {
                     job_id: j.id.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             if s.state != pb::JobState::Running as i32 {
                 assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
                 return (s, t.elapsed());
@@ -333,8 +332,7 @@ fn main() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             b.job(j).await.0.volume.unwrap()
         });
         std::fs::remove_file(&p).unwrap();
@@ -371,8 +369,7 @@ fn main() {
                                     ..Default::default()
                                 })
                                 .await
-                                .unwrap()
-                                .into_inner();
+                                .answer();
                             let (j, _) = b.job(j).await;
                             let d = t.elapsed();
                             b.delete(j.volume.as_ref().unwrap()).await;

@@ -27,6 +27,7 @@ use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use cairn_tests::bins::{built_bin, spawn_ready, Profile};
 use cairn_tests::etcd::Etcd;
 use cairn_tests::stats::{cpu_of, env_u64, ms, pct};
+use cairn_tests::Answer;
 use tonic::transport::Channel;
 
 /// CPU per operation: each part and the sum.
@@ -165,11 +166,7 @@ async fn coord(c: &Cluster) -> CoordinatorClient<Channel> {
 
 async fn wait_agents(c: &mut CoordinatorClient<Channel>, n: usize) {
     loop {
-        let r = c
-            .list_agents(pb::ListAgentsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let r = c.list_agents(pb::ListAgentsRequest {}).await.answer();
         if r.agents.iter().filter(|a| a.reachable).count() == n {
             return;
         }
@@ -190,8 +187,7 @@ async fn create(c: &mut CoordinatorClient<Channel>) -> String {
         ..Default::default()
     })
     .await
-    .unwrap()
-    .into_inner())
+    .answer())
     .disk
     .unwrap()
     .id
@@ -204,8 +200,7 @@ async fn snapshot(c: &mut CoordinatorClient<Channel>, disk: &str) -> String {
         ..Default::default()
     })
     .await
-    .unwrap()
-    .into_inner())
+    .answer())
     .snapshot_id
 }
 
@@ -216,8 +211,7 @@ async fn clone(c: &mut CoordinatorClient<Channel>, snap: &str) {
         ..Default::default()
     })
     .await
-    .unwrap()
-    .into_inner());
+    .answer());
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -288,8 +282,7 @@ async fn agent_snapshots(addr: &str, n: usize) -> Vec<Duration> {
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
+        .answer()
         .tag
         .unwrap()
         .id;
@@ -320,8 +313,7 @@ async fn kill_sample(cl: &mut Cluster, victim: usize) -> Duration {
             disk_id: disk.clone(),
         })
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let top = v.chain.last().unwrap().volume_id.clone();
     let mut a = AgentClient::connect(cl.agent_addrs[victim].clone())
         .await

@@ -10,6 +10,7 @@ use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
+use cairn_tests::Answer;
 
 fn activate_req(id: &str, tag: &str) -> pb::ActivateRequest {
     pb::ActivateRequest {
@@ -32,8 +33,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         let created = c
             .create_volume(disk_request("c1", pb::VolumeFormat::Raw, 64))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(created.created);
         let base = created.volume.unwrap();
         let disk = created.tag.unwrap();
@@ -47,8 +47,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let a = act.activation.unwrap();
         let base_path = Path::new(&a.path).to_path_buf();
         assert_eq!(
@@ -82,8 +81,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let top = snap.volume.unwrap();
         assert_eq!(top.format, pb::VolumeFormat::Qcow2 as i32);
         assert_eq!(snap.tag.unwrap().volume, top.id);
@@ -136,8 +134,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(chk.clean, "{}", chk.report_json);
 
         // Deactivate, then the domain is clean offline.
@@ -148,8 +145,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(d.changed);
         assert!(!top_path.exists());
     });
@@ -173,14 +169,12 @@ fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
             let r = c
                 .create_volume(disk_request(&format!("c{i}"), pb::VolumeFormat::Raw, 8))
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             let tag = r.tag.unwrap();
             let a = c
                 .activate(activate_req(&format!("a{i}"), &tag.id))
                 .await
-                .unwrap()
-                .into_inner()
+                .answer()
                 .activation
                 .unwrap();
             out.push((
@@ -225,16 +219,11 @@ fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
         let l = c
             .list_activations(pb::ListActivationsRequest::default())
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(l.activations.len(), 1);
         assert_eq!(l.activations[0].tag_id, keep.0);
         // Activating again changes nothing.
-        let again = c
-            .activate(activate_req("a-again", &keep.0))
-            .await
-            .unwrap()
-            .into_inner();
+        let again = c.activate(activate_req("a-again", &keep.0)).await.answer();
         assert!(!again.changed);
     });
     // Metrics count what the restarted agent served.
@@ -264,14 +253,12 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
         let r = c
             .create_volume(disk_request("base", pb::VolumeFormat::Raw, 16))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let disk = r.tag.unwrap().id;
         let mut path = c
             .activate(activate_req("a", &disk))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .activation
             .unwrap()
             .path;
@@ -296,8 +283,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             let top = s.volume.unwrap().id;
             path = Path::new(&path)
                 .with_file_name(&top)
@@ -325,8 +311,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
         let a = c
             .activate(activate_req("a2", &disk))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .activation
             .unwrap();
         assert_eq!(a.volumes.len(), 101);
@@ -360,8 +345,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
         let disk = c
             .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .tag
             .unwrap();
         let snap = c
@@ -371,14 +355,12 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let weak = snap.parent_tag.unwrap();
         let top = c
             .activate(activate_req("a", &disk.id))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .activation
             .unwrap();
         c.activate(activate_req("a2", &weak.id)).await.unwrap();
@@ -440,8 +422,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(r.changed);
         assert!(!Path::new(&top.path).exists());
         let _ = holder.kill();

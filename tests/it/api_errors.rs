@@ -6,6 +6,7 @@ use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
 use cairn_tests::domain::*;
 use cairn_tests::refusals::Refusals;
+use cairn_tests::Answer;
 
 #[test]
 fn agent_retried_requests_return_the_first_outcome() {
@@ -17,16 +18,15 @@ fn agent_retried_requests_return_the_first_outcome() {
     rt().block_on(async {
         let mut c = agent.client().await;
         let req = disk_request("same-id", pb::VolumeFormat::Qcow2, 8);
-        let a = c.create_volume(req.clone()).await.unwrap().into_inner();
-        let b = c.create_volume(req.clone()).await.unwrap().into_inner();
+        let a = c.create_volume(req.clone()).await.answer();
+        let b = c.create_volume(req.clone()).await.answer();
         assert!(a.created && !b.created);
         assert_eq!(a.volume, b.volume);
         assert_eq!(a.tag, b.tag);
         let vols = c
             .list_volumes(pb::ListVolumesRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volumes;
         assert_eq!(vols.len(), 1);
         // The same id for a different request is refused.
@@ -42,15 +42,14 @@ fn agent_retried_requests_return_the_first_outcome() {
             tag_id: disk.clone(),
             ..Default::default()
         };
-        let s1 = c.snapshot(snap.clone()).await.unwrap().into_inner();
-        let s2 = c.snapshot(snap).await.unwrap().into_inner();
+        let s1 = c.snapshot(snap.clone()).await.answer();
+        let s2 = c.snapshot(snap).await.answer();
         assert!(s1.created && !s2.created);
         assert_eq!(s1.volume, s2.volume);
         let tags = c
             .list_tags(pb::ListTagsRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .tags;
         assert_eq!(tags.len(), 2, "a retried snapshot made another layer");
 
@@ -61,22 +60,15 @@ fn agent_retried_requests_return_the_first_outcome() {
             data: b"alice".to_vec(),
             ..Default::default()
         };
-        assert!(
-            c.set_user_data(set.clone())
-                .await
-                .unwrap()
-                .into_inner()
-                .changed
-        );
-        assert!(!c.set_user_data(set).await.unwrap().into_inner().changed);
+        assert!(c.set_user_data(set.clone()).await.answer().changed);
+        assert!(!c.set_user_data(set).await.answer().changed);
         let got = c
             .get_user_data(pb::GetUserDataRequest {
                 tag_id: disk.clone(),
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .items;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].data, b"alice");
@@ -108,8 +100,7 @@ impl Bad {
             let r = c
                 .create_volume(disk_request("setup", pb::VolumeFormat::Raw, 8))
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             let weak = c
                 .create_tag(pb::CreateTagRequest {
                     request_id: "weak".into(),
@@ -121,8 +112,7 @@ impl Bad {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner()
+                .answer()
                 .tag
                 .unwrap();
             (r.volume.unwrap().id, (r.tag.unwrap().id, weak.id))
@@ -766,8 +756,7 @@ fn agent_serves_health_and_reflection() {
                 service: "cairn.agent.v1.Agent".into(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(
             st.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
@@ -784,8 +773,7 @@ fn agent_serves_health_and_reflection() {
         let mut s = r
             .server_reflection_info(tokio_stream::iter(vec![req]))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let resp = s.message().await.unwrap().unwrap();
         let Some(MessageResponse::ListServicesResponse(l)) = resp.message_response else {
             panic!("unexpected reflection answer {resp:?}");

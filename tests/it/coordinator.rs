@@ -10,6 +10,7 @@ use cairn_tests::agent::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
+use cairn_tests::Answer;
 
 const MIB: u64 = 1 << 20;
 
@@ -54,8 +55,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let j = ok(c
             .create_disk(create("c1", "one", "web", pb::Format::Raw, 64))
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         assert_eq!(j.kind, "create");
         let disk = j.disk.unwrap().id;
         expected_file(&exp("web"), 64 * MIB);
@@ -68,8 +68,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let again = c
             .create_disk(create("c1", "one", "web", pb::Format::Raw, 64))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(again.id, j.id);
         let e = c
             .create_disk(create("c1", "one", "web", pb::Format::Raw, 65))
@@ -86,8 +85,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 description: "before the upgrade".into(),
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         let s1 = s.snapshot_id.clone();
         assert!(!s1.is_empty());
         let p = activate(&mut a, "one", &disk).await;
@@ -100,8 +98,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: disk.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.name, "web");
         assert_eq!(v.chain.len(), 2);
         assert_eq!(v.format, pb::Format::Qcow2 as i32);
@@ -120,8 +117,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         let from_snap = cs.disk.unwrap().id;
         check_disk(&mut a, "one", &from_snap, &exp("s1")).await;
         // Thin clone of the disk: what it is now (the disk gets a snapshot).
@@ -134,8 +130,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         let from_disk = cd.disk.unwrap().id;
         check_disk(&mut a, "one", &from_disk, &exp("web")).await;
         let fd = c
@@ -144,8 +139,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: from_disk.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(fd.parent_disk, disk);
         assert_eq!(fd.chain.len(), 3, "the clone shares the disk's chain");
         // Writes to the clone stay in the clone.
@@ -169,8 +163,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         let full = fc.disk.unwrap();
@@ -186,8 +179,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             size: 96 * MIB,
         })
         .await
-        .unwrap()
-        .into_inner());
+        .answer());
         std::fs::OpenOptions::new()
             .write(true)
             .open(exp("web"))
@@ -216,8 +208,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: disk.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.snapshots.len(), 2);
         let s2 = v.snapshots[1].id.clone();
         let e = finish(
@@ -229,8 +220,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     snapshot_id: s2.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await;
         assert_eq!(e.state, pb::JobState::Failed as i32);
@@ -242,8 +232,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             disk_id: from_disk.clone(),
         })
         .await
-        .unwrap()
-        .into_inner());
+        .answer());
         ok(finish(
             c.clone(),
             c.clone()
@@ -253,8 +242,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     snapshot_id: s2.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         check_disk(&mut a, "one", &disk, &exp("web")).await;
@@ -265,8 +253,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             disk_id: from_snap.clone(),
         })
         .await
-        .unwrap()
-        .into_inner());
+        .answer());
         ok(finish(
             c.clone(),
             c.clone()
@@ -276,8 +263,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     snapshot_id: s1.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         let v = c
@@ -286,8 +272,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: disk.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.chain.len(), 1, "{v:?}");
         assert!(v.snapshots.is_empty());
         check_disk(&mut a, "one", &disk, &exp("web")).await;
@@ -296,8 +281,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let j = ok(c
             .create_disk(create("c2", "one", "db", pb::Format::Raw, 32))
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         let db = j.disk.unwrap().id;
         expected_file(&exp("db"), 32 * MIB);
         let p = activate(&mut a, "one", &db).await;
@@ -311,8 +295,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 description: String::new(),
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         let p = activate(&mut a, "one", &db).await;
         write_both(&p, &exp("db"), MIB, 2 * MIB, 0x55);
         deactivate(&mut a, "one", &db).await;
@@ -325,8 +308,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     snapshot_id: s.snapshot_id.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         let v = c
@@ -335,8 +317,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: db.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.chain.len(), 1);
         assert_eq!(
             v.format,
@@ -357,8 +338,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         let v = c
@@ -367,8 +347,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: disk.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.format, pb::Format::Raw as i32);
         assert_eq!(v.chain.len(), 1);
         assert_eq!(v.name, "web");
@@ -386,8 +365,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         let copy = cp.disk.unwrap();
@@ -405,8 +383,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner(),
+                .answer(),
         )
         .await);
         assert_eq!(mv.kind, "move");
@@ -424,8 +401,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let listed = c
             .list_disks(pb::ListDisksRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .disks;
         let mut names: Vec<_> = listed
             .iter()
@@ -517,14 +493,12 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 disk_id: id.clone(),
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
         }
         let jobs = c
             .list_jobs(pb::ListJobsRequest { running: true })
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .jobs;
         assert!(jobs.is_empty(), "{jobs:?}");
     });

@@ -9,6 +9,7 @@ use cairn_agent::pb;
 use cairn_tests::agent::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
+use cairn_tests::Answer;
 
 fn target(format: pb::VolumeFormat, tag: bool) -> Option<pb::TargetSpec> {
     Some(pb::TargetSpec {
@@ -50,8 +51,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(job.kind, "import");
         let j = wait_job(&mut c, job).await;
         assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
@@ -75,8 +75,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             let j = wait_job(&mut c, job).await;
             assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
             let v = j.volume.unwrap();
@@ -92,8 +91,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let top = snap.volume.unwrap();
         let act = c
             .activate(pb::ActivateRequest {
@@ -102,8 +100,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .activation
             .unwrap();
         run(Command::new("qemu-io")
@@ -160,8 +157,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             let j = wait_job(&mut c, job).await;
             assert_eq!(j.state, pb::JobState::Succeeded as i32, "{name}: {j:?}");
             assert_eq!(j.path, out.display().to_string());
@@ -176,8 +172,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let j = wait_job(&mut c, job).await;
         assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
         let v = j.volume.unwrap();
@@ -188,8 +183,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(chk.clean, "{}", chk.report_json);
         c.deactivate(pb::DeactivateRequest {
             request_id: "deact".into(),
@@ -222,8 +216,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
         let setup = c
             .create_volume(disk_request("v", pb::VolumeFormat::Raw, 4))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volume
             .unwrap();
         let before = domain_state(&dom);
@@ -280,8 +273,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
         let job = c
             .import_volume(imp(big.display().to_string()))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         c.cancel_job(pb::CancelJobRequest {
             job_id: job.id.clone(),
         })
@@ -293,8 +285,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
         let vols = c
             .list_volumes(pb::ListVolumesRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volumes;
         assert_eq!(vols.len(), 1, "a cancelled import left a volume");
     });
@@ -323,8 +314,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let j = wait_job(&mut c, job).await;
         assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
         let disk = j.tag.unwrap();
@@ -348,16 +338,14 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         loop {
             let j = c
                 .get_job(pb::GetJobRequest {
                     job_id: job.id.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             assert_eq!(
                 j.state,
                 pb::JobState::Running as i32,
@@ -378,8 +366,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
         let vols = c
             .list_volumes(pb::ListVolumesRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volumes;
         for v in &vols {
             assert_eq!(
@@ -392,8 +379,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
         let acts = c
             .list_activations(pb::ListActivationsRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .activations;
         assert_eq!(acts.len(), 1);
         assert_eq!(acts[0].tag_id, disk.id);

@@ -9,6 +9,7 @@ use cairn_cluster::{EtcdConfig, EtcdLockService};
 use cairn_domain::lock::{conformance, Resource, ResourceKind};
 use cairn_domain::{DomainError, LockService};
 use cairn_tests::etcd::{free_port, Etcd};
+use cairn_tests::Answer;
 
 fn cfg(e: &Etcd, ttl: u64, margin_ms: u64) -> EtcdConfig {
     let mut c = EtcdConfig::new(vec![e.url()], "test");
@@ -233,8 +234,7 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
         let disk = ca
             .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .tag
             .unwrap();
         // The other host snapshots it, the first sees the result.
@@ -245,16 +245,14 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let t = ca
             .get_tag(pb::GetTagRequest {
                 tag_id: disk.id.clone(),
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(t.volume, snap.volume.unwrap().id);
         let chk = ca
             .check_volume(pb::CheckVolumeRequest {
@@ -262,19 +260,10 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(chk.clean, "{}", chk.report_json);
-        let da = ca
-            .list_domains(pb::ListDomainsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let db = cb
-            .list_domains(pb::ListDomainsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let da = ca.list_domains(pb::ListDomainsRequest {}).await.answer();
+        let db = cb.list_domains(pb::ListDomainsRequest {}).await.answer();
         assert_ne!(da.domains[0].host_slot, db.domains[0].host_slot);
         disk.id
     });
@@ -289,8 +278,7 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
+        .answer()
         .activation
         .unwrap()
         .path

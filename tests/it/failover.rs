@@ -14,6 +14,7 @@ use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
+use cairn_tests::Answer;
 
 /// Poll a job until an agent works on it and has made progress.
 async fn running_on(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::Job {
@@ -28,8 +29,7 @@ async fn running(c: &mut CoordinatorClient<Channel>, id: &str, progress: bool) -
         let j = c
             .get_job(pb::GetJobRequest { job_id: id.into() })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         if !j.host_id.is_empty() && (j.done_bytes > 0 || !progress) {
             return j;
         }
@@ -55,8 +55,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
             let j = c0
                 .clone_disk(full_clone(&format!("spread{i}"), &src))
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             jobs.push(j);
         }
         let mut hosts = std::collections::BTreeSet::new();
@@ -71,11 +70,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
         let mut copied = std::collections::BTreeSet::new();
         for (n, a) in cl.agents.iter().enumerate() {
             let mut ac = a.client().await;
-            let l = ac
-                .list_jobs(apb::ListJobsRequest {})
-                .await
-                .unwrap()
-                .into_inner();
+            let l = ac.list_jobs(apb::ListJobsRequest {}).await.answer();
             if l.jobs.iter().any(|j| j.kind == "copy") {
                 copied.insert(n);
             }
@@ -90,8 +85,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
         let j = c0
             .clone_disk(full_clone("killed-agent", &big))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let running = running_on(&mut c0, &j.id).await;
         let victim = cl.agent_of(&running.host_id);
         cl.agents[victim].kill();
@@ -107,8 +101,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
             let vols = ao
                 .list_volumes(apb::ListVolumesRequest::default())
                 .await
-                .unwrap()
-                .into_inner()
+                .answer()
                 .volumes;
             if vols
                 .iter()
@@ -130,8 +123,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
         let j = c0
             .clone_disk(full_clone("killed-coord", &big))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         // Its agent job has started (its host and job id are recorded):
         // kill the coordinator at once, before the copy can end (waiting
         // for recorded progress, a second at most, sometimes saw it end
@@ -156,8 +148,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
         let l = c1b
             .list_jobs(pb::ListJobsRequest { running: true })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(l.jobs.is_empty(), "{l:?}");
         c1.list_disks(pb::ListDisksRequest::default())
             .await
@@ -177,8 +168,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
         let made = a
             .create_volume(disk_request("d", apb::VolumeFormat::Raw, 384))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let (vol, disk) = (made.volume.unwrap().id, made.tag.unwrap().id);
         expected_file(&exp, 384 * MIB);
         let p = activate(&mut a, "", &disk).await;
@@ -201,8 +191,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let t = Instant::now();
         loop {
             let j = a
@@ -210,8 +199,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
                     job_id: job.id.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             if j.done_bytes > 0 {
                 break;
             }
@@ -231,8 +219,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
                     collect_garbage: true,
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             assert!(r.volumes_removed.is_empty(), "{r:?}");
             if !r.slots_recovered.is_empty() {
                 break;
@@ -314,8 +301,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
                     collect_garbage: true,
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             if !r.volumes_removed.is_empty() {
                 break;
             }
@@ -352,8 +338,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner());
+                .answer());
             others.push(j.disk.unwrap().id);
         }
         let conv = c
@@ -364,8 +349,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         running(&mut c, &conv.id, false).await;
         // A second client on disk 0 waits for the conversion.
         let mut c0 = c.clone();
@@ -378,13 +362,11 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner());
+                .answer());
             let conv = c0
                 .get_job(pb::GetJobRequest { job_id: conv_id })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             (s, conv)
         });
         // Fifteen clients on their own disks are not held up by it: their
@@ -402,8 +384,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                             ..Default::default()
                         })
                         .await
-                        .unwrap()
-                        .into_inner());
+                        .answer());
                     let _ = tx.send(());
                 }
             }));
@@ -416,8 +397,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                 job_id: conv.id.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(
             during.state,
             pb::JobState::Running as i32,
@@ -440,8 +420,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                 disk_id: d0.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(v.chain.len(), 2, "{v:?}");
         assert_eq!(v.chain[0].format, pb::Format::Qcow2 as i32);
         assert_eq!(v.snapshots.len(), 1);
@@ -455,8 +434,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                     disk_id: d.clone(),
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             assert_eq!(v.snapshots.len(), 5, "{v:?}");
         }
     });
@@ -478,8 +456,7 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner());
+                .answer());
             let d = j.disk.unwrap().id;
             ok(c.snapshot_disk(pb::SnapshotDiskRequest {
                 request_id: format!("snap{i}"),
@@ -487,8 +464,7 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner());
+            .answer());
             disks.push(d);
         }
         let before = domain_state(&cl.domain);
@@ -543,14 +519,12 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner());
+        .answer());
         // Nothing committed before was lost.
         let listed = c
             .list_disks(pb::ListDisksRequest::default())
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .disks;
         for d in &disks {
             let v = listed.iter().find(|x| &x.id == d).expect("disk kept");

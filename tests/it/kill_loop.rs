@@ -13,6 +13,7 @@ use tonic::transport::Channel;
 use cairn_tests::agent::*;
 use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
+use cairn_tests::Answer;
 
 /// What a disk is, as far as "before or after an operation" goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,11 +26,7 @@ struct DiskState {
 type State = std::collections::BTreeMap<String, DiskState>;
 
 async fn state(c: &mut CoordinatorClient<Channel>) -> State {
-    let r = c
-        .list_disks(pb::ListDisksRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let r = c.list_disks(pb::ListDisksRequest::default()).await.answer();
     r.disks
         .into_iter()
         .map(|d| {
@@ -408,16 +405,14 @@ fn root_etcd_qemu_slow_sigkill_loop_leaves_every_disk_before_or_after() {
             let running = c
                 .list_jobs(pb::ListJobsRequest { running: true })
                 .await
-                .unwrap()
-                .into_inner()
+                .answer()
                 .jobs;
             let held = held_locks(&cl.etcd).await;
             let mut a = cl.agents[0].client().await;
             let vols = a
                 .list_volumes(apb::ListVolumesRequest::default())
                 .await
-                .unwrap()
-                .into_inner()
+                .answer()
                 .volumes;
             let half: Vec<_> = vols
                 .iter()

@@ -4,6 +4,7 @@
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
 use cairn_tests::domain::*;
+use cairn_tests::Answer;
 
 #[test]
 fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
@@ -17,15 +18,13 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
         let a = c
             .create_volume(disk_request("a", pb::VolumeFormat::Qcow2, 16))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volume
             .unwrap();
         let b = c
             .create_volume(disk_request("b", pb::VolumeFormat::Raw, 16))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volume
             .unwrap();
         // b is last: it grows in place.
@@ -37,8 +36,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(r.changed);
         let v = r.volume.unwrap();
         assert_eq!((v.capacity, v.extent_start), (32 << 20, b.extent_start));
@@ -73,8 +71,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let grown = r.volume.unwrap();
         assert_eq!(grown.capacity, (16 << 20) + (512 << 10));
         assert_eq!(grown.extent_count, a.extent_count, "the run moved or grew");
@@ -84,8 +81,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(chk.clean, "{}", chk.report_json);
         let m = c
             .measure_volume(pb::MeasureVolumeRequest {
@@ -94,8 +90,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         // An empty raw volume needs only qcow2 metadata; fully written, all.
         assert!(m.required < 1 << 20, "{m:?}");
         assert!(m.fully_allocated > 32 << 20, "{m:?}");
@@ -116,7 +111,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
         let mut req = disk_request("v", pb::VolumeFormat::Raw, 4);
         req.tag = None;
         req.keep_locked = true;
-        let r = c.create_volume(req).await.unwrap().into_inner();
+        let r = c.create_volume(req).await.answer();
         let v = r.volume.unwrap();
         assert!(!r.lock_id.is_empty(), "keep_locked gave no lock id");
         // With the lock id the holder changes the volume at once.
@@ -130,8 +125,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(u.volume.unwrap().description, "mine");
         // Without it, a change waits for the lock and gives up (ABORTED
         // after the agent's 5 s lock timeout).
@@ -150,8 +144,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
         let other = c
             .create_volume(disk_request("w", pb::VolumeFormat::Raw, 4))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .volume
             .unwrap();
         let e = c
@@ -169,16 +162,14 @@ fn agent_client_locks_exclude_others_until_unlocked() {
                 lock_id: r.lock_id.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(un.released);
         let again = c
             .unlock_volume(pb::UnlockVolumeRequest {
                 lock_id: r.lock_id.clone(),
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(!again.released);
         // Now anyone may delete it; LockVolume takes it again on request.
         let l = c
@@ -189,8 +180,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert!(l.token > 0);
         c.delete_volume(pb::DeleteVolumeRequest {
             request_id: "d3".into(),
@@ -217,20 +207,18 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
         let base = c
             .create_volume(disk_request("a", pb::VolumeFormat::Raw, 4))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let base_tag = base.tag.unwrap();
         let mut q = disk_request("q", pb::VolumeFormat::Qcow2, 4);
         q.parent_tag = base_tag.id.clone();
-        let q = c.create_volume(q).await.unwrap().into_inner();
+        let q = c.create_volume(q).await.answer();
         let qv = q.volume.unwrap();
         let q_tag = q.tag.unwrap();
         assert_eq!(qv.parent_tag, base_tag.id);
         let r = c
             .create_volume(disk_request("r", pb::VolumeFormat::Qcow2, 4))
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         let (rv, r_tag) = (r.volume.unwrap(), r.tag.unwrap());
         let upd = |id: &str, parent: &str, rid: &str| pb::UpdateVolumeRequest {
             request_id: rid.into(),
@@ -248,11 +236,7 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
         // Rebase q onto r.
-        let u = c
-            .update_volume(upd(&qv.id, &r_tag.id, "u1"))
-            .await
-            .unwrap()
-            .into_inner();
+        let u = c.update_volume(upd(&qv.id, &r_tag.id, "u1")).await.answer();
         assert!(u.changed);
         assert_eq!(u.volume.unwrap().parent_tag, r_tag.id);
         // r onto q's tag would be a loop (q's chain goes through r).
@@ -269,8 +253,7 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(t.child_refs, 0);
         let t = c
             .get_tag(pb::GetTagRequest {
@@ -278,15 +261,10 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(t.child_refs, 1);
         // No parent at all.
-        let u = c
-            .update_volume(upd(&qv.id, "", "u3"))
-            .await
-            .unwrap()
-            .into_inner();
+        let u = c.update_volume(upd(&qv.id, "", "u3")).await.answer();
         assert_eq!(u.volume.unwrap().parent_tag, "");
     });
     drop(agent);
@@ -305,8 +283,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
         let disk = c
             .create_volume(disk_request("d", pb::VolumeFormat::Raw, 4))
             .await
-            .unwrap()
-            .into_inner()
+            .answer()
             .tag
             .unwrap();
         let mut weak = Vec::new();
@@ -318,36 +295,27 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
                     ..Default::default()
                 })
                 .await
-                .unwrap()
-                .into_inner();
+                .answer();
             weak.push(s.parent_tag.unwrap().id);
         }
         // A thin clone on the first snapshot's weak tag keeps that part of
         // the chain alive.
         let mut clone = disk_request("clone", pb::VolumeFormat::Qcow2, 4);
         clone.parent_tag = weak[0].clone();
-        let clone = c
-            .create_volume(clone)
-            .await
-            .unwrap()
-            .into_inner()
-            .tag
-            .unwrap();
+        let clone = c.create_volume(clone).await.answer().tag.unwrap();
         let counts = |c: &mut cairn_agent::pb::agent_client::AgentClient<_>| {
             let mut c = c.clone();
             async move {
                 let v = c
                     .list_volumes(pb::ListVolumesRequest::default())
                     .await
-                    .unwrap()
-                    .into_inner()
+                    .answer()
                     .volumes
                     .len();
                 let t = c
                     .list_tags(pb::ListTagsRequest::default())
                     .await
-                    .unwrap()
-                    .into_inner()
+                    .answer()
                     .tags
                     .len();
                 (v, t)
@@ -361,8 +329,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         // The disk, its top three volumes and the two upper weak tags go;
         // the base and its weak tag stay for the clone.
         assert_eq!(r.tags_removed.len(), 3, "{r:?}");
@@ -376,8 +343,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .answer();
         assert_eq!(
             (r.tags_removed.len(), r.volumes_removed.len()),
             (2, 2),
@@ -412,13 +378,7 @@ fn agent_preallocated_volumes_own_their_blocks() {
             let mut pre = disk_request(&format!("p{i}"), f, 32);
             pre.tag = None;
             pre.allocation = pb::Allocation::Preallocated as i32;
-            let v = c
-                .create_volume(pre)
-                .await
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap();
+            let v = c.create_volume(pre).await.answer().volume.unwrap();
             assert_eq!(v.allocation, pb::Allocation::Preallocated as i32);
             let after = blocks();
             // A sparse volume costs next to nothing; a preallocated one its

@@ -1,6 +1,7 @@
 //! A real `cairn-agent` process on a domain file, a gRPC client to it,
 //! and what tests do with agents (loop devices, jobs, requests).
 
+use crate::Answer;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -255,8 +256,7 @@ pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
     let mut s = c
         .watch_job(pb::GetJobRequest { job_id: job.id })
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let mut last = None;
     while let Some(j) = s.message().await.unwrap() {
         last = Some(j);

@@ -1,6 +1,7 @@
 //! A cluster on one machine: a real etcd on loopback, agents sharing one
 //! domain file, coordinators.
 
+use crate::Answer;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -121,11 +122,7 @@ impl Cluster {
         let mut c = self.coords[n].client().await;
         let t = Instant::now();
         loop {
-            let r = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .unwrap()
-                .into_inner();
+            let r = c.list_agents(pb::ListAgentsRequest {}).await.answer();
             if r.agents.iter().filter(|a| a.reachable).count() == count {
                 return c;
             }
@@ -168,8 +165,7 @@ pub async fn filled_disk(
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner());
+        .answer());
     let disk = j.disk.unwrap().id;
     expected_file(expected, mib * MIB);
     let mut ac = a.client().await;

@@ -1,6 +1,7 @@
 //! A real `cairn-coordinator` process, a client to it, jobs followed to
 //! their end, and disks looked at through an agent's activation.
 
+use crate::Answer;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -77,8 +78,7 @@ pub async fn finish(mut c: CoordinatorClient<Channel>, job: pb::Job) -> pb::Job 
     let mut s = c
         .watch_job(pb::GetJobRequest { job_id: job.id })
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let mut last = None;
     while let Some(j) = s.message().await.unwrap() {
         last = Some(j);
@@ -110,8 +110,7 @@ pub async fn activate(a: &mut AgentClient<Channel>, domain: &str, tag: &str) -> 
             tag_id: tag.into(),
         })
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     PathBuf::from(r.activation.unwrap().path)
 }
 

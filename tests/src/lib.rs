@@ -21,3 +21,19 @@ pub mod domain;
 pub mod etcd;
 pub mod refusals;
 pub mod stats;
+
+/// A gRPC answer the test expects to succeed.
+pub trait Answer<T> {
+    /// The message; panics with the status otherwise.
+    fn answer(self) -> T;
+}
+
+impl<T> Answer<T> for Result<tonic::Response<T>, tonic::Status> {
+    #[track_caller]
+    fn answer(self) -> T {
+        match self {
+            Ok(r) => r.into_inner(),
+            Err(s) => panic!("the call failed: {s:?}"),
+        }
+    }
+}
