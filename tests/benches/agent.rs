@@ -23,6 +23,7 @@ use cairn_domain::{format, FormatParams, HostIdentity, MemLockService, SystemClo
 use cairn_proto::agent as pb;
 use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::transport::{agent_client as connect, Target};
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::data::pattern_file;
 use cairn_tests::stats::{env_u64, median, ms, pct};
 use cairn_tests::Answer;
@@ -64,13 +65,7 @@ impl Bench {
     async fn job(&mut self, j: pb::Job) -> (pb::Job, Duration) {
         let t = Instant::now();
         loop {
-            let s = self
-                .c
-                .get_job(pb::GetJobRequest {
-                    job_id: j.id.clone(),
-                })
-                .await
-                .answer();
+            let s = self.c.job_now(&j.id).await;
             if s.state != pb::JobState::Running as i32 {
                 assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
                 return (s, t.elapsed());

@@ -8,17 +8,10 @@ use std::process::Command;
 
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
+use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
 use cairn_tests::Answer;
-
-fn activate_req(id: &str, tag: &str) -> pb::ActivateRequest {
-    pb::ActivateRequest {
-        request_id: id.into(),
-        tag_id: tag.into(),
-        ..Default::default()
-    }
-}
 
 #[test]
 fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
@@ -138,15 +131,8 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         assert!(chk.clean, "{}", chk.report_json);
 
         // Deactivate, then the domain is clean offline.
-        let d = c
-            .deactivate(pb::DeactivateRequest {
-                request_id: "d1".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        assert!(d.changed);
+        let d = c.deactivate_tag("d1", &disk.id).await;
+        assert!(d);
         assert!(!top_path.exists());
     });
     assert!(loops_of(&dom).is_empty(), "loop devices left behind");
@@ -171,12 +157,7 @@ fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
                 .await
                 .answer();
             let tag = r.tag.unwrap();
-            let a = c
-                .activate(activate_req(&format!("a{i}"), &tag.id))
-                .await
-                .answer()
-                .activation
-                .unwrap();
+            let a = c.activate_tag(&format!("a{i}"), &tag.id).await;
             out.push((
                 tag.id,
                 r.volume.unwrap().id,
@@ -223,7 +204,7 @@ fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
         assert_eq!(l.activations.len(), 1);
         assert_eq!(l.activations[0].tag_id, keep.0);
         // Activating again changes nothing.
-        let again = c.activate(activate_req("a-again", &keep.0)).await.answer();
+        let again = c.activate(ask::activate("a-again", &keep.0)).await.answer();
         assert!(!again.changed);
     });
     // Metrics count what the restarted agent served.
@@ -255,13 +236,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
             .await
             .answer();
         let disk = r.tag.unwrap().id;
-        let mut path = c
-            .activate(activate_req("a", &disk))
-            .await
-            .answer()
-            .activation
-            .unwrap()
-            .path;
+        let mut path = c.activate_tag("a", &disk).await.path;
         for i in 0..=100u64 {
             // Each layer writes its own 64 KiB, and overwrites part of the
             // previous layer's.
@@ -295,25 +270,14 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
     // Restart the agent and activate from scratch: the whole chain again.
     rt.block_on(async {
         let mut c = agent.client().await;
-        c.deactivate(pb::DeactivateRequest {
-            request_id: "d".into(),
-            tag_id: disk.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.deactivate_tag("d", &disk).await;
     });
     assert!(loops_of(&dom).is_empty());
     agent.stop();
     let agent = AgentProc::start(&dom, dir.path());
     rt.block_on(async {
         let mut c = agent.client().await;
-        let a = c
-            .activate(activate_req("a2", &disk))
-            .await
-            .answer()
-            .activation
-            .unwrap();
+        let a = c.activate_tag("a2", &disk).await;
         assert_eq!(a.volumes.len(), 101);
         assert_eq!(a.path, top_path);
     });
@@ -342,28 +306,11 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
     } = AgentFixture::new(2);
     rt().block_on(async {
         let mut c = agent.client().await;
-        let disk = c
-            .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
-            .await
-            .answer()
-            .tag
-            .unwrap();
-        let snap = c
-            .snapshot(pb::SnapshotRequest {
-                request_id: "s".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let disk = c.new_disk("c", pb::VolumeFormat::Raw, 8).await.1;
+        let snap = c.snapshot_tag("s", &disk.id).await;
         let weak = snap.parent_tag.unwrap();
-        let top = c
-            .activate(activate_req("a", &disk.id))
-            .await
-            .answer()
-            .activation
-            .unwrap();
-        c.activate(activate_req("a2", &weak.id)).await.unwrap();
+        let top = c.activate_tag("a", &disk.id).await;
+        c.activate(ask::activate("a2", &weak.id)).await.unwrap();
         // The disk's chain goes through the weak tag's volume.
         let e = c
             .deactivate(pb::DeactivateRequest {
@@ -427,13 +374,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
         assert!(!Path::new(&top.path).exists());
         let _ = holder.kill();
         let _ = holder.wait();
-        c.deactivate(pb::DeactivateRequest {
-            request_id: "d4".into(),
-            tag_id: weak.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.deactivate_tag("d4", &weak.id).await;
     });
     drop(agent);
     domain_clean(&dom);

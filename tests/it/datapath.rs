@@ -7,6 +7,7 @@ use std::process::Command;
 use cairn_agent::pb;
 
 use cairn_tests::agent::*;
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
 use cairn_tests::Answer;
@@ -84,14 +85,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
             copies.push(v);
         }
         // Snapshot the imported disk, write into the top, export the chain.
-        let snap = c
-            .snapshot(pb::SnapshotRequest {
-                request_id: "snap".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let snap = c.snapshot_tag("snap", &disk.id).await;
         let top = snap.volume.unwrap();
         let act = c
             .activate(pb::ActivateRequest {
@@ -185,13 +179,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
             .await
             .answer();
         assert!(chk.clean, "{}", chk.report_json);
-        c.deactivate(pb::DeactivateRequest {
-            request_id: "deact".into(),
-            tag_id: disk.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.deactivate_tag("deact", &disk.id).await;
     });
     drop(agent);
     domain_clean(&dom);
@@ -213,12 +201,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
     pattern_file(&big, 512 << 20, 1 << 20, 1 << 20, 3);
     rt().block_on(async {
         let mut c = agent.client().await;
-        let setup = c
-            .create_volume(disk_request("v", pb::VolumeFormat::Raw, 4))
-            .await
-            .answer()
-            .volume
-            .unwrap();
+        let setup = c.new_disk("v", pb::VolumeFormat::Raw, 4).await.0;
         let before = domain_state(&dom);
         use tonic::Code::*;
         let imp = |p: String| pb::ImportVolumeRequest {
@@ -340,12 +323,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
             .await
             .answer();
         loop {
-            let j = c
-                .get_job(pb::GetJobRequest {
-                    job_id: job.id.clone(),
-                })
-                .await
-                .answer();
+            let j = c.job_now(&job.id).await;
             assert_eq!(
                 j.state,
                 pb::JobState::Running as i32,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cairn_cluster::{EtcdConfig, EtcdLockService};
 use cairn_domain::lock::{conformance, Resource, ResourceKind};
 use cairn_domain::{DomainError, LockService};
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::etcd::{free_port, Etcd};
 use cairn_tests::Answer;
 
@@ -231,21 +232,9 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
     let disk = rt().block_on(async {
         let mut ca = a.client().await;
         let mut cb = b.client().await;
-        let disk = ca
-            .create_volume(disk_request("c", pb::VolumeFormat::Raw, 8))
-            .await
-            .answer()
-            .tag
-            .unwrap();
+        let disk = ca.new_disk("c", pb::VolumeFormat::Raw, 8).await.1;
         // The other host snapshots it, the first sees the result.
-        let snap = cb
-            .snapshot(pb::SnapshotRequest {
-                request_id: "s".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let snap = cb.snapshot_tag("s", &disk.id).await;
         let t = ca
             .get_tag(pb::GetTagRequest {
                 tag_id: disk.id.clone(),
@@ -294,13 +283,7 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
         .arg(&path));
     rt().block_on(async {
         let mut cb = b.client().await;
-        cb.deactivate(pb::DeactivateRequest {
-            request_id: "deact".into(),
-            tag_id: disk.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        cb.deactivate_tag("deact", &disk).await;
     });
     drop(a);
     drop(b);

@@ -10,6 +10,7 @@ use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use cairn_tests::agent::*;
+use cairn_tests::ask::{AgentCalls, CoordCalls};
 use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
@@ -26,10 +27,7 @@ async fn running_on(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::Job {
 async fn running(c: &mut CoordinatorClient<Channel>, id: &str, progress: bool) -> pb::Job {
     let t = Instant::now();
     loop {
-        let j = c
-            .get_job(pb::GetJobRequest { job_id: id.into() })
-            .await
-            .answer();
+        let j = c.job_now(id).await;
         if !j.host_id.is_empty() && (j.done_bytes > 0 || !progress) {
             return j;
         }
@@ -194,12 +192,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
             .answer();
         let t = Instant::now();
         loop {
-            let j = a
-                .get_job(apb::GetJobRequest {
-                    job_id: job.id.clone(),
-                })
-                .await
-                .answer();
+            let j = a.job_now(&job.id).await;
             if j.done_bytes > 0 {
                 break;
             }
@@ -363,10 +356,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
                 })
                 .await
                 .answer());
-            let conv = c0
-                .get_job(pb::GetJobRequest { job_id: conv_id })
-                .await
-                .answer();
+            let conv = c0.job_now(&conv_id).await;
             (s, conv)
         });
         // Fifteen clients on their own disks are not held up by it: their
@@ -392,12 +382,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         for _ in 0..15 {
             rx.recv().await.unwrap();
         }
-        let during = c
-            .get_job(pb::GetJobRequest {
-                job_id: conv.id.clone(),
-            })
-            .await
-            .answer();
+        let during = c.job_now(&conv.id).await;
         assert_eq!(
             during.state,
             pb::JobState::Running as i32,

@@ -3,6 +3,7 @@
 
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::domain::*;
 use cairn_tests::Answer;
 
@@ -15,18 +16,8 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
     } = AgentFixture::new(1);
     rt().block_on(async {
         let mut c = agent.client().await;
-        let a = c
-            .create_volume(disk_request("a", pb::VolumeFormat::Qcow2, 16))
-            .await
-            .answer()
-            .volume
-            .unwrap();
-        let b = c
-            .create_volume(disk_request("b", pb::VolumeFormat::Raw, 16))
-            .await
-            .answer()
-            .volume
-            .unwrap();
+        let a = c.new_disk("a", pb::VolumeFormat::Qcow2, 16).await.0;
+        let b = c.new_disk("b", pb::VolumeFormat::Raw, 16).await.0;
         // b is last: it grows in place.
         let r = c
             .extend_volume(pb::ExtendVolumeRequest {
@@ -141,12 +132,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
         assert_eq!(e.code(), tonic::Code::Aborted, "{}", e.message());
         assert!(t.elapsed().as_secs_f64() > 4.0);
         // Someone else's lock id does not fit this volume.
-        let other = c
-            .create_volume(disk_request("w", pb::VolumeFormat::Raw, 4))
-            .await
-            .answer()
-            .volume
-            .unwrap();
+        let other = c.new_disk("w", pb::VolumeFormat::Raw, 4).await.0;
         let e = c
             .delete_volume(pb::DeleteVolumeRequest {
                 request_id: "d2".into(),
@@ -280,12 +266,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
     } = AgentFixture::new(1);
     rt().block_on(async {
         let mut c = agent.client().await;
-        let disk = c
-            .create_volume(disk_request("d", pb::VolumeFormat::Raw, 4))
-            .await
-            .answer()
-            .tag
-            .unwrap();
+        let disk = c.new_disk("d", pb::VolumeFormat::Raw, 4).await.1;
         let mut weak = Vec::new();
         for i in 0..3 {
             let s = c

@@ -5,6 +5,7 @@
 //! - [`bins`]: the workspace's binaries, built on first use;
 //! - [`domain`]: domains in files, formatting parameters, checks;
 //! - [`agent`], [`coordinator`]: real processes and clients;
+//! - [`ask`]: typed client helpers, one line per common call;
 //! - [`etcd`]: a real etcd on loopback;
 //! - [`cluster`]: etcd, agents on one domain and coordinators together;
 //! - [`data`]: files of known patterns and what images read like;
@@ -13,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod ask;
 pub mod bins;
 pub mod cluster;
 pub mod coordinator;
