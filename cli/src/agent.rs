@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::args::{rid, Wait};
-use crate::connect::{self, refused, Conn};
+use crate::connect::{self, refused, Ask, Conn};
 use crate::output::{human_bytes, progress_bar, Out};
 use crate::tag::{TagCmd, UserDataCmd};
 use crate::volume::{volume_json, VolumeCmd};
@@ -136,8 +136,7 @@ async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> R
             job_id: job.id.clone(),
         })
         .await
-        .map_err(refused)?
-        .into_inner();
+        .ask()?;
     let bar = (!json_out).then(|| progress_bar(job.total_bytes, &job.kind));
     let mut last = job;
     while let Some(j) = s.message().await.map_err(refused)? {
@@ -186,11 +185,7 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
     let d = conn.domain.clone();
     match cmd {
         AgentCmd::Domains => {
-            let r = c
-                .list_domains(pb::ListDomainsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let r = c.list_domains(pb::ListDomainsRequest {}).await.ask()?;
             if j {
                 let v: Vec<Value> = r
                     .domains
@@ -238,8 +233,7 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                     snapshot_options: Vec::new(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({
                 "volume": r.volume.as_ref().map(|v| v.id.clone()),
                 "parent_tag": r.parent_tag.as_ref().map(|t| t.id.clone()),
@@ -254,8 +248,7 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                     tag_id: tag.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let a = r.activation.unwrap_or_default();
             if j {
                 out.json(&activation_json(&a))?;
@@ -272,16 +265,14 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                     force: *force,
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({"changed": r.changed}))?;
         }
         AgentCmd::Activations => {
             let r = c
                 .list_activations(pb::ListActivationsRequest { domain: d })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             if j {
                 out.json(
                     &r.activations
@@ -307,11 +298,7 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
         }
         AgentCmd::Job(jc) => match jc {
             JobCmd::List => {
-                let r = c
-                    .list_jobs(pb::ListJobsRequest {})
-                    .await
-                    .map_err(refused)?
-                    .into_inner();
+                let r = c.list_jobs(pb::ListJobsRequest {}).await.ask()?;
                 if j {
                     out.json(&r.jobs.iter().map(job_json).collect::<Vec<_>>())?;
                 } else {
@@ -336,24 +323,21 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                 let x = c
                     .get_job(pb::GetJobRequest { job_id: id.clone() })
                     .await
-                    .map_err(refused)?
-                    .into_inner();
+                    .ask()?;
                 out.show(job_json(&x))?;
             }
             JobCmd::Watch { id } => {
                 let x = c
                     .get_job(pb::GetJobRequest { job_id: id.clone() })
                     .await
-                    .map_err(refused)?
-                    .into_inner();
+                    .ask()?;
                 return job_result(&mut c, x, &Wait { no_wait: false }, out).await;
             }
             JobCmd::Cancel { id } => {
                 let x = c
                     .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
                     .await
-                    .map_err(refused)?
-                    .into_inner();
+                    .ask()?;
                 out.show(job_json(&x))?;
             }
         },

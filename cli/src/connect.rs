@@ -70,6 +70,18 @@ pub fn refused(s: tonic::Status) -> anyhow::Error {
     .into()
 }
 
+/// A call's answer, or its refusal as a [`Refused`] error.
+pub trait Ask<T> {
+    /// The message, or the refusal.
+    fn ask(self) -> Result<T>;
+}
+
+impl<T> Ask<T> for std::result::Result<tonic::Response<T>, tonic::Status> {
+    fn ask(self) -> Result<T> {
+        self.map(tonic::Response::into_inner).map_err(refused)
+    }
+}
+
 /// A client of the agent.
 pub async fn agent(c: &Conn) -> Result<AgentClient<Channel>> {
     let t = match &c.agent {

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::args::Wait;
-use crate::connect::{self, refused, Conn, CoordConn};
+use crate::connect::{self, refused, Ask, Conn, CoordConn};
 use crate::disk::{disk_json, DiskCmd};
 use crate::output::{human_bytes, progress_bar, Out};
 
@@ -91,8 +91,7 @@ async fn follow(c: &mut CoordinatorClient<Channel>, job: pb::Job, quiet: bool) -
             job_id: job.id.clone(),
         })
         .await
-        .map_err(refused)?
-        .into_inner();
+        .ask()?;
     let bar = (!quiet).then(|| progress_bar(job.total_bytes, &job.step));
     let mut last = job;
     while let Some(j) = s.message().await.map_err(refused)? {
@@ -179,11 +178,7 @@ async fn run_async(
     let d = conn.domain.clone();
     match cmd {
         CoordCmd::Agents => {
-            let r = c
-                .list_agents(pb::ListAgentsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let r = c.list_agents(pb::ListAgentsRequest {}).await.ask()?;
             if j {
                 out.json(&json!(r.agents.iter().map(|a| json!({
                     "host_id": a.host_id, "host_name": a.host_name, "address": a.address,
@@ -229,8 +224,7 @@ async fn job(
             let r = c
                 .list_jobs(pb::ListJobsRequest { running: *running })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             if j {
                 out.json(&json!(r.jobs.iter().map(job_json).collect::<Vec<_>>()))?;
             } else {
@@ -270,8 +264,7 @@ async fn job(
             let x = c
                 .get_job(pb::GetJobRequest { job_id: id.clone() })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.json(&job_json(&x))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -279,8 +272,7 @@ async fn job(
             let x = c
                 .get_job(pb::GetJobRequest { job_id: id.clone() })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let x = follow(c, x, j).await?;
             outcome(&x, out, None)
         }
@@ -288,8 +280,7 @@ async fn job(
             let x = c
                 .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             outcome(&x, out, None)
         }
     }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::args::{parse_size, rid, FormatArg, Wait};
-use crate::connect::refused;
+use crate::connect::Ask;
 use crate::coord::{long, outcome};
 use crate::output::{human_bytes, Out};
 
@@ -217,8 +217,7 @@ pub async fn run(
                     description: description.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let id = x.disk.as_ref().map(|d| d.id.clone()).unwrap_or_default();
             outcome(&x, out, quiet.then_some(id.as_str()))
         }
@@ -226,8 +225,7 @@ pub async fn run(
             let r = c
                 .list_disks(pb::ListDisksRequest { domain: d })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             if j {
                 out.json(&json!(r.disks.iter().map(disk_json).collect::<Vec<_>>()))?;
             } else {
@@ -270,8 +268,7 @@ pub async fn run(
                     disk_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             if j {
                 out.json(&disk_json(&x))?;
             } else {
@@ -320,8 +317,7 @@ pub async fn run(
                     description: description.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let s = x.snapshot_id.clone();
             outcome(&x, out, quiet.then_some(s.as_str()))
         }
@@ -345,8 +341,7 @@ pub async fn run(
                     allocation: if *full { pa(*preallocate) } else { 0 },
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             long(c, x, wait, out, *quiet).await
         }
         DiskCmd::DeleteSnapshot { snapshot, wait } => {
@@ -357,8 +352,7 @@ pub async fn run(
                     snapshot_id: snapshot.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Delete { id } => {
@@ -369,8 +363,7 @@ pub async fn run(
                     disk_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             outcome(&x, out, None)
         }
         DiskCmd::Copy {
@@ -391,8 +384,7 @@ pub async fn run(
                     allocation: pa(*preallocate),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Move {
@@ -412,8 +404,7 @@ pub async fn run(
                     allocation: 0,
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Extend { id, size } => {
@@ -425,8 +416,7 @@ pub async fn run(
                     size: *size,
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             outcome(&x, out, None)
         }
         DiskCmd::Convert {
@@ -444,8 +434,7 @@ pub async fn run(
                     allocation: pa(*preallocate),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             long(c, x, wait, out, false).await
         }
     }

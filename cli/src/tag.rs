@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use crate::agent::tag_json;
 use crate::args::rid;
-use crate::connect::refused;
+use crate::connect::Ask;
 use crate::output::{human_bytes, Out};
 
 /// What a tag is made as.
@@ -158,16 +158,11 @@ pub async fn run(
                     tag: Some(tag.spec(volume.clone())?),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(tag_json(&r.tag.unwrap_or_default()))?;
         }
         TagCmd::List => {
-            let r = c
-                .list_tags(pb::ListTagsRequest { domain: d })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let r = c.list_tags(pb::ListTagsRequest { domain: d }).await.ask()?;
             if j {
                 out.json(&r.tags.iter().map(tag_json).collect::<Vec<_>>())?;
             } else {
@@ -181,8 +176,7 @@ pub async fn run(
                     tag_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(tag_json(&t))?;
         }
         TagCmd::Change { id, volume, tag } => {
@@ -194,8 +188,7 @@ pub async fn run(
                     tag: Some(tag.spec(volume.clone())?),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(tag_json(&r.tag.unwrap_or_default()))?;
         }
         TagCmd::Delete { id, chain: false } => {
@@ -205,7 +198,7 @@ pub async fn run(
                 tag_id: id.clone(),
             })
             .await
-            .map_err(refused)?;
+            .ask()?;
             out.show(json!({"deleted": id}))?;
         }
         TagCmd::Delete { id, chain: true } => {
@@ -216,8 +209,7 @@ pub async fn run(
                     tag_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(
                 json!({"tags_removed": r.tags_removed, "volumes_removed": r.volumes_removed}),
             )?;
@@ -257,8 +249,7 @@ pub async fn run_user_data(
                     data,
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({"changed": r.changed}))?;
         }
         UserDataCmd::Get { tag, name } => {
@@ -269,8 +260,7 @@ pub async fn run_user_data(
                     name: name.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             match (name, j) {
                     (Some(_), false) => {
                         out.write_all(&r.items[0].data)?;
@@ -299,8 +289,7 @@ pub async fn run_user_data(
                     name: name.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({"removed": r.removed}))?;
         }
     }

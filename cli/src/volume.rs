@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 use crate::agent::{enum_name, fmt_name, job_result, tag_json};
 use crate::args::{parse_size, rid, FormatArg, Wait};
-use crate::connect::refused;
+use crate::connect::Ask;
 use crate::output::{human_bytes, Out};
 use crate::tag::TagArgs;
 
@@ -233,8 +233,7 @@ pub async fn run(
                     ..Default::default()
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let v = r.volume.unwrap_or_default();
             if j {
                 out.json(&json!({"volume": volume_json(&v), "tag": r.tag.as_ref().map(tag_json)}))?;
@@ -251,8 +250,7 @@ pub async fn run(
             let r = c
                 .list_volumes(pb::ListVolumesRequest { domain: d })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             if j {
                 out.json(&r.volumes.iter().map(volume_json).collect::<Vec<_>>())?;
             } else {
@@ -266,8 +264,7 @@ pub async fn run(
                     volume_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(volume_json(&v))?;
         }
         VolumeCmd::Delete { id } => {
@@ -278,7 +275,7 @@ pub async fn run(
                 lock_id: String::new(),
             })
             .await
-            .map_err(refused)?;
+            .ask()?;
             out.show(json!({"deleted": id}))?;
         }
         VolumeCmd::Extend { id, size } => {
@@ -292,8 +289,7 @@ pub async fn run(
                     tag_id: String::new(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(volume_json(&r.volume.unwrap_or_default()))?;
         }
         VolumeCmd::Update {
@@ -309,8 +305,7 @@ pub async fn run(
                     volume_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             let legality = match legality.as_deref() {
                 None => cur.legality,
                 Some("legal") => wire::legality_code(Legality::Legal),
@@ -329,8 +324,7 @@ pub async fn run(
                     parent_tag: parent.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(volume_json(&r.volume.unwrap_or_default()))?;
         }
         VolumeCmd::Measure { id, format } => {
@@ -341,8 +335,7 @@ pub async fn run(
                     target_format: wire::volume_format_code((*format).into()),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({"required": r.required, "fully_allocated": r.fully_allocated}))?;
         }
         VolumeCmd::Check { id } => {
@@ -352,8 +345,7 @@ pub async fn run(
                     volume_id: id.clone(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             out.show(json!({"clean": r.clean, "corruptions": r.corruptions, "leaks": r.leaks, "check_errors": r.check_errors}),
             )?;
             if !r.clean {
@@ -375,8 +367,7 @@ pub async fn run(
                     target_domain: String::new(),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             return job_result(c, job, wait, out).await;
         }
         VolumeCmd::Import {
@@ -396,8 +387,7 @@ pub async fn run(
                     target: Some(target(*format, *tag)),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             return job_result(c, job, wait, out).await;
         }
         VolumeCmd::Export {
@@ -416,8 +406,7 @@ pub async fn run(
                     format: wire::volume_format_code((*format).into()),
                 })
                 .await
-                .map_err(refused)?
-                .into_inner();
+                .ask()?;
             return job_result(c, job, wait, out).await;
         }
     }

@@ -382,7 +382,7 @@ mod tests {
     }
 
     fn vol(n: u32, parent: Option<TagId>) -> VolumeInfo {
-        VolumeInfo {
+        let v = cairn_domain::Volume {
             id: VolumeId::generate(n),
             parent,
             format: if parent.is_some() {
@@ -391,19 +391,18 @@ mod tests {
                 Format::Raw
             },
             capacity: 1 << 30,
-            size: 1 << 30,
-            legality: Legality::Legal,
-            description: format!("v{n}"),
-            ctime: n as u64,
-            tag_refs: 1,
-            domain: "d".into(),
             extent_start: 0,
-            extent_count: 1,
+            extent_count: 1024,
+            legality: Legality::Legal,
             allocation: cairn_domain::Allocation::Sparse,
+            ctime: n as u64,
+            description: format!("v{n}"),
+            tag_refs: 1,
             generation: 1,
             token: 1,
             writer_slot: 0,
-        }
+        };
+        VolumeInfo::of("d", 1 << 20, &v)
     }
 
     fn tag(n: u32, v: &VolumeInfo, t: TagType, children: u32, opts: &[(&str, String)]) -> TagInfo {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cairn_cluster::{EtcdConfig, EtcdLockService, FileKv, Kv};
 use cairn_domain::{LocalLockService, LockService};
-use cairn_proto::server::{serve_router, standard_services};
+use cairn_proto::server::serve_grpc;
 
 use crate::agents::{Agents, Discovery};
 use crate::coordinator::{CoordConfig, Coordinator};
@@ -94,20 +94,10 @@ pub async fn serve(
     ));
     let svc = CoordService::new(coord.clone());
 
-    let (health_svc, reflection) = standard_services::<
-        pb::coordinator_server::CoordinatorServer<CoordService>,
-    >(pb::FILE_DESCRIPTOR_SET)
-    .await?;
-    let router = || {
-        tonic::transport::Server::builder()
-            .add_service(health_svc.clone())
-            .add_service(reflection.clone())
-            .add_service(pb::coordinator_server::CoordinatorServer::new(svc.clone()))
-    };
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (socket, listen, mut tasks) = serve_router(
-        router,
+    let (socket, listen, mut tasks) = serve_grpc(
+        pb::coordinator_server::CoordinatorServer::new(svc),
+        pb::FILE_DESCRIPTOR_SET,
         opts.socket.as_deref(),
         opts.listen,
         stop_rx.clone(),

@@ -7,67 +7,36 @@
 //! A report carries everything the wire carries and nothing a host could
 //! not tell a remote caller (no user data location, no lock state).
 
-use crate::model::{Allocation, Format, Legality, Strategy, Tag, TagId, TagState, TagType};
+use crate::model::{Allocation, Format, Strategy, Tag, TagId, TagState, TagType};
 use crate::model::{Volume, VolumeId};
 
-/// A volume as a host reports it.
+/// A volume as a host reports it: its record, the name of its domain and
+/// the bytes of its extent run. Reads as the record (`Deref`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
-    /// Id.
-    pub id: VolumeId,
+    /// The record.
+    pub volume: Volume,
     /// The name of its domain.
     pub domain: String,
-    /// Parent tag.
-    pub parent: Option<TagId>,
-    /// Format.
-    pub format: Format,
-    /// Virtual size.
-    pub capacity: u64,
     /// Bytes of its extent run.
     pub size: u64,
-    /// First extent of the run.
-    pub extent_start: u64,
-    /// Extents in the run.
-    pub extent_count: u64,
-    /// Complete or not.
-    pub legality: Legality,
-    /// Provisioning.
-    pub allocation: Allocation,
-    /// Seconds since the epoch.
-    pub ctime: u64,
-    /// Free text.
-    pub description: String,
-    /// Tags on it.
-    pub tag_refs: u32,
-    /// Record generation.
-    pub generation: u64,
-    /// Fencing token of the last writer.
-    pub token: u64,
-    /// Host slot of the last writer.
-    pub writer_slot: u16,
 }
 
 impl VolumeInfo {
     /// The report of `v` on domain `domain` with extents of `extent_size`.
     pub fn of(domain: &str, extent_size: u64, v: &Volume) -> VolumeInfo {
         VolumeInfo {
-            id: v.id,
+            volume: v.clone(),
             domain: domain.to_string(),
-            parent: v.parent,
-            format: v.format,
-            capacity: v.capacity,
             size: v.extent_count * extent_size,
-            extent_start: v.extent_start,
-            extent_count: v.extent_count,
-            legality: v.legality,
-            allocation: v.allocation,
-            ctime: v.ctime,
-            description: v.description.clone(),
-            tag_refs: v.tag_refs,
-            generation: v.generation,
-            token: v.token,
-            writer_slot: v.writer_slot,
         }
+    }
+}
+
+impl std::ops::Deref for VolumeInfo {
+    type Target = Volume;
+    fn deref(&self) -> &Volume {
+        &self.volume
     }
 }
 

@@ -107,16 +107,6 @@ async fn main() -> anyhow::Result<()> {
             })
         )
     };
-    // Listen for signals before announcing readiness, so that a SIGTERM
-    // right after the ready line stops the agent cleanly.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    };
+    let shutdown = cairn_proto::server::shutdown_signal()?;
     serve(opts, ready, shutdown).await
 }

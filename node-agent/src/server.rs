@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cairn_proto::server::{serve_router, standard_services};
+use cairn_proto::server::serve_grpc;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentConfig};
@@ -82,20 +82,10 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let svc = AgentService::new(agent.clone(), metrics.clone());
 
-    let (health_svc, reflection) =
-        standard_services::<pb::agent_server::AgentServer<AgentService>>(pb::FILE_DESCRIPTOR_SET)
-            .await?;
-
-    let router = || {
-        tonic::transport::Server::builder()
-            .add_service(health_svc.clone())
-            .add_service(reflection.clone())
-            .add_service(pb::agent_server::AgentServer::new(svc.clone()))
-    };
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (socket, listen, mut tasks) = serve_router(
-        router,
+    let (socket, listen, mut tasks) = serve_grpc(
+        pb::agent_server::AgentServer::new(svc.clone()),
+        pb::FILE_DESCRIPTOR_SET,
         opts.socket.as_deref(),
         opts.listen,
         stop_rx,

@@ -204,13 +204,11 @@ impl From<&VolumeInfo> for agent::Volume {
 impl TryFrom<&agent::Volume> for VolumeInfo {
     type Error = ConvertError;
     fn try_from(v: &agent::Volume) -> Result<VolumeInfo, ConvertError> {
-        Ok(VolumeInfo {
+        let volume = cairn_domain::Volume {
             id: volume_id("volume.id", &v.id)?,
-            domain: v.domain.clone(),
             parent: optional_tag_id("volume.parent_tag", &v.parent_tag)?,
             format: required("volume.format", volume_format("volume.format", v.format)?)?,
             capacity: v.capacity,
-            size: v.size,
             extent_start: v.extent_start,
             extent_count: v.extent_count,
             legality: required("volume.legality", legality("volume.legality", v.legality)?)?,
@@ -224,6 +222,11 @@ impl TryFrom<&agent::Volume> for VolumeInfo {
             generation: v.generation,
             token: v.token,
             writer_slot: writer_slot("volume.writer_slot", v.writer_slot)?,
+        };
+        Ok(VolumeInfo {
+            volume,
+            domain: v.domain.clone(),
+            size: v.size,
         })
     }
 }
@@ -475,22 +478,24 @@ mod tests {
                     nums in proptest::array::uniform8(any::<u64>()), refs in any::<u32>(),
                     ws in any::<u16>(), domain in text(), description in text()) -> VolumeInfo {
             VolumeInfo {
-                id: VolumeId::generate(slot),
+                volume: cairn_domain::Volume {
+                    id: VolumeId::generate(slot),
+                    parent: parent.map(TagId::generate),
+                    format: if qcow { Format::Qcow2 } else { Format::Raw },
+                    capacity: nums[0],
+                    extent_start: nums[2],
+                    extent_count: nums[3],
+                    legality: if legal { Legality::Legal } else { Legality::Illegal },
+                    allocation: if pre { Allocation::Preallocated } else { Allocation::Sparse },
+                    ctime: nums[4],
+                    description,
+                    tag_refs: refs,
+                    generation: nums[5],
+                    token: nums[6],
+                    writer_slot: ws,
+                },
                 domain,
-                parent: parent.map(TagId::generate),
-                format: if qcow { Format::Qcow2 } else { Format::Raw },
-                capacity: nums[0],
                 size: nums[1],
-                extent_start: nums[2],
-                extent_count: nums[3],
-                legality: if legal { Legality::Legal } else { Legality::Illegal },
-                allocation: if pre { Allocation::Preallocated } else { Allocation::Sparse },
-                ctime: nums[4],
-                description,
-                tag_refs: refs,
-                generation: nums[5],
-                token: nums[6],
-                writer_slot: ws,
             }
         }
     }

@@ -62,6 +62,55 @@ pub async fn standard_services<S: tonic::server::NamedService>(
     Ok((health_svc, reflection))
 }
 
+/// Serve `svc` beside health and reflection (for `descriptors`) on a unix
+/// socket and/or a TCP address until `stop` turns true (see
+/// [`serve_router`]).
+pub async fn serve_grpc<S>(
+    svc: S,
+    descriptors: &'static [u8],
+    socket: Option<&Path>,
+    listen: Option<SocketAddr>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks), ServeError>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (health, reflection) = standard_services::<S>(descriptors).await?;
+    let router = || {
+        tonic::transport::Server::builder()
+            .add_service(health.clone())
+            .add_service(reflection.clone())
+            .add_service(svc.clone())
+    };
+    serve_router(router, socket, listen, stop, what).await
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are in place when this
+/// returns: call it before announcing readiness, so that a SIGTERM right
+/// after the ready line stops the process cleanly instead of killing it.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
 /// Serve what `router` makes on a unix socket (replacing one a dead
 /// process left, refusing one a live process serves) and/or a TCP address,
 /// until `stop` turns true. Returns the socket and the bound address.

@@ -98,8 +98,8 @@ pub(super) async fn copy(
             plan::disk_view(&d, &s, &tags2, &vols)?
         }
     };
-    let top = view.chain.last().expect("a chain has a top").volume.clone();
-    let format = Some(format_or(what.format, top.format));
+    let top = &view.chain.last().expect("a chain has a top").volume;
+    let (top_id, format) = (top.id, Some(format_or(what.format, top.format)));
     let pre = what.allocation == Allocation::Preallocated;
     let name = if what.name.is_empty() {
         view.tag.option(NAME_KEY).unwrap_or_default().to_string()
@@ -119,7 +119,7 @@ pub(super) async fn copy(
         .agent_job(rec, lock, &dom, also.as_ref(), |a, rid| {
             let (opts, desc) = (opts.clone(), desc.clone());
             async move {
-                a.copy(&rid, &dom, &top.id, &target, format, pre, &desc, &opts)
+                a.copy(&rid, &dom, &top_id, &target, format, pre, &desc, &opts)
                     .await
             }
         })
