@@ -387,14 +387,7 @@ mod tests {
             .set_len(2 << 30)
             .unwrap();
         let dev = FileDev::open(&path, true).unwrap();
-        let params = cairn_domain::FormatParams {
-            name: "mem".into(),
-            host_slots: Some(4),
-            volume_slots: Some(256),
-            tag_slots: Some(256),
-            extent_size: Some(1 << 20),
-            ..Default::default()
-        };
+        let params = cairn_domain::FormatParams::small("mem", 4, 256);
         cairn_domain::format(
             &dev,
             &params,

@@ -109,15 +109,7 @@ pub fn records(data: &[u8]) {
 
 /// The geometry the allocation map target decodes against.
 pub fn alloc_geometry() -> Geometry {
-    let p = FormatParams {
-        name: "fuzz".into(),
-        host_slots: Some(2),
-        volume_slots: Some(64),
-        tag_slots: Some(64),
-        journal_size: Some(65536),
-        user_data_size: Some(4096),
-        extent_size: None,
-    };
+    let p = FormatParams::tiny("fuzz", 2, 64);
     Geometry::compute(64 << 20, 512, &p, uuid::Uuid::nil(), 0).expect("a small geometry")
 }
 

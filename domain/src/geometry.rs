@@ -29,6 +29,34 @@ pub struct FormatParams {
     pub journal_size: Option<u64>,
 }
 
+impl FormatParams {
+    /// A small domain named `name`: `host_slots` host slots, `slots`
+    /// volume and tag slots each, 1 MiB extents, the rest sized from the
+    /// device (tests, benchmarks, examples).
+    pub fn small(name: &str, host_slots: u32, slots: u32) -> FormatParams {
+        FormatParams {
+            name: name.into(),
+            extent_size: Some(MIB),
+            host_slots: Some(host_slots),
+            volume_slots: Some(slots),
+            tag_slots: Some(slots),
+            ..Default::default()
+        }
+    }
+
+    /// A tiny domain named `name`: as [`FormatParams::small`] but with
+    /// 64 KiB journals, 4 KiB of user data per tag and the extent size
+    /// from the device (golden bytes, fuzzing).
+    pub fn tiny(name: &str, host_slots: u32, slots: u32) -> FormatParams {
+        FormatParams {
+            extent_size: None,
+            user_data_size: Some(4096),
+            journal_size: Some(65536),
+            ..FormatParams::small(name, host_slots, slots)
+        }
+    }
+}
+
 /// Limits on format parameters (in [`crate::limits`]).
 pub mod limits {
     pub use crate::limits::{

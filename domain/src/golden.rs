@@ -96,15 +96,7 @@ fn sample_tag() -> Tag {
 
 #[test]
 fn golden_superblock() {
-    let p = FormatParams {
-        name: "gold".into(),
-        host_slots: Some(2),
-        volume_slots: Some(16),
-        tag_slots: Some(16),
-        journal_size: Some(65536),
-        user_data_size: Some(4096),
-        extent_size: None,
-    };
+    let p = FormatParams::tiny("gold", 2, 16);
     let g = Geometry::compute(
         64 << 20,
         512,
@@ -165,15 +157,7 @@ fn golden_records() {
 
 #[test]
 fn golden_alloc_and_journal() {
-    let p = FormatParams {
-        name: "gold".into(),
-        host_slots: Some(2),
-        volume_slots: Some(16),
-        tag_slots: Some(16),
-        journal_size: Some(65536),
-        user_data_size: Some(4096),
-        extent_size: None,
-    };
+    let p = FormatParams::tiny("gold", 2, 16);
     let g = Geometry::compute(
         64 << 20,
         512,
@@ -390,15 +374,7 @@ fn non_utf8_text_is_refused_not_decoded_lossily() {
 /// change cannot leave the fuzzers seeded with stale structures.
 #[test]
 fn fuzz_seeds_are_the_golden_structures() {
-    let gold = FormatParams {
-        name: "gold".into(),
-        host_slots: Some(2),
-        volume_slots: Some(16),
-        tag_slots: Some(16),
-        journal_size: Some(65536),
-        user_data_size: Some(4096),
-        extent_size: None,
-    };
+    let gold = FormatParams::tiny("gold", 2, 16);
     let g = Geometry::compute(
         64 << 20,
         512,
@@ -408,15 +384,7 @@ fn fuzz_seeds_are_the_golden_structures() {
     )
     .unwrap();
     // The alloc_pages target's own geometry.
-    let fz = FormatParams {
-        name: "fuzz".into(),
-        host_slots: Some(2),
-        volume_slots: Some(64),
-        tag_slots: Some(64),
-        journal_size: Some(65536),
-        user_data_size: Some(4096),
-        extent_size: None,
-    };
+    let fz = FormatParams::tiny("fuzz", 2, 64);
     let fg = Geometry::compute(64 << 20, 512, &fz, uuid::Uuid::nil(), 0).unwrap();
     let with = |mode: u8, parts: &[&[u8]]| -> Vec<u8> {
         let mut v = vec![mode];

@@ -76,14 +76,7 @@ pub fn make_domain(path: &Path, gib: u64) {
         .set_len(gib << 30)
         .unwrap();
     let dev = FileDev::open(path, true).unwrap();
-    let params = FormatParams {
-        name: "it".into(),
-        host_slots: Some(4),
-        volume_slots: Some(1024),
-        tag_slots: Some(1024),
-        extent_size: Some(1 << 20),
-        ..Default::default()
-    };
+    let params = FormatParams::small("it", 4, 1024);
     format(&dev, &params, false, &MemLockService::new(), &SystemClock).unwrap();
 }
 
@@ -94,14 +87,7 @@ pub fn make_named_domain(path: &Path, gib: u64, name: &str) {
         .set_len(gib << 30)
         .unwrap();
     let dev = FileDev::open(path, true).unwrap();
-    let params = FormatParams {
-        name: name.into(),
-        host_slots: Some(8),
-        volume_slots: Some(1024),
-        tag_slots: Some(1024),
-        extent_size: Some(1 << 20),
-        ..Default::default()
-    };
+    let params = FormatParams::small(name, 8, 1024);
     format(&dev, &params, false, &MemLockService::new(), &SystemClock).unwrap();
 }
 

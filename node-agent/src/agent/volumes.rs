@@ -567,14 +567,7 @@ mod tests {
             .set_len(1 << 30)
             .unwrap();
         let locks: Arc<dyn LockService> = Arc::new(cairn_domain::MemLockService::new());
-        let params = cairn_domain::FormatParams {
-            name: "t".into(),
-            host_slots: Some(2),
-            volume_slots: Some(64),
-            tag_slots: Some(64),
-            extent_size: Some(1 << 20),
-            ..Default::default()
-        };
+        let params = cairn_domain::FormatParams::small("t", 2, 64);
         let dev = FileDev::open(&path, true).unwrap();
         cairn_domain::format(&dev, &params, false, locks.as_ref(), &SystemClock).unwrap();
         let cfg = AgentConfig {
