@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_cluster::Kv;
 use cairn_domain::{LockService, TagId};
 
-use crate::agents::Agents;
+use crate::agents::{Agents, Pick};
 use crate::error::{CoordError, Result};
 use crate::plan::{self, DiskView, DomainRef, TagInfo, VolumeInfo};
 use crate::record::{job_key, JobRecord};
@@ -140,9 +140,7 @@ impl Coordinator {
     /// sees it.
     pub(crate) async fn contents(&self, d: &DomainRef) -> Result<(Vec<TagInfo>, Vec<VolumeInfo>)> {
         self.agents
-            .with_agent(&d.id, None, crate::exec::rand_spread(), |c| async move {
-                c.contents(&d.id).await
-            })
+            .with_agent(Pick::on(&d.id), |c| async move { c.contents(&d.id).await })
             .await
     }
 
@@ -150,9 +148,7 @@ impl Coordinator {
     pub(crate) async fn tag(&self, dom: &uuid::Uuid, id: &TagId) -> Result<TagInfo> {
         let r = self
             .agents
-            .with_agent(dom, None, crate::exec::rand_spread(), |c| async move {
-                c.tag(dom, id).await
-            })
+            .with_agent(Pick::on(dom), |c| async move { c.tag(dom, id).await })
             .await;
         match r {
             Err(CoordError::Agent { status, .. }) if status.code() == tonic::Code::NotFound => {

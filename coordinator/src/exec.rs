@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cairn_domain::{LockGuard, TagId};
 
-use crate::agents::{AgentConn, Once};
+use crate::agents::{AgentConn, Once, Pick};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::{DomainRef, TagInfo, JOB_KEY};
@@ -41,7 +41,9 @@ impl Coordinator {
         for _ in 0..4 {
             match self
                 .agents
-                .call_once(&dom, None, spread, |c| call(c, rec.step_request_id()))
+                .call_once(Pick::on(&dom).spread(spread), |c| {
+                    call(c, rec.step_request_id())
+                })
                 .await?
             {
                 Once::Answered(v) => return Ok(Some(v)),
@@ -75,9 +77,10 @@ impl Coordinator {
         loop {
             let r = self
                 .agents
-                .with_agent(dom, None, rand_spread(), |c| async move {
-                    c.recover(dom, false).await
-                })
+                .with_agent(
+                    Pick::on(dom),
+                    |c| async move { c.recover(dom, false).await },
+                )
                 .await?;
             self.agents.invalidate();
             let live: HashSet<(u32, u64)> = self
@@ -198,7 +201,7 @@ impl Coordinator {
                 let rid = rec.step_request_id();
                 let started = self
                     .agents
-                    .call_once(dom, also, spread, |c| {
+                    .call_once(Pick::on(dom).also(also).spread(spread), |c| {
                         let rid = rid.clone();
                         let (host, instance) = (c.host.clone(), c.instance.clone());
                         let f = start(c, rid);
@@ -338,9 +341,4 @@ impl Coordinator {
 /// A stable spread of work over equal agents.
 pub(crate) fn spread_of(s: &str) -> u64 {
     cairn_proto::fingerprint(s.as_bytes())
-}
-
-/// A random spread.
-pub(crate) fn rand_spread() -> u64 {
-    uuid::Uuid::new_v4().as_u64_pair().0
 }

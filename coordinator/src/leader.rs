@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use cairn_domain::lock::{Resource, ResourceKind};
 use cairn_domain::LockGuard;
 
+use crate::agents::Pick;
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::DomainRef;
@@ -144,12 +145,9 @@ pub async fn duties(
     for d in doms {
         let r = coord
             .agents
-            .with_agent(
-                &d.id,
-                None,
-                0,
-                |c| async move { c.recover(&d.id, gc).await },
-            )
+            .with_agent(Pick::on(&d.id).spread(0), |c| async move {
+                c.recover(&d.id, gc).await
+            })
             .await;
         match r {
             Ok(r) => {

@@ -202,8 +202,7 @@ impl Coordinator {
             return Ok(());
         }
         let spec = rec.spec.clone();
-        let mut cx = crate::jobs::Cx { c: self, rec, lock };
-        spec.kind().step(&mut cx).await
+        spec.kind().step(self, rec, lock).await
     }
 
     // ---- taking over ---------------------------------------------------------------------
@@ -343,7 +342,7 @@ mod tests {
     //! lock service: jobs, idempotency and the composed steps, fast.
 
     use super::*;
-    use crate::agents::{Agents, Discovery, Once, Transport, TransportError};
+    use crate::agents::{Agents, Discovery, Once, Pick, Transport, TransportError};
     use crate::coordinator::CoordConfig;
     use crate::jobs::{Create, Delete, DeleteSnapshot, Extend, Snapshot, ThinClone};
     use crate::plan::{CLONE_OF_KEY, NAME_KEY};
@@ -626,7 +625,7 @@ mod tests {
         let rid = rec.step_request_id();
         let started = c
             .agents
-            .call_once(&dom, None, 0, |a| {
+            .call_once(Pick::on(&dom).spread(0), |a| {
                 let rid = rid.clone();
                 async move {
                     let j = a.merge(&rid, &dom, &snap).await?;

@@ -86,10 +86,35 @@ pub struct Agents {
 /// Which agents may take a call: those that see `domain` (and `also`),
 /// equal ones spread by `spread`.
 #[derive(Clone, Copy)]
-struct Pick<'a> {
+pub struct Pick<'a> {
     domain: &'a uuid::Uuid,
     also: Option<&'a uuid::Uuid>,
     spread: u64,
+}
+
+impl<'a> Pick<'a> {
+    /// The agents that see `domain`, equal ones taken at random.
+    pub fn on(domain: &'a uuid::Uuid) -> Self {
+        Pick {
+            domain,
+            also: None,
+            spread: uuid::Uuid::new_v4().as_u64_pair().0,
+        }
+    }
+
+    /// Only those that also see `other`.
+    pub fn also(self, other: Option<&'a uuid::Uuid>) -> Self {
+        Pick {
+            also: other,
+            ..self
+        }
+    }
+
+    /// Equal ones in the order `spread` gives (the same spread, the same
+    /// agent).
+    pub fn spread(self, spread: u64) -> Self {
+        Pick { spread, ..self }
+    }
 }
 
 /// How long a discovered list of agents is used before asking again.
@@ -220,52 +245,29 @@ impl Agents {
         }
     }
 
-    /// Run `f` on an agent that sees `domain` (and `also`), picked by
-    /// load; when the agent is unreachable or fenced, on another one.
-    pub async fn with_agent<T, F, Fut>(
-        &self,
-        domain: &uuid::Uuid,
-        also: Option<&uuid::Uuid>,
-        spread: u64,
-        f: F,
-    ) -> Result<T>
+    /// Run `f` on an agent `pick` allows, picked by load; when the agent is unreachable or fenced, on another one.
+    pub async fn with_agent<T, F, Fut>(&self, pick: Pick<'_>, f: F) -> Result<T>
     where
         F: Fn(AgentConn) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let pick = Pick {
-            domain,
-            also,
-            spread,
-        };
         self.first_answer(pick, CoordError::agent_unavailable, f)
             .await
             .and_then(|(_, r)| r)
     }
 
-    /// Make a mutating call `f` on an agent that sees `domain` (and
-    /// `also`) at most once per agent process: a call that never reached
+    /// Make a mutating call `f` on an agent `pick` allows, at most once
+    /// per agent process: a call that never reached
     /// its agent goes to another; one whose answer was lost is sent again
     /// with the same request id to the same process (which answers with the
     /// first outcome) for as long as that process stays registered. When it
     /// dies or restarts first, the outcome is [`Once::Lost`] and only the
     /// domain can tell what happened.
-    pub async fn call_once<T, F, Fut>(
-        &self,
-        domain: &uuid::Uuid,
-        also: Option<&uuid::Uuid>,
-        spread: u64,
-        f: F,
-    ) -> Result<Once<T>>
+    pub async fn call_once<T, F, Fut>(&self, pick: Pick<'_>, f: F) -> Result<Once<T>>
     where
         F: Fn(AgentConn) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let pick = Pick {
-            domain,
-            also,
-            spread,
-        };
         match self.first_answer(pick, not_sent, &f).await? {
             (a, Err(e)) if e.agent_unavailable() => self.ask_again(&a, e, &f).await,
             (_, r) => r.map(Once::Answered),

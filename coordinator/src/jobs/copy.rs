@@ -3,16 +3,11 @@
 //! a conversion (a copy in another format, then the disk swapped onto
 //! it, keeping its id). A full clone copies too ([`copy`] does the work).
 
-use std::sync::Arc;
+use cairn_domain::{Allocation, Format, LockGuard, TagType};
 
-use cairn_domain::{Allocation, Format, LockGuard, TagId, TagType};
-use serde::{Deserialize, Serialize};
-
-use super::{format_or, options, text, Cx, Kind};
-use crate::coordinator::Coordinator;
-use crate::error::{CoordError, Result};
-use crate::plan::{self, CloneSource, DomainRef, CONVERT_KEY, NAME_KEY};
-use crate::record::{JobRecord, Step};
+use super::prelude::*;
+use super::{check_label, format_or, options, text};
+use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, CONVERT_KEY, NAME_KEY};
 
 /// What a copy or move asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,8 +162,7 @@ impl CopyTo {
 impl Kind for CopyTo {
     facts!("copy", [Copy], domain: domain, disk: disk);
 
-    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
-        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         copy(c, rec, lock, self.copy_of()).await
     }
 
@@ -181,8 +175,7 @@ impl Kind for CopyTo {
 impl Kind for Move {
     facts!("move", [Copy, DeleteSource], domain: 0.domain, disk: 0.disk);
 
-    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
-        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         let (dom, disk) = (self.0.domain, self.0.disk);
         match rec.step {
             Step::Copy => copy(c, rec, lock, self.0.copy_of()).await,
@@ -209,8 +202,7 @@ impl Kind for Move {
 impl Kind for Convert {
     facts!("convert", [Copy, Swap], domain: domain, disk: disk);
 
-    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
-        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         let (dom, disk) = (self.domain, self.disk);
         match rec.step {
             Step::Copy => {
@@ -251,4 +243,53 @@ impl Kind for Convert {
 /// The copy a conversion's first step made.
 fn copy_made(rec: &JobRecord) -> Result<TagId> {
     TagId::parse("copy", &rec.result_disk).map_err(|e| CoordError::invalid("copy", e.to_string()))
+}
+
+/// What a full clone asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullClone {
+    /// The domain.
+    pub domain: uuid::Uuid,
+    /// The disk or snapshot cloned.
+    #[serde(rename = "disk")]
+    pub source: TagId,
+    /// The clone's name.
+    #[serde(default)]
+    pub name: String,
+    /// Its format; none keeps the source's.
+    #[serde(default, with = "text::opt_format")]
+    pub format: Option<Format>,
+    /// Its provisioning.
+    #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
+    pub allocation: Allocation,
+    /// The clone's description.
+    #[serde(default)]
+    pub description: String,
+}
+
+#[tonic::async_trait]
+impl Kind for FullClone {
+    facts!("clone", [Copy], domain: domain, disk: source);
+
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
+        let what = CopyOf {
+            domain: self.domain,
+            source: self.source,
+            target: self.domain,
+            format: self.format,
+            allocation: self.allocation,
+            name: &self.name,
+            description: &self.description,
+            mark: Some(CLONE_OF_KEY),
+        };
+        copy(c, rec, lock, what).await
+    }
+
+    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
+        copy_done(c, rec, self.domain, self.domain).await
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_label(&self.name, &self.description)
+    }
 }

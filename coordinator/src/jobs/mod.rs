@@ -41,13 +41,22 @@ macro_rules! facts {
     };
 }
 
-mod clone;
+mod call;
 mod copy;
-mod create;
-mod delete;
-mod delete_snapshot;
-mod extend;
-mod snapshot;
+mod merge;
+
+/// What every kind's module works with.
+mod prelude {
+    pub(super) use std::sync::Arc;
+
+    pub(super) use cairn_domain::TagId;
+    pub(super) use serde::{Deserialize, Serialize};
+
+    pub(super) use super::{Kind, Lock};
+    pub(super) use crate::coordinator::Coordinator;
+    pub(super) use crate::error::{CoordError, Result};
+    pub(super) use crate::record::{JobRecord, Step};
+}
 
 use std::sync::Arc;
 
@@ -58,13 +67,9 @@ use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::record::{JobRecord, Step};
 
-pub use clone::{FullClone, ThinClone};
-pub use copy::{Convert, CopyTo, Move};
-pub use create::Create;
-pub use delete::Delete;
-pub use delete_snapshot::DeleteSnapshot;
-pub use extend::Extend;
-pub use snapshot::Snapshot;
+pub use call::{Create, Delete, Extend, Snapshot, ThinClone};
+pub use copy::{Convert, CopyTo, FullClone, Move};
+pub use merge::DeleteSnapshot;
 
 /// What a job was asked to do, with domains resolved to ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,16 +145,8 @@ impl JobSpec {
     }
 }
 
-/// What a step works with: the replica, the record it advances (its
-/// results go into it) and the disk lock it runs under, if any.
-pub(crate) struct Cx<'a> {
-    /// The replica.
-    pub c: &'a Arc<Coordinator>,
-    /// The job.
-    pub rec: &'a mut JobRecord,
-    /// The disk's lock.
-    pub lock: Option<&'a LockGuard>,
-}
+/// The disk lock a step runs under, if any.
+pub(crate) type Lock<'a> = Option<&'a LockGuard>;
 
 /// What each kind of job does.
 #[tonic::async_trait]
@@ -170,11 +167,14 @@ pub(crate) trait Kind: Send + Sync {
     async fn lock_target(&self, _c: &Coordinator) -> Result<Option<TagId>> {
         Ok(self.disk())
     }
-    /// Carry out `cx.rec.step`.
-    async fn step(&self, cx: &mut Cx<'_>) -> Result<()>;
+    /// Carry out `rec.step` on replica `c`; its results go into `rec`.
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()>;
     /// Whether `rec.step` took effect though nobody heard its answer (the
-    /// domain is settled); fills in the step's results when it did.
-    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool>;
+    /// domain is settled); fills in the step's results when it did. By
+    /// default: whether the disk the job makes is on the domain.
+    async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
+        c.found_made(rec, self.domain()).await
+    }
 }
 
 pub use cairn_domain::limits::{MAX_CAPACITY as MAX_SIZE, MAX_DESCRIPTION, MAX_NAME};
@@ -187,6 +187,12 @@ fn check_name(name: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A new disk's name and description.
+fn check_label(name: &str, description: &str) -> Result<()> {
+    check_name(name)?;
+    check_description(description)
 }
 
 fn check_description(d: &str) -> Result<()> {

@@ -2,14 +2,8 @@
 //! onto the snapshot's parent, or committed into a base it sits on),
 //! under the lock of the disk it belongs to.
 
-use cairn_domain::TagId;
-use serde::{Deserialize, Serialize};
-
-use super::{Cx, Kind};
-use crate::coordinator::Coordinator;
-use crate::error::{CoordError, Result};
+use super::prelude::*;
 use crate::plan::SNAP_KEY;
-use crate::record::{JobRecord, Step};
 
 /// What a delete-snapshot asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,8 +35,7 @@ impl Kind for DeleteSnapshot {
         ))
     }
 
-    async fn step(&self, cx: &mut Cx<'_>) -> Result<()> {
-        let (c, rec, lock) = (cx.c, &mut *cx.rec, cx.lock);
+    async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         let (dom, snap) = (self.domain, self.snapshot);
         if rec.agent_job.is_empty() {
             let t = match c.tag(&dom, &snap).await {
