@@ -113,6 +113,16 @@ impl CoordError {
         }
     }
 
+    /// Whether the cluster store did not answer (etcd down, slow or
+    /// between leaders; the file store failing): asking again later may
+    /// succeed.
+    pub fn store_unavailable(&self) -> bool {
+        matches!(
+            self,
+            CoordError::Store(ClusterError::Etcd { .. } | ClusterError::Io { .. })
+        )
+    }
+
     /// Whether trying another agent may help: the agent could not be
     /// reached, stopped answering, or is fenced off the domain.
     pub fn agent_unavailable(&self) -> bool {

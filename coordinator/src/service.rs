@@ -8,6 +8,7 @@ use std::time::Duration;
 use cairn_proto::convert as wire;
 use cairn_proto::fingerprint;
 use prost::Message;
+use tokio::time::Instant;
 #[cfg(test)]
 use tonic::Code;
 use tonic::{Request, Response, Status};
@@ -44,8 +45,18 @@ pub fn to_status(e: &CoordError) -> Status {
     if let CoordError::InvalidArgument { field, reason } = e {
         details.add_bad_request_violation(*field, reason.clone());
     }
-    Status::with_error_details(e.grpc_code(), e.to_string(), details)
+    // A store error says why (etcd's or the file system's error); an
+    // agent's already carries the agent's message.
+    let msg = match e {
+        CoordError::Store(c) => format!("cluster store: {}", cairn_proto::with_causes(c)),
+        _ => e.to_string(),
+    };
+    Status::with_error_details(e.grpc_code(), msg, details)
 }
+
+/// How long a watch keeps asking a store that does not answer before it
+/// ends with the store's error.
+const WATCH_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The `cairn.coordinator.v1.Coordinator` service.
 #[derive(Clone)]
@@ -444,6 +455,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
         tokio::spawn(async move {
             let mut last = None;
             let mut cur = first;
+            let mut unanswered = None;
             loop {
                 let done = cur.state != JobState::Running;
                 let msg = if done {
@@ -462,7 +474,21 @@ impl pb::coordinator_server::Coordinator for CoordService {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 cur = match me.coord.job(&id).await {
-                    Ok(c) => c,
+                    Ok(c) => {
+                        unanswered = None;
+                        c
+                    }
+                    // A store that does not answer for a moment (etcd
+                    // busy or electing) does not end the watch.
+                    Err(e)
+                        if e.store_unavailable()
+                            && unanswered.get_or_insert_with(Instant::now).elapsed()
+                                < WATCH_PATIENCE =>
+                    {
+                        tracing::warn!(job = %id, error = %to_status(&e).message(),
+                            "a watch's read failed; asking again");
+                        continue;
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(to_status(&e))).await;
                         return;
@@ -482,18 +508,121 @@ mod tests {
     //! (here there is no agent at all, so a request that passes the checks
     //! fails for want of one).
 
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
     use crate::agents::{Agents, Discovery};
     use crate::coordinator::CoordConfig;
+    use crate::record::job_key;
+    use cairn_cluster::{ClusterError, Kv};
     use pb::coordinator_server::Coordinator as _;
 
     fn service() -> CoordService {
+        service_on(Arc::new(cairn_cluster::MemKv::new()))
+    }
+
+    fn service_on(kv: Arc<dyn Kv>) -> CoordService {
         CoordService::new(Arc::new(Coordinator::new(
             CoordConfig::new("c1"),
-            Arc::new(cairn_cluster::MemKv::new()),
+            kv,
             Arc::new(cairn_domain::MemLockService::new()),
             Agents::new(Discovery::Fixed(vec![])),
         )))
+    }
+
+    /// A store whose reads fail while it is `down`, as etcd's do when it
+    /// is busy or between leaders.
+    #[derive(Default)]
+    struct Flaky {
+        kv: cairn_cluster::MemKv,
+        down: AtomicBool,
+    }
+
+    type KvResult<T> = std::result::Result<T, ClusterError>;
+
+    impl Kv for Flaky {
+        fn put(&self, key: &str, value: &str) -> KvResult<()> {
+            self.kv.put(key, value)
+        }
+        fn get(&self, key: &str) -> KvResult<Option<String>> {
+            if self.down.load(Ordering::SeqCst) {
+                let e = std::io::Error::other("the store is down");
+                let context = format!("reading {key}");
+                return Err(ClusterError::Io { context, source: e });
+            }
+            self.kv.get(key)
+        }
+        fn list(&self, prefix: &str) -> KvResult<Vec<(String, String)>> {
+            self.kv.list(prefix)
+        }
+        fn delete(&self, key: &str) -> KvResult<bool> {
+            self.kv.delete(key)
+        }
+        fn create(&self, key: &str, value: &str) -> KvResult<Option<String>> {
+            self.kv.create(key, value)
+        }
+        fn register(&self, key: &str, value: &str) -> KvResult<()> {
+            self.kv.register(key, value)
+        }
+    }
+
+    fn running_job(kv: &Flaky) -> JobRecord {
+        let spec = JobSpec::Delete(Delete {
+            domain: uuid::Uuid::nil(),
+            disk: TagId::generate(1),
+        });
+        let rec = JobRecord::new(spec, "r", 0, "c1", 1);
+        kv.put(&job_key(&rec.id), &serde_json::to_string(&rec).unwrap())
+            .unwrap();
+        rec
+    }
+
+    // Regression: one etcd read that timed out under load ended a watch
+    // with UNAVAILABLE while the job ran on.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_outlasts_a_store_that_stops_answering_for_a_while() {
+        use tokio_stream::StreamExt;
+        let kv = Arc::new(Flaky::default());
+        let svc = service_on(kv.clone());
+        let watch = |id: &str| pb::GetJobRequest { job_id: id.into() };
+
+        let mut rec = running_job(&kv);
+        let mut s = svc
+            .watch_job(Request::new(watch(&rec.id)))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(first.state, pb::JobState::Running as i32);
+        // Down for five seconds: the watch asks some 25 times meanwhile.
+        kv.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        rec.state = JobState::Succeeded;
+        kv.put(&job_key(&rec.id), &serde_json::to_string(&rec).unwrap())
+            .unwrap();
+        kv.down.store(false, Ordering::SeqCst);
+        let last = s.next().await.unwrap().unwrap();
+        assert_eq!(last.state, pb::JobState::Succeeded as i32, "{last:?}");
+        assert!(s.next().await.is_none());
+
+        // A store that stays down ends the watch with its error and why.
+        let rec = running_job(&kv);
+        let mut s = svc
+            .watch_job(Request::new(watch(&rec.id)))
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        kv.down.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let e = s.next().await.unwrap().unwrap_err();
+        assert!(t.elapsed() >= WATCH_PATIENCE, "{:?}", t.elapsed());
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().ends_with(": the store is down"),
+            "{}",
+            e.message()
+        );
     }
 
     fn field(s: &Status) -> String {

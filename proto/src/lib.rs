@@ -36,6 +36,19 @@ pub mod coordinator {
         tonic::include_file_descriptor_set!("cairn_coordinator_v1");
 }
 
+/// An error's message followed by its causes (`reading x: timed out`),
+/// for a status message: a caller sees why, not only what.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 /// FNV-1a of a request's bytes: only equality of requests matters, to
 /// tell a retry from a reuse of its request id.
 pub fn fingerprint(b: &[u8]) -> u64 {

@@ -55,14 +55,7 @@ pub fn to_status(e: &AgentError) -> Status {
         details.add_bad_request_violation(f, r);
     }
     // The whole cause chain, so "I/O error: x" also says why.
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    Status::with_error_details(code, msg, details)
+    Status::with_error_details(code, cairn_proto::with_causes(e), details)
 }
 
 #[cfg(test)]
