@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_domain::io::{AlignedBuf, BlockDev, FileDev};
+use cairn_domain::testing::host;
 use cairn_domain::*;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -28,22 +29,7 @@ fn ms(d: Duration) -> String {
 }
 
 fn spec() -> VolumeSpec {
-    VolumeSpec {
-        format: Format::Raw,
-        capacity: 1 << 20,
-        size: 1 << 20,
-        allocation: Allocation::Sparse,
-        parent: None,
-        legality: Legality::Legal,
-        description: "bench".into(),
-    }
-}
-
-fn host(n: u8) -> HostIdentity {
-    HostIdentity {
-        id: uuid::Uuid::from_bytes([n; 16]),
-        name: format!("bench{n}"),
-    }
+    VolumeSpec::raw(1 << 20, "bench")
 }
 
 struct Row {

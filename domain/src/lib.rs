@@ -36,6 +36,7 @@ pub mod lock;
 pub mod model;
 pub mod records;
 pub mod recovery;
+pub mod testing;
 
 pub use engine::{
     format, Clock, Domain, FixedClock, HostIdentity, Op, OpenOptions, Outcome, RecoveryReport,

@@ -246,6 +246,21 @@ pub struct VolumeSpec {
     pub description: String,
 }
 
+impl VolumeSpec {
+    /// A sparse, legal raw volume of `capacity` bytes without a parent.
+    pub fn raw(capacity: u64, description: impl Into<String>) -> VolumeSpec {
+        VolumeSpec {
+            format: Format::Raw,
+            capacity,
+            size: capacity,
+            allocation: Allocation::Sparse,
+            parent: None,
+            legality: Legality::Legal,
+            description: description.into(),
+        }
+    }
+}
+
 /// The changeable part of a volume's metadata; writing it replaces all of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeMeta {
@@ -332,6 +347,21 @@ pub struct TagMeta {
     pub tag_type: TagType,
     /// Health.
     pub state: TagState,
+}
+
+impl TagMeta {
+    /// A disk's tag on `volume`: strong, mutable, thin, healthy.
+    pub fn disk(volume: VolumeRef, size: u64, options: Vec<(String, String)>) -> TagMeta {
+        TagMeta {
+            volume,
+            size,
+            mutable: true,
+            strategy: Strategy::Chain,
+            options,
+            tag_type: TagType::Strong,
+            state: TagState::Optimized,
+        }
+    }
 }
 
 impl Tag {

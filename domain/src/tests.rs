@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::check::check;
 use crate::engine::*;
 use crate::error::DomainError;
 use crate::geometry::FormatParams;
 use crate::io::{BlockDev, MemDev};
 use crate::lock::{LockService, MemLockService};
 use crate::model::*;
+pub(crate) use crate::testing::{assert_clean, host, mem_domain};
 
 pub(crate) fn params() -> FormatParams {
     FormatParams {
@@ -23,24 +23,9 @@ pub(crate) fn params() -> FormatParams {
     }
 }
 
-pub(crate) fn host(n: u8) -> HostIdentity {
-    HostIdentity {
-        id: uuid::Uuid::from_bytes([n; 16]),
-        name: format!("host{n}"),
-    }
-}
-
 fn setup() -> (Arc<MemDev>, Arc<MemLockService>, Domain) {
-    let dev = Arc::new(MemDev::new(64 << 20));
+    let dev = mem_domain(64 << 20, &params());
     let locks = Arc::new(MemLockService::new());
-    format(
-        dev.as_ref(),
-        &params(),
-        false,
-        locks.as_ref(),
-        &FixedClock(1),
-    )
-    .unwrap();
     let mut o = OpenOptions::new(host(1));
     o.lock_timeout = Duration::from_secs(2);
     let d = Domain::open(dev.clone(), locks.clone(), o).unwrap();
@@ -48,32 +33,12 @@ fn setup() -> (Arc<MemDev>, Arc<MemLockService>, Domain) {
 }
 
 pub(crate) fn raw(size: u64) -> VolumeSpec {
-    VolumeSpec {
-        format: Format::Raw,
-        capacity: size,
-        size,
-        allocation: Allocation::Sparse,
-        parent: None,
-        legality: Legality::Legal,
-        description: "a volume".into(),
-    }
+    VolumeSpec::raw(size, "a volume")
 }
 
 pub(crate) fn tag_on(v: VolumeId) -> TagMeta {
-    TagMeta {
-        volume: VolumeRef::Existing(v),
-        size: 1 << 20,
-        mutable: true,
-        strategy: Strategy::Chain,
-        options: vec![("cache".into(), "none".into())],
-        tag_type: TagType::Strong,
-        state: TagState::Optimized,
-    }
-}
-
-fn assert_clean(dev: &dyn BlockDev) {
-    let r = check(dev).unwrap();
-    assert!(r.is_clean(), "{:#?}", r.findings);
+    let options = vec![("cache".into(), "none".into())];
+    TagMeta::disk(VolumeRef::Existing(v), 1 << 20, options)
 }
 
 #[test]
@@ -326,12 +291,11 @@ fn hosts_allocate_on_different_pages_and_fall_back_to_others_when_full() {
     use crate::alloc::VOLUME_SLOTS;
     use crate::layout::BITS_PER_PAGE;
     use crate::lock::ResourceKind;
-    let dev = Arc::new(MemDev::new(64 << 20));
-    let locks = Arc::new(MemLockService::new());
     let mut p = params();
     // Two pages of volume slots, the second with room for five.
     p.volume_slots = Some((BITS_PER_PAGE + 5) as u32);
-    format(dev.as_ref(), &p, false, locks.as_ref(), &FixedClock(1)).unwrap();
+    let dev = mem_domain(64 << 20, &p);
+    let locks = Arc::new(MemLockService::new());
     let open = |n| {
         let mut o = OpenOptions::new(host(n));
         o.lock_timeout = Duration::from_millis(300);
@@ -435,13 +399,12 @@ fn a_restarted_lock_service_still_outranks_old_tokens() {
 #[test]
 fn sixteen_threads_on_three_hosts_allocate_over_many_pages() {
     use crate::layout::BITS_PER_PAGE;
-    let dev = Arc::new(MemDev::new(768 << 20));
-    let locks = Arc::new(MemLockService::new());
     let mut p = params();
     p.volume_slots = Some((4 * BITS_PER_PAGE) as u32);
     p.tag_slots = Some(2000);
     p.user_data_size = Some(4096);
-    format(dev.as_ref(), &p, false, locks.as_ref(), &FixedClock(1)).unwrap();
+    let dev = mem_domain(768 << 20, &p);
+    let locks = Arc::new(MemLockService::new());
     let ds: Vec<Arc<Domain>> = (1..4)
         .map(|n| {
             let mut o = OpenOptions::new(host(n));

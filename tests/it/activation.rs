@@ -15,11 +15,7 @@ use cairn_tests::Answer;
 
 #[test]
 fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
-    let AgentFixture {
-        dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(4);
+    let (dir, dom, agent) = AgentFixture::new(4).parts();
     let rt = rt();
     rt.block_on(async {
         let mut c = agent.client().await;
@@ -33,14 +29,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         assert_eq!(base.legality, pb::Legality::Legal as i32);
         assert_eq!(disk.volume, base.id);
 
-        let act = c
-            .activate(pb::ActivateRequest {
-                request_id: "a1".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let act = c.activate(ask::activate("a1", &disk.id)).await.answer();
         let a = act.activation.unwrap();
         let base_path = Path::new(&a.path).to_path_buf();
         assert_eq!(
@@ -121,14 +110,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         assert_eq!(chain[1]["format"], "raw");
 
         // The agent's own check agrees.
-        let chk = c
-            .check_volume(pb::CheckVolumeRequest {
-                volume_id: top.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        assert!(chk.clean, "{}", chk.report_json);
+        c.assert_clean(&top.id).await;
 
         // Deactivate, then the domain is clean offline.
         let d = c.deactivate_tag("d1", &disk.id).await;
@@ -142,11 +124,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
 
 #[test]
 fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
-    let AgentFixture {
-        dir,
-        domain: dom,
-        mut agent,
-    } = AgentFixture::new(2);
+    let (dir, dom, mut agent) = AgentFixture::new(2).parts();
     let rt = rt();
     let (keep, gone) = rt.block_on(async {
         let mut c = agent.client().await;
@@ -218,11 +196,7 @@ fn root_agent_restart_keeps_live_activations_and_drops_gone_ones() {
 
 #[test]
 fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
-    let AgentFixture {
-        dir,
-        domain: dom,
-        mut agent,
-    } = AgentFixture::new(8);
+    let (dir, dom, mut agent) = AgentFixture::new(8).parts();
     let exp = dir.path().join("expected.raw");
     std::fs::File::create(&exp)
         .unwrap()
@@ -299,11 +273,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
 
 #[test]
 fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(2);
+    let (_dir, dom, agent) = AgentFixture::new(2).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let disk = c.new_disk("c", pb::VolumeFormat::Raw, 8).await.1;
@@ -313,11 +283,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
         c.activate(ask::activate("a2", &weak.id)).await.unwrap();
         // The disk's chain goes through the weak tag's volume.
         let e = c
-            .deactivate(pb::DeactivateRequest {
-                request_id: "d1".into(),
-                tag_id: weak.id.clone(),
-                ..Default::default()
-            })
+            .deactivate(ask::deactivate("d1", &weak.id))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
@@ -350,11 +316,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let e = c
-            .deactivate(pb::DeactivateRequest {
-                request_id: "d2".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
+            .deactivate(ask::deactivate("d2", &disk.id))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());

@@ -10,11 +10,7 @@ use cairn_tests::Answer;
 
 #[test]
 fn agent_retried_requests_return_the_first_outcome() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let req = disk_request("same-id", pb::VolumeFormat::Qcow2, 8);
@@ -739,11 +735,7 @@ fn root_agent_refuses_bad_snapshot_and_activation_requests_and_changes_nothing()
 
 #[test]
 fn agent_serves_health_and_reflection() {
-    let AgentFixture {
-        dir: _dir,
-        domain: _dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, _dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let ch = cairn_proto::transport::channel(&cairn_proto::transport::Target::Unix(
             agent.socket.clone(),

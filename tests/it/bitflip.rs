@@ -19,17 +19,8 @@ struct Populated {
 }
 
 fn populated() -> Populated {
-    let dev = Arc::new(MemDev::new(24 << 20));
-    let locks = Arc::new(MemLockService::new());
-    format(
-        dev.as_ref(),
-        &params(),
-        false,
-        locks.as_ref(),
-        &FixedClock(1),
-    )
-    .unwrap();
-    let d = Domain::open(dev.clone(), locks, opts(1)).unwrap();
+    let dev = mem_domain(24 << 20, &params());
+    let d = Domain::open(dev.clone(), Arc::new(MemLockService::new()), opts(1)).unwrap();
     let (v, g) = d.create_volume(raw(1)).unwrap();
     let t = d.create_tag(tag_on(v.id), &[&g]).unwrap();
     d.set_user_data(&t.id, "catalog", b"{\"name\":\"x\"}".to_vec(), &[&g])

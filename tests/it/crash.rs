@@ -243,15 +243,7 @@ fn crash_at_every_boundary_of_every_operation() {
     let mut rollbacks = 0u64;
     for (name, op) in ops() {
         // A clean domain with the fixture, closed cleanly.
-        let dev = Arc::new(MemDev::new(12 << 20));
-        format(
-            dev.as_ref(),
-            &params(),
-            false,
-            &MemLockService::new(),
-            &FixedClock(1),
-        )
-        .unwrap();
+        let dev = mem_domain(12 << 20, &params());
         let d = open_on(dev.clone()).unwrap();
         let fix = setup(&d);
         d.close().unwrap();

@@ -7,7 +7,7 @@ use std::process::Command;
 use cairn_agent::pb;
 
 use cairn_tests::agent::*;
-use cairn_tests::ask::AgentCalls;
+use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
 use cairn_tests::Answer;
@@ -32,11 +32,7 @@ fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
 
 #[test]
 fn root_qemu_agent_import_copy_convert_export_round_trip() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(4);
+    let (_dir, dom, agent) = AgentFixture::new(4).parts();
     let io = agent.io_dir();
     let src = io.join("src.raw");
     // 40 MiB + 512: half data, half written zeros, an odd tail.
@@ -87,16 +83,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
         // Snapshot the imported disk, write into the top, export the chain.
         let snap = c.snapshot_tag("snap", &disk.id).await;
         let top = snap.volume.unwrap();
-        let act = c
-            .activate(pb::ActivateRequest {
-                request_id: "act".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer()
-            .activation
-            .unwrap();
+        let act = c.activate_tag("act", &disk.id).await;
         run(Command::new("qemu-io")
             .args(["-f", "qcow2", "-c", "write -P 0x5a 3M 2M"])
             .arg(&act.path));
@@ -171,14 +158,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
         assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
         let v = j.volume.unwrap();
         assert_eq!(v.format, pb::VolumeFormat::Qcow2 as i32);
-        let chk = c
-            .check_volume(pb::CheckVolumeRequest {
-                volume_id: v.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        assert!(chk.clean, "{}", chk.report_json);
+        c.assert_clean(&v.id).await;
         c.deactivate_tag("deact", &disk.id).await;
     });
     drop(agent);
@@ -187,11 +167,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
 
 #[test]
 fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
-    let AgentFixture {
-        dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(4);
+    let (dir, dom, agent) = AgentFixture::new(4).parts();
     let io = agent.io_dir();
     let outside = dir.path().join("outside.raw");
     std::fs::write(&outside, vec![1u8; 4096]).unwrap();
@@ -278,11 +254,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
 
 #[test]
 fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
-    let AgentFixture {
-        dir,
-        domain: dom,
-        mut agent,
-    } = AgentFixture::new(8);
+    let (dir, dom, mut agent) = AgentFixture::new(8).parts();
     let src = agent.io_dir().join("src.raw");
     pattern_file(&src, 1 << 30, 1 << 20, 1 << 20, 11);
     let rt = rt();
@@ -301,13 +273,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
         let j = wait_job(&mut c, job).await;
         assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
         let disk = j.tag.unwrap();
-        c.activate(pb::ActivateRequest {
-            request_id: "a".into(),
-            tag_id: disk.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        c.activate(ask::activate("a", &disk.id)).await.unwrap();
         (j.volume.unwrap(), disk)
     });
     // Start a copy and kill the agent once it is under way.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use cairn_cluster::{EtcdConfig, EtcdLockService};
 use cairn_domain::lock::{conformance, Resource, ResourceKind};
 use cairn_domain::{DomainError, LockService};
-use cairn_tests::ask::AgentCalls;
+use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::etcd::{free_port, Etcd};
 use cairn_tests::Answer;
 
@@ -235,22 +235,9 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
         let disk = ca.new_disk("c", pb::VolumeFormat::Raw, 8).await.1;
         // The other host snapshots it, the first sees the result.
         let snap = cb.snapshot_tag("s", &disk.id).await;
-        let t = ca
-            .get_tag(pb::GetTagRequest {
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let t = ca.tag_of(&disk.id).await;
         assert_eq!(t.volume, snap.volume.unwrap().id);
-        let chk = ca
-            .check_volume(pb::CheckVolumeRequest {
-                volume_id: t.volume.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        assert!(chk.clean, "{}", chk.report_json);
+        ca.assert_clean(&t.volume).await;
         let da = ca.list_domains(pb::ListDomainsRequest {}).await.answer();
         let db = cb.list_domains(pb::ListDomainsRequest {}).await.answer();
         assert_ne!(da.domains[0].host_slot, db.domains[0].host_slot);
@@ -261,16 +248,12 @@ fn root_etcd_qemu_two_agents_on_one_domain_work_on_the_same_disk() {
     // unlinked device over the domain, whoever had made it).
     let path = rt().block_on(async {
         let mut cb = b.client().await;
-        cb.activate(pb::ActivateRequest {
-            request_id: "act".into(),
-            tag_id: disk.clone(),
-            ..Default::default()
-        })
-        .await
-        .answer()
-        .activation
-        .unwrap()
-        .path
+        cb.activate(ask::activate("act", &disk))
+            .await
+            .answer()
+            .activation
+            .unwrap()
+            .path
     });
     let before = loops_of(&dom);
     assert_eq!(before.len(), 2);

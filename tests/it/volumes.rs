@@ -9,11 +9,7 @@ use cairn_tests::Answer;
 
 #[test]
 fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let a = c.new_disk("a", pb::VolumeFormat::Qcow2, 16).await.0;
@@ -66,14 +62,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
         let grown = r.volume.unwrap();
         assert_eq!(grown.capacity, (16 << 20) + (512 << 10));
         assert_eq!(grown.extent_count, a.extent_count, "the run moved or grew");
-        let chk = c
-            .check_volume(pb::CheckVolumeRequest {
-                volume_id: a.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        assert!(chk.clean, "{}", chk.report_json);
+        c.assert_clean(&a.id).await;
         let m = c
             .measure_volume(pb::MeasureVolumeRequest {
                 volume_id: b.id.clone(),
@@ -92,11 +81,7 @@ fn qemu_agent_extend_in_place_or_resource_exhausted_and_measure() {
 
 #[test]
 fn agent_client_locks_exclude_others_until_unlocked() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let mut req = disk_request("v", pb::VolumeFormat::Raw, 4);
@@ -183,11 +168,7 @@ fn agent_client_locks_exclude_others_until_unlocked() {
 
 #[test]
 fn agent_rebase_changes_the_parent_and_refuses_loops() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let base = c
@@ -233,21 +214,9 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
         assert!(e.message().contains("loop"), "{}", e.message());
         // The old parent's child count went down, the new one's up.
-        let t = c
-            .get_tag(pb::GetTagRequest {
-                tag_id: base_tag.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let t = c.tag_of(&base_tag.id).await;
         assert_eq!(t.child_refs, 0);
-        let t = c
-            .get_tag(pb::GetTagRequest {
-                tag_id: r_tag.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let t = c.tag_of(&r_tag.id).await;
         assert_eq!(t.child_refs, 1);
         // No parent at all.
         let u = c.update_volume(upd(&qv.id, "", "u3")).await.answer();
@@ -259,11 +228,7 @@ fn agent_rebase_changes_the_parent_and_refuses_loops() {
 
 #[test]
 fn agent_delete_disk_reclaims_what_only_it_references() {
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
         let disk = c.new_disk("d", pb::VolumeFormat::Raw, 4).await.1;
@@ -339,11 +304,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
 #[test]
 fn agent_preallocated_volumes_own_their_blocks() {
     use std::os::unix::fs::MetadataExt;
-    let AgentFixture {
-        dir: _dir,
-        domain: dom,
-        agent,
-    } = AgentFixture::new(1);
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
     let blocks = || std::fs::metadata(&dom).unwrap().blocks() * 512;
     rt().block_on(async {
         let mut c = agent.client().await;

@@ -1,7 +1,6 @@
 //! A real `cairn-agent` process on a domain file, a gRPC client to it,
 //! and what tests do with agents (loop devices, jobs, requests).
 
-use crate::Answer;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -41,6 +40,13 @@ impl AgentFixture {
         crate::domain::make_domain(&domain, gib);
         let agent = AgentProc::start(&domain, dir.path());
         AgentFixture { agent, domain, dir }
+    }
+
+    /// Its parts, in the order that drops them right when bound as
+    /// `let (dir, domain, agent) = ...`: the agent first, the directory
+    /// last.
+    pub fn parts(self) -> (tempfile::TempDir, PathBuf, AgentProc) {
+        (self.dir, self.domain, self.agent)
     }
 }
 
@@ -253,13 +259,5 @@ pub fn run(cmd: &mut Command) -> String {
 
 /// Follow a job until it ends.
 pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
-    let mut s = c
-        .watch_job(pb::GetJobRequest { job_id: job.id })
-        .await
-        .answer();
-    let mut last = None;
-    while let Some(j) = s.message().await.unwrap() {
-        last = Some(j);
-    }
-    last.expect("a watched job reports at least once")
+    crate::last(c.watch_job(pb::GetJobRequest { job_id: job.id }).await).await
 }

@@ -35,6 +35,8 @@ pub trait AgentCalls {
     fn tag_of(&mut self, id: &str) -> impl Future<Output = pb::Tag>;
     /// Every volume of the only domain.
     fn volumes(&mut self) -> impl Future<Output = Vec<pb::Volume>>;
+    /// Panic unless the agent's check of volume `id` finds it clean.
+    fn assert_clean(&mut self, id: &str) -> impl Future<Output = ()>;
 }
 
 impl AgentCalls for AgentClient<Channel> {
@@ -89,6 +91,15 @@ impl AgentCalls for AgentClient<Channel> {
             .await
             .answer()
             .volumes
+    }
+
+    async fn assert_clean(&mut self, id: &str) {
+        let r = pb::CheckVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        };
+        let chk = self.check_volume(r).await.answer();
+        assert!(chk.clean, "volume {id}: {}", chk.report_json);
     }
 }
 

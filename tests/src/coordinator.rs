@@ -75,15 +75,7 @@ pub async fn finish(mut c: CoordinatorClient<Channel>, job: pb::Job) -> pb::Job 
     if job.state != pb::JobState::Running as i32 {
         return job;
     }
-    let mut s = c
-        .watch_job(pb::GetJobRequest { job_id: job.id })
-        .await
-        .answer();
-    let mut last = None;
-    while let Some(j) = s.message().await.unwrap() {
-        last = Some(j);
-    }
-    last.expect("a watched job reports at least once")
+    crate::last(c.watch_job(pb::GetJobRequest { job_id: job.id }).await).await
 }
 
 /// Assert a job succeeded and return it.

@@ -5,8 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_domain::io::{BlockDev, FileDev};
+use cairn_domain::io::FileDev;
 use cairn_domain::*;
+
+pub use cairn_domain::testing::{assert_clean, host, mem_domain};
 
 /// Small format parameters: three host slots, 32 volumes and tags.
 pub fn params() -> FormatParams {
@@ -21,14 +23,6 @@ pub fn params() -> FormatParams {
     }
 }
 
-/// Host `n`: its id is `n` in every byte.
-pub fn host(n: u8) -> HostIdentity {
-    HostIdentity {
-        id: uuid::Uuid::from_bytes([n; 16]),
-        name: format!("host{n}"),
-    }
-}
-
 /// Open options of host `n` on a fixed clock.
 pub fn opts(n: u8) -> OpenOptions {
     let mut o = OpenOptions::new(host(n));
@@ -39,34 +33,16 @@ pub fn opts(n: u8) -> OpenOptions {
 
 /// A raw volume of `mib` MiB.
 pub fn raw(mib: u64) -> VolumeSpec {
-    VolumeSpec {
-        format: Format::Raw,
-        capacity: mib << 20,
-        size: mib << 20,
-        allocation: Allocation::Sparse,
-        parent: None,
-        legality: Legality::Legal,
-        description: "volume".into(),
-    }
+    VolumeSpec::raw(mib << 20, "volume")
 }
 
 /// A strong tag on `v`.
 pub fn tag_on(v: VolumeId) -> TagMeta {
-    TagMeta {
-        volume: VolumeRef::Existing(v),
-        size: 1 << 20,
-        mutable: true,
-        strategy: Strategy::Chain,
-        options: vec![("k".into(), "v".into())],
-        tag_type: TagType::Strong,
-        state: TagState::Optimized,
-    }
-}
-
-/// Assert the offline check finds nothing.
-pub fn assert_clean(dev: &dyn BlockDev) {
-    let r = cairn_domain::check::check(dev).expect("check runs");
-    assert!(r.is_clean(), "check found: {:#?}", r.findings);
+    TagMeta::disk(
+        VolumeRef::Existing(v),
+        1 << 20,
+        vec![("k".into(), "v".into())],
+    )
 }
 
 /// Format a sparse domain file of `gib` GiB.

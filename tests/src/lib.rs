@@ -39,3 +39,14 @@ impl<T> Answer<T> for Result<tonic::Response<T>, tonic::Status> {
         }
     }
 }
+
+/// The last message of a watch (a job's end state); panics when the stream
+/// fails or ends empty.
+pub async fn last<T>(watch: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>) -> T {
+    let mut s = watch.answer();
+    let mut last = None;
+    while let Some(m) = s.message().await.unwrap() {
+        last = Some(m);
+    }
+    last.expect("a watched job reports at least once")
+}

@@ -42,24 +42,8 @@ fn main() -> Result<()> {
     while Instant::now() < deadline {
         let pick = rng.next_u64() % 10;
         let line = if mine.is_empty() || pick < 4 {
-            let spec = VolumeSpec {
-                format: Format::Raw,
-                capacity: 1 << 20,
-                size: 1 << 20,
-                allocation: Allocation::Sparse,
-                parent: None,
-                legality: Legality::Legal,
-                description: format!("seed {seed} op {n}"),
-            };
-            let meta = TagMeta {
-                volume: VolumeRef::New(0),
-                size: 1 << 20,
-                mutable: true,
-                strategy: Strategy::Chain,
-                options: vec![],
-                tag_type: TagType::Strong,
-                state: TagState::Optimized,
-            };
+            let spec = VolumeSpec::raw(1 << 20, format!("seed {seed} op {n}"));
+            let meta = TagMeta::disk(VolumeRef::New(0), 1 << 20, vec![]);
             match d.tx("create").create_volume(spec).create_tag(meta).commit() {
                 Ok(out) => {
                     let (v, t) = (out.volumes[0].id, out.tags[0].id);
