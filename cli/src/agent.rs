@@ -12,33 +12,11 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::args::{rid, Wait};
+use crate::args::{rid, JobCmd, Wait};
 use crate::connect::{self, refused, Ask, Conn};
 use crate::output::{human_bytes, progress_bar, Out};
 use crate::tag::{TagCmd, UserDataCmd};
 use crate::volume::{volume_json, VolumeCmd};
-
-/// The agent's job commands.
-#[derive(Subcommand, Debug)]
-pub enum JobCmd {
-    /// List this agent's jobs.
-    List,
-    /// Show a job.
-    Show {
-        /// The job.
-        id: String,
-    },
-    /// Follow a job with a progress bar until it ends.
-    Watch {
-        /// The job.
-        id: String,
-    },
-    /// Cancel a job.
-    Cancel {
-        /// The job.
-        id: String,
-    },
-}
 
 /// Commands against the agent.
 #[derive(Subcommand, Debug)]
@@ -297,8 +275,11 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
             }
         }
         AgentCmd::Job(jc) => match jc {
-            JobCmd::List => {
-                let r = c.list_jobs(pb::ListJobsRequest {}).await.ask()?;
+            JobCmd::List { running } => {
+                let mut r = c.list_jobs(pb::ListJobsRequest {}).await.ask()?;
+                if *running {
+                    r.jobs.retain(|x| x.state == pb::JobState::Running as i32);
+                }
                 if j {
                     out.json(&r.jobs.iter().map(job_json).collect::<Vec<_>>())?;
                 } else {

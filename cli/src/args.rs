@@ -1,7 +1,7 @@
 //! Arguments several command families share.
 
 use cairn_domain::Format;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 
 /// A volume or disk format.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -27,6 +27,32 @@ pub struct Wait {
     /// Print the job and return at once instead of following it.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+/// Job commands: the agent's data jobs and the coordinator's jobs alike.
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// List jobs.
+    List {
+        /// Only running ones.
+        #[arg(long)]
+        running: bool,
+    },
+    /// Show a job.
+    Show {
+        /// The job.
+        id: String,
+    },
+    /// Follow a job until it ends (with a progress bar on a terminal).
+    Watch {
+        /// The job.
+        id: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job.
+        id: String,
+    },
 }
 
 /// A size like `512M` or `20G` (powers of 1024).

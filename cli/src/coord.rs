@@ -11,36 +11,10 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::args::Wait;
+use crate::args::{JobCmd, Wait};
 use crate::connect::{self, refused, Ask, Conn, CoordConn};
 use crate::disk::{disk_json, DiskCmd};
 use crate::output::{human_bytes, progress_bar, Out};
-
-/// Coordinator job commands.
-#[derive(Subcommand, Debug)]
-pub enum JobCmd {
-    /// List jobs.
-    List {
-        /// Only running ones.
-        #[arg(long)]
-        running: bool,
-    },
-    /// Show a job.
-    Show {
-        /// The job.
-        id: String,
-    },
-    /// Follow a job until it ends.
-    Watch {
-        /// The job.
-        id: String,
-    },
-    /// Cancel a job.
-    Cancel {
-        /// The job.
-        id: String,
-    },
-}
 
 /// Commands against the coordinator.
 #[derive(Subcommand, Debug)]

@@ -118,15 +118,7 @@ fn check_exit_codes_and_recover_an_open_intent() {
     let locks = dir.path().join("locks");
     // Build a domain whose host died between applying an intent and
     // committing it.
-    let mem = Arc::new(MemDev::new(24 << 20));
-    format(
-        mem.as_ref(),
-        &params(),
-        false,
-        &MemLockService::new(),
-        &FixedClock(1),
-    )
-    .unwrap();
+    let mem = mem_domain(24 << 20, &params());
     let base = mem.image();
     let probe = SimDev::new(base.clone(), None);
     let d = Domain::open(probe.clone(), Arc::new(MemLockService::new()), opts(1)).unwrap();
@@ -323,6 +315,21 @@ fn root_qemu_cairn_up_runs_the_readme_first_session() {
         stdout.contains("  copy  "),
         "the full clone is listed: {stdout}"
     );
+    // The agent's own jobs behind the clone and the merge: all ended.
+    let jobs = |extra: &[&str]| {
+        let out = Command::new(&bin)
+            .args(["--json", "agent-job", "list"])
+            .args(extra)
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    let all = jobs(&[]);
+    assert!(all.len() >= 2, "{all:?}");
+    assert!(all.iter().all(|j| j["state"] == "succeeded"), "{all:?}");
+    assert_eq!(jobs(&["--running"]), Vec::<serde_json::Value>::new());
     stop(child);
     // A second start reuses the domain, which is clean.
     let (child, first) = start();
