@@ -76,6 +76,18 @@ pub fn check_capacity(field: &'static str, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Check that a new virtual size `size` of a `what` (a disk, a volume)
+/// whose size is `current` does not shrink it: images only grow.
+pub fn check_growth(field: &'static str, what: &str, size: u64, current: u64) -> Result<()> {
+    if size < current {
+        return Err(DomainError::invalid(
+            field,
+            format!("{size} is smaller than the {what}'s {current}; {what}s only grow"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +103,11 @@ mod tests {
         for bad in [0, 511, MAX_CAPACITY + 512] {
             assert!(check_capacity("size", bad).is_err(), "{bad}");
         }
+        check_growth("size", "disk", 4096, 4096).unwrap();
+        let e = check_growth("size", "disk", 512, 4096).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid size: 512 is smaller than the disk's 4096; disks only grow"
+        );
     }
 }

@@ -72,13 +72,13 @@ pub fn plan_merge(
     parent: Option<(Tag, Volume)>,
 ) -> Result<MergePlan> {
     if tag.tag_type != TagType::Weak {
-        return Err(AgentError::FailedPrecondition(format!(
+        return Err(AgentError::precondition(format!(
             "tag {} is not a snapshot (a weak tag); delete a disk with DeleteDisk",
             tag.id
         )));
     }
     if snap.tag_refs > 1 {
-        return Err(AgentError::FailedPrecondition(format!(
+        return Err(AgentError::precondition(format!(
             "volume {} of snapshot {} has other tags on it",
             snap.id, tag.id
         )));
@@ -86,13 +86,13 @@ pub fn plan_merge(
     let child = match children {
         [one] => one.clone(),
         [] => {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "snapshot {} has no child to merge into",
                 tag.id
             )))
         }
         many => {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "snapshot {} has {} children (clones hang from it); delete or copy them first",
                 tag.id,
                 many.len()
@@ -103,7 +103,7 @@ pub fn plan_merge(
         .into_iter()
         .find(|v| v.legality != Legality::Legal)
     {
-        return Err(AgentError::FailedPrecondition(format!(
+        return Err(AgentError::precondition(format!(
             "volume {} is not legal",
             bad.id
         )));
@@ -370,7 +370,7 @@ impl Agent {
         request_id: [u8; 16],
     ) -> Result<Volume> {
         if v.tag_refs != 1 {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {} cannot grow in place and has other tags, so it cannot move",
                 v.id
             )));
@@ -497,7 +497,7 @@ impl Agent {
         }
         let nv = o.domain.read_volume(&w.volume)?;
         if nv.legality != Legality::Legal {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {} is not legal",
                 nv.id
             )));

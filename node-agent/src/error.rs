@@ -5,28 +5,13 @@ use cairn_domain::{DomainError, ErrorCode};
 /// Everything an agent operation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The domain layer refused or failed.
+    /// The domain layer refused or failed; also the agent's own refusals
+    /// of a field, of something that is not there and of a state that
+    /// forbids the operation ([`AgentError::invalid`],
+    /// [`AgentError::not_found`], [`AgentError::precondition`]): one
+    /// vocabulary for both layers.
     #[error(transparent)]
     Domain(#[from] DomainError),
-    /// A request field was malformed or out of range.
-    #[error("invalid {field}: {reason}")]
-    InvalidArgument {
-        /// The field, as named in the API.
-        field: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// Something named in the request does not exist.
-    #[error("{kind} {id} not found")]
-    NotFound {
-        /// "domain", "lock", ...
-        kind: &'static str,
-        /// What was looked up.
-        id: String,
-    },
-    /// The state of things forbids the operation.
-    #[error("{0}")]
-    FailedPrecondition(String),
     /// A volume is in use (open by a process or needed by an active chain).
     #[error("{0}")]
     InUse(String),
@@ -68,10 +53,10 @@ pub enum AgentError {
 
 impl From<cairn_proto::ConvertError> for AgentError {
     fn from(e: cairn_proto::ConvertError) -> Self {
-        AgentError::InvalidArgument {
+        AgentError::Domain(DomainError::InvalidArgument {
             field: e.field,
             reason: e.reason,
-        }
+        })
     }
 }
 
@@ -86,9 +71,6 @@ impl AgentError {
                 ErrorCode::NotADomain => "not_a_domain",
                 c => c.as_str(),
             },
-            AgentError::InvalidArgument { .. } => "invalid_argument",
-            AgentError::NotFound { .. } => "not_found",
-            AgentError::FailedPrecondition(_) => "failed_precondition",
             AgentError::InUse(_) => "in_use",
             AgentError::CannotGrowInPlace(_) => "extents_exhausted",
             AgentError::RequestIdReused(_) => "request_id_reused",
@@ -99,11 +81,25 @@ impl AgentError {
         }
     }
 
-    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
-        AgentError::InvalidArgument {
+    /// Field `field` of a request is refused.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
+        AgentError::Domain(DomainError::InvalidArgument {
             field,
             reason: reason.into(),
-        }
+        })
+    }
+
+    /// The `kind` named `id` is not there.
+    pub fn not_found(kind: &'static str, id: impl Into<String>) -> AgentError {
+        AgentError::Domain(DomainError::NotFound {
+            kind,
+            id: id.into(),
+        })
+    }
+
+    /// The state of things forbids the operation.
+    pub fn precondition(why: impl Into<String>) -> AgentError {
+        AgentError::Domain(DomainError::FailedPrecondition(why.into()))
     }
 
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {

@@ -121,10 +121,7 @@ impl Jobs {
             .expect("poisoned")
             .get(id)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "job",
-                id: id.to_string(),
-            })
+            .ok_or_else(|| AgentError::not_found("job", id.to_string()))
     }
 
     /// Every job.
@@ -179,16 +176,13 @@ pub fn allowed_path(dirs: &[PathBuf], p: &str, export: bool) -> Result<PathBuf> 
     let real = if export {
         let name = path.file_name().ok_or_else(|| bad("names no file"))?;
         let parent = path.parent().ok_or_else(|| bad("has no directory"))?;
-        let parent = parent.canonicalize().map_err(|_| AgentError::NotFound {
-            kind: "directory",
-            id: parent.display().to_string(),
-        })?;
+        let parent = parent
+            .canonicalize()
+            .map_err(|_| AgentError::not_found("directory", parent.display().to_string()))?;
         parent.join(name)
     } else {
-        path.canonicalize().map_err(|_| AgentError::NotFound {
-            kind: "file",
-            id: p.to_string(),
-        })?
+        path.canonicalize()
+            .map_err(|_| AgentError::not_found("file", p.to_string()))?
     };
     if !dirs.iter().any(|d| real.starts_with(d)) {
         return Err(bad(&format!(
@@ -270,7 +264,7 @@ impl Agent {
         let v = o.domain.read_volume(src)?;
         let chain = self.volume_chain(&o, &v)?;
         if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {} of the source chain is not legal",
                 bad.id
             )));
@@ -398,7 +392,7 @@ impl Agent {
         let v = o.domain.read_volume(src)?;
         let chain = self.volume_chain(&o, &v)?;
         if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {} of the chain is not legal",
                 bad.id
             )));

@@ -9,7 +9,7 @@
 //! volume (in place, or by moving it where there is room) and the tag's
 //! size. Disks only grow.
 
-use cairn_domain::{Allocation, Format, TagType};
+use cairn_domain::{limits, Allocation, Format, TagType};
 
 use super::prelude::*;
 use super::{check_description, check_label, check_size, options, text};
@@ -237,15 +237,7 @@ impl Kind for Extend {
                 id: disk.to_string(),
             });
         }
-        if size < t.size {
-            return Err(CoordError::invalid(
-                "size",
-                format!(
-                    "{size} is smaller than the disk's {}; disks only grow",
-                    t.size
-                ),
-            ));
-        }
+        limits::check_growth("size", "disk", size, t.size)?;
         let top = t.volume;
         c.mutate(rec, |a, rid| async move {
             a.extend(&rid, &dom, &top, &disk, size).await

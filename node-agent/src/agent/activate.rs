@@ -17,7 +17,7 @@ impl Agent {
         let mut cur = v.clone();
         while let Some(p) = cur.parent {
             if out.len() > 4096 {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(AgentError::precondition(format!(
                     "the chain of volume {} is longer than 4096 (a loop?)",
                     v.id
                 )));
@@ -53,7 +53,7 @@ impl Agent {
         chain: &[Volume],
     ) -> Result<(Activation, bool)> {
         if let Some(v) = chain.iter().find(|v| v.legality != Legality::Legal) {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {} of the chain is not legal",
                 v.id
             )));

@@ -48,10 +48,9 @@ impl Agent {
         }
         let mut m = self.client_locks.lock().expect("poisoned");
         Self::reap_locks(&mut m);
-        let l = m.get(lock_id).ok_or_else(|| AgentError::NotFound {
-            kind: "lock",
-            id: lock_id.to_string(),
-        })?;
+        let l = m
+            .get(lock_id)
+            .ok_or_else(|| AgentError::not_found("lock", lock_id.to_string()))?;
         if l.domain != o.id() || l.volume != *volume {
             return Err(AgentError::invalid(
                 "lock_id",

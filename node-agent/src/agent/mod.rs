@@ -402,10 +402,7 @@ impl Agent {
             .iter()
             .find(|o| o.name() == key || o.id().to_string() == key)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "domain",
-                id: key.to_string(),
-            })
+            .ok_or_else(|| AgentError::not_found("domain", key.to_string()))
     }
 }
 

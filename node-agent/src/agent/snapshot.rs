@@ -46,13 +46,13 @@ impl Agent {
             tries += 1;
             let t = o.domain.read_tag(disk)?;
             if t.tag_type != TagType::Strong || !t.mutable {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(AgentError::precondition(format!(
                     "tag {disk} is not a disk (a strong, mutable tag)"
                 )));
             }
             let top = o.domain.read_volume(&t.volume)?;
             if top.legality != Legality::Legal {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(AgentError::precondition(format!(
                     "the disk's volume {} is not legal",
                     top.id
                 )));

@@ -158,10 +158,10 @@ impl Agent {
         validate_item_name(name)?;
         match all.remove_entry(name) {
             Some((k, v)) => Ok(UserData::from([(k, v)])),
-            None => Err(AgentError::NotFound {
-                kind: "user data item",
-                id: format!("{name} of tag {id}"),
-            }),
+            None => Err(AgentError::not_found(
+                "user data item",
+                format!("{name} of tag {id}"),
+            )),
         }
     }
 

@@ -98,10 +98,7 @@ pub(super) fn read_parent(o: &Opened, format: Format, p: &TagId) -> Result<(Tag,
         ));
     }
     let t = o.domain.read_tag(p).map_err(|e| match e {
-        DomainError::NotFound { .. } => AgentError::NotFound {
-            kind: "parent tag",
-            id: p.to_string(),
-        },
+        DomainError::NotFound { .. } => AgentError::not_found("parent tag", p.to_string()),
         e => e.into(),
     })?;
     let v = o.domain.read_volume(&t.volume)?;

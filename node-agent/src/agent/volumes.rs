@@ -3,6 +3,7 @@
 
 use super::validate::*;
 use super::*;
+use cairn_domain::limits;
 
 impl Agent {
     /// Create a volume (and optionally a tag on it), with its data area
@@ -19,7 +20,7 @@ impl Agent {
             Some(p) => {
                 let (t, pv) = read_parent(o, req.format, &p)?;
                 if pv.legality != Legality::Legal {
-                    return Err(AgentError::FailedPrecondition(format!(
+                    return Err(AgentError::precondition(format!(
                         "parent tag {p} points at volume {} which is not legal",
                         pv.id
                     )));
@@ -246,7 +247,7 @@ impl Agent {
             // The new parent's chain must not go through this volume.
             let (_, pv) = read_parent(o, v.format, &p)?;
             if self.volume_chain(o, &pv)?.iter().any(|c| c.id == v.id) {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(AgentError::precondition(format!(
                     "tag {p} is on the chain below volume {id}: that would make a loop"
                 )));
             }
@@ -310,17 +311,9 @@ impl Agent {
         if capacity == v.capacity && tag.as_ref().is_none_or(|t| t.size == capacity) {
             return Ok((v, false));
         }
-        if capacity < v.capacity {
-            return Err(AgentError::invalid(
-                "capacity",
-                format!(
-                    "{capacity} is smaller than the volume's {}; volumes only grow",
-                    v.capacity
-                ),
-            ));
-        }
+        limits::check_growth("capacity", "volume", capacity, v.capacity)?;
         if v.legality != Legality::Legal {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(AgentError::precondition(format!(
                 "volume {id} is not legal"
             )));
         }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use cairn_domain::DomainError;
+use cairn_domain::{DomainError, ErrorCode};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -15,24 +15,18 @@ pub const ERROR_DOMAIN: &str = "cairn.agent.v1";
 /// goes into a google.rpc.ErrorInfo; invalid fields into a BadRequest.
 pub fn to_status(e: &AgentError) -> Status {
     let code = match e {
-        AgentError::Domain(d) => match d {
-            DomainError::InvalidArgument { .. } => Code::InvalidArgument,
-            DomainError::NotFound { .. } => Code::NotFound,
-            DomainError::AlreadyExists { .. } => Code::AlreadyExists,
-            DomainError::FailedPrecondition(_) => Code::FailedPrecondition,
-            DomainError::NoSpace(_) => Code::ResourceExhausted,
-            DomainError::LockTimeout { .. } => Code::Aborted,
-            DomainError::Fenced(_) => Code::Unavailable,
-            DomainError::Corrupt { .. } => Code::DataLoss,
-            DomainError::NotADomain(_) => Code::FailedPrecondition,
-            DomainError::ReadOnly => Code::FailedPrecondition,
-            DomainError::Changed(_) => Code::Aborted,
-            DomainError::Lock { .. } => Code::Unavailable,
-            DomainError::Io { .. } => Code::Unavailable,
+        AgentError::Domain(d) => match d.code() {
+            ErrorCode::InvalidArgument => Code::InvalidArgument,
+            ErrorCode::NotFound => Code::NotFound,
+            ErrorCode::AlreadyExists => Code::AlreadyExists,
+            ErrorCode::FailedPrecondition | ErrorCode::NotADomain | ErrorCode::ReadOnly => {
+                Code::FailedPrecondition
+            }
+            ErrorCode::ResourceExhausted => Code::ResourceExhausted,
+            ErrorCode::LockTimeout | ErrorCode::Changed => Code::Aborted,
+            ErrorCode::Fenced | ErrorCode::Io => Code::Unavailable,
+            ErrorCode::Corrupt => Code::DataLoss,
         },
-        AgentError::InvalidArgument { .. } => Code::InvalidArgument,
-        AgentError::NotFound { .. } => Code::NotFound,
-        AgentError::FailedPrecondition(_) => Code::FailedPrecondition,
         AgentError::InUse(_) => Code::FailedPrecondition,
         AgentError::CannotGrowInPlace(_) => Code::ResourceExhausted,
         AgentError::RequestIdReused(_) => Code::InvalidArgument,
@@ -44,8 +38,7 @@ pub fn to_status(e: &AgentError) -> Status {
     let mut details = ErrorDetails::new();
     details.set_error_info(e.code(), ERROR_DOMAIN, HashMap::new());
     let field = match e {
-        AgentError::InvalidArgument { field, reason }
-        | AgentError::Domain(DomainError::InvalidArgument { field, reason }) => {
+        AgentError::Domain(DomainError::InvalidArgument { field, reason }) => {
             Some((*field, reason.clone()))
         }
         AgentError::RequestIdReused(_) => Some(("request_id", e.to_string())),
@@ -71,10 +64,7 @@ mod tests {
                 "invalid_argument",
             ),
             (
-                AgentError::NotFound {
-                    kind: "domain",
-                    id: "d".into(),
-                },
+                AgentError::not_found("domain", "d"),
                 Code::NotFound,
                 "not_found",
             ),
