@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::args::{rid, JobCmd, Wait};
-use crate::connect::{self, refused, Ask, Conn};
-use crate::output::{human_bytes, progress_bar, Out};
+use crate::connect::{self, Ask, Conn};
+use crate::output::{human_bytes, Out};
 use crate::tag::{TagCmd, UserDataCmd};
 use crate::volume::{volume_json, VolumeCmd};
 
@@ -109,25 +109,13 @@ fn activation_json(a: &pb::Activation) -> Value {
 
 /// Follow a job with a progress bar (or quietly with --json).
 async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> Result<pb::Job> {
-    let mut s = c
+    let s = c
         .watch_job(pb::GetJobRequest {
             job_id: job.id.clone(),
         })
         .await
         .ask()?;
-    let bar = (!json_out).then(|| progress_bar(job.total_bytes, &job.kind));
-    let mut last = job;
-    while let Some(j) = s.message().await.map_err(refused)? {
-        if let Some(b) = &bar {
-            b.set_length(j.total_bytes.max(1));
-            b.set_position(j.done_bytes);
-        }
-        last = j;
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(last)
+    connect::follow(s, job, json_out, |j| (j.done_bytes, j.total_bytes, &j.kind)).await
 }
 
 /// Follow a job unless `--no-wait`, print how it ended; exit 1 unless it

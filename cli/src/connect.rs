@@ -120,3 +120,32 @@ pub fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
         .build()?
         .block_on(f)
 }
+
+/// Follow a job's watch `s` to its end, from `first`, with a progress bar
+/// unless `quiet`; `progress` gives a message's done and total bytes and
+/// the bar's label.
+pub async fn follow<T>(
+    mut s: tonic::Streaming<T>,
+    first: T,
+    quiet: bool,
+    progress: impl Fn(&T) -> (u64, u64, &str),
+) -> Result<T> {
+    let bar = (!quiet).then(|| {
+        let (_, total, label) = progress(&first);
+        crate::output::progress_bar(total, label)
+    });
+    let mut last = first;
+    while let Some(j) = s.message().await.map_err(refused)? {
+        if let Some(b) = &bar {
+            let (done, total, label) = progress(&j);
+            b.set_message(label.to_string());
+            b.set_length(total.max(1));
+            b.set_position(done);
+        }
+        last = j;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(last)
+}

@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::args::{JobCmd, Wait};
-use crate::connect::{self, refused, Ask, Conn, CoordConn};
+use crate::connect::{self, Ask, Conn, CoordConn};
 use crate::disk::{disk_json, DiskCmd};
-use crate::output::{human_bytes, progress_bar, Out};
+use crate::output::{human_bytes, Out};
 
 /// Commands against the coordinator.
 #[derive(Subcommand, Debug)]
@@ -60,26 +60,13 @@ async fn follow(c: &mut CoordinatorClient<Channel>, job: pb::Job, quiet: bool) -
     if job.state != pb::JobState::Running as i32 {
         return Ok(job);
     }
-    let mut s = c
+    let s = c
         .watch_job(pb::GetJobRequest {
             job_id: job.id.clone(),
         })
         .await
         .ask()?;
-    let bar = (!quiet).then(|| progress_bar(job.total_bytes, &job.step));
-    let mut last = job;
-    while let Some(j) = s.message().await.map_err(refused)? {
-        if let Some(b) = &bar {
-            b.set_message(j.step.clone());
-            b.set_length(j.total_bytes.max(1));
-            b.set_position(j.done_bytes);
-        }
-        last = j;
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(last)
+    connect::follow(s, job, quiet, |j| (j.done_bytes, j.total_bytes, &j.step)).await
 }
 
 /// Print a job's outcome; exit 1 unless it succeeded (or is still running

@@ -23,6 +23,46 @@ pub(super) struct Entry<T> {
     pub(super) fresh: bool,
 }
 
+impl<T: HasGeneration> Entry<T> {
+    /// A record as read from its slot under a lock of `token`.
+    fn read(token: Token, (before, cur): (RecordBytes, Slot<T>)) -> Entry<T> {
+        Entry {
+            before,
+            cur,
+            token,
+            fresh: false,
+        }
+    }
+
+    /// This entry, if it holds the live record `is` accepts (the `kind`
+    /// named `id`) and no writer with a newer token than its lock's wrote it.
+    fn live(
+        &mut self,
+        kind: &'static str,
+        id: &dyn std::fmt::Display,
+        is: impl Fn(&T) -> bool,
+    ) -> std::result::Result<&mut Entry<T>, PlanError> {
+        match &self.cur {
+            Slot::Live(r) if is(r) => {
+                if r.token() > self.token {
+                    return Err(DomainError::Fenced(format!(
+                        "{kind} {id} was written under token {} but the lock's token is {}",
+                        r.token(),
+                        self.token
+                    ))
+                    .into());
+                }
+                Ok(self)
+            }
+            _ => Err(DomainError::NotFound {
+                kind,
+                id: id.to_string(),
+            }
+            .into()),
+        }
+    }
+}
+
 pub(super) struct Planner<'p> {
     pub(super) d: &'p Domain,
     pub(super) guards: &'p BTreeMap<Resource, &'p LockGuard>,
@@ -174,71 +214,24 @@ impl<'p> Planner<'p> {
         let slot = id.slot();
         if !self.vols.contains_key(&slot) {
             let token = self.token_for(&self.d.resource(ResourceKind::Volume(*id)))?;
-            let (before, cur) = self.d.read_volume_slot(slot)?;
-            self.vols.insert(
-                slot,
-                Entry {
-                    before,
-                    cur,
-                    token,
-                    fresh: false,
-                },
-            );
+            let e = Entry::read(token, self.d.read_volume_slot(slot)?);
+            self.vols.insert(slot, e);
         }
         let e = self.vols.get_mut(&slot).expect("inserted");
-        match &e.cur {
-            Slot::Live(v) if v.id == *id => {
-                if v.token > e.token {
-                    return Err(DomainError::Fenced(format!(
-                        "volume {id} was written under token {} but the lock's token is {}",
-                        v.token, e.token
-                    ))
-                    .into());
-                }
-                Ok(e)
-            }
-            _ => Err(DomainError::NotFound {
-                kind: "volume",
-                id: id.to_string(),
-            }
-            .into()),
-        }
+        e.live("volume", id, |v| v.id == *id)
     }
 
+    /// Load a tag for writing: it must be locked.
     pub(super) fn tag(&mut self, id: &TagId) -> std::result::Result<&mut Entry<Tag>, PlanError> {
         self.d.check_tag_id(id)?;
         let slot = id.slot();
         if !self.tags.contains_key(&slot) {
             let token = self.token_for(&self.d.resource(ResourceKind::Tag(*id)))?;
-            let (before, cur) = self.d.read_tag_slot(slot)?;
-            self.tags.insert(
-                slot,
-                Entry {
-                    before,
-                    cur,
-                    token,
-                    fresh: false,
-                },
-            );
+            let e = Entry::read(token, self.d.read_tag_slot(slot)?);
+            self.tags.insert(slot, e);
         }
         let e = self.tags.get_mut(&slot).expect("inserted");
-        match &e.cur {
-            Slot::Live(t) if t.id == *id => {
-                if t.token > e.token {
-                    return Err(DomainError::Fenced(format!(
-                        "tag {id} was written under token {} but the lock's token is {}",
-                        t.token, e.token
-                    ))
-                    .into());
-                }
-                Ok(e)
-            }
-            _ => Err(DomainError::NotFound {
-                kind: "tag",
-                id: id.to_string(),
-            }
-            .into()),
-        }
+        e.live("tag", id, |t| t.id == *id)
     }
 
     pub(super) fn live_vol(
