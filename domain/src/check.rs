@@ -339,51 +339,8 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
             e.to_string(),
         ));
     }
-    // Tables.
-    let vt = read(
-        dev,
-        g.volume_table_off,
-        g.volume_slots as usize * g.sector_size as usize,
-        "the volume table",
-    )?;
-    let mut volumes = BTreeMap::new();
-    for i in 0..g.volume_slots {
-        let o = i as usize * g.sector_size as usize;
-        match decode_volume(&salt, i, &vt[o..o + RECORD]) {
-            Ok(Slot::Live(v)) => {
-                volumes.insert(i, v);
-            }
-            Ok(_) => {}
-            Err(d) => findings.push(finding(
-                "volume.record",
-                format!("volume slot {i}"),
-                Some(g.volume_off(i)),
-                d,
-            )),
-        }
-    }
-    let tt = read(
-        dev,
-        g.tag_table_off,
-        g.tag_slots as usize * g.sector_size as usize,
-        "the tag table",
-    )?;
-    let mut tags = BTreeMap::new();
-    for i in 0..g.tag_slots {
-        let o = i as usize * g.sector_size as usize;
-        match decode_tag(&salt, i, &tt[o..o + RECORD]) {
-            Ok(Slot::Live(t)) => {
-                tags.insert(i, t);
-            }
-            Ok(_) => {}
-            Err(d) => findings.push(finding(
-                "tag.record",
-                format!("tag slot {i}"),
-                Some(g.tag_off(i)),
-                d,
-            )),
-        }
-    }
+    let volumes = scan_table(dev, g, &salt, "volume.record", &mut findings)?;
+    let tags = scan_table(dev, g, &salt, "tag.record", &mut findings)?;
     Ok(Scanned {
         geom,
         sb,
@@ -395,6 +352,38 @@ fn scan_domain(dev: &dyn BlockDev) -> Result<Scanned> {
         findings,
         warnings,
     })
+}
+
+/// The live records of a table by slot; a record that does not decode is a
+/// finding of `code`.
+fn scan_table<T: SlotRecord>(
+    dev: &dyn BlockDev,
+    g: &Geometry,
+    salt: &[u8; 16],
+    code: &'static str,
+    findings: &mut Vec<Finding>,
+) -> Result<BTreeMap<u32, T>> {
+    let (table, slots) = T::table(g);
+    let sector = g.sector_size as usize;
+    let what = format!("the {} table", T::KIND);
+    let buf = read(dev, table, slots as usize * sector, &what)?;
+    let mut live = BTreeMap::new();
+    for i in 0..slots {
+        let o = i as usize * sector;
+        match T::decode(salt, i, &buf[o..o + RECORD]) {
+            Ok(Slot::Live(r)) => {
+                live.insert(i, r);
+            }
+            Ok(_) => {}
+            Err(d) => findings.push(finding(
+                code,
+                format!("{} slot {i}", T::KIND),
+                Some(table + o as u64),
+                d,
+            )),
+        }
+    }
+    Ok(live)
 }
 
 fn read_user_data(

@@ -94,17 +94,23 @@ fn sample_tag() -> Tag {
     }
 }
 
-#[test]
-fn golden_superblock() {
+/// The geometry every golden structure is laid out in: 64 MiB, 512-byte
+/// sectors, 2 host slots, 16 volume and tag slots.
+fn gold_geometry() -> Geometry {
     let p = FormatParams::tiny("gold", 2, 16);
-    let g = Geometry::compute(
+    Geometry::compute(
         64 << 20,
         512,
         &p,
         uuid::Uuid::from_bytes(SALT),
         1_700_000_000,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn golden_superblock() {
+    let g = gold_geometry();
     golden(
         "superblock",
         g.encode().as_bytes(),
@@ -157,15 +163,7 @@ fn golden_records() {
 
 #[test]
 fn golden_alloc_and_journal() {
-    let p = FormatParams::tiny("gold", 2, 16);
-    let g = Geometry::compute(
-        64 << 20,
-        512,
-        &p,
-        uuid::Uuid::from_bytes(SALT),
-        1_700_000_000,
-    )
-    .unwrap();
+    let g = gold_geometry();
     golden(
         "alloc root",
         &crate::alloc::encode_root(&g, 5, 6, 1),
@@ -374,15 +372,7 @@ fn non_utf8_text_is_refused_not_decoded_lossily() {
 /// change cannot leave the fuzzers seeded with stale structures.
 #[test]
 fn fuzz_seeds_are_the_golden_structures() {
-    let gold = FormatParams::tiny("gold", 2, 16);
-    let g = Geometry::compute(
-        64 << 20,
-        512,
-        &gold,
-        uuid::Uuid::from_bytes(SALT),
-        1_700_000_000,
-    )
-    .unwrap();
+    let g = gold_geometry();
     // The alloc_pages target's own geometry.
     let fz = FormatParams::tiny("fuzz", 2, 64);
     let fg = Geometry::compute(64 << 20, 512, &fz, uuid::Uuid::nil(), 0).unwrap();

@@ -62,6 +62,18 @@ impl Counters {
     }
 }
 
+/// Zero a range by writing zeros, a megabyte at a time.
+pub fn write_zeros<D: BlockDev + ?Sized>(dev: &D, off: u64, len: u64) -> io::Result<()> {
+    let chunk = Page::zeroed_buf(256);
+    let mut pos = off;
+    while pos < off + len {
+        let n = ((off + len - pos) as usize).min(chunk.len());
+        dev.write_at(&chunk[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 /// A block device (or a file used as one).
 pub trait BlockDev: Send + Sync {
     /// Size in bytes.
@@ -76,14 +88,7 @@ pub trait BlockDev: Send + Sync {
     fn flush(&self) -> io::Result<()>;
     /// Zero a range (punch a hole, discard with zeroing, or write zeros).
     fn zero_range(&self, off: u64, len: u64) -> io::Result<()> {
-        let chunk = Page::zeroed_buf(256);
-        let mut pos = off;
-        while pos < off + len {
-            let n = ((off + len - pos) as usize).min(chunk.len());
-            self.write_at(&chunk[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     /// Operation counters since the device was opened.
     fn stats(&self) -> IoStats;
@@ -288,14 +293,7 @@ impl BlockDev for FileDev {
             return Ok(());
         }
         // Fall back to writing zeros (filesystems without hole punching).
-        let chunk = Page::zeroed_buf(256);
-        let mut pos = off;
-        while pos < off + len {
-            let n = ((off + len - pos) as usize).min(chunk.len());
-            self.write_at(&chunk[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     fn stats(&self) -> IoStats {
         self.counters.snapshot()

@@ -280,15 +280,16 @@ disk_code! {
     }
 }
 
-/// A volume's metadata record.
+/// The first 26 bytes of every volume and tag record: all a reader checks
+/// before the record's own fields, and all a freed slot keeps.
 #[derive(Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
-pub struct VolumeRecordRaw {
-    /// "CVOL".
+pub struct RecordHead {
+    /// "CVOL" or "CTAG".
     pub magic: [u8; 4],
     /// Record version.
     pub version: U16,
-    /// [`rec_state`].
+    /// [`RecState`].
     pub state: U16,
     /// Bumped on every write of this slot.
     pub generation: U64,
@@ -296,6 +297,15 @@ pub struct VolumeRecordRaw {
     pub token: U64,
     /// Host slot of the writer.
     pub writer_slot: U16,
+}
+const _: () = assert!(size_of::<RecordHead>() == 26);
+
+/// A volume's metadata record.
+#[derive(Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct VolumeRecordRaw {
+    /// Magic "CVOL", version, state, generation, token, writer.
+    pub head: RecordHead,
     /// 1 raw, 2 qcow2.
     pub format: u8,
     /// 1 legal, 2 illegal.
@@ -335,18 +345,8 @@ const _: () = assert!(size_of::<VolumeRecordRaw>() == RECORD);
 #[derive(Clone, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct TagRecordRaw {
-    /// "CTAG".
-    pub magic: [u8; 4],
-    /// Record version.
-    pub version: U16,
-    /// [`rec_state`].
-    pub state: U16,
-    /// Bumped on every write of this slot.
-    pub generation: U64,
-    /// Fencing token of the writer's lock.
-    pub token: U64,
-    /// Host slot of the writer.
-    pub writer_slot: U16,
+    /// Magic "CTAG", version, state, generation, token, writer.
+    pub head: RecordHead,
     /// 1 mutable, 0 immutable.
     pub mutable: u8,
     /// 1 strong, 2 weak.

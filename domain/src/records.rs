@@ -82,6 +82,61 @@ impl HasGeneration for Tag {
     }
 }
 
+/// A volume or a tag: what a metadata slot holds when it is live.
+pub trait SlotRecord: HasGeneration + Clone {
+    /// The magic of its records.
+    const MAGIC: [u8; 4];
+    /// "volume" or "tag".
+    const KIND: &'static str;
+    /// Its slot map in the allocation map.
+    const MAP: usize;
+    /// Encode as a live record.
+    fn encode(&self, salt: &[u8; 16]) -> RecordBytes;
+    /// Decode the record of slot `slot`.
+    fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError>;
+    /// Where its table starts and how many slots it has.
+    fn table(g: &crate::geometry::Geometry) -> (u64, u32);
+    /// Stamp a rewrite of an existing record: the generation moves on and
+    /// the writer's token and host slot are recorded.
+    fn restamp(&mut self, token: u64, writer: u16);
+}
+
+impl SlotRecord for Volume {
+    const MAGIC: [u8; 4] = VOL_MAGIC;
+    const KIND: &'static str = "volume";
+    const MAP: usize = crate::alloc::VOLUME_SLOTS;
+    fn encode(&self, salt: &[u8; 16]) -> RecordBytes {
+        encode_volume(salt, self)
+    }
+    fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError> {
+        decode_volume(salt, slot, b)
+    }
+    fn table(g: &crate::geometry::Geometry) -> (u64, u32) {
+        (g.volume_table_off, g.volume_slots)
+    }
+    fn restamp(&mut self, token: u64, writer: u16) {
+        (self.generation, self.token, self.writer_slot) = (self.generation + 1, token, writer);
+    }
+}
+
+impl SlotRecord for Tag {
+    const MAGIC: [u8; 4] = TAG_MAGIC;
+    const KIND: &'static str = "tag";
+    const MAP: usize = crate::alloc::TAG_SLOTS;
+    fn encode(&self, salt: &[u8; 16]) -> RecordBytes {
+        encode_tag(salt, self)
+    }
+    fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError> {
+        decode_tag(salt, slot, b)
+    }
+    fn table(g: &crate::geometry::Geometry) -> (u64, u32) {
+        (g.tag_table_off, g.tag_slots)
+    }
+    fn restamp(&mut self, token: u64, writer: u16) {
+        (self.generation, self.token, self.writer_slot) = (self.generation + 1, token, writer);
+    }
+}
+
 /// One record image.
 pub type RecordBytes = [u8; RECORD];
 
@@ -92,12 +147,13 @@ fn is_zero(b: &[u8]) -> bool {
 /// Encode a live volume.
 pub fn encode_volume(salt: &[u8; 16], v: &Volume) -> RecordBytes {
     let mut r = VolumeRecordRaw::new_zeroed();
-    r.magic = VOL_MAGIC;
-    r.version.set(RECORD_VERSION);
-    r.state.set(RecState::Live.code());
-    r.generation.set(v.generation);
-    r.token.set(v.token);
-    r.writer_slot.set(v.writer_slot);
+    r.head = head(
+        VOL_MAGIC,
+        RecState::Live,
+        v.generation,
+        v.token,
+        v.writer_slot,
+    );
     r.format = v.format.code();
     r.legality = v.legality.code();
     r.allocation = v.allocation.code();
@@ -115,6 +171,17 @@ pub fn encode_volume(salt: &[u8; 16], v: &Volume) -> RecordBytes {
     out
 }
 
+fn head(magic: [u8; 4], state: RecState, generation: u64, token: u64, writer: u16) -> RecordHead {
+    let mut h = RecordHead::new_zeroed();
+    h.magic = magic;
+    h.version.set(RECORD_VERSION);
+    h.state.set(state.code());
+    h.generation.set(generation);
+    h.token.set(token);
+    h.writer_slot.set(writer);
+    h
+}
+
 /// Encode a free volume or tag slot (keeps the generation monotonic).
 pub fn encode_free(
     salt: &[u8; 16],
@@ -124,49 +191,64 @@ pub fn encode_free(
     writer: u16,
 ) -> RecordBytes {
     let mut out = [0u8; RECORD];
-    out[..4].copy_from_slice(&magic);
-    out[4..6].copy_from_slice(&RECORD_VERSION.to_le_bytes());
-    out[6..8].copy_from_slice(&RecState::Free.code().to_le_bytes());
-    out[8..16].copy_from_slice(&generation.to_le_bytes());
-    out[16..24].copy_from_slice(&token.to_le_bytes());
-    out[24..26].copy_from_slice(&writer.to_le_bytes());
+    let h = head(magic, RecState::Free, generation, token, writer);
+    out[..size_of::<RecordHead>()].copy_from_slice(h.as_bytes());
     seal(salt, &mut out);
     out
 }
 
-/// Decode a volume slot; the error says what is wrong.
-pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, DecodeError> {
-    let b = &b[..RECORD];
+/// The checks every volume and tag record passes first: all zero is a slot
+/// never used; then magic, version, checksum and state. `Some` is an empty
+/// or free slot, `None` a live record whose own fields are still to read.
+fn read_head<T>(salt: &[u8; 16], b: &[u8], magic: [u8; 4]) -> Result<Option<Slot<T>>, DecodeError> {
     if is_zero(b) {
-        return Ok(Slot::Empty);
+        return Ok(Some(Slot::Empty));
     }
-    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
-    if r.magic != VOL_MAGIC {
+    let (h, _) = RecordHead::ref_from_prefix(b).map_err(|_| DecodeError::Length("record"))?;
+    if h.magic != magic {
         return Err(DecodeError::Magic);
     }
-    if r.version.get() != RECORD_VERSION {
-        return Err(DecodeError::Version(r.version.get().into()));
+    if h.version.get() != RECORD_VERSION {
+        return Err(DecodeError::Version(h.version.get().into()));
     }
     if !verify(salt, b) {
         return Err(DecodeError::Checksum);
     }
-    match RecState::from_code(r.state.get()) {
-        Some(RecState::Free) => {
-            return Ok(Slot::Free {
-                generation: r.generation.get(),
-                token: r.token.get(),
-            })
-        }
-        Some(RecState::Live) => {}
-        _ => return Err(DecodeError::unknown("state", r.state.get())),
+    match RecState::from_code(h.state.get()) {
+        Some(RecState::Free) => Ok(Some(Slot::Free {
+            generation: h.generation.get(),
+            token: h.token.get(),
+        })),
+        Some(RecState::Live) => Ok(None),
+        _ => Err(DecodeError::unknown("state", h.state.get())),
     }
-    let id = VolumeId(r.id);
-    if id.slot() != slot || r.id[4] != VolumeId::generate(0).0[4] {
+}
+
+/// A record's id must name the slot it is in and be of the record's kind.
+fn check_id(
+    id: &impl std::fmt::Display,
+    named: u32,
+    kind_ok: bool,
+    slot: u32,
+) -> Result<(), DecodeError> {
+    if named != slot || !kind_ok {
         return Err(DecodeError::field(
             "id",
             format!("{id} does not name slot {slot}"),
         ));
     }
+    Ok(())
+}
+
+/// Decode a volume slot; the error says what is wrong.
+pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, DecodeError> {
+    let b = &b[..RECORD];
+    if let Some(empty_or_free) = read_head(salt, b, VOL_MAGIC)? {
+        return Ok(empty_or_free);
+    }
+    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
+    let id = VolumeId(r.id);
+    check_id(&id, id.slot(), r.id[4] == VolumeId::generate(0).0[4], slot)?;
     let format = Format::from_code(r.format).ok_or(DecodeError::unknown("format", r.format))?;
     let legality =
         Legality::from_code(r.legality).ok_or(DecodeError::unknown("legality", r.legality))?;
@@ -188,21 +270,22 @@ pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume
         ctime: r.ctime.get(),
         description: get_str(&r.description, dl)?,
         tag_refs: r.tag_refs.get(),
-        generation: r.generation.get(),
-        token: r.token.get(),
-        writer_slot: r.writer_slot.get(),
+        generation: r.head.generation.get(),
+        token: r.head.token.get(),
+        writer_slot: r.head.writer_slot.get(),
     }))
 }
 
 /// Encode a live tag.
 pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
     let mut r = TagRecordRaw::new_zeroed();
-    r.magic = TAG_MAGIC;
-    r.version.set(RECORD_VERSION);
-    r.state.set(RecState::Live.code());
-    r.generation.set(t.generation);
-    r.token.set(t.token);
-    r.writer_slot.set(t.writer_slot);
+    r.head = head(
+        TAG_MAGIC,
+        RecState::Live,
+        t.generation,
+        t.token,
+        t.writer_slot,
+    );
     r.mutable = t.mutable as u8;
     r.tag_type = t.tag_type.code();
     r.tag_state = t.state.code();
@@ -225,36 +308,12 @@ pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
 /// Decode a tag slot; the error says what is wrong.
 pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, DecodeError> {
     let b = &b[..RECORD];
-    if is_zero(b) {
-        return Ok(Slot::Empty);
+    if let Some(empty_or_free) = read_head(salt, b, TAG_MAGIC)? {
+        return Ok(empty_or_free);
     }
     let r = TagRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
-    if r.magic != TAG_MAGIC {
-        return Err(DecodeError::Magic);
-    }
-    if r.version.get() != RECORD_VERSION {
-        return Err(DecodeError::Version(r.version.get().into()));
-    }
-    if !verify(salt, b) {
-        return Err(DecodeError::Checksum);
-    }
-    match RecState::from_code(r.state.get()) {
-        Some(RecState::Free) => {
-            return Ok(Slot::Free {
-                generation: r.generation.get(),
-                token: r.token.get(),
-            })
-        }
-        Some(RecState::Live) => {}
-        _ => return Err(DecodeError::unknown("state", r.state.get())),
-    }
     let id = TagId(r.id);
-    if id.slot() != slot || r.id[4] != TagId::generate(0).0[4] {
-        return Err(DecodeError::field(
-            "id",
-            format!("{id} does not name slot {slot}"),
-        ));
-    }
+    check_id(&id, id.slot(), r.id[4] == TagId::generate(0).0[4], slot)?;
     let volume = VolumeId::from_bytes(r.volume).ok_or(DecodeError::field("volume", "none"))?;
     let ol = r.options_len.get() as usize;
     if ol > r.options.len() {
@@ -286,9 +345,9 @@ pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, Dec
             len: r.ud_len.get(),
             crc: r.ud_crc.get(),
         },
-        generation: r.generation.get(),
-        token: r.token.get(),
-        writer_slot: r.writer_slot.get(),
+        generation: r.head.generation.get(),
+        token: r.head.token.get(),
+        writer_slot: r.head.writer_slot.get(),
     }))
 }
 

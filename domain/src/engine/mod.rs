@@ -30,9 +30,7 @@ use crate::geometry::{FormatParams, Geometry};
 use crate::io::{AlignedBuf, BlockDev};
 use crate::journal::{Action, Intent, JournalWriter};
 use crate::layout::BITS_PER_PAGE;
-use crate::layout::{
-    DecodeError, Direction, JournalKind, SlotState, PAGE, RECORD, TAG_MAGIC, VOL_MAGIC,
-};
+use crate::layout::{DecodeError, Direction, JournalKind, SlotState, PAGE, RECORD};
 use crate::lock::{LockGuard, LockService, Resource, ResourceKind, Token};
 use crate::model::*;
 use crate::records::*;

@@ -412,89 +412,34 @@ impl Planner<'_> {
             vol_data.push((slot, off, data));
         }
         let mut new_volumes_rec = Vec::new();
-        for (slot, e) in &self.vols {
-            let after = match &e.cur {
-                Slot::Live(v) if !e.fresh && encode_volume(&salt, v) == e.before => continue,
-                Slot::Live(v) => {
-                    let mut v = v.clone();
-                    if !e.fresh {
-                        v.generation += 1;
-                        v.token = e.token;
-                        v.writer_slot = self.writer;
-                    } else {
-                        new_volumes_rec.push(v.clone());
-                    }
-                    encode_volume(&salt, &v)
-                }
-                Slot::Free { generation, token } => {
-                    encode_free(&salt, VOL_MAGIC, *generation, *token, self.writer)
-                }
-                Slot::Empty => continue,
-            };
+        for (slot, before, after) in rewrites(&salt, self.writer, &self.vols, &mut new_volumes_rec)
+        {
             actions.push(Action::PutVolume {
-                slot: *slot,
-                before: Box::new(e.before),
-                after: Box::new(after),
+                slot,
+                before,
+                after,
             });
         }
         let mut new_tags_rec = Vec::new();
-        for (slot, e) in &self.tags {
-            let after = match &e.cur {
-                Slot::Live(t) if !e.fresh && encode_tag(&salt, t) == e.before => continue,
-                Slot::Live(t) => {
-                    let mut t = t.clone();
-                    if !e.fresh {
-                        t.generation += 1;
-                        t.token = e.token;
-                        t.writer_slot = self.writer;
-                    } else {
-                        new_tags_rec.push(t.clone());
-                    }
-                    encode_tag(&salt, &t)
-                }
-                Slot::Free { generation, token } => {
-                    encode_free(&salt, TAG_MAGIC, *generation, *token, self.writer)
-                }
-                Slot::Empty => continue,
-            };
+        for (slot, before, after) in rewrites(&salt, self.writer, &self.tags, &mut new_tags_rec) {
             actions.push(Action::PutTag {
-                slot: *slot,
-                before: Box::new(e.before),
-                after: Box::new(after),
+                slot,
+                before,
+                after,
             });
         }
         for &(map, start, count) in &self.clear_bits {
             actions.push(Action::ClearBits { map, start, count });
         }
         // Return new objects in creation order with their final records.
-        let mut volumes = Vec::new();
         let mut volume_locks = Vec::new();
+        let mut volume_ids = Vec::new();
         for (id, guard) in self.new_volumes {
             volume_locks.extend(guard);
-            let v = new_volumes_rec
-                .iter()
-                .find(|v| v.id == id)
-                .cloned()
-                .ok_or_else(|| {
-                    DomainError::FailedPrecondition(format!(
-                        "volume {id} was created and deleted in the same transaction"
-                    ))
-                })?;
-            volumes.push(v);
+            volume_ids.push(id);
         }
-        let mut tags = Vec::new();
-        for id in self.new_tags {
-            let t = new_tags_rec
-                .iter()
-                .find(|t| t.id == id)
-                .cloned()
-                .ok_or_else(|| {
-                    DomainError::FailedPrecondition(format!(
-                        "tag {id} was created and deleted in the same transaction"
-                    ))
-                })?;
-            tags.push(t);
-        }
+        let volumes = in_order(volume_ids, new_volumes_rec, |v| v.id, "volume")?;
+        let tags = in_order(self.new_tags, new_tags_rec, |t| t.id, "tag")?;
         let blobs = self
             .blobs
             .into_iter()
@@ -509,4 +454,54 @@ impl Planner<'_> {
             new_tags: tags,
         })
     }
+}
+
+/// The slot writes a plan makes of its records: records it did not change
+/// are left out, rewritten ones restamped, freed ones written as free.
+/// Records created by the plan are collected in `made`.
+fn rewrites<T: SlotRecord>(
+    salt: &[u8; 16],
+    writer: u16,
+    entries: &BTreeMap<u32, Entry<T>>,
+    made: &mut Vec<T>,
+) -> Vec<(u32, Box<RecordBytes>, Box<RecordBytes>)> {
+    let mut out = Vec::new();
+    for (slot, e) in entries {
+        let after = match &e.cur {
+            Slot::Live(r) if !e.fresh && r.encode(salt) == e.before => continue,
+            Slot::Live(r) if e.fresh => {
+                made.push(r.clone());
+                r.encode(salt)
+            }
+            Slot::Live(r) => {
+                let mut r = r.clone();
+                r.restamp(e.token, writer);
+                r.encode(salt)
+            }
+            Slot::Free { generation, token } => {
+                encode_free(salt, T::MAGIC, *generation, *token, writer)
+            }
+            Slot::Empty => continue,
+        };
+        out.push((*slot, Box::new(e.before), Box::new(after)));
+    }
+    out
+}
+
+/// The records created, in the order they were created.
+fn in_order<T: Clone, I: PartialEq + std::fmt::Display>(
+    ids: Vec<I>,
+    made: Vec<T>,
+    id: impl Fn(&T) -> I,
+    what: &str,
+) -> Result<Vec<T>> {
+    ids.into_iter()
+        .map(|want| {
+            made.iter().find(|r| id(r) == want).cloned().ok_or_else(|| {
+                DomainError::FailedPrecondition(format!(
+                    "{what} {want} was created and deleted in the same transaction"
+                ))
+            })
+        })
+        .collect()
 }

@@ -103,44 +103,29 @@ impl Domain {
 
     /// Every live volume, by slot.
     pub fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let hw = self.fresh_alloc()?.high_water(VOLUME_SLOTS);
-        let buf = self.read_table(self.geom.volume_table_off, hw)?;
-        let s = self.geom.sector_size as usize;
-        let mut out = Vec::new();
-        for i in 0..hw as usize {
-            let b = &buf[i * s..i * s + RECORD];
-            match decode_volume(&self.salt(), i as u32, b) {
-                Ok(Slot::Live(v)) => out.push(v),
-                Ok(_) => {}
-                Err(d) => {
-                    return Err(DomainError::corrupt(
-                        format!("volume slot {i}"),
-                        self.geom.volume_off(i as u32),
-                        d,
-                    ))
-                }
-            }
-        }
-        Ok(out)
+        self.list()
     }
 
     /// Every live tag, by slot.
     pub fn list_tags(&self) -> Result<Vec<Tag>> {
-        let hw = self.fresh_alloc()?.high_water(TAG_SLOTS);
-        let buf = self.read_table(self.geom.tag_table_off, hw)?;
+        self.list()
+    }
+
+    /// Every live record of a table, by slot; a record that does not decode
+    /// is corruption.
+    fn list<T: SlotRecord>(&self) -> Result<Vec<T>> {
+        let hw = self.fresh_alloc()?.high_water(T::MAP);
+        let (table, _) = T::table(&self.geom);
+        let buf = self.read_table(table, hw)?;
         let s = self.geom.sector_size as usize;
         let mut out = Vec::new();
         for i in 0..hw as usize {
-            let b = &buf[i * s..i * s + RECORD];
-            match decode_tag(&self.salt(), i as u32, b) {
-                Ok(Slot::Live(t)) => out.push(t),
+            match T::decode(&self.salt(), i as u32, &buf[i * s..i * s + RECORD]) {
+                Ok(Slot::Live(v)) => out.push(v),
                 Ok(_) => {}
                 Err(d) => {
-                    return Err(DomainError::corrupt(
-                        format!("tag slot {i}"),
-                        self.geom.tag_off(i as u32),
-                        d,
-                    ))
+                    let at = table + (i * s) as u64;
+                    return Err(DomainError::corrupt(format!("{} slot {i}", T::KIND), at, d));
                 }
             }
         }
