@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use cairn_domain::api::CopyTarget;
 use crate::agent::{Agent, Opened};
 use crate::datapath::{copy_raw, CopyError, Progress, Region};
 use crate::error::{AgentError, Result};
+use crate::iodir::Source;
 use crate::qcow2;
 use crate::qemu::QemuImg;
 
@@ -158,55 +159,6 @@ pub(crate) fn open_direct(path: &Path, write: bool) -> Result<File> {
         .map_err(AgentError::io(format!("opening {}", path.display())))
 }
 
-/// A path a client named for import or export: absolute, plain, and inside
-/// one of the allowed directories once symlinks are resolved. For export
-/// the file must not exist yet.
-pub fn allowed_path(dirs: &[PathBuf], p: &str, export: bool) -> Result<PathBuf> {
-    let bad = |why: &str| AgentError::invalid("path", format!("{p:?} {why}"));
-    if p.is_empty() {
-        return Err(bad("is empty"));
-    }
-    if p.chars().any(char::is_control) {
-        return Err(bad("has control characters"));
-    }
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return Err(bad("is not absolute"));
-    }
-    let real = if export {
-        let name = path.file_name().ok_or_else(|| bad("names no file"))?;
-        let parent = path.parent().ok_or_else(|| bad("has no directory"))?;
-        let parent = parent
-            .canonicalize()
-            .map_err(|_| AgentError::not_found("directory", parent.display().to_string()))?;
-        parent.join(name)
-    } else {
-        path.canonicalize()
-            .map_err(|_| AgentError::not_found("file", p.to_string()))?
-    };
-    if !dirs.iter().any(|d| real.starts_with(d)) {
-        return Err(bad(&format!(
-            "is outside the allowed import/export directories ({})",
-            dirs.iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    if export {
-        if real.symlink_metadata().is_ok() {
-            return Err(AgentError::Domain(
-                cairn_domain::DomainError::AlreadyExists {
-                    what: format!("{} already exists", real.display()),
-                },
-            ));
-        }
-    } else if !real.is_file() {
-        return Err(bad("is not a regular file"));
-    }
-    Ok(real)
-}
-
 impl Agent {
     /// The jobs of this agent.
     pub fn jobs(&self) -> &Jobs {
@@ -328,16 +280,10 @@ impl Agent {
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
         self.check_target(&target)?;
-        let path = allowed_path(&self.io_dirs, path, false)?;
+        let src = self.io.open_source(path)?;
         let capacity = match source_format {
-            Format::Raw => {
-                let len = path
-                    .metadata()
-                    .map_err(AgentError::io("reading the file's size"))?
-                    .len();
-                len.div_ceil(512) * 512
-            }
-            Format::Qcow2 => qcow2_file_info(&*self.qemu, &path)?,
+            Format::Raw => src.len.div_ceil(512) * 512,
+            Format::Qcow2 => qcow2_source_size(&*self.qemu, &src)?,
         };
         if capacity == 0 {
             return Err(AgentError::invalid("path", "the file is empty"));
@@ -347,16 +293,13 @@ impl Agent {
             let (vol, guard) = a.begin_target(&o, format, capacity, &target, request_id)?;
             let r = fenced_while(&[&guard], p, || {
                 if source_format == Format::Raw && format == Format::Raw {
-                    let f = File::open(&path)
-                        .map_err(AgentError::io(format!("opening {}", path.display())))?;
-                    let len = f.metadata().map_err(AgentError::io("stat"))?.len();
                     let d = open_direct(&o.path, true)?;
                     let de = o.extent(&vol);
                     copy_raw(
                         Region {
-                            file: &f,
+                            file: &src.file,
                             offset: 0,
-                            len,
+                            len: src.len,
                         },
                         Region {
                             file: &d,
@@ -367,9 +310,9 @@ impl Agent {
                     )
                     .map_err(from_copy("qemu-img convert"))
                 } else {
-                    let src = file_node(&path, source_format);
+                    let node = file_node(&src.file, source_format);
                     let dst = a.node(&o, &vol);
-                    convert_into(&*a.qemu, format, &format!("json:{src}"), &dst, capacity, p)?;
+                    convert_into(&*a.qemu, format, &format!("json:{node}"), &dst, capacity, p)?;
                     o.domain
                         .device()
                         .flush()
@@ -388,7 +331,6 @@ impl Agent {
         path: &str,
         format: Format,
     ) -> Result<Arc<Job>> {
-        let path = allowed_path(&self.io_dirs, path, true)?;
         let v = o.domain.read_volume(src)?;
         let chain = self.volume_chain(&o, &v)?;
         if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
@@ -398,18 +340,16 @@ impl Agent {
             )));
         }
         let src_id = v.id;
+        // Created last: a request refused before this leaves no file.
+        let out = self.io.create_target(path)?;
         Ok(self.spawn_job("export", move |a, p| {
             let _lock = o.domain.lock_volume(&src_id)?;
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
             let r = fenced_while(&[&_lock], p, || {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
-                    let out = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&path)
-                        .map_err(AgentError::io(format!("creating {}", path.display())))?;
-                    out.set_len(v.capacity)
+                    out.file
+                        .set_len(v.capacity)
                         .map_err(AgentError::io("sizing the file"))?;
                     let f = open_direct(&o.path, false)?;
                     let s = o.extent(&v);
@@ -420,35 +360,56 @@ impl Agent {
                             len: v.capacity,
                         },
                         Region {
-                            file: &out,
+                            file: &out.file,
                             offset: 0,
                             len: v.capacity,
                         },
                         p,
                     )
-                    .map_err(from_copy("qemu-img convert"))
+                    .map_err(from_copy("qemu-img convert"))?;
                 } else {
+                    // qemu-img writes into the file created here, reopened
+                    // through this process's descriptor: it creates nothing.
                     let (src, _scratch) = a.chain_node(&o, &v)?;
+                    let target = crate::iodir::fd_path(&out.file);
+                    if format == Format::Raw {
+                        out.file
+                            .set_len(v.capacity)
+                            .map_err(AgentError::io("sizing the file"))?;
+                    } else {
+                        a.qemu.run(&[
+                            "create".into(),
+                            "-q".into(),
+                            "-f".into(),
+                            format.as_str().into(),
+                            target.clone(),
+                            v.capacity.to_string(),
+                        ])?;
+                    }
                     let args = vec![
+                        "-n".into(),
+                        "--target-is-zero".into(),
                         "-T".into(),
                         "none".into(),
                         "-O".into(),
                         format.as_str().into(),
                         format!("json:{src}"),
-                        path.display().to_string(),
+                        target,
                     ];
                     a.qemu
                         .with_progress("convert", &args, v.capacity, p)
                         .map_err(from_copy("qemu-img convert"))?;
-                    File::open(&path)
-                        .and_then(|f| f.sync_all())
-                        .map_err(AgentError::io("flushing the file"))
                 }
+                out.file
+                    .sync_all()
+                    .map_err(AgentError::io("flushing the file"))
             });
             match r {
-                Ok(()) => Ok(Outcome::File(path)),
+                Ok(()) => Ok(Outcome::File(out.path.clone())),
                 Err(e) => {
-                    let _ = std::fs::remove_file(&path);
+                    if let Err(rm) = out.remove() {
+                        tracing::warn!(path = %out.path.display(), error = %rm, "could not remove a failed export");
+                    }
                     Err(e)
                 }
             }
@@ -571,19 +532,26 @@ fn convert_into(
         .map_err(from_copy("qemu-img convert"))
 }
 
-/// A host file as a qemu node; a qcow2 file's own backing reference is
-/// ignored so an import cannot read other files of the host.
-fn file_node(path: &Path, f: Format) -> serde_json::Value {
-    let file = serde_json::json!({"driver": "file", "filename": path});
-    match f {
+/// The qemu node of an import's source: the descriptor the agent opened,
+/// reopened through `/proc`, with backing files disabled.
+fn file_node(f: &File, fmt: Format) -> serde_json::Value {
+    let file = serde_json::json!({"driver": "file", "filename": crate::iodir::fd_path(f)});
+    match fmt {
         Format::Raw => serde_json::json!({"driver": "raw", "file": file}),
         Format::Qcow2 => serde_json::json!({"driver": "qcow2", "file": file, "backing": null}),
     }
 }
 
-/// Virtual size of a qcow2 file, refusing ones that point at other files.
-fn qcow2_file_info(qemu: &dyn QemuImg, path: &Path) -> Result<u64> {
-    let node = file_node(path, Format::Qcow2);
+/// The virtual size of a qcow2 file to import: its header judged from its
+/// bytes first (it must stand alone), then qemu-img's reading of it.
+fn qcow2_source_size(qemu: &dyn QemuImg, src: &Source) -> Result<u64> {
+    let mut head = vec![0u8; (src.len as usize).min(qcow2::INSPECT_BYTES)];
+    src.file
+        .read_exact_at(&mut head, 0)
+        .map_err(AgentError::io("reading the image header"))?;
+    let refuse = |why: String| AgentError::invalid("path", format!("{} {why}", src.path.display()));
+    let size = qcow2::inspect_untrusted(&head).map_err(refuse)?;
+    let node = file_node(&src.file, Format::Qcow2);
     let out = qemu
         .output(&[
             "info".into(),
@@ -592,30 +560,8 @@ fn qcow2_file_info(qemu: &dyn QemuImg, path: &Path) -> Result<u64> {
         ])
         .map_err(AgentError::io("running qemu-img info"))?;
     if out.code != Some(0) {
-        return Err(AgentError::invalid(
-            "path",
-            format!(
-                "{} is not a readable qcow2 image: {}",
-                path.display(),
-                out.stderr.trim()
-            ),
-        ));
+        let why = format!("is not a readable qcow2 image: {}", out.stderr.trim());
+        return Err(refuse(why));
     }
-    let j: serde_json::Value = serde_json::from_str(&out.stdout).map_err(|e| AgentError::Qemu {
-        tool: "qemu-img info".into(),
-        detail: e.to_string(),
-    })?;
-    if j["format-specific"]["data"]["data-file"].is_string() {
-        return Err(AgentError::invalid(
-            "path",
-            "qcow2 images with an external data file are not imported",
-        ));
-    }
-    j["virtual-size"]
-        .as_u64()
-        .map(|s| s.div_ceil(512) * 512)
-        .ok_or_else(|| AgentError::Qemu {
-            tool: "qemu-img info".into(),
-            detail: "no virtual-size".into(),
-        })
+    Ok(size.div_ceil(512) * 512)
 }

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod compose;
 pub mod datapath;
 pub mod error;
+pub mod iodir;
 pub mod jobs;
 pub mod loopdev;
 pub mod metrics;

@@ -279,6 +279,96 @@ pub fn parse_header(page: &[u8]) -> Result<Info, String> {
     })
 }
 
+/// Incompatible feature bits an imported image may carry: dirty (qemu
+/// reads a dirty image), compression type and extended L2 entries.
+const IMPORTABLE_INCOMPAT: u64 = 1 | 8 | 16;
+const INCOMPAT_CORRUPT: u64 = 2;
+const INCOMPAT_DATA_FILE: u64 = 4;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Bytes of an untrusted image read to inspect its header and extensions.
+pub const INSPECT_BYTES: usize = 1 << 20;
+
+/// Judge an untrusted qcow2 image from the first bytes of its file
+/// (`head`, up to [`INSPECT_BYTES`]) before anything opens it: it must
+/// stand alone (no backing file, no external data file), be unencrypted
+/// and carry no feature this agent does not know. Its virtual size, or
+/// what is wrong with it.
+pub fn inspect_untrusted(head: &[u8]) -> Result<u64, String> {
+    let be32 = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4")))
+    };
+    let be64 = |o: usize| {
+        head.get(o..o + 8)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
+    };
+    let short = || "is too short to be a qcow2 image".to_string();
+    if be32(0).ok_or_else(short)? != MAGIC {
+        return Err("is not a qcow2 image (no qcow2 magic)".into());
+    }
+    let version = be32(4).ok_or_else(short)?;
+    if version != 2 && version != 3 {
+        return Err(format!("is qcow2 version {version}, not 2 or 3"));
+    }
+    if be64(8).ok_or_else(short)? != 0 {
+        return Err("has a backing file; only images that stand alone are imported".into());
+    }
+    let cluster_bits = be32(20).ok_or_else(short)?;
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(format!("has cluster bits {cluster_bits}, not 9 to 21"));
+    }
+    let size = be64(24).ok_or_else(short)?;
+    if be32(32).ok_or_else(short)? != 0 {
+        return Err("is encrypted; encrypted images are not imported".into());
+    }
+    let header_len = if version == 2 {
+        72
+    } else {
+        let incompat = be64(72).ok_or_else(short)?;
+        if incompat & INCOMPAT_DATA_FILE != 0 {
+            return Err(
+                "has an external data file; only images that stand alone are imported".into(),
+            );
+        }
+        if incompat & INCOMPAT_CORRUPT != 0 {
+            return Err("is marked corrupt".into());
+        }
+        if incompat & !(IMPORTABLE_INCOMPAT | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE) != 0 {
+            return Err(format!("has unknown incompatible features {incompat:#x}"));
+        }
+        let n = be32(100).ok_or_else(short)? as usize;
+        if !(104..=head.len()).contains(&n) || n % 8 != 0 {
+            return Err(format!("has a header length of {n}"));
+        }
+        n
+    };
+    // Header extensions follow the header, each padded to 8 bytes, up to
+    // an end marker inside the first cluster.
+    let end = (1usize << cluster_bits).min(head.len());
+    let mut o = header_len;
+    loop {
+        let (Some(kind), Some(len)) = (be32(o), be32(o + 4)) else {
+            return Err("has header extensions without an end".into());
+        };
+        match kind {
+            EXT_END => break,
+            EXT_DATA_FILE => {
+                return Err(
+                    "names an external data file; only images that stand alone are imported".into(),
+                )
+            }
+            EXT_CRYPTO => return Err("is encrypted; encrypted images are not imported".into()),
+            _ => {}
+        }
+        o += 8 + (len as usize).div_ceil(8) * 8;
+        if o > end {
+            return Err("has header extensions past its first cluster".into());
+        }
+    }
+    Ok(size)
+}
+
 /// Bytes a qcow2 image of `size` virtual bytes needs when every cluster is
 /// written: data, L2 tables, L1 table, refcount structures and header.
 /// An upper bound of what `qemu-img measure` reports for full allocation.
@@ -381,5 +471,67 @@ mod tests {
         // One L1 cluster holds 8192 entries = 4 TiB of virtual size.
         assert!(grow_header(h, 5 << 40).is_none());
         assert!(grow_header(h, 1 << 29).is_none());
+    }
+
+    fn image(f: &str, extra: &[&str]) -> Vec<u8> {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("i.qcow2");
+        // "DIR" in an argument stands for a scratch directory.
+        let dir = t.path().to_str().unwrap();
+        let mut args: Vec<String> = ["create", "-q", "-f", "qcow2"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| a.replace("DIR", dir)));
+        args.push(p.to_str().unwrap().into());
+        args.push("1M".into());
+        let st = std::process::Command::new("qemu-img")
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{f}");
+        let mut b = std::fs::read(&p).unwrap();
+        b.truncate(INSPECT_BYTES);
+        b
+    }
+
+    #[test]
+    fn qemu_untrusted_images_that_do_not_stand_alone_are_refused() {
+        assert_eq!(inspect_untrusted(&image("plain", &[])).unwrap(), 1 << 20);
+        assert_eq!(
+            inspect_untrusted(&image("v2", &["-o", "compat=0.10"])).unwrap(),
+            1 << 20
+        );
+        let backed = image("backed", &["-u", "-F", "raw", "-b", "/etc/shadow"]);
+        let e = inspect_untrusted(&backed).unwrap_err();
+        assert!(e.contains("backing file"), "{e}");
+        let data = image("data", &["-o", "data_file=DIR/data.raw"]);
+        let e = inspect_untrusted(&data).unwrap_err();
+        assert!(e.contains("external data file"), "{e}");
+        // The name alone, without the feature bit, is refused as well.
+        let mut named = image("plain", &[]);
+        let n = u32::from_be_bytes(named[100..104].try_into().unwrap()) as usize;
+        named[n..n + 8].copy_from_slice(&[0x44, 0x41, 0x54, 0x41, 0, 0, 0, 8]);
+        named[n + 8..n + 16].copy_from_slice(b"/etc/pas");
+        named[n + 16..n + 24].fill(0);
+        let e = inspect_untrusted(&named).unwrap_err();
+        assert!(e.contains("external data file"), "{e}");
+        for (what, at, bytes, says) in [
+            ("magic", 0, vec![0u8; 4], "no qcow2 magic"),
+            ("version", 4, 4u32.to_be_bytes().to_vec(), "version 4"),
+            ("crypt", 32, 1u32.to_be_bytes().to_vec(), "encrypted"),
+            ("corrupt", 72, 2u64.to_be_bytes().to_vec(), "corrupt"),
+            (
+                "unknown",
+                72,
+                (1u64 << 40).to_be_bytes().to_vec(),
+                "unknown",
+            ),
+        ] {
+            let mut b = image("plain", &[]);
+            b[at..at + bytes.len()].copy_from_slice(&bytes);
+            let e = inspect_untrusted(&b).unwrap_err();
+            assert!(e.contains(says), "{what}: {e}");
+        }
+        assert!(inspect_untrusted(&[0x51, 0x46])
+            .unwrap_err()
+            .contains("too short"));
     }
 }

@@ -7,6 +7,7 @@
 mod activation;
 mod api_errors;
 mod bitflip;
+mod boundary;
 mod cli;
 mod coordinator;
 mod crash;

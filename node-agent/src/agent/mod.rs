@@ -217,7 +217,7 @@ pub struct Agent {
     act: Mutex<()>,
     client_locks: Mutex<HashMap<String, ClientLock>>,
     pub(crate) jobs: crate::jobs::Jobs,
-    pub(crate) io_dirs: Vec<PathBuf>,
+    pub(crate) io: crate::iodir::IoDirs,
     pub(crate) gc_quarantine: Duration,
     /// The mark on this agent's loop devices: `cairn:<host id>`.
     owner: String,
@@ -335,13 +335,7 @@ impl Agent {
             );
             domains.push(Arc::new(Opened { domain, path, run }));
         }
-        let mut io_dirs = Vec::new();
-        for d in &cfg.io_dirs {
-            io_dirs.push(d.canonicalize().map_err(AgentError::io(format!(
-                "import/export directory {}",
-                d.display()
-            )))?);
-        }
+        let io = crate::iodir::IoDirs::open(&cfg.io_dirs)?;
         let agent = Agent {
             instance: uuid::Uuid::new_v4(),
             domains,
@@ -349,7 +343,7 @@ impl Agent {
             act: Mutex::new(()),
             client_locks: Mutex::new(HashMap::new()),
             jobs: crate::jobs::Jobs::new(clock.clone()),
-            io_dirs,
+            io,
             gc_quarantine: cfg.gc_quarantine,
             owner: format!("cairn:{}", cfg.host.id),
             qemu,
