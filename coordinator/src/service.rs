@@ -73,7 +73,8 @@ impl CoordService {
     /// Start the job a request asks for: its request id and fields are
     /// checked first (`build` makes the spec from the resolved domain and
     /// target, and is tried once on placeholders), then its domains are
-    /// resolved and the job submitted.
+    /// resolved, the spec checked again with them (a move to the disk's own
+    /// domain) and the job submitted.
     async fn submit<Req: Message>(
         &self,
         request_id: &str,
@@ -85,14 +86,17 @@ impl CoordService {
         let fp = fingerprint(&req.encode_to_vec());
         let go = async {
             check_request_id(request_id)?;
-            let placeholder = (!target.is_empty()).then_some(uuid::Uuid::nil());
+            // Placeholders for a domain and a target that differ.
+            let placeholder = (!target.is_empty()).then_some(uuid::Uuid::from_u128(1));
             build(uuid::Uuid::nil(), placeholder)?.validate()?;
             let d = self.coord.domain(domain).await?.id;
             let t = match target {
                 "" => None,
                 t => Some(self.coord.domain(t).await?.id),
             };
-            self.coord.submit(request_id, fp, build(d, t)?).await
+            let spec = build(d, t)?;
+            spec.validate()?;
+            self.coord.submit(request_id, fp, spec).await
         };
         let rec = go.await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))

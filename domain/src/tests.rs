@@ -433,3 +433,31 @@ fn sixteen_threads_on_three_hosts_allocate_over_many_pages() {
     assert_eq!(ds[0].list_tags().unwrap().len(), 320);
     assert_clean(dev.as_ref());
 }
+
+/// Regression: a second writable tag on a volume made two disks writing
+/// one image.
+#[test]
+fn a_volume_has_at_most_one_writable_tag() {
+    let (dev, _l, d) = setup();
+    let (v, vg) = d.create_volume(raw(3 << 20)).unwrap();
+    let disk = d.create_tag(tag_on(v.id), &[&vg]).unwrap();
+    let before = dev.image();
+    let e = d.create_tag(tag_on(v.id), &[&vg]).unwrap_err();
+    assert_eq!(e.code(), crate::ErrorCode::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains(&disk.id.to_string()), "{e}");
+    assert!(dev.image() == before, "a refused tag changed the domain");
+    // Read-only and weak tags are fine beside it.
+    let mut ro = tag_on(v.id);
+    ro.mutable = false;
+    let ro = d.create_tag(ro.clone(), &[&vg]).unwrap();
+    let mut weak = tag_on(v.id);
+    weak.tag_type = TagType::Weak;
+    d.create_tag(weak, &[&vg]).unwrap();
+    // Making the read-only one writable is refused too.
+    let e = d.change_tag(&ro.id, tag_on(v.id), &[]).unwrap_err();
+    assert_eq!(e.code(), crate::ErrorCode::FailedPrecondition, "{e}");
+    // Once the disk is gone, another may write.
+    d.delete_tag(&disk.id, &[&vg]).unwrap();
+    d.change_tag(&ro.id, tag_on(v.id), &[]).unwrap();
+    assert_clean(dev.as_ref());
+}

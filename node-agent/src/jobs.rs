@@ -17,6 +17,7 @@ use cairn_domain::{Clock, Format, Legality, LockGuard, Tag, Volume, VolumeId, Vo
 use cairn_domain::api::CopyTarget;
 
 use crate::agent::{Agent, Opened};
+use crate::confine::{self, Ruleset};
 use crate::datapath::{copy_raw, CopyError, Progress, Region};
 use crate::error::{AgentError, Result};
 use crate::iodir::Source;
@@ -283,7 +284,7 @@ impl Agent {
         let src = self.io.open_source(path)?;
         let capacity = match source_format {
             Format::Raw => src.len.div_ceil(512) * 512,
-            Format::Qcow2 => qcow2_source_size(&*self.qemu, &src)?,
+            Format::Qcow2 => qcow2_source_size(&*self.qemu, &src, &o.path)?,
         };
         if capacity == 0 {
             return Err(AgentError::invalid("path", "the file is empty"));
@@ -310,9 +311,10 @@ impl Agent {
                     )
                     .map_err(from_copy("qemu-img convert"))
                 } else {
-                    let node = file_node(&src.file, source_format);
+                    let (qemu, path) = import_qemu(&*a.qemu, &src, &o.path)?;
+                    let node = file_node(&path, source_format);
                     let dst = a.node(&o, &vol);
-                    convert_into(&*a.qemu, format, &format!("json:{node}"), &dst, capacity, p)?;
+                    convert_into(&*qemu, format, &format!("json:{node}"), &dst, capacity, p)?;
                     o.domain
                         .device()
                         .flush()
@@ -532,10 +534,10 @@ fn convert_into(
         .map_err(from_copy("qemu-img convert"))
 }
 
-/// The qemu node of an import's source: the descriptor the agent opened,
-/// reopened through `/proc`, with backing files disabled.
-fn file_node(f: &File, fmt: Format) -> serde_json::Value {
-    let file = serde_json::json!({"driver": "file", "filename": crate::iodir::fd_path(f)});
+/// The qemu node of an import's source, `path` being the agent's open
+/// descriptor of it, with backing files disabled.
+fn file_node(path: &str, fmt: Format) -> serde_json::Value {
+    let file = serde_json::json!({"driver": "file", "filename": path});
     match fmt {
         Format::Raw => serde_json::json!({"driver": "raw", "file": file}),
         Format::Qcow2 => serde_json::json!({"driver": "qcow2", "file": file, "backing": null}),
@@ -544,14 +546,15 @@ fn file_node(f: &File, fmt: Format) -> serde_json::Value {
 
 /// The virtual size of a qcow2 file to import: its header judged from its
 /// bytes first (it must stand alone), then qemu-img's reading of it.
-fn qcow2_source_size(qemu: &dyn QemuImg, src: &Source) -> Result<u64> {
+fn qcow2_source_size(qemu: &dyn QemuImg, src: &Source, domain: &Path) -> Result<u64> {
     let mut head = vec![0u8; (src.len as usize).min(qcow2::INSPECT_BYTES)];
     src.file
         .read_exact_at(&mut head, 0)
         .map_err(AgentError::io("reading the image header"))?;
     let refuse = |why: String| AgentError::invalid("path", format!("{} {why}", src.path.display()));
     let size = qcow2::inspect_untrusted(&head).map_err(refuse)?;
-    let node = file_node(&src.file, Format::Qcow2);
+    let (qemu, path) = import_qemu(qemu, src, domain)?;
+    let node = file_node(&path, Format::Qcow2);
     let out = qemu
         .output(&[
             "info".into(),
@@ -564,4 +567,24 @@ fn qcow2_source_size(qemu: &dyn QemuImg, src: &Source) -> Result<u64> {
         return Err(refuse(why));
     }
     Ok(size.div_ceil(512) * 512)
+}
+
+/// qemu-img as it may run on an import's source, and the path by which it
+/// opens the source's descriptor: confined (where the kernel has Landlock)
+/// to the source and the domain it writes into, besides the system's
+/// programs and libraries.
+fn import_qemu<'a>(
+    qemu: &'a dyn QemuImg,
+    src: &Source,
+    domain: &Path,
+) -> Result<(Box<dyn QemuImg + 'a>, String)> {
+    let failed = || AgentError::io("confining qemu-img");
+    let Some(mut r) = Ruleset::for_untrusted_images().map_err(failed())? else {
+        tracing::warn!("the kernel has no Landlock: qemu-img reads an untrusted image unconfined");
+        return Ok((qemu.confined(None), crate::iodir::fd_path(&src.file)));
+    };
+    let path = r.pass(&src.file, confine::READ_FILE).map_err(failed())?;
+    r.allow_path(domain, confine::READ_FILE | confine::WRITE_FILE)
+        .map_err(failed())?;
+    Ok((qemu.confined(Some(r)), path))
 }

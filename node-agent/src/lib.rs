@@ -11,6 +11,7 @@
 pub mod activation;
 pub mod agent;
 pub mod compose;
+pub mod confine;
 pub mod datapath;
 pub mod error;
 pub mod iodir;

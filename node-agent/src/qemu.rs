@@ -6,11 +6,13 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
+use crate::confine::Ruleset;
 use crate::datapath::{io_err, CopyError, Progress};
 use crate::error::{AgentError, Result};
 
@@ -39,6 +41,9 @@ pub trait QemuImg: Send + Sync {
         total: u64,
         p: &Progress,
     ) -> std::result::Result<(), CopyError>;
+    /// The same qemu-img with every run confined to `rules` (see
+    /// [`crate::confine`]); unconfined when there are none.
+    fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_>;
 }
 
 impl dyn QemuImg {
@@ -65,15 +70,7 @@ pub struct SystemQemu;
 
 impl QemuImg for SystemQemu {
     fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?;
-        Ok(QemuOutput {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        system_output(None, args)
     }
 
     fn with_progress(
@@ -83,20 +80,87 @@ impl QemuImg for SystemQemu {
         total: u64,
         p: &Progress,
     ) -> std::result::Result<(), CopyError> {
-        system_with_progress(sub, args, total, p)
+        system_with_progress(None, sub, args, total, p)
     }
+
+    fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
+        match rules {
+            Some(rules) => Box::new(ConfinedQemu { rules }),
+            None => Box::new(SystemQemu),
+        }
+    }
+}
+
+/// The qemu-img on `PATH`, each run confined by Landlock.
+#[derive(Debug)]
+struct ConfinedQemu {
+    rules: Ruleset,
+}
+
+impl QemuImg for ConfinedQemu {
+    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
+        system_output(Some(&self.rules), args)
+    }
+
+    fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError> {
+        system_with_progress(Some(&self.rules), sub, args, total, p)
+    }
+
+    fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
+        match rules {
+            Some(rules) => Box::new(ConfinedQemu { rules }),
+            None => Box::new(ConfinedQemu {
+                rules: self.rules.try_clone().expect("duplicating a ruleset"),
+            }),
+        }
+    }
+}
+
+/// `qemu-img`, confined to `rules` from its first instruction when given.
+fn qemu_command(rules: Option<&Ruleset>) -> std::io::Result<Command> {
+    let mut cmd = Command::new("qemu-img");
+    if let Some(r) = rules {
+        let r = r.try_clone()?;
+        // SAFETY: the closure runs between fork and exec and makes only
+        // async-signal-safe system calls (fcntl, prctl,
+        // landlock_restrict_self); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || r.enter());
+        }
+    }
+    Ok(cmd)
+}
+
+fn system_output(rules: Option<&Ruleset>, args: &[String]) -> std::io::Result<QemuOutput> {
+    let out = qemu_command(rules)?
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(QemuOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping its
 /// percentage onto `total` bytes of progress; killed when cancelled.
 fn system_with_progress(
+    rules: Option<&Ruleset>,
     sub: &str,
     args: &[String],
     total: u64,
     p: &Progress,
 ) -> Result<(), CopyError> {
     p.total.store(total, Ordering::Relaxed);
-    let mut child = Command::new("qemu-img")
+    let mut child = qemu_command(rules)
+        .map_err(io_err("running qemu-img"))?
         .arg(sub)
         .arg("-p")
         .args(args)
@@ -238,6 +302,30 @@ impl QemuImg for FakeQemu {
         p.total.store(total, Ordering::Relaxed);
         p.done.store(total, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn confined(&self, _: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
+        Box::new(self)
+    }
+}
+
+impl QemuImg for &FakeQemu {
+    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
+        (*self).output(args)
+    }
+
+    fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError> {
+        (*self).with_progress(sub, args, total, p)
+    }
+
+    fn confined(&self, _: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
+        Box::new(*self)
     }
 }
 

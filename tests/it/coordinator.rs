@@ -389,6 +389,22 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         assert_eq!(mv.kind, "move");
         let moved = mv.disk.unwrap();
         check_disk(&mut a, "two", &moved.id, &exp("db")).await;
+        // A move to the disk's own domain would copy it and delete the
+        // original: refused, and the disk stays as it was.
+        let e = c
+            .copy_disk(pb::CopyDiskRequest {
+                request_id: "mv-self".into(),
+                domain: "two".into(),
+                disk_id: moved.id.clone(),
+                target_domain: "two".into(),
+                r#move: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("already on domain"), "{}", e.message());
+        check_disk(&mut a, "two", &moved.id, &exp("db")).await;
         let e = c
             .get_disk(pb::GetDiskRequest {
                 domain: "one".into(),

@@ -336,3 +336,45 @@ fn agent_preallocated_volumes_own_their_blocks() {
     drop(agent);
     domain_clean(&dom);
 }
+
+/// Regression: `CreateTag --volume X` on the volume of an existing disk
+/// made two writable disks over one image.
+#[test]
+fn agent_refuses_a_second_writable_tag_on_a_volume() {
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let (v, disk) = c.new_disk("a", pb::VolumeFormat::Raw, 16).await;
+        let spec = |mutable: bool, t: pb::TagType| pb::TagSpec {
+            volume: v.id.clone(),
+            mutable,
+            r#type: t as i32,
+            ..Default::default()
+        };
+        let before = domain_state(&dom);
+        let e = c
+            .create_tag(pb::CreateTagRequest {
+                request_id: "second".into(),
+                tag: Some(spec(true, pb::TagType::Strong)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains(&disk.id), "{}", e.message());
+        assert!(
+            before == domain_state(&dom),
+            "a refused tag changed the domain"
+        );
+        // A read-only view of the same volume is fine.
+        c.create_tag(pb::CreateTagRequest {
+            request_id: "ro".into(),
+            tag: Some(spec(false, pb::TagType::Strong)),
+            ..Default::default()
+        })
+        .await
+        .answer();
+    });
+    drop(agent);
+    domain_clean(&dom);
+}

@@ -175,6 +175,18 @@ impl Kind for CopyTo {
 impl Kind for Move {
     facts!("move", [Copy, DeleteSource], domain: 0.domain, disk: 0.disk);
 
+    /// A move to the domain the disk is on would copy it and then delete
+    /// the original, leaving a new disk id for nothing.
+    fn validate(&self) -> Result<()> {
+        if self.0.target == self.0.domain {
+            return Err(CoordError::FailedPrecondition(format!(
+                "disk {} is already on domain {}; a move must go to another domain",
+                self.0.disk, self.0.target
+            )));
+        }
+        Ok(())
+    }
+
     async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         let (dom, disk) = (self.0.domain, self.0.disk);
         match rec.step {

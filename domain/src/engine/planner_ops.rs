@@ -384,6 +384,7 @@ impl Planner<'_> {
     }
 
     pub(super) fn finish(mut self) -> Result<Planned> {
+        self.one_writer_per_volume()?;
         let salt = self.d.salt();
         let mut actions = Vec::new();
         for &(map, start, count) in &self.set_bits {
@@ -453,6 +454,61 @@ impl Planner<'_> {
             volume_locks,
             new_tags: tags,
         })
+    }
+}
+
+impl Planner<'_> {
+    /// At most one writable (strong, mutable) tag per volume, in the state
+    /// the plan leaves: two would be two disks writing one image. Only a
+    /// volume with more than one tag can have two, so most plans read no
+    /// more than they already have.
+    fn one_writer_per_volume(&self) -> Result<()> {
+        let writes = |t: &Tag| t.tag_type == TagType::Strong && t.mutable;
+        let mut suspects = std::collections::BTreeSet::new();
+        for e in self.tags.values() {
+            let Slot::Live(t) = &e.cur else { continue };
+            if !writes(t) {
+                continue;
+            }
+            let refs = match self.vols.get(&t.volume.slot()).map(|e| &e.cur) {
+                Some(Slot::Live(v)) => v.tag_refs,
+                Some(_) => 0,
+                None => self.d.read_volume(&t.volume)?.tag_refs,
+            };
+            if refs > 1 {
+                suspects.insert(t.volume);
+            }
+        }
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        let mut all: BTreeMap<u32, Tag> = self
+            .d
+            .list_tags()?
+            .into_iter()
+            .map(|t| (t.id.slot(), t))
+            .collect();
+        for (slot, e) in &self.tags {
+            match &e.cur {
+                Slot::Live(t) => all.insert(*slot, t.clone()),
+                _ => all.remove(slot),
+            };
+        }
+        for v in suspects {
+            let w: Vec<String> = all
+                .values()
+                .filter(|t| t.volume == v && writes(t))
+                .map(|t| t.id.to_string())
+                .collect();
+            if w.len() > 1 {
+                return Err(DomainError::FailedPrecondition(format!(
+                    "volume {v} would have {} writable (strong, mutable) tags ({}); a volume has at most one",
+                    w.len(),
+                    w.join(", ")
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
