@@ -40,7 +40,9 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
 pub type ServerTasks = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
 
 /// The health service (reporting `S` as serving) and the reflection
-/// service for `S`'s descriptor set and the health protocol's.
+/// service for `S`'s descriptor set and the health protocol's, as both
+/// `grpc.reflection.v1` and `grpc.reflection.v1alpha` (which Python's
+/// grpcio-reflection client and older tools speak).
 pub async fn standard_services<S: tonic::server::NamedService>(
     descriptors: &'static [u8],
 ) -> Result<
@@ -49,17 +51,22 @@ pub async fn standard_services<S: tonic::server::NamedService>(
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
         >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
     ),
     ServeError,
 > {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<S>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(descriptors)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(ServeError::Reflection)?;
-    Ok((health_svc, reflection))
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptors)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder().build_v1().map_err(ServeError::Reflection)?;
+    let v1alpha = builder().build_v1alpha().map_err(ServeError::Reflection)?;
+    Ok((health_svc, v1, v1alpha))
 }
 
 /// Serve `svc` beside health and reflection (for `descriptors`) on a unix
@@ -85,11 +92,12 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let (health, reflection) = standard_services::<S>(descriptors).await?;
+    let (health, reflection, reflection_v1alpha) = standard_services::<S>(descriptors).await?;
     let router = || {
         tonic::transport::Server::builder()
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(svc.clone())
     };
     serve_router(router, socket, listen, stop, what).await

@@ -16,4 +16,5 @@ mod etcd;
 mod failover;
 mod kill_loop;
 mod multiprocess;
+mod python;
 mod volumes;
