@@ -92,7 +92,7 @@ impl CoordError {
             CoordError::InvalidArgument { .. } => Code::InvalidArgument,
             CoordError::NotFound { .. } => Code::NotFound,
             CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
-            CoordError::RequestIdReused(_) => Code::AlreadyExists,
+            CoordError::RequestIdReused(_) => Code::InvalidArgument,
             CoordError::NoAgent(_) => Code::Unavailable,
             CoordError::Agent { status, .. } => status.code(),
             CoordError::Busy(_) => Code::Aborted,

@@ -83,12 +83,14 @@ impl CoordService {
         target: &str,
         build: impl Fn(uuid::Uuid, Option<uuid::Uuid>) -> Result<JobSpec, CoordError>,
     ) -> Result<Response<pb::Job>, Status> {
-        let fp = fingerprint(&req.encode_to_vec());
         let go = async {
             check_request_id(request_id)?;
             // Placeholders for a domain and a target that differ.
             let placeholder = (!target.is_empty()).then_some(uuid::Uuid::from_u128(1));
-            build(uuid::Uuid::nil(), placeholder)?.validate()?;
+            let kind = build(uuid::Uuid::nil(), placeholder)?;
+            kind.validate()?;
+            // What the job does is part of the request: one id, one request.
+            let fp = fingerprint(&[kind.name().as_bytes(), b"\0", &req.encode_to_vec()].concat());
             let d = self.coord.domain(domain).await?.id;
             let t = match target {
                 "" => None,

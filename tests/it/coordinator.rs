@@ -74,7 +74,27 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             .create_disk(create("c1", "one", "web", pb::Format::Raw, 65))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        use tonic_types::StatusExt;
+        assert_eq!(
+            e.get_details_error_info().unwrap().reason,
+            "request_id_reused"
+        );
+        // So is the same id for another method, even where the two
+        // messages' bytes are the same.
+        let e = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "c1".into(),
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert_eq!(
+            e.get_details_error_info().unwrap().reason,
+            "request_id_reused"
+        );
 
         // Snapshot, then write on the new top.
         let s = ok(c

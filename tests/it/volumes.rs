@@ -378,3 +378,75 @@ fn agent_refuses_a_second_writable_tag_on_a_volume() {
     drop(agent);
     domain_clean(&dom);
 }
+
+/// Regression: a request id reused by another method was accepted (a
+/// CreateTag and a DeleteVolume with CreateVolume's id both acted).
+#[test]
+fn agent_refuses_a_request_id_reused_by_another_method() {
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let (v, _) = c.new_disk("one-id", pb::VolumeFormat::Raw, 16).await;
+        let before = domain_state(&dom);
+        use tonic_types::StatusExt;
+        let reused = |e: tonic::Status| {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+            assert_eq!(
+                e.get_details_error_info().unwrap().reason,
+                "request_id_reused"
+            );
+        };
+        reused(
+            c.create_tag(pb::CreateTagRequest {
+                request_id: "one-id".into(),
+                tag: Some(pb::TagSpec {
+                    volume: v.id.clone(),
+                    r#type: pb::TagType::Weak as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        );
+        reused(
+            c.delete_volume(pb::DeleteVolumeRequest {
+                request_id: "one-id".into(),
+                volume_id: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        );
+        assert!(before == domain_state(&dom), "a reused id acted");
+        // A request that failed may be retried as it was, not as another.
+        let missing = pb::DeleteVolumeRequest {
+            request_id: "failed-id".into(),
+            volume_id: uuid_of_missing_volume(&v.id),
+            ..Default::default()
+        };
+        let e = c.delete_volume(missing.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
+        let e = c.delete_volume(missing).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{}", e.message());
+        reused(
+            c.update_volume(pb::UpdateVolumeRequest {
+                request_id: "failed-id".into(),
+                volume_id: v.id.clone(),
+                description: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        );
+    });
+    drop(agent);
+    domain_clean(&dom);
+}
+
+/// A volume id of the same kind as `id` that names another (empty) slot.
+fn uuid_of_missing_volume(id: &str) -> String {
+    let mut b = *uuid::Uuid::parse_str(id).unwrap().as_bytes();
+    b[..4].copy_from_slice(&999u32.to_be_bytes());
+    uuid::Uuid::from_bytes(b).to_string()
+}

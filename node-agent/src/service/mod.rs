@@ -157,24 +157,31 @@ impl AgentService {
                 .await
                 .map(Response::new);
         }
-        let fp = cairn_proto::fingerprint(&req.encode_to_vec());
-        let slot = self.log.slot(method, &id);
+        // The method is part of the request: one id, one request.
+        let fp =
+            cairn_proto::fingerprint(&[method.as_bytes(), b"\0", &req.encode_to_vec()].concat());
+        let slot = self.log.slot(&id);
         let mut g = slot.lock().await;
         if let Some(r) = g.as_ref() {
             if r.fingerprint != fp {
                 return Err(to_status(&AgentError::RequestIdReused(id)));
             }
-            let mut resp = Req::Response::decode(r.response.as_slice())
-                .map_err(|e| Status::internal(format!("remembered response: {e}")))?;
-            Req::mark_replayed(&mut resp);
-            return Ok(Response::new(resp));
+            if let Some(answer) = &r.response {
+                let mut resp = Req::Response::decode(answer.as_slice())
+                    .map_err(|e| Status::internal(format!("remembered response: {e}")))?;
+                Req::mark_replayed(&mut resp);
+                return Ok(Response::new(resp));
+            }
         }
-        let resp = self.run(method, move |a| f(a, req, rid)).await?;
-        self.faults.after_commit(method, &id);
+        let resp = self.run(method, move |a| f(a, req, rid)).await;
+        if resp.is_ok() {
+            self.faults.after_commit(method, &id);
+        }
         *g = Some(Remembered {
             fingerprint: fp,
-            response: resp.encode_to_vec(),
+            response: resp.as_ref().ok().map(|r| r.encode_to_vec()),
         });
+        let resp = resp?;
         Ok(Response::new(resp))
     }
 }

@@ -10,7 +10,8 @@ use cairn_proto::fingerprint;
 
 use crate::error::AgentError;
 
-/// Remembered outcomes of mutating requests, by (method, request id).
+/// Remembered outcomes of mutating requests, by request id: one id names
+/// one request, whatever its method.
 #[derive(Default)]
 pub struct RequestLog {
     inner: Mutex<LogInner>,
@@ -18,26 +19,24 @@ pub struct RequestLog {
 
 #[derive(Default)]
 struct LogInner {
-    map: HashMap<(&'static str, String), Arc<tokio::sync::Mutex<Option<Remembered>>>>,
-    order: VecDeque<(&'static str, String)>,
+    map: HashMap<String, Arc<tokio::sync::Mutex<Option<Remembered>>>>,
+    order: VecDeque<String>,
 }
 
 pub(crate) struct Remembered {
+    /// Of the method and the request's bytes.
     pub(crate) fingerprint: u64,
-    pub(crate) response: Vec<u8>,
+    /// The answer; `None` when the request failed (a retry runs again).
+    pub(crate) response: Option<Vec<u8>>,
 }
 
 /// How many outcomes are remembered.
 const REQUEST_LOG_SIZE: usize = 20_000;
 
 impl RequestLog {
-    pub(crate) fn slot(
-        &self,
-        method: &'static str,
-        id: &str,
-    ) -> Arc<tokio::sync::Mutex<Option<Remembered>>> {
+    pub(crate) fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<Remembered>>> {
         let mut g = self.inner.lock().expect("poisoned");
-        let key = (method, id.to_string());
+        let key = id.to_string();
         if let Some(s) = g.map.get(&key) {
             return s.clone();
         }
@@ -52,21 +51,19 @@ impl RequestLog {
         s
     }
 
-    /// What is known of request id `id`, under any method.
+    /// What is known of request id `id`.
     pub(crate) fn state(&self, id: &str) -> RequestState {
         let g = self.inner.lock().expect("poisoned");
-        let mut out = RequestState::Unknown;
-        for ((_, rid), slot) in &g.map {
-            if rid != id {
-                continue;
-            }
-            out = match slot.try_lock() {
-                Err(_) => return RequestState::Running,
-                Ok(r) if r.is_some() => RequestState::Answered,
-                Ok(_) => RequestState::Failed,
-            };
-        }
-        out
+        let Some(slot) = g.map.get(id).cloned() else {
+            return RequestState::Unknown;
+        };
+        drop(g);
+        let state = match slot.try_lock() {
+            Err(_) => RequestState::Running,
+            Ok(r) if r.as_ref().is_some_and(|r| r.response.is_some()) => RequestState::Answered,
+            Ok(_) => RequestState::Failed,
+        };
+        state
     }
 }
 
