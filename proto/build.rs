@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let path = root.join(file);
         println!("cargo:rerun-if-changed={}", path.display());
         tonic_prost_build::configure()
+            .codec_path("crate::codec::Codec")
             .file_descriptor_set_path(out.join(set))
             .compile_protos(&[path], &[root.to_path_buf()])?;
     }

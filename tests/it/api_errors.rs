@@ -781,3 +781,36 @@ fn agent_serves_health_and_reflection() {
         );
     });
 }
+
+/// Regression: a request that does not decode was INTERNAL (prost's
+/// codec), as if the agent had failed.
+#[test]
+fn agent_answers_an_undecodable_request_invalid_argument() {
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
+    let before = domain_state(&dom);
+    rt().block_on(async {
+        let ch = cairn_proto::transport::channel(&cairn_proto::transport::Target::Unix(
+            agent.socket.clone(),
+        ))
+        .await
+        .unwrap();
+        let mut g = tonic::client::Grpc::new(ch);
+        g.ready().await.unwrap();
+        // Field 1 of a health answer is a varint; of CreateVolumeRequest, a
+        // string: the bytes are not a CreateVolumeRequest.
+        let wrong = tonic_health::pb::HealthCheckResponse { status: 1 };
+        let codec = tonic_prost::ProstCodec::<_, pb::CreateVolumeResponse>::default();
+        let path = "/cairn.agent.v1.Agent/CreateVolume".parse().unwrap();
+        let e = g
+            .unary(tonic::Request::new(wrong), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains("could not be decoded"),
+            "{}",
+            e.message()
+        );
+    });
+    assert!(before == domain_state(&dom));
+}
