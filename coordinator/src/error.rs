@@ -15,7 +15,7 @@ pub enum CoordError {
         reason: String,
     },
     /// Something named does not exist.
-    #[error("{kind} {id} not found")]
+    #[error("{kind} {} not found", cairn_domain::limits::shorten(.id))]
     NotFound {
         /// "disk", "domain", "job", ...
         kind: &'static str,

@@ -128,7 +128,10 @@ pub fn resolve_domain(agents: &[AgentInfo], key: &str) -> Result<DomainRef> {
         }),
         _ => Err(CoordError::invalid(
             "domain",
-            format!("several domains are named {key:?}; use the id"),
+            format!(
+                "several domains are named {}; use the id",
+                cairn_domain::limits::quote(key)
+            ),
         )),
     }
 }

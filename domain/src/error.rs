@@ -67,7 +67,7 @@ pub enum DomainError {
         reason: String,
     },
     /// An object was not found.
-    #[error("{kind} {id} not found")]
+    #[error("{kind} {} not found", crate::limits::shorten(.id))]
     NotFound {
         /// "volume", "tag", "user data item", ...
         kind: &'static str,

@@ -36,6 +36,27 @@ pub const MAX_REQUEST_ID: usize = 64;
 const _: () = assert!(MAX_DESCRIPTION <= 400, "the volume record holds 400 bytes");
 const _: () = assert!(MAX_NAME + 11 < MAX_OPTIONS, "a name fits the options");
 
+/// Most characters of a caller's input any message quotes.
+pub const MAX_QUOTED: usize = 64;
+
+/// A caller's input as messages show it: at most [`MAX_QUOTED`] characters
+/// and how long it was, so that a huge field is never echoed into a status
+/// (whose metadata has a size limit) or a log line.
+pub fn shorten(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(MAX_QUOTED) {
+        None => s.into(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()).into(),
+    }
+}
+
+/// [`shorten`], quoted with escapes (`"abc"`).
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
 /// Check free text: length and no control characters.
 pub fn check_text(field: &'static str, s: &str, max: usize) -> Result<()> {
     if s.len() > max {

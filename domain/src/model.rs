@@ -24,8 +24,12 @@ fn make_id(kind: u8, slot: u32) -> [u8; 16] {
 }
 
 fn parse_id(kind: u8, field: &'static str, s: &str) -> Result<[u8; 16]> {
-    let u = uuid::Uuid::parse_str(s.trim())
-        .map_err(|e| DomainError::invalid(field, format!("{s:?} is not a UUID: {e}")))?;
+    let u = uuid::Uuid::parse_str(s.trim()).map_err(|e| {
+        DomainError::invalid(
+            field,
+            format!("{} is not a UUID: {e}", crate::limits::quote(s)),
+        )
+    })?;
     let b = *u.as_bytes();
     if b[4] != kind || b[6] >> 4 != 8 {
         let what = if kind == VOLUME_KIND { "volume" } else { "tag" };
@@ -136,7 +140,7 @@ macro_rules! code_enum {
                     $($text => Ok($name::$var),)+
                     _ => Err(DomainError::invalid(
                         stringify!($name),
-                        format!("unknown value {s:?} (expected one of: {})", [$($text),+].join(", ")),
+                        format!("unknown value {} (expected one of: {})", crate::limits::quote(s), [$($text),+].join(", ")),
                     )),
                 }
             }
@@ -425,13 +429,16 @@ pub fn encode_options(opts: &[(String, String)]) -> Result<String> {
         if !valid_key(k) {
             return Err(DomainError::invalid(
                 "options",
-                format!("key {k:?} must be 1-64 characters of [A-Za-z0-9._:-]"),
+                format!(
+                    "key {} must be 1-64 characters of [A-Za-z0-9._:-]",
+                    crate::limits::quote(k)
+                ),
             ));
         }
         if opts[..i].iter().any(|(k2, _)| k2 == k) {
             return Err(DomainError::invalid(
                 "options",
-                format!("duplicate key {k:?}"),
+                format!("duplicate key {}", crate::limits::quote(k)),
             ));
         }
         validate_text("options", v, MAX_OPTIONS)?;
@@ -473,9 +480,12 @@ pub fn decode_options(s: &str) -> Option<Vec<(String, String)>> {
 
 /// Parse a `KEY=VALUE` option argument.
 pub fn parse_option(s: &str) -> Result<(String, String)> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| DomainError::invalid("options", format!("{s:?} is not KEY=VALUE")))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        DomainError::invalid(
+            "options",
+            format!("{} is not KEY=VALUE", crate::limits::quote(s)),
+        )
+    })?;
     Ok((k.to_string(), v.to_string()))
 }
 

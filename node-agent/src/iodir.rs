@@ -24,6 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
+use cairn_domain::limits::quote;
 use cairn_domain::DomainError;
 
 use crate::error::{AgentError, Result};
@@ -112,7 +113,7 @@ impl IoDirs {
         if !meta.file_type().is_file() {
             return Err(AgentError::invalid(
                 "path",
-                format!("{p:?} is not a regular file"),
+                format!("{} is not a regular file", quote(p)),
             ));
         }
         // Reads block as usual from here on.
@@ -131,7 +132,7 @@ impl IoDirs {
         let fd =
             open_at(dir.as_raw_fd(), &name, flags, 0o600).map_err(|e| match e.raw_os_error() {
                 Some(libc::EEXIST) => AgentError::Domain(DomainError::AlreadyExists {
-                    what: format!("{p} already exists"),
+                    what: format!("{} already exists", quote(p)),
                 }),
                 _ => refusal(p, "file", e),
             })?;
@@ -152,7 +153,7 @@ impl IoDirs {
     /// The directory handle of `p`'s parent, walked beneath its io dir one
     /// component at a time without following links, and the last component.
     fn parent(&self, p: &str) -> Result<(OwnedFd, CString)> {
-        let bad = |why: &str| AgentError::invalid("path", format!("{p:?} {why}"));
+        let bad = |why: &str| AgentError::invalid("path", format!("{} {why}", quote(p)));
         if p.is_empty() {
             return Err(bad("is empty"));
         }
@@ -242,7 +243,8 @@ fn refusal(p: &str, what: &'static str, e: io::Error) -> AgentError {
         Some(libc::ELOOP) | Some(libc::ENOTDIR) => AgentError::invalid(
             "path",
             format!(
-                "{p:?} is or passes through a symbolic link or something that is not a directory"
+                "{} is or passes through a symbolic link or something that is not a directory",
+                quote(p)
             ),
         ),
         _ => AgentError::io(format!("opening {p}"))(e),

@@ -79,7 +79,8 @@ pub fn optional_tag_id(field: &'static str, s: &str) -> Result<Option<TagId>, Co
 
 /// A domain id as agents report it.
 pub fn uuid(field: &'static str, s: &str) -> Result<uuid::Uuid, ConvertError> {
-    uuid::Uuid::parse_str(s).map_err(|e| ConvertError::new(field, format!("{s:?}: {e}")))
+    uuid::Uuid::parse_str(s)
+        .map_err(|e| ConvertError::new(field, format!("{}: {e}", cairn_domain::limits::quote(s))))
 }
 
 macro_rules! wire_enum {

@@ -814,3 +814,120 @@ fn agent_answers_an_undecodable_request_invalid_argument() {
     });
     assert!(before == domain_state(&dom));
 }
+
+/// Regression: a 1 MiB id was echoed whole into the status (the client
+/// then failed on the metadata size limit) and the log.
+#[test]
+fn agent_quotes_at_most_the_start_of_a_huge_field() {
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
+    let huge = "x".repeat(1 << 20);
+    let before = domain_state(&dom);
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        use tonic::Code::*;
+        let answers = [
+            (
+                "volume id",
+                c.get_volume(pb::GetVolumeRequest {
+                    volume_id: huge.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                InvalidArgument,
+            ),
+            (
+                "domain",
+                c.get_volume(pb::GetVolumeRequest {
+                    domain: huge.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                InvalidArgument,
+            ),
+            (
+                "request id",
+                c.create_volume(disk_request(&huge, pb::VolumeFormat::Raw, 1))
+                    .await
+                    .map(|_| ()),
+                InvalidArgument,
+            ),
+            (
+                "path",
+                c.import_volume(pb::ImportVolumeRequest {
+                    path: format!("/{huge}"),
+                    source_format: pb::VolumeFormat::Raw as i32,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                InvalidArgument,
+            ),
+        ];
+        for (what, r, code) in answers {
+            let e = r.unwrap_err();
+            assert_eq!(
+                e.code(),
+                code,
+                "{what}: {}",
+                &e.message()[..e.message().len().min(200)]
+            );
+            assert!(
+                e.message().len() < 400,
+                "{what}: {} bytes of message",
+                e.message().len()
+            );
+        }
+    });
+    // The agent's log line of a failed request prints the same message.
+    assert!(before == domain_state(&dom));
+}
+
+/// The coordinator quotes at most the start of a huge field too.
+#[test]
+fn coordinator_quotes_at_most_the_start_of_a_huge_field() {
+    use cairn_proto::coordinator as cpb;
+    let (dir, _dom, agent) = AgentFixture::new(1).parts();
+    let coord = cairn_tests::coordinator::CoordProc::start(
+        &dir.path().join("coord"),
+        &["--agent".into(), agent.socket.display().to_string()],
+    );
+    let huge = "y".repeat(1 << 20);
+    rt().block_on(async {
+        let mut c = coord.client().await;
+        use tonic::Code::*;
+        let get = |domain: &str, disk: &str| cpb::GetDiskRequest {
+            domain: domain.into(),
+            disk_id: disk.into(),
+        };
+        let answers = [
+            (
+                "disk id",
+                c.get_disk(get("", &huge)).await.map(|_| ()),
+                InvalidArgument,
+            ),
+            (
+                "domain",
+                c.get_disk(get(&huge, "")).await.map(|_| ()),
+                NotFound,
+            ),
+            (
+                "request id",
+                c.delete_disk(cpb::DeleteDiskRequest {
+                    request_id: huge.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+                InvalidArgument,
+            ),
+        ];
+        for (what, r, code) in answers {
+            let e = r.unwrap_err();
+            let m = e.message();
+            assert_eq!(e.code(), code, "{what}: {}", &m[..m.len().min(200)]);
+            assert!(m.len() < 400, "{what}: {} bytes of message", m.len());
+        }
+    });
+}

@@ -56,8 +56,12 @@ pub type Transport = tower::util::BoxCloneSyncService<
 /// path (`unix:/path` or `/path`). Connects lazily: an unreachable agent
 /// fails the call with UNAVAILABLE.
 pub fn net_transport(address: &str) -> Result<Transport> {
-    let channel = lazy_channel(&Target::parse(address), Duration::from_secs(2))
-        .map_err(|e| CoordError::invalid("address", format!("{address:?}: {e}")))?;
+    let channel = lazy_channel(&Target::parse(address), Duration::from_secs(2)).map_err(|e| {
+        CoordError::invalid(
+            "address",
+            format!("{}: {e}", cairn_domain::limits::quote(&address)),
+        )
+    })?;
     Ok(Transport::new(
         channel.map_err(|e| TransportError(Box::new(e) as BoxError)),
     ))

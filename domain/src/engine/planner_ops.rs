@@ -250,7 +250,10 @@ impl Planner<'_> {
                 if !valid_item_name(name) {
                     return Err(DomainError::invalid(
                         "user_data_name",
-                        format!("{name:?} must be 1-{MAX_ITEM_NAME} characters of [A-Za-z0-9._:-]"),
+                        format!(
+                            "{} must be 1-{MAX_ITEM_NAME} characters of [A-Za-z0-9._:-]",
+                            crate::limits::quote(name)
+                        ),
                     )
                     .into());
                 }

@@ -56,7 +56,8 @@ pub(super) fn validate_item_name(n: &str) -> Result<()> {
         return Err(AgentError::invalid(
             "name",
             format!(
-                "{n:?} must be 1 to {} characters of A-Z a-z 0-9 . _ - :",
+                "{} must be 1 to {} characters of A-Z a-z 0-9 . _ - :",
+                limits::quote(n),
                 cairn_domain::records::MAX_ITEM_NAME
             ),
         ));
@@ -75,7 +76,8 @@ pub fn validate_name(field: &'static str, n: &str) -> Result<()> {
         return Err(AgentError::invalid(
             field,
             format!(
-                "{n:?} is not a name (at most {} bytes, no '/' or control characters)",
+                "{} is not a name (at most {} bytes, no '/' or control characters)",
+                limits::quote(n),
                 limits::MAX_DOMAIN_NAME
             ),
         ));
