@@ -123,6 +123,18 @@ impl CoordError {
         )
     }
 
+    /// The stable code clients see: an agent's own code when the agent
+    /// refused (its ErrorInfo reason), else [`CoordError::code`].
+    pub fn reason(&self) -> String {
+        use tonic_types::StatusExt;
+        if let CoordError::Agent { status, .. } = self {
+            if let Some(info) = status.get_details_error_info() {
+                return info.reason;
+            }
+        }
+        self.code().to_string()
+    }
+
     /// Whether trying another agent may help: the agent could not be
     /// reached, stopped answering, or is fenced off the domain.
     pub fn agent_unavailable(&self) -> bool {

@@ -330,7 +330,7 @@ pub fn job_error(e: &CoordError) -> JobError {
     let code = e.grpc_code();
     JobError {
         code: code as i32,
-        reason: e.code().to_string(),
+        reason: e.reason(),
         message: e.to_string(),
     }
 }
@@ -460,6 +460,39 @@ mod tests {
             domain,
             disk: tag(disk),
         })
+    }
+
+    /// Regression: a job an agent refused recorded the reason
+    /// `agent_error`, not the agent's own code.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_job_records_the_agents_own_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
+        let t = agent(dir.path(), locks.clone());
+        let c = Arc::new(Coordinator::new(
+            CoordConfig::new("c1"),
+            Arc::new(MemKv::new()),
+            locks,
+            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
+        ));
+        let d = dom(&c).await;
+        let e = c
+            .submit("big", 1, create(d, Format::Raw, 1 << 40, "big"))
+            .await
+            .unwrap_err();
+        // The agent refuses a disk larger than the domain (its own code,
+        // from its own ErrorInfo).
+        let CoordError::Agent { status, .. } = &e else {
+            panic!("not the agent's refusal: {e:?}");
+        };
+        use tonic_types::StatusExt;
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.domain, "cairn.agent.v1");
+        assert_eq!(e.reason(), info.reason);
+        assert_ne!(e.reason(), "agent_error");
+        let j = c.jobs().await.unwrap().remove(0);
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.unwrap().reason, info.reason);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,14 +31,8 @@ use crate::runner::check_request_id;
 /// message with its causes, and an ErrorInfo with the stable code (an
 /// agent's own code when the agent refused).
 pub fn to_status(e: &CoordError) -> Status {
-    let mut reason = e.code().to_string();
-    if let CoordError::Agent { status, .. } = e {
-        if let Some(info) = status.get_details_error_info() {
-            reason = info.reason;
-        }
-    }
     let mut details = ErrorDetails::with_error_info(
-        reason,
+        e.reason(),
         "cairn.coordinator.v1",
         std::collections::HashMap::new(),
     );

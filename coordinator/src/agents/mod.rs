@@ -59,7 +59,7 @@ pub fn net_transport(address: &str) -> Result<Transport> {
     let channel = lazy_channel(&Target::parse(address), Duration::from_secs(2)).map_err(|e| {
         CoordError::invalid(
             "address",
-            format!("{}: {e}", cairn_domain::limits::quote(&address)),
+            format!("{}: {e}", cairn_domain::limits::quote(address)),
         )
     })?;
     Ok(Transport::new(
