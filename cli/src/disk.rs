@@ -142,6 +142,10 @@ pub enum DiskCmd {
         /// The format.
         format: FormatArg,
         #[arg(long)]
+        /// Drop the disk's snapshots (a conversion cannot keep them; without
+        /// this a disk with snapshots is refused).
+        flatten: bool,
+        #[arg(long)]
         /// Allocate every block now.
         preallocate: bool,
         #[command(flatten)]
@@ -422,6 +426,7 @@ pub async fn run(
         DiskCmd::Convert {
             id,
             format,
+            flatten,
             preallocate,
             wait,
         } => {
@@ -432,6 +437,7 @@ pub async fn run(
                     disk_id: id.clone(),
                     format: pf(Some(*format)),
                     allocation: pa(*preallocate),
+                    flatten: *flatten,
                 })
                 .await
                 .ask()?;

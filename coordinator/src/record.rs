@@ -241,6 +241,7 @@ mod tests {
             disk: TagId::generate(1),
             format: Format::Qcow2,
             allocation: Allocation::Sparse,
+            flatten: false,
         });
         let mut r = JobRecord::new(spec, "r", 1, "c1", 0);
         r.step = Step::Copy;

@@ -40,13 +40,24 @@ impl Coordinator {
         }
         // Created once: of two coordinators racing with one request id,
         // one starts the job and the other returns it.
-        let kv = self.kv().clone();
         let key = job_key(&rec.id);
+        let read = |there: String| -> Result<JobRecord> {
+            serde_json::from_str(&there)
+                .map_err(|e| CoordError::Internal(format!("job record {key}: {e}")))
+        };
+        // A retry gets its job whatever the state of things is by now; a new
+        // request must be admitted by it first.
+        let kv = self.kv().clone();
+        let k = key.clone();
+        if let Some(there) = blocking(move || Ok(kv.get(&k)?)).await? {
+            return same_request(read(there)?, request_id, fingerprint);
+        }
+        rec.spec.admit(self).await?;
+        let kv = self.kv().clone();
         let v = serde_json::to_string(&rec).map_err(|e| CoordError::Internal(e.to_string()))?;
-        if let Some(there) = blocking(move || Ok(kv.create(&key, &v)?)).await? {
-            let rec: JobRecord = serde_json::from_str(&there)
-                .map_err(|e| CoordError::Internal(format!("job record {}: {e}", rec.id)))?;
-            return same_request(rec, request_id, fingerprint);
+        let k = key.clone();
+        if let Some(there) = blocking(move || Ok(kv.create(&k, &v)?)).await? {
+            return same_request(read(there)?, request_id, fingerprint);
         }
         let disk = rec.spec.disk().map(|d| d.to_string()).unwrap_or_default();
         tracing::info!(job = %rec.id, kind = rec.spec.name(), disk = %disk, "job started");

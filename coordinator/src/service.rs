@@ -412,6 +412,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
                 disk: disk_id("disk_id", &r.disk_id)?,
                 format: required_format(r.format)?,
                 allocation: allocation_of(r.allocation)?,
+                flatten: r.flatten,
             }))
         })
         .await

@@ -372,6 +372,52 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         assert_eq!(v.chain.len(), 1);
         assert_eq!(v.name, "web");
         check_disk(&mut a, "one", &disk, &exp("web")).await;
+        // Regression: converting a disk with snapshots dropped them. It is
+        // refused, naming them, and changes nothing; with flatten they go.
+        let snap = ok(c
+            .snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: "s-cv".into(),
+                domain: "one".into(),
+                disk_id: disk.clone(),
+                description: String::new(),
+            })
+            .await
+            .answer())
+        .snapshot_id;
+        let convert = |rid: &str, flatten: bool| pb::ConvertDiskRequest {
+            request_id: rid.into(),
+            domain: "one".into(),
+            disk_id: disk.clone(),
+            format: pb::Format::Qcow2 as i32,
+            flatten,
+            ..Default::default()
+        };
+        let e = c.convert_disk(convert("cv2", false)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(&snap), "{}", e.message());
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .answer();
+        assert_eq!((v.chain.len(), v.snapshots.len()), (2, 1));
+        ok(finish(
+            c.clone(),
+            c.clone().convert_disk(convert("cv3", true)).await.answer(),
+        )
+        .await);
+        let v = c
+            .get_disk(pb::GetDiskRequest {
+                domain: "one".into(),
+                disk_id: disk.clone(),
+            })
+            .await
+            .answer();
+        assert_eq!((v.chain.len(), v.snapshots.len()), (1, 0));
+        assert_eq!(v.format, pb::Format::Qcow2 as i32);
+        check_disk(&mut a, "one", &disk, &exp("web")).await;
 
         // Copy to the other domain; move the other disk there.
         let cp = ok(finish(

@@ -44,6 +44,32 @@ pub struct Convert {
     /// The new provisioning.
     #[serde(default = "text::sparse", deserialize_with = "text::de_allocation")]
     pub allocation: Allocation,
+    /// Whether the disk's snapshots may go (a conversion cannot keep them).
+    #[serde(default)]
+    pub flatten: bool,
+}
+
+impl Convert {
+    /// A conversion keeps no snapshot: refused while the disk has some,
+    /// unless asked to flatten.
+    pub async fn refuse_snapshots(&self, c: &Coordinator) -> Result<()> {
+        if self.flatten {
+            return Ok(());
+        }
+        let v = c
+            .disk(&self.domain.to_string(), &self.disk.to_string())
+            .await?;
+        if v.snapshots.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = v.snapshots.iter().map(|s| s.tag.id.to_string()).collect();
+        Err(CoordError::FailedPrecondition(format!(
+            "disk {} has {} snapshot(s) ({}), which a conversion cannot keep; delete them or convert with flatten to drop them",
+            self.disk,
+            ids.len(),
+            ids.join(", ")
+        )))
+    }
 }
 
 /// One copy of a chain into a new disk.
@@ -214,10 +240,17 @@ impl Kind for Move {
 impl Kind for Convert {
     facts!("convert", [Copy, Swap], domain: domain, disk: disk);
 
+    async fn admit(&self, c: &Coordinator) -> Result<()> {
+        self.refuse_snapshots(c).await
+    }
+
     async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, lock: Lock<'_>) -> Result<()> {
         let (dom, disk) = (self.domain, self.disk);
         match rec.step {
             Step::Copy => {
+                // Again under the disk's lock: a snapshot may have come since
+                // the call.
+                self.refuse_snapshots(c).await?;
                 let what = CopyOf {
                     domain: dom,
                     source: disk,

@@ -143,6 +143,11 @@ impl JobSpec {
     pub fn validate(&self) -> Result<()> {
         self.kind().validate()
     }
+
+    /// Check it against the state of the cluster, before it is recorded.
+    pub async fn admit(&self, c: &Coordinator) -> Result<()> {
+        self.kind().admit(c).await
+    }
 }
 
 /// The disk lock a step runs under, if any.
@@ -161,6 +166,11 @@ pub(crate) trait Kind: Send + Sync {
     fn plan(&self) -> &'static [Step];
     /// Check its fields (nothing to check by default).
     fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Check it against the state of the cluster before it is recorded (a
+    /// request the state refuses starts no job); nothing by default.
+    async fn admit(&self, _c: &Coordinator) -> Result<()> {
         Ok(())
     }
     /// The disk whose lock it runs under: by default the one it works on.
@@ -299,6 +309,7 @@ mod tests {
             disk,
             format: Format::Qcow2,
             allocation: Allocation::Sparse,
+            flatten: false,
         });
         let full = JobSpec::FullClone(FullClone {
             domain,
