@@ -121,10 +121,13 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
             force,
         } => {
             if let Some(size) = size {
+                use std::os::unix::fs::OpenOptionsExt;
+                // VM data: readable by its owner only.
                 let f = FsOpen::new()
                     .write(true)
                     .create(true)
                     .truncate(false)
+                    .mode(0o600)
                     .open(path)
                     .with_context(|| format!("cannot create {}", path.display()))?;
                 let m = f.metadata()?;
@@ -145,6 +148,7 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
                     path.display()
                 );
             }
+            warn_if_world_readable(path);
             let dev = open_dev(path, true)?;
             let params = FormatParams {
                 name: name.clone(),
@@ -434,6 +438,21 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A domain holds VM data: say so when every user of the host can read it
+/// (nothing is refused: the device's permissions are the operator's).
+pub(crate) fn warn_if_world_readable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            eprintln!(
+                "warning: {} is readable by every user of this host (mode {mode:04o}); it holds VM data: chmod 600 it",
+                path.display()
+            );
         }
     }
 }

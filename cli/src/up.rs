@@ -47,10 +47,20 @@ pub struct UpArgs {
     log_json: bool,
 }
 
+/// A directory only its owner may enter, made if it is missing (an
+/// existing one keeps its mode: it is the operator's).
+fn private_dir(d: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(d)
+        .with_context(|| format!("cannot create {}", d.display()))
+}
+
 /// The domain file, formatted if it is new. Returns (path, created).
 fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("cannot create {}", a.data_dir.display()))?;
+    private_dir(&a.data_dir)?;
     let path = a.data_dir.join("domain.img");
     if path.exists() {
         let dev = FileDev::open(&path, false)
@@ -61,11 +71,20 @@ fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
                 path.display()
             )
         })?;
+        crate::domain::warn_if_world_readable(&path);
         return Ok((path, false));
     }
     let tmp = a.data_dir.join("domain.img.new");
-    let f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?
+    };
     f.set_len(a.size)
         .with_context(|| format!("cannot size {}", tmp.display()))?;
     drop(f);
@@ -95,7 +114,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
     }
     let (domain, created) = ensure_domain(a, lock_dir)?;
     let io = a.data_dir.join("io");
-    std::fs::create_dir_all(&io)?;
+    private_dir(&io)?;
     let opts = ServeOptions {
         agent: AgentConfig {
             domains: vec![domain.clone()],

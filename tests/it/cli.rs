@@ -83,6 +83,26 @@ fn format_refuses_bad_targets_and_formats_good_ones() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(g["name"], "demo");
+    // A file it makes is its owner's only; formatting a device everyone may
+    // read is not refused, but warned about.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!text(&o).contains("warning"), "{}", text(&o));
+    let open = dir.path().join("open.img");
+    std::fs::File::create(&open)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = cairn(
+        &locks,
+        &["domain", "format", open.to_str().unwrap(), "--name", "open"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("readable by every user"), "{}", text(&o));
     // Already a domain.
     let o = cairn(&locks, &["domain", "format", p, "--name", "again"]);
     assert_eq!(o.status.code(), Some(2));
@@ -331,6 +351,18 @@ fn root_qemu_cairn_up_runs_the_readme_first_session() {
     assert!(all.iter().all(|j| j["state"] == "succeeded"), "{all:?}");
     assert_eq!(jobs(&["--running"]), Vec::<serde_json::Value>::new());
     stop(child);
+    // VM data is its owner's only: the domain file, the data and io dirs.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("data/domain.img"), 0o600);
+    assert_eq!(mode("data"), 0o700);
+    assert_eq!(mode("data/io"), 0o700);
     // A second start reuses the domain, which is clean.
     let (child, first) = start();
     assert!(first.contains("reused"), "{first}");
