@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
-use cairn_proto::transport::{agent_client, channel, Target};
+use cairn_proto::transport::{channel_tls, Target, MAX_DECODING};
 use clap::Args;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -23,9 +23,13 @@ pub struct Conn {
         default_value = "/run/cairn/agent.sock"
     )]
     pub socket: PathBuf,
-    /// Talk to an agent over TCP instead, e.g. http://10.0.0.5:7070.
+    /// Talk to an agent over TCP instead, e.g. https://10.0.0.5:7070 (with
+    /// --ca) or http://… (an agent started with --insecure).
     #[arg(long, global = true, env = "CAIRN_AGENT")]
     pub agent: Option<String>,
+    /// TLS for https:// agents and coordinators.
+    #[command(flatten)]
+    pub tls: cairn_proto::tls::ClientTlsArgs,
     /// Domain name or id (may be left out when the agent has one domain).
     #[arg(long, global = true, env = "CAIRN_DOMAIN", default_value = "")]
     pub domain: String,
@@ -34,7 +38,8 @@ pub struct Conn {
 /// How to reach the coordinator.
 #[derive(Args, Debug, Clone)]
 pub struct CoordConn {
-    /// The coordinator: its unix socket, or http://host:port.
+    /// The coordinator: its unix socket, or https://host:port (with --ca)
+    /// or http://host:port.
     #[arg(
         long,
         global = true,
@@ -42,6 +47,9 @@ pub struct CoordConn {
         default_value = "/run/cairn/coordinator.sock"
     )]
     pub coordinator: String,
+    /// TLS for an https:// coordinator (the global --ca, --cert, --key).
+    #[arg(skip)]
+    pub tls: cairn_proto::tls::ClientTlsArgs,
 }
 
 /// A refusal by the agent or coordinator, for the exit code and --json.
@@ -88,13 +96,15 @@ pub async fn agent(c: &Conn) -> Result<AgentClient<Channel>> {
         Some(a) => Target::Tcp(a.clone()),
         None => Target::Unix(c.socket.clone()),
     };
-    agent_client(&t).await.with_context(|| match &t {
+    let tls = c.tls.for_address(c.agent.as_deref().unwrap_or(""))?;
+    let ch = channel_tls(&t, tls).await.with_context(|| match &t {
         Target::Unix(p) => format!(
             "cannot reach the agent at {} (is `cairn up` or cairn-agent running? set --socket)",
             p.display()
         ),
         Target::Tcp(a) => format!("cannot reach the agent at {a}"),
-    })
+    })?;
+    Ok(AgentClient::new(ch).max_decoding_message_size(MAX_DECODING))
 }
 
 /// A client of the coordinator.
@@ -104,7 +114,8 @@ pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Channel>> {
     } else {
         Target::Unix(PathBuf::from(&c.coordinator))
     };
-    let ch = channel(&t).await.with_context(|| {
+    let tls = c.tls.for_address(&c.coordinator)?;
+    let ch = channel_tls(&t, tls).await.with_context(|| {
         format!(
             "cannot reach the coordinator at {} (is `cairn up` or cairn-coordinator running? set --coordinator)",
             c.coordinator

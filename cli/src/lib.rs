@@ -89,7 +89,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    let mut cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             // --help and --version are answers; anything else a usage error.
@@ -102,6 +102,8 @@ where
             return ExitCode::from(code as u8);
         }
     };
+    // One set of client TLS flags for both servers.
+    cli.coord.tls = cli.conn.tls.clone();
     let json = cli.json;
     let mut o = Out::new(out, json);
     match dispatch(&cli, &mut o) {

@@ -39,6 +39,9 @@ pub struct UpArgs {
     /// Also serve the coordinator's gRPC on this TCP address.
     #[arg(long)]
     coordinator_listen: Option<SocketAddr>,
+    /// TLS of both TCP listeners (or --insecure).
+    #[command(flatten)]
+    tls: cairn_proto::tls::ServerTlsArgs,
     /// Serve Prometheus metrics here.
     #[arg(long, default_value = "127.0.0.1:9465")]
     metrics: SocketAddr,
@@ -126,7 +129,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         },
         locks: Locks::Local(lock_dir.to_path_buf()),
         socket: Some(socket.to_path_buf()),
-        listen: a.listen,
+        listen: a.tls.security(a.listen)?,
         metrics: Some(a.metrics),
     };
     let size = std::fs::metadata(&domain)?.len();
@@ -153,7 +156,8 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
             agents: vec![socket.display().to_string()],
         },
         socket: Some(coordinator.to_path_buf()),
-        listen: a.coordinator_listen,
+        listen: a.tls.security(a.coordinator_listen)?,
+        agent_tls: Default::default(),
         duty_interval: Duration::from_secs(2),
         lock_wait: Duration::from_secs(60),
         job_retention: Duration::from_secs(24 * 3600),

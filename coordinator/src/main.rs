@@ -15,15 +15,21 @@ struct Args {
     /// Unix socket for local clients (the `cairn` CLI).
     #[arg(long, default_value = "/run/cairn/coordinator.sock")]
     socket: PathBuf,
-    /// Also serve gRPC on this TCP address.
+    /// Also serve gRPC on this TCP address (TLS, or --insecure).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: cairn_proto::tls::ServerTlsArgs,
+    /// How https:// agents are reached: --ca checks them, --cert/--key is
+    /// this coordinator's certificate for agents that require one.
+    #[command(flatten)]
+    agent_tls: cairn_proto::tls::ClientTlsArgs,
     /// etcd client URL (repeat for several): locks, jobs and the agent
     /// registry live there, and replicas elect a leader.
     #[arg(long = "etcd", env = "CAIRN_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
-    /// Without etcd: the agents to use (unix socket paths or http://
-    /// addresses; default: the local agent's socket).
+    /// Without etcd: the agents to use (unix socket paths, http:// or
+    /// https:// addresses; default: the local agent's socket).
     #[arg(long = "agent")]
     agents: Vec<String>,
     /// Without etcd: where jobs and locks are kept.
@@ -74,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
         id,
         cluster,
         socket: Some(a.socket),
-        listen: a.listen,
+        listen: a.tls.security(a.listen)?,
+        agent_tls: a.agent_tls,
         duty_interval: Duration::from_secs(a.duty_interval.max(1)),
         lock_wait: Duration::from_secs(a.lock_wait),
         job_retention: Duration::from_secs(a.job_retention),

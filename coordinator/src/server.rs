@@ -39,8 +39,10 @@ pub struct ServeOptions {
     pub cluster: Cluster,
     /// Unix socket for local clients.
     pub socket: Option<PathBuf>,
-    /// TCP address.
-    pub listen: Option<SocketAddr>,
+    /// TCP address, and how it is secured.
+    pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
+    /// How agents over https:// are reached.
+    pub agent_tls: cairn_proto::tls::ClientTlsArgs,
     /// How often the leader does its duties.
     pub duty_interval: Duration,
     /// How long an operation waits for a busy disk.
@@ -90,7 +92,7 @@ pub async fn serve(
         cfg,
         kv.clone(),
         locks,
-        Agents::new(discovery),
+        Agents::new(discovery).with_tls(opts.agent_tls.clone()),
     ));
     let svc = CoordService::new(coord.clone());
 
@@ -99,7 +101,7 @@ pub async fn serve(
         pb::coordinator_server::CoordinatorServer::new(svc),
         pb::FILE_DESCRIPTOR_SET,
         opts.socket.as_deref(),
-        opts.listen,
+        opts.listen.clone(),
         stop_rx.clone(),
         "coordinator",
     )

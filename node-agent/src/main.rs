@@ -20,9 +20,11 @@ struct Args {
     /// Unix socket for local clients (the `cairn` CLI).
     #[arg(long, default_value = "/run/cairn/agent.sock")]
     socket: PathBuf,
-    /// Also serve gRPC on this TCP address.
+    /// Also serve gRPC on this TCP address (TLS, or --insecure).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    #[command(flatten)]
+    tls: cairn_proto::tls::ServerTlsArgs,
     /// Serve Prometheus metrics on this TCP address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -93,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             Locks::Etcd(c)
         },
         socket: Some(a.socket),
-        listen: a.listen,
+        listen: a.tls.security(a.listen)?,
         metrics: a.metrics,
     };
     // One JSON line on stdout says where we listen (ports may be 0).

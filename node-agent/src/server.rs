@@ -32,8 +32,8 @@ pub struct ServeOptions {
     pub locks: Locks,
     /// Unix socket path (the CLI's default way in).
     pub socket: Option<PathBuf>,
-    /// TCP address for remote clients.
-    pub listen: Option<SocketAddr>,
+    /// TCP address for remote clients, and how it is secured.
+    pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
     /// TCP address of the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
 }
@@ -87,7 +87,7 @@ pub async fn serve(
         pb::agent_server::AgentServer::new(svc.clone()),
         pb::FILE_DESCRIPTOR_SET,
         opts.socket.as_deref(),
-        opts.listen,
+        opts.listen.clone(),
         stop_rx,
         "agent",
     )
@@ -111,7 +111,7 @@ pub async fn serve(
             "host_id": host.id,
             "host_name": host.name,
             "instance": agent.instance(),
-            "address": bound.listen.map(|a| format!("http://{a}")),
+            "address": bound.listen.zip(opts.listen.as_ref()).map(|(a, (_, s))| format!("{}://{a}", s.scheme())),
             "domains": agent.domains().iter().map(|o| serde_json::json!({
                 "id": o.id(),
                 "name": o.name(),

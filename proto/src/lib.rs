@@ -16,6 +16,7 @@ pub mod codec;
 pub mod convert;
 pub mod keys;
 pub mod server;
+pub mod tls;
 pub mod transport;
 
 pub use convert::ConvertError;

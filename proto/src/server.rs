@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, UnixListener};
+
+use crate::tls::TcpSecurity;
 use tokio_stream::wrappers::UnixListenerStream;
 
 /// Why a server could not start.
@@ -30,6 +32,9 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The TLS configuration was refused (a bad certificate or key).
+    #[error("TLS configuration")]
+    Tls(#[source] tonic::transport::Error),
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -76,7 +81,7 @@ pub async fn serve_grpc<S>(
     svc: S,
     descriptors: &'static [u8],
     socket: Option<&Path>,
-    listen: Option<SocketAddr>,
+    listen: Option<(SocketAddr, TcpSecurity)>,
     stop: tokio::sync::watch::Receiver<bool>,
     what: &str,
 ) -> Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks), ServeError>
@@ -93,9 +98,8 @@ where
     S::Future: Send + 'static,
 {
     let (health, reflection, reflection_v1alpha) = standard_services::<S>(descriptors).await?;
-    let router = || {
-        tonic::transport::Server::builder()
-            .add_service(health.clone())
+    let router = |mut b: tonic::transport::Server| {
+        b.add_service(health.clone())
             .add_service(reflection.clone())
             .add_service(reflection_v1alpha.clone())
             .add_service(svc.clone())
@@ -119,13 +123,14 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
     })
 }
 
-/// Serve what `router` makes on a unix socket (replacing one a dead
-/// process left, refusing one a live process serves) and/or a TCP address,
-/// until `stop` turns true. Returns the socket and the bound address.
+/// Serve what `router` makes of a server builder on a unix socket
+/// (replacing one a dead process left, refusing one a live process serves)
+/// and/or a TCP address secured as it says, until `stop` turns true.
+/// Returns the socket and the bound address.
 pub async fn serve_router(
-    router: impl Fn() -> tonic::transport::server::Router,
+    router: impl Fn(tonic::transport::Server) -> tonic::transport::server::Router,
     socket: Option<&Path>,
-    listen: Option<SocketAddr>,
+    listen: Option<(SocketAddr, TcpSecurity)>,
     stop: tokio::sync::watch::Receiver<bool>,
     what: &str,
 ) -> Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks), ServeError> {
@@ -150,18 +155,27 @@ pub async fn serve_router(
         }
         let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
         bound.0 = Some(path.to_path_buf());
-        let (r, s) = (router(), stopped(stop.clone()));
+        let (r, s) = (
+            router(tonic::transport::Server::builder()),
+            stopped(stop.clone()),
+        );
         tasks.spawn(async move {
             r.serve_with_incoming_shutdown(UnixListenerStream::new(l), s)
                 .await
         });
     }
-    if let Some(addr) = listen {
+    if let Some((addr, security)) = listen {
+        let b = match security {
+            TcpSecurity::Tls(cfg) => tonic::transport::Server::builder()
+                .tls_config(*cfg)
+                .map_err(ServeError::Tls)?,
+            TcpSecurity::Insecure => tonic::transport::Server::builder(),
+        };
         let l = TcpListener::bind(addr)
             .await
             .map_err(io(format!("binding {addr}")))?;
         bound.1 = Some(l.local_addr().map_err(io(format!("binding {addr}")))?);
-        let (r, s) = (router(), stopped(stop.clone()));
+        let (r, s) = (router(b), stopped(stop.clone()));
         // Without TCP_NODELAY a response's frames wait for the client's
         // delayed ACK: 40 ms per call.
         let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,11 +37,17 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// The endpoint of `t`: its address, or a placeholder URI for a unix
-/// socket (the connector decides where it goes).
-fn endpoint(t: &Target) -> Result<Endpoint, tonic::transport::Error> {
+/// The endpoint of `t`: its address (over TLS when `tls` is given), or a
+/// placeholder URI for a unix socket (the connector decides where it goes).
+fn endpoint(t: &Target, tls: Option<ClientTlsConfig>) -> Result<Endpoint, tonic::transport::Error> {
     match t {
-        Target::Tcp(addr) => Ok(Endpoint::from_shared(addr.clone())?.tcp_nodelay(true)),
+        Target::Tcp(addr) => {
+            let ep = Endpoint::from_shared(addr.clone())?.tcp_nodelay(true);
+            match tls {
+                Some(cfg) => ep.tls_config(cfg),
+                None => Ok(ep),
+            }
+        }
         Target::Unix(_) => Ok(Endpoint::from_static("http://localhost")),
     }
 }
@@ -64,7 +70,15 @@ fn unix_connector(
 
 /// Open a channel to `t` now: an unreachable server is an error here.
 pub async fn channel(t: &Target) -> Result<Channel, tonic::transport::Error> {
-    let ep = endpoint(t)?;
+    channel_tls(t, None).await
+}
+
+/// [`channel`], over TLS with `tls` for a TCP target.
+pub async fn channel_tls(
+    t: &Target,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let ep = endpoint(t, tls)?;
     match t {
         Target::Tcp(_) => ep.connect().await,
         Target::Unix(p) => ep.connect_with_connector(unix_connector(p.clone())).await,
@@ -76,8 +90,9 @@ pub async fn channel(t: &Target) -> Result<Channel, tonic::transport::Error> {
 pub fn lazy_channel(
     t: &Target,
     connect_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let ep = endpoint(t)?.connect_timeout(connect_timeout);
+    let ep = endpoint(t, tls)?.connect_timeout(connect_timeout);
     Ok(match t {
         Target::Tcp(_) => ep.connect_lazy(),
         Target::Unix(p) => ep.connect_with_connector_lazy(unix_connector(p.clone())),

@@ -111,7 +111,13 @@ impl Cluster {
                 .arg(d.join("s.sock"))
                 .arg("--run-dir")
                 .arg(d.join("run"))
-                .args(["--listen", "127.0.0.1:0", "--etcd", &self.etcd])
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--insecure",
+                    "--etcd",
+                    &self.etcd,
+                ])
                 .args(["--lease-ttl", &self.ttl.to_string()])
                 .args([
                     "--host-id",
@@ -152,7 +158,7 @@ fn cluster(ttl: u64) -> Cluster {
         Command::new(bin("cairn-coordinator"))
             .arg("--socket")
             .arg(dir.join("coord.sock"))
-            .args(["--listen", "127.0.0.1:0", "--etcd", &c.etcd])
+            .args(["--listen", "127.0.0.1:0", "--insecure", "--etcd", &c.etcd])
             .args(["--lease-ttl", &ttl.to_string()]),
     );
     c._coord = p;

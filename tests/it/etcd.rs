@@ -295,6 +295,7 @@ fn etcd_agent_registers_while_alive() {
             id.to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--insecure".into(),
         ],
     );
     let rt = rt();
@@ -401,6 +402,49 @@ fn etcd_local_cluster_script_runs_and_stops() {
     let agents = coord(2, &["--json", "agents"]);
     let agents: serde_json::Value = serde_json::from_str(&agents).unwrap();
     assert_eq!(agents.as_array().unwrap().len(), 3, "{agents}");
+    // The coordinators reach the agents over mutual TLS.
+    assert!(
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["reachable"] == true),
+        "{agents}"
+    );
+    // So does an administrator with its certificate, and without one it
+    // is refused.
+    let ready = std::fs::read_to_string(dir.path().join("agent1.ready")).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let url = format!("https://{}", ready["listen"].as_str().unwrap());
+    let certs = dir.path().join("certs");
+    let c = |f: &str| certs.join(f).display().to_string();
+    let tcp = |client: &[String]| {
+        Command::new(&bin)
+            .args(["--agent", &url, "--json", "domains"])
+            .args(client)
+            .output()
+            .unwrap()
+    };
+    let out = tcp(&[
+        "--ca".into(),
+        c("ca.pem"),
+        "--cert".into(),
+        c("admin.pem"),
+        "--key".into(),
+        c("admin.key"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doms: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doms[0]["name"], "local", "{doms}");
+    let out = tcp(&["--ca".into(), c("ca.pem")]);
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got in"
+    );
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());

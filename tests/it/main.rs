@@ -17,4 +17,5 @@ mod failover;
 mod kill_loop;
 mod multiprocess;
 mod python;
+mod tls;
 mod volumes;

@@ -61,7 +61,8 @@ pub struct AgentProc {
     pub socket: PathBuf,
     /// Metrics address.
     pub metrics: String,
-    /// `http://` address of its gRPC over TCP, when it listens on one.
+    /// `http://` (or, with TLS flags, `https://`) address of its gRPC over
+    /// TCP, when it listens on one.
     pub listen: Option<String>,
 }
 
@@ -119,7 +120,10 @@ impl AgentProc {
             domain: domain.to_path_buf(),
             socket,
             metrics: ready["metrics"].as_str().unwrap_or_default().to_string(),
-            listen: ready["listen"].as_str().map(|a| format!("http://{a}")),
+            listen: ready["listen"].as_str().map(|a| {
+                let tls = extra.iter().any(|x| x == "--tls-cert");
+                format!("{}://{a}", if tls { "https" } else { "http" })
+            }),
         }
     }
 

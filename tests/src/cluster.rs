@@ -10,6 +10,7 @@ use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::agent::AgentProc;
+use crate::certs::Certs;
 use crate::coordinator::{activate, deactivate, ok, CoordProc};
 use crate::data::{expected_file, write_both};
 use crate::domain::{domain_clean, make_named_domain};
@@ -32,6 +33,9 @@ pub struct Cluster {
     pub coords: Vec<CoordProc>,
     /// Seconds of every session lease.
     pub ttl: u64,
+    /// The cluster's certificates: agents and coordinators serve TCP with
+    /// mutual TLS, coordinators reach agents as "service".
+    pub certs: Certs,
 }
 
 /// The host id of agent `n`.
@@ -51,6 +55,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let domain = dir.path().join("domain.img");
         make_named_domain(&domain, 4, "shared");
+        let certs = Certs::make(&dir.path().join("certs"), &[]);
         let mut c = Cluster {
             etcd,
             dir,
@@ -58,6 +63,7 @@ impl Cluster {
             agents: Vec::new(),
             coords: Vec::new(),
             ttl,
+            certs,
         };
         for n in 0..agents {
             let a = c.start_agent(n);
@@ -91,6 +97,12 @@ impl Cluster {
                 format!("host{n}"),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
+                "--tls-cert".into(),
+                self.certs.file("server.pem"),
+                "--tls-key".into(),
+                self.certs.file("server.key"),
+                "--tls-client-ca".into(),
+                self.certs.file("ca.pem"),
                 "--gc-quarantine".into(),
                 "5".into(),
                 // Sixteen clients queue on the domain's allocation lock,
@@ -104,17 +116,17 @@ impl Cluster {
 
     /// Start coordinator `n`.
     pub fn start_coord(&self, n: usize) -> CoordProc {
-        CoordProc::start(
-            &self.dir.path().join(format!("coord{n}")),
-            &[
-                "--etcd".into(),
-                self.etcd.url(),
-                "--lease-ttl".into(),
-                self.ttl.to_string(),
-                "--id".into(),
-                format!("coord{n}"),
-            ],
-        )
+        let mut args = vec![
+            "--etcd".into(),
+            self.etcd.url(),
+            "--lease-ttl".into(),
+            self.ttl.to_string(),
+            "--id".into(),
+            format!("coord{n}"),
+        ];
+        args.extend(self.certs.server_args());
+        args.extend(self.certs.client_args("service"));
+        CoordProc::start(&self.dir.path().join(format!("coord{n}")), &args)
     }
 
     /// Wait until coordinator `n` sees `count` agents.

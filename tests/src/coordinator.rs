@@ -25,10 +25,12 @@ pub struct CoordProc {
 }
 
 impl CoordProc {
-    /// Start a coordinator with its socket and state under `dir`.
+    /// Start a coordinator with its socket and state under `dir`, and a
+    /// TCP listener (plaintext unless `extra` has TLS flags).
     pub fn start(dir: &Path, extra: &[String]) -> CoordProc {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("coordinator.sock");
+        let tls = extra.iter().any(|a| a == "--tls-cert");
         let (child, ready) = spawn_ready(
             Command::new(coordinator_bin())
                 .arg("--socket")
@@ -36,13 +38,16 @@ impl CoordProc {
                 .arg("--state-dir")
                 .arg(dir.join("state"))
                 .args(["--listen", "127.0.0.1:0", "--duty-interval", "1"])
+                .args((!tls).then_some("--insecure"))
                 .args(extra),
             "CAIRN_TEST_LOG",
         );
         CoordProc {
             child: Some(child),
             socket,
-            listen: ready["listen"].as_str().map(|a| format!("http://{a}")),
+            listen: ready["listen"]
+                .as_str()
+                .map(|a| format!("{}://{a}", if tls { "https" } else { "http" })),
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod ask;
 pub mod bins;
+pub mod certs;
 pub mod cluster;
 pub mod coordinator;
 pub mod data;

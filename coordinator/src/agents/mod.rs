@@ -8,6 +8,7 @@ mod conn;
 
 pub use conn::{AgentConn, AgentJob, NewDisk};
 
+use cairn_proto::tls::ClientTlsArgs;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,16 +53,19 @@ pub type Transport = tower::util::BoxCloneSyncService<
     TransportError,
 >;
 
-/// A transport over the network: `http://host:port`, or a unix socket
-/// path (`unix:/path` or `/path`). Connects lazily: an unreachable agent
-/// fails the call with UNAVAILABLE.
-pub fn net_transport(address: &str) -> Result<Transport> {
-    let channel = lazy_channel(&Target::parse(address), Duration::from_secs(2)).map_err(|e| {
+/// A transport over the network: `http://host:port`, `https://host:port`
+/// (TLS as `tls` says), or a unix socket path (`unix:/path` or `/path`).
+/// Connects lazily: an unreachable agent fails the call with UNAVAILABLE.
+pub fn net_transport(address: &str, tls: &ClientTlsArgs) -> Result<Transport> {
+    let bad = |e: &dyn std::fmt::Display| {
         CoordError::invalid(
             "address",
             format!("{}: {e}", cairn_domain::limits::quote(address)),
         )
-    })?;
+    };
+    let cfg = tls.for_address(address).map_err(|e| bad(&e))?;
+    let channel =
+        lazy_channel(&Target::parse(address), Duration::from_secs(2), cfg).map_err(|e| bad(&e))?;
     Ok(Transport::new(
         channel.map_err(|e| TransportError(Box::new(e) as BoxError)),
     ))
@@ -85,6 +89,7 @@ pub struct Agents {
     conns: Mutex<HashMap<String, (String, Transport)>>,
     cache: Mutex<Option<(Instant, Vec<AgentInfo>)>>,
     load: Mutex<HashMap<String, usize>>,
+    tls: ClientTlsArgs,
 }
 
 /// Which agents may take a call: those that see `domain` (and `also`),
@@ -147,7 +152,14 @@ impl Agents {
             conns: Mutex::new(HashMap::new()),
             cache: Mutex::new(None),
             load: Mutex::new(HashMap::new()),
+            tls: ClientTlsArgs::default(),
         }
+    }
+
+    /// Reach `https://` agents with this CA (and client certificate).
+    pub fn with_tls(mut self, tls: ClientTlsArgs) -> Agents {
+        self.tls = tls;
+        self
     }
 
     /// The agents now (cached for a second).
@@ -212,7 +224,7 @@ impl Agents {
                 return Ok(t.clone());
             }
         }
-        let t = net_transport(address)?;
+        let t = net_transport(address, &self.tls)?;
         c.insert(host.to_string(), (address.to_string(), t.clone()));
         Ok(t)
     }
