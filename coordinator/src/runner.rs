@@ -438,6 +438,19 @@ mod tests {
         }
     }
 
+    /// A coordinator over one agent served in this process, with its domain
+    /// under `dir`.
+    fn one_agent_coordinator(dir: &std::path::Path) -> Arc<Coordinator> {
+        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
+        let t = agent(dir, locks.clone());
+        Arc::new(Coordinator::new(
+            CoordConfig::new("c1"),
+            Arc::new(MemKv::new()),
+            locks,
+            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
+        ))
+    }
+
     /// The only domain the coordinator's agents see.
     async fn dom(c: &Coordinator) -> uuid::Uuid {
         c.domain("").await.unwrap().id
@@ -478,14 +491,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_job_records_the_agents_own_code() {
         let dir = tempfile::tempdir().unwrap();
-        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
-        let t = agent(dir.path(), locks.clone());
-        let c = Arc::new(Coordinator::new(
-            CoordConfig::new("c1"),
-            Arc::new(MemKv::new()),
-            locks,
-            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
-        ));
+        let c = one_agent_coordinator(dir.path());
         let d = dom(&c).await;
         let e = c
             .submit("big", 1, create(d, Format::Raw, 1 << 40, "big"))
@@ -509,14 +515,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_compose_agent_calls_and_retries_get_the_same_job() {
         let dir = tempfile::tempdir().unwrap();
-        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
-        let t = agent(dir.path(), locks.clone());
-        let c = Arc::new(Coordinator::new(
-            CoordConfig::new("c1"),
-            Arc::new(MemKv::new()),
-            locks,
-            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
-        ));
+        let c = one_agent_coordinator(dir.path());
         let d = dom(&c).await;
         let create = create(d, Format::Raw, 8 << 20, "web");
         let j = c.submit("r1", 1, create.clone()).await.unwrap();

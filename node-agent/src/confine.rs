@@ -249,7 +249,10 @@ mod tests {
         let s = r.pass(&src, READ_FILE).unwrap();
         let d = r.pass(&dst, READ_FILE | WRITE_FILE).unwrap();
         let args = ["convert", "-n", "-f", "qcow2", "-O", "raw", &s, &d].map(String::from);
-        SystemQemu.confined(Some(r)).output(&args).unwrap()
+        SystemQemu::default()
+            .confined(Some(r))
+            .output(&args)
+            .unwrap()
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::confine::Ruleset;
@@ -64,13 +64,16 @@ impl dyn QemuImg {
     }
 }
 
-/// The qemu-img on `PATH`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemQemu;
+/// The qemu-img on `PATH`; every run confined to its rules when it has
+/// some ([`QemuImg::confined`]).
+#[derive(Debug, Clone, Default)]
+pub struct SystemQemu {
+    rules: Option<Arc<Ruleset>>,
+}
 
 impl QemuImg for SystemQemu {
     fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
-        system_output(None, args)
+        system_output(self.rules.as_deref(), args)
     }
 
     fn with_progress(
@@ -80,26 +83,20 @@ impl QemuImg for SystemQemu {
         total: u64,
         p: &Progress,
     ) -> std::result::Result<(), CopyError> {
-        system_with_progress(None, sub, args, total, p)
+        system_with_progress(self.rules.as_deref(), sub, args, total, p)
     }
 
+    /// Confined to `rules`; a confined one is never loosened.
     fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
-        match rules {
-            Some(rules) => Box::new(ConfinedQemu { rules }),
-            None => Box::new(SystemQemu),
-        }
+        let rules = rules.map(Arc::new).or_else(|| self.rules.clone());
+        Box::new(SystemQemu { rules })
     }
 }
 
-/// The qemu-img on `PATH`, each run confined by Landlock.
-#[derive(Debug)]
-struct ConfinedQemu {
-    rules: Ruleset,
-}
-
-impl QemuImg for ConfinedQemu {
+/// A borrowed qemu-img is one.
+impl<Q: QemuImg + ?Sized> QemuImg for &Q {
     fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
-        system_output(Some(&self.rules), args)
+        (**self).output(args)
     }
 
     fn with_progress(
@@ -109,16 +106,11 @@ impl QemuImg for ConfinedQemu {
         total: u64,
         p: &Progress,
     ) -> std::result::Result<(), CopyError> {
-        system_with_progress(Some(&self.rules), sub, args, total, p)
+        (**self).with_progress(sub, args, total, p)
     }
 
     fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
-        match rules {
-            Some(rules) => Box::new(ConfinedQemu { rules }),
-            None => Box::new(ConfinedQemu {
-                rules: self.rules.try_clone().expect("duplicating a ruleset"),
-            }),
-        }
+        (**self).confined(rules)
     }
 }
 
@@ -309,26 +301,6 @@ impl QemuImg for FakeQemu {
     }
 }
 
-impl QemuImg for &FakeQemu {
-    fn output(&self, args: &[String]) -> std::io::Result<QemuOutput> {
-        (*self).output(args)
-    }
-
-    fn with_progress(
-        &self,
-        sub: &str,
-        args: &[String],
-        total: u64,
-        p: &Progress,
-    ) -> std::result::Result<(), CopyError> {
-        (*self).with_progress(sub, args, total, p)
-    }
-
-    fn confined(&self, _: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
-        Box::new(*self)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,7 +335,7 @@ mod tests {
 
     #[test]
     fn qemu_the_system_binary_runs() {
-        let q: &dyn QemuImg = &SystemQemu;
+        let q: &dyn QemuImg = &SystemQemu::default();
         let v = q.run(&["--version".into()]).unwrap();
         assert!(v.contains("qemu-img"), "{v}");
         assert!(q.run(&["info".into(), "/nonexistent".into()]).is_err());

@@ -108,12 +108,7 @@ async fn contents(c: &mut Client, rid: String, vol: &str, out: &Path) -> Vec<u8>
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Command::new("qemu-img").args(args));
 }
 
 #[test]
@@ -181,11 +176,7 @@ fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
             let q = io.join(format!("q{i}.qcow2"));
             let q_str = q.to_str().unwrap();
             qemu_img(&["create", "-q", "-f", "qcow2", q_str, "1M"]);
-            let w = Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", "write -P 0xa1 0 1M", q_str])
-                .output()
-                .unwrap();
-            assert!(w.status.success());
+            run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xa1 0 1M", q_str]));
             std::fs::copy(&evil, io.join("evil.qcow2")).unwrap();
             let job = import(&mut c, format!("q{i}"), &q, pb::VolumeFormat::Qcow2).await;
             std::fs::rename(io.join("evil.qcow2"), &q).unwrap();

@@ -14,6 +14,22 @@ use cairn_tests::Answer;
 
 const MIB: u64 = 1 << 20;
 
+/// Disk `id` on `domain` as the coordinator shows it.
+async fn disk_on(
+    c: &mut cairn_proto::coordinator::coordinator_client::CoordinatorClient<
+        tonic::transport::Channel,
+    >,
+    domain: &str,
+    id: &str,
+) -> pb::Disk {
+    c.get_disk(pb::GetDiskRequest {
+        domain: domain.into(),
+        disk_id: id.into(),
+    })
+    .await
+    .answer()
+}
+
 fn create(
     rid: &str,
     domain: &str,
@@ -112,13 +128,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         write_both(&p, &exp("web"), MIB, MIB, 0x22);
         deactivate(&mut a, "one", &disk).await;
 
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!(v.name, "web");
         assert_eq!(v.chain.len(), 2);
         assert_eq!(v.format, pb::Format::Qcow2 as i32);
@@ -153,13 +163,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             .answer());
         let from_disk = cd.disk.unwrap().id;
         check_disk(&mut a, "one", &from_disk, &exp("web")).await;
-        let fd = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: from_disk.clone(),
-            })
-            .await
-            .answer();
+        let fd = disk_on(&mut c, "one", &from_disk).await;
         assert_eq!(fd.parent_disk, disk);
         assert_eq!(fd.chain.len(), 3, "the clone shares the disk's chain");
         // Writes to the clone stay in the clone.
@@ -222,13 +226,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
         // Deleting a snapshot with clones hanging from it is refused.
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!(v.snapshots.len(), 2);
         let s2 = v.snapshots[1].id.clone();
         let e = finish(
@@ -286,13 +284,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 .answer(),
         )
         .await);
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!(v.chain.len(), 1, "{v:?}");
         assert!(v.snapshots.is_empty());
         check_disk(&mut a, "one", &disk, &exp("web")).await;
@@ -331,13 +323,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 .answer(),
         )
         .await);
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: db.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &db).await;
         assert_eq!(v.chain.len(), 1);
         assert_eq!(
             v.format,
@@ -361,13 +347,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
                 .answer(),
         )
         .await);
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!(v.format, pb::Format::Raw as i32);
         assert_eq!(v.chain.len(), 1);
         assert_eq!(v.name, "web");
@@ -395,26 +375,14 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let e = c.convert_disk(convert("cv2", false)).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
         assert!(e.message().contains(&snap), "{}", e.message());
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!((v.chain.len(), v.snapshots.len()), (2, 1));
         ok(finish(
             c.clone(),
             c.clone().convert_disk(convert("cv3", true)).await.answer(),
         )
         .await);
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
-            .await
-            .answer();
+        let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!((v.chain.len(), v.snapshots.len()), (1, 0));
         assert_eq!(v.format, pb::Format::Qcow2 as i32);
         check_disk(&mut a, "one", &disk, &exp("web")).await;

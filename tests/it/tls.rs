@@ -40,19 +40,8 @@ async fn domains_as(
 /// A client certificate of the CA in `certs` that expired yesterday.
 fn expired_client(certs: &Certs) {
     let d = &certs.dir;
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .current_dir(d)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
+    let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(d).args(args));
+    openssl(&[
         "req",
         "-new",
         "-nodes",
@@ -68,7 +57,7 @@ fn expired_client(certs: &Certs) {
         "/CN=old",
     ]);
     std::fs::write(d.join("old.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    run(&[
+    openssl(&[
         "x509", "-req", "-in", "old.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-out", "old.pem",
         "-days", "-1", "-extfile", "old.ext",
     ]);

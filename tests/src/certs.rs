@@ -17,16 +17,7 @@ impl Certs {
     /// (default: "service" and "admin") in `dir`.
     pub fn make(dir: &Path, clients: &[&str]) -> Certs {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/make-certs");
-        let out = Command::new(script)
-            .arg(dir)
-            .args(clients)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "make-certs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::agent::run(Command::new(script).arg(dir).args(clients));
         Certs {
             dir: dir.to_path_buf(),
         }

@@ -244,7 +244,7 @@ impl HostEffects {
     pub fn with_loops(loops: Arc<dyn LoopControl>) -> HostEffects {
         HostEffects {
             loops,
-            qemu: Arc::new(SystemQemu),
+            qemu: Arc::new(SystemQemu::default()),
             clock: Arc::new(SystemClock),
         }
     }
