@@ -26,6 +26,7 @@ use crate::pb;
 use crate::plan::{DiskView, NAME_KEY};
 use crate::record::{JobRecord, JobState};
 use crate::runner::check_request_id;
+use cairn_proto::peer::{audit, Peer};
 
 /// The one mapping of coordinator errors to gRPC statuses: the code, the
 /// message with its causes, and an ErrorInfo with the stable code (an
@@ -71,6 +72,8 @@ impl CoordService {
     /// domain) and the job submitted.
     async fn submit<Req: Message>(
         &self,
+        peer: &Peer,
+        method: &str,
         request_id: &str,
         req: &Req,
         domain: &str,
@@ -94,7 +97,9 @@ impl CoordService {
             spec.validate()?;
             self.coord.submit(request_id, fp, spec).await
         };
-        let rec = go.await.map_err(|e| to_status(&e))?;
+        let r = go.await;
+        audit(peer, method, request_id, &outcome(&r));
+        let rec = r.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
     }
 
@@ -109,6 +114,14 @@ impl CoordService {
             None
         };
         pb_job(rec, disk.as_ref())
+    }
+}
+
+/// How a request ended, for its audit line: `ok` or its stable code.
+fn outcome<T>(r: &Result<T, CoordError>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.reason(),
     }
 }
 
@@ -282,93 +295,132 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::Create(Create {
-                domain,
-                name: r.name.clone(),
-                format: required_format(r.format)?,
-                allocation: allocation_of(r.allocation)?,
-                size: r.size,
-                description: r.description.clone(),
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "create_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::Create(Create {
+                    domain,
+                    name: r.name.clone(),
+                    format: required_format(r.format)?,
+                    allocation: allocation_of(r.allocation)?,
+                    size: r.size,
+                    description: r.description.clone(),
+                }))
+            },
+        )
         .await
     }
 
     async fn snapshot_disk(&self, r: Request<pb::SnapshotDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::Snapshot(Snapshot {
-                domain,
-                disk: disk_id("disk_id", &r.disk_id)?,
-                description: r.description.clone(),
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "snapshot_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::Snapshot(Snapshot {
+                    domain,
+                    disk: disk_id("disk_id", &r.disk_id)?,
+                    description: r.description.clone(),
+                }))
+            },
+        )
         .await
     }
 
     async fn clone_disk(&self, r: Request<pb::CloneDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        let (format, allocation) = (
-            format_of(r.format).map_err(|e| to_status(&e))?,
-            allocation_of(r.allocation).map_err(|e| to_status(&e))?,
-        );
-        if !r.full && (format.is_some() || allocation == Allocation::Preallocated) {
-            return Err(to_status(&CoordError::invalid(
-                "full",
-                "format and allocation apply to full clones only",
-            )));
-        }
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            let source = disk_id("source_id", &r.source_id)?;
-            let name = r.name.clone();
-            Ok(if r.full {
-                JobSpec::FullClone(FullClone {
-                    domain,
-                    source,
-                    name,
-                    format,
-                    allocation,
-                    description: String::new(),
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "clone_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                let (format, allocation) = (format_of(r.format)?, allocation_of(r.allocation)?);
+                if !r.full && (format.is_some() || allocation == Allocation::Preallocated) {
+                    return Err(CoordError::invalid(
+                        "full",
+                        "format and allocation apply to full clones only",
+                    ));
+                }
+                let source = disk_id("source_id", &r.source_id)?;
+                let name = r.name.clone();
+                Ok(if r.full {
+                    JobSpec::FullClone(FullClone {
+                        domain,
+                        source,
+                        name,
+                        format,
+                        allocation,
+                        description: String::new(),
+                    })
+                } else {
+                    JobSpec::Clone(ThinClone {
+                        domain,
+                        source,
+                        name,
+                        description: String::new(),
+                    })
                 })
-            } else {
-                JobSpec::Clone(ThinClone {
-                    domain,
-                    source,
-                    name,
-                    description: String::new(),
-                })
-            })
-        })
+            },
+        )
         .await
     }
 
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::DeleteSnapshot(DeleteSnapshot {
-                domain,
-                snapshot: disk_id("snapshot_id", &r.snapshot_id)?,
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "delete_snapshot",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::DeleteSnapshot(DeleteSnapshot {
+                    domain,
+                    snapshot: disk_id("snapshot_id", &r.snapshot_id)?,
+                }))
+            },
+        )
         .await
     }
 
     async fn delete_disk(&self, r: Request<pb::DeleteDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::Delete(Delete {
-                domain,
-                disk: disk_id("disk_id", &r.disk_id)?,
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "delete_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::Delete(Delete {
+                    domain,
+                    disk: disk_id("disk_id", &r.disk_id)?,
+                }))
+            },
+        )
         .await
     }
 
     async fn copy_disk(&self, r: Request<pb::CopyDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
+        let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
+            &peer,
+            "copy_disk",
             &r.request_id,
             &r,
             &r.domain,
@@ -393,28 +445,44 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn extend_disk(&self, r: Request<pb::ExtendDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::Extend(Extend {
-                domain,
-                disk: disk_id("disk_id", &r.disk_id)?,
-                size: r.size,
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "extend_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::Extend(Extend {
+                    domain,
+                    disk: disk_id("disk_id", &r.disk_id)?,
+                    size: r.size,
+                }))
+            },
+        )
         .await
     }
 
     async fn convert_disk(&self, r: Request<pb::ConvertDiskRequest>) -> R<pb::Job> {
-        let r = r.into_inner();
-        self.submit(&r.request_id, &r, &r.domain, "", |domain, _| {
-            Ok(JobSpec::Convert(Convert {
-                domain,
-                disk: disk_id("disk_id", &r.disk_id)?,
-                format: required_format(r.format)?,
-                allocation: allocation_of(r.allocation)?,
-                flatten: r.flatten,
-            }))
-        })
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        self.submit(
+            &peer,
+            "convert_disk",
+            &r.request_id,
+            &r,
+            &r.domain,
+            "",
+            |domain, _| {
+                Ok(JobSpec::Convert(Convert {
+                    domain,
+                    disk: disk_id("disk_id", &r.disk_id)?,
+                    format: required_format(r.format)?,
+                    allocation: allocation_of(r.allocation)?,
+                    flatten: r.flatten,
+                }))
+            },
+        )
         .await
     }
 
@@ -440,11 +508,10 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> R<pb::Job> {
-        let rec = self
-            .coord
-            .cancel(&r.into_inner().job_id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let done = self.coord.cancel(&r.job_id).await;
+        audit(&peer, "cancel_job", &r.job_id, &outcome(&done));
+        let rec = done.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
     }
 

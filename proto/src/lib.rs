@@ -15,6 +15,7 @@
 pub mod codec;
 pub mod convert;
 pub mod keys;
+pub mod peer;
 pub mod server;
 pub mod tls;
 pub mod transport;

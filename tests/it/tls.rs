@@ -151,3 +151,112 @@ fn a_tcp_listener_without_tls_needs_insecure() {
     drop(agent);
     domain_clean(&dom);
 }
+
+/// Every mutating request leaves one audit line (JSON log, target `audit`):
+/// who (the unix peer's uid, or the client certificate's subject), from
+/// where, the method, the request id and the outcome.
+#[test]
+fn agent_audits_every_mutating_request_with_who_and_from() {
+    use std::io::BufRead;
+    let (dir, dom, plain) = AgentFixture::new(1).parts();
+    let home = plain.dir.clone();
+    drop(plain);
+    let certs = Certs::make(&dir.path().join("certs"), &["admin"]);
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(agent_bin())
+        .arg("--domain")
+        .arg(&dom)
+        .arg("--socket")
+        .arg(home.join("agent.sock"))
+        .arg("--run-dir")
+        .arg(home.join("run"))
+        .arg("--lock-dir")
+        .arg(home.join("locks"))
+        .args(["--listen", "127.0.0.1:0", "--log-json"])
+        .args(certs.server_args())
+        .env("RUST_LOG", "warn,audit=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let url = format!("https://{}", ready["listen"].as_str().unwrap());
+    rt().block_on(async {
+        // Over the unix socket, as root.
+        let ch = cairn_proto::transport::channel(&Target::Unix(home.join("agent.sock")))
+            .await
+            .unwrap();
+        let mut c = pb::agent_client::AgentClient::new(ch);
+        c.create_volume(disk_request("audit-unix", pb::VolumeFormat::Raw, 1))
+            .await
+            .unwrap();
+        c.delete_volume(pb::DeleteVolumeRequest {
+            request_id: "audit-refused".into(),
+            volume_id: "not-an-id".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+        // Over TCP with the admin's certificate.
+        let args = ClientTlsArgs {
+            ca: Some(certs.dir.join("ca.pem")),
+            cert: Some(certs.dir.join("admin.pem")),
+            key: Some(certs.dir.join("admin.key")),
+        };
+        let ch = channel_tls(&Target::Tcp(url.clone()), args.for_address(&url).unwrap())
+            .await
+            .unwrap();
+        let mut c = pb::agent_client::AgentClient::new(ch);
+        c.create_volume(disk_request("audit-tls", pb::VolumeFormat::Raw, 1))
+            .await
+            .unwrap();
+        // A query leaves none.
+        c.list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap();
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["target"] == "audit")
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    let f = |i: usize, k: &str| {
+        lines[i]["fields"][k]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        (
+            f(0, "who"),
+            f(0, "method"),
+            f(0, "request_id"),
+            f(0, "outcome")
+        ),
+        (
+            "uid:0".into(),
+            "create_volume".into(),
+            "audit-unix".into(),
+            "ok".into()
+        )
+    );
+    assert!(f(0, "from").starts_with("unix"), "{:?}", lines[0]);
+    assert_eq!(
+        (f(1, "request_id"), f(1, "outcome")),
+        ("audit-refused".into(), "invalid_argument".into())
+    );
+    assert_eq!(
+        (f(2, "who"), f(2, "outcome")),
+        ("cert:admin".into(), "ok".into())
+    );
+    assert!(f(2, "from").starts_with("127.0.0.1:"), "{:?}", lines[2]);
+    domain_clean(&dom);
+}

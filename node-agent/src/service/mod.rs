@@ -147,7 +147,29 @@ impl AgentService {
         r: Request<Req>,
         f: MutateFn<Req, Req::Response>,
     ) -> Result<Response<Req::Response>, Status> {
-        let req = r.into_inner();
+        let peer = cairn_proto::peer::Peer::of(&r);
+        let id = r.get_ref().request_id().to_string();
+        let answer = self.mutate_once(method, r.into_inner(), f).await;
+        let outcome = match &answer {
+            Ok(_) => "ok".to_string(),
+            Err(s) => {
+                use tonic_types::StatusExt;
+                s.get_details_error_info()
+                    .map(|i| i.reason)
+                    .unwrap_or_else(|| format!("{:?}", s.code()).to_lowercase())
+            }
+        };
+        cairn_proto::peer::audit(&peer, method, &id, &outcome);
+        answer
+    }
+
+    /// A mutating request, once per request id.
+    async fn mutate_once<Req: Mutating>(
+        &self,
+        method: &'static str,
+        req: Req,
+        f: MutateFn<Req, Req::Response>,
+    ) -> Result<Response<Req::Response>, Status> {
         let id = req.request_id().to_string();
         check_request_id(&id).map_err(|e| to_status(&e))?;
         let rid = request_bytes(&id);
