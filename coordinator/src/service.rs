@@ -72,8 +72,7 @@ impl CoordService {
     /// domain) and the job submitted.
     async fn submit<Req: Message>(
         &self,
-        peer: &Peer,
-        method: &str,
+        (peer, method): (&Peer, &str),
         request_id: &str,
         req: &Req,
         domain: &str,
@@ -297,8 +296,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "create_disk",
+            (&peer, "create_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -320,8 +318,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn snapshot_disk(&self, r: Request<pb::SnapshotDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "snapshot_disk",
+            (&peer, "snapshot_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -340,8 +337,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn clone_disk(&self, r: Request<pb::CloneDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "clone_disk",
+            (&peer, "clone_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -381,8 +377,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "delete_snapshot",
+            (&peer, "delete_snapshot"),
             &r.request_id,
             &r,
             &r.domain,
@@ -400,8 +395,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn delete_disk(&self, r: Request<pb::DeleteDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "delete_disk",
+            (&peer, "delete_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -419,8 +413,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn copy_disk(&self, r: Request<pb::CopyDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "copy_disk",
+            (&peer, "copy_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -447,8 +440,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn extend_disk(&self, r: Request<pb::ExtendDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "extend_disk",
+            (&peer, "extend_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -467,8 +459,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
     async fn convert_disk(&self, r: Request<pb::ConvertDiskRequest>) -> R<pb::Job> {
         let (peer, r) = (Peer::of(&r), r.into_inner());
         self.submit(
-            &peer,
-            "convert_disk",
+            (&peer, "convert_disk"),
             &r.request_id,
             &r,
             &r.domain,
