@@ -2,6 +2,8 @@
 //! beside a baseline measured in the same run:
 //! - latency (p50, p99) of create (raw, qcow2), snapshot, activate and
 //!   extend, against spawning `qemu-img create` for the same image;
+//! - create and snapshot over TCP with mutual TLS against the same over
+//!   the unix socket, samples interleaved;
 //! - copy throughput of a 2 GiB volume of random data and of one that is
 //!   90% zeros, against `qemu-img convert` and `dd` with direct I/O between
 //!   the same extents.
@@ -142,6 +144,13 @@ fn main() {
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let socket = dir.join("agent.sock");
+    let certs = cairn_tests::certs::Certs::make(&dir.join("certs"), &["admin"]);
+    let tls_args = cairn_proto::tls::ServerTlsArgs {
+        tls_cert: Some(certs.dir.join("server.pem")),
+        tls_key: Some(certs.dir.join("server.key")),
+        tls_client_ca: Some(certs.dir.join("ca.pem")),
+        insecure: false,
+    };
     let opts = ServeOptions {
         agent: AgentConfig {
             domains: vec![domain.clone()],
@@ -153,20 +162,34 @@ fn main() {
         },
         locks: cairn_agent::server::Locks::Local(dir.join("locks")),
         socket: Some(socket.clone()),
-        listen: None,
+        listen: tls_args
+            .security(Some("127.0.0.1:0".parse().unwrap()))
+            .unwrap(),
         metrics: None,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(serve(
         opts,
-        move |_| ready_tx.send(()).unwrap(),
+        move |b| ready_tx.send(b.listen).unwrap(),
         async move {
             let _ = stop_rx.await;
         },
     ));
-    ready_rx.recv().unwrap();
+    let listen = ready_rx.recv().unwrap().unwrap();
     let c = rt.block_on(connect(&Target::Unix(socket))).unwrap();
+    let url = format!("https://{listen}");
+    let client_tls = cairn_proto::tls::ClientTlsArgs {
+        ca: Some(certs.dir.join("ca.pem")),
+        cert: Some(certs.dir.join("admin.pem")),
+        key: Some(certs.dir.join("admin.key")),
+    };
+    let tls_channel = rt
+        .block_on(cairn_proto::transport::channel_tls(
+            &Target::Tcp(url.clone()),
+            client_tls.for_address(&url).unwrap(),
+        ))
+        .unwrap();
     let mut b = Bench {
         c,
         domain: domain.canonicalize().unwrap(),
@@ -212,6 +235,40 @@ fn main() {
             snaps.push(t.elapsed());
         }
         lat("snapshot (qcow2 on a weak tag)", snaps);
+
+        // The same over TCP with mutual TLS, interleaved with the unix
+        // socket so that both see the same machine.
+        let mut t = Bench {
+            c: AgentClient::new(tls_channel),
+            domain: b.domain.clone(),
+            extent_size: b.extent_size,
+            data_off: b.data_off,
+        };
+        let (mut cu, mut ct, mut su, mut st) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..n {
+            for (bench, out) in [(&mut b, &mut cu), (&mut t, &mut ct)] {
+                let at = Instant::now();
+                let r = bench.create(pb::VolumeFormat::Raw, gib, false).await;
+                out.push(at.elapsed());
+                bench.delete(r.volume.as_ref().unwrap()).await;
+            }
+            for (bench, out) in [(&mut b, &mut su), (&mut t, &mut st)] {
+                let at = Instant::now();
+                bench
+                    .c
+                    .snapshot(pb::SnapshotRequest {
+                        tag_id: disk.id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                out.push(at.elapsed());
+            }
+        }
+        lat("create raw 1 GiB (unix, paired)", cu);
+        lat("create raw 1 GiB (TCP mutual TLS)", ct);
+        lat("snapshot (unix, paired)", su);
+        lat("snapshot (TCP mutual TLS)", st);
 
         let mut act = Vec::new();
         for _ in 0..n.min(100) {
@@ -304,6 +361,23 @@ fn main() {
         let z = pct(&mut v, 0.99);
         p50.insert(name, a);
         println!("{name:<38} {} {}", ms(a), ms(z));
+    }
+    for (what, unix, tls) in [
+        (
+            "create",
+            "create raw 1 GiB (unix, paired)",
+            "create raw 1 GiB (TCP mutual TLS)",
+        ),
+        (
+            "snapshot",
+            "snapshot (unix, paired)",
+            "snapshot (TCP mutual TLS)",
+        ),
+    ] {
+        println!(
+            "{what} p50, TCP mutual TLS / unix socket: x{:.3}",
+            p50[tls].as_secs_f64() / p50[unix].as_secs_f64()
+        );
     }
     let snap = p50["snapshot (qcow2 on a weak tag)"];
     let qcb = p50["baseline: qemu-img create qcow2 -b"];
