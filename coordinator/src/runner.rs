@@ -45,14 +45,17 @@ impl Coordinator {
             serde_json::from_str(&there)
                 .map_err(|e| CoordError::Internal(format!("job record {key}: {e}")))
         };
-        // A retry gets its job whatever the state of things is by now; a new
-        // request must be admitted by it first.
-        let kv = self.kv().clone();
-        let k = key.clone();
-        if let Some(there) = blocking(move || Ok(kv.get(&k)?)).await? {
-            return same_request(read(there)?, request_id, fingerprint);
+        // A new request must be admitted by the state of things; a retry of
+        // an admitted one gets its job whatever that state is by now (read
+        // only when admission refuses: most kinds admit everything).
+        if let Err(refused) = rec.spec.admit(self).await {
+            let kv = self.kv().clone();
+            let k = key.clone();
+            return match blocking(move || Ok(kv.get(&k)?)).await? {
+                Some(there) => same_request(read(there)?, request_id, fingerprint),
+                None => Err(refused),
+            };
         }
-        rec.spec.admit(self).await?;
         let kv = self.kv().clone();
         let v = serde_json::to_string(&rec).map_err(|e| CoordError::Internal(e.to_string()))?;
         let k = key.clone();

@@ -349,10 +349,12 @@ impl Agent {
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
             let r = fenced_while(&[&_lock], p, || {
-                if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
+                if format == Format::Raw {
                     out.file
                         .set_len(v.capacity)
                         .map_err(AgentError::io("sizing the file"))?;
+                }
+                if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let f = open_direct(&o.path, false)?;
                     let s = o.extent(&v);
                     copy_raw(
@@ -374,19 +376,15 @@ impl Agent {
                     // through this process's descriptor: it creates nothing.
                     let (src, _scratch) = a.chain_node(&o, &v)?;
                     let target = crate::iodir::fd_path(&out.file);
-                    if format == Format::Raw {
-                        out.file
-                            .set_len(v.capacity)
-                            .map_err(AgentError::io("sizing the file"))?;
-                    } else {
-                        a.qemu.run(&[
-                            "create".into(),
-                            "-q".into(),
-                            "-f".into(),
-                            format.as_str().into(),
-                            target.clone(),
-                            v.capacity.to_string(),
-                        ])?;
+                    if format != Format::Raw {
+                    a.qemu.run(&[
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        format.as_str().into(),
+                        target.clone(),
+                        v.capacity.to_string(),
+                    ])?;
                     }
                     let args = vec![
                         "-n".into(),

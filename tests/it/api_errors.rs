@@ -865,20 +865,7 @@ fn agent_quotes_at_most_the_start_of_a_huge_field() {
                 InvalidArgument,
             ),
         ];
-        for (what, r, code) in answers {
-            let e = r.unwrap_err();
-            assert_eq!(
-                e.code(),
-                code,
-                "{what}: {}",
-                &e.message()[..e.message().len().min(200)]
-            );
-            assert!(
-                e.message().len() < 400,
-                "{what}: {} bytes of message",
-                e.message().len()
-            );
-        }
+        assert_refused_briefly(answers);
     });
     // The agent's log line of a failed request prints the same message.
     assert!(before == domain_state(&dom));
@@ -923,11 +910,19 @@ fn coordinator_quotes_at_most_the_start_of_a_huge_field() {
                 InvalidArgument,
             ),
         ];
-        for (what, r, code) in answers {
-            let e = r.unwrap_err();
-            let m = e.message();
-            assert_eq!(e.code(), code, "{what}: {}", &m[..m.len().min(200)]);
-            assert!(m.len() < 400, "{what}: {} bytes of message", m.len());
-        }
+        assert_refused_briefly(answers);
     });
+}
+
+/// Each call was refused with its code, and a message that does not quote
+/// a huge field whole.
+fn assert_refused_briefly(
+    answers: impl IntoIterator<Item = (&'static str, Result<(), tonic::Status>, tonic::Code)>,
+) {
+    for (what, r, code) in answers {
+        let e = r.unwrap_err();
+        let m = e.message();
+        assert_eq!(e.code(), code, "{what}: {}", &m[..m.len().min(200)]);
+        assert!(m.len() < 400, "{what}: {} bytes of message", m.len());
+    }
 }
