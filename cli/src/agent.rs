@@ -5,12 +5,12 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::connect::Ch;
 use anyhow::Result;
 use cairn_proto::agent as pb;
 use cairn_proto::agent::agent_client::AgentClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::args::{rid, JobCmd, Wait};
 use crate::connect::{self, Ask, Conn};
@@ -108,7 +108,7 @@ fn activation_json(a: &pb::Activation) -> Value {
 }
 
 /// Follow a job with a progress bar (or quietly with --json).
-async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> Result<pb::Job> {
+async fn follow(c: &mut AgentClient<Ch>, job: pb::Job, json_out: bool) -> Result<pb::Job> {
     let s = c
         .watch_job(pb::GetJobRequest {
             job_id: job.id.clone(),
@@ -121,7 +121,7 @@ async fn follow(c: &mut AgentClient<Channel>, job: pb::Job, json_out: bool) -> R
 /// Follow a job unless `--no-wait`, print how it ended; exit 1 unless it
 /// succeeded.
 pub async fn job_result(
-    c: &mut AgentClient<Channel>,
+    c: &mut AgentClient<Ch>,
     job: pb::Job,
     wait: &Wait,
     out: &mut Out<'_>,

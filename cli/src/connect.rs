@@ -6,9 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cairn_proto::agent::agent_client::AgentClient;
+use cairn_proto::auth::Bearer;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use cairn_proto::transport::{channel_tls, Target, MAX_DECODING};
 use clap::Args;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
@@ -30,6 +32,9 @@ pub struct Conn {
     /// TLS for https:// agents and coordinators.
     #[command(flatten)]
     pub tls: cairn_proto::tls::ClientTlsArgs,
+    /// The bearer token presented to both.
+    #[command(flatten)]
+    pub token: TokenArgs,
     /// Domain name or id (may be left out when the agent has one domain).
     #[arg(long, global = true, env = "CAIRN_DOMAIN", default_value = "")]
     pub domain: String,
@@ -50,7 +55,37 @@ pub struct CoordConn {
     /// TLS for an https:// coordinator (the global --ca, --cert, --key).
     #[arg(skip)]
     pub tls: cairn_proto::tls::ClientTlsArgs,
+    /// The global --token or --token-file.
+    #[arg(skip)]
+    pub token: TokenArgs,
 }
+
+/// Who the CLI says it is besides its certificate or uid: a bearer token.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TokenArgs {
+    /// Bearer token to present. On a command line it shows in the process
+    /// list: prefer CAIRN_TOKEN or --token-file.
+    #[arg(long, global = true, env = "CAIRN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file whose first line is the bearer token (when --token is not
+    /// given).
+    #[arg(long, global = true, env = "CAIRN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    /// The token to present, if any.
+    pub fn bearer(&self) -> Result<Bearer> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Bearer::new(Some(t)).map_err(anyhow::Error::msg),
+            (None, Some(p)) => Bearer::from_file(p).map_err(anyhow::Error::msg),
+            (None, None) => Ok(Bearer::default()),
+        }
+    }
+}
+
+/// A channel that presents the caller's token, if it has one.
+pub type Ch = InterceptedService<Channel, Bearer>;
 
 /// A refusal by the agent or coordinator, for the exit code and --json.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +126,7 @@ impl<T> Ask<T> for std::result::Result<tonic::Response<T>, tonic::Status> {
 }
 
 /// A client of the agent.
-pub async fn agent(c: &Conn) -> Result<AgentClient<Channel>> {
+pub async fn agent(c: &Conn) -> Result<AgentClient<Ch>> {
     let t = match &c.agent {
         Some(a) => Target::Tcp(a.clone()),
         None => Target::Unix(c.socket.clone()),
@@ -104,11 +139,14 @@ pub async fn agent(c: &Conn) -> Result<AgentClient<Channel>> {
         ),
         Target::Tcp(a) => format!("cannot reach the agent at {a}"),
     })?;
-    Ok(AgentClient::new(ch).max_decoding_message_size(MAX_DECODING))
+    Ok(
+        AgentClient::with_interceptor(ch, c.token.bearer()?)
+            .max_decoding_message_size(MAX_DECODING),
+    )
 }
 
 /// A client of the coordinator.
-pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Channel>> {
+pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Ch>> {
     let t = if c.coordinator.starts_with("http://") || c.coordinator.starts_with("https://") {
         Target::Tcp(c.coordinator.clone())
     } else {
@@ -121,7 +159,7 @@ pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Channel>> {
             c.coordinator
         )
     })?;
-    Ok(CoordinatorClient::new(ch))
+    Ok(CoordinatorClient::with_interceptor(ch, c.token.bearer()?))
 }
 
 /// Run a command's future on a runtime of this thread.

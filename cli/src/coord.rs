@@ -4,12 +4,12 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::connect::Ch;
 use anyhow::Result;
 use cairn_proto::coordinator as pb;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::args::{JobCmd, Wait};
 use crate::connect::{self, Ask, Conn, CoordConn};
@@ -27,6 +27,9 @@ pub enum CoordCmd {
     Job(JobCmd),
     /// The agents the coordinator uses.
     Agents,
+    /// Who the coordinator takes you for: the name your disks record as
+    /// their owner, and your role.
+    Whoami,
 }
 
 /// A job state's name.
@@ -46,7 +49,7 @@ pub fn job_json(j: &pb::Job) -> Value {
         "id": j.id, "kind": j.kind, "state": state(j.state), "step": j.step,
         "request_id": j.request_id, "domain": j.domain, "disk": j.disk_id,
         "done_bytes": j.done_bytes, "total_bytes": j.total_bytes,
-        "host": j.host_id, "owner": j.owner, "attempts": j.attempts,
+        "host": j.host_id, "owner": j.owner, "caller": j.caller, "attempts": j.attempts,
         "snapshot": if j.snapshot_id.is_empty() { Value::Null } else { j.snapshot_id.clone().into() },
         "result": j.disk.as_ref().map(disk_json),
         "error": if j.error_reason.is_empty() { Value::Null } else {
@@ -56,7 +59,7 @@ pub fn job_json(j: &pb::Job) -> Value {
 }
 
 /// Follow a job with a progress bar (quietly with --json or -q).
-async fn follow(c: &mut CoordinatorClient<Channel>, job: pb::Job, quiet: bool) -> Result<pb::Job> {
+async fn follow(c: &mut CoordinatorClient<Ch>, job: pb::Job, quiet: bool) -> Result<pb::Job> {
     if job.state != pb::JobState::Running as i32 {
         return Ok(job);
     }
@@ -108,7 +111,7 @@ pub fn outcome(j: &pb::Job, out: &mut Out<'_>, quiet: Option<&str>) -> Result<Ex
 
 /// Follow a long job unless `--no-wait`, then print its outcome.
 pub async fn long(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut CoordinatorClient<Ch>,
     j: pb::Job,
     wait: &Wait,
     out: &mut Out<'_>,
@@ -138,6 +141,15 @@ async fn run_async(
     let mut c = connect::coordinator(cc).await?;
     let d = conn.domain.clone();
     match cmd {
+        CoordCmd::Whoami => {
+            let r = c.who_am_i(pb::WhoAmIRequest {}).await.ask()?;
+            if j {
+                out.json(&json!({"name": r.name, "role": r.role}))?;
+            } else {
+                writeln!(out, "{} ({})", r.name, r.role)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         CoordCmd::Agents => {
             let r = c.list_agents(pb::ListAgentsRequest {}).await.ask()?;
             if j {
@@ -174,11 +186,7 @@ async fn run_async(
     }
 }
 
-async fn job(
-    c: &mut CoordinatorClient<Channel>,
-    cmd: &JobCmd,
-    out: &mut Out<'_>,
-) -> Result<ExitCode> {
+async fn job(c: &mut CoordinatorClient<Ch>, cmd: &JobCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     let j = out.json_mode();
     match cmd {
         JobCmd::List { running } => {

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use crate::connect::Ch;
 use anyhow::Result;
 use cairn_domain::Allocation;
 use cairn_proto::convert as wire;
@@ -10,7 +11,6 @@ use cairn_proto::coordinator as pb;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::args::{parse_size, rid, FormatArg, Wait};
 use crate::connect::Ask;
@@ -179,6 +179,7 @@ pub fn disk_json(d: &pb::Disk) -> Value {
     json!({
         "id": d.id, "name": d.name, "domain": d.domain, "domain_name": d.domain_name,
         "size": d.size, "format": fmt(d.format), "state": d.state, "ctime": d.ctime,
+        "owner": if d.owner.is_empty() { Value::Null } else { d.owner.clone().into() },
         "parent_disk": if d.parent_disk.is_empty() { Value::Null } else { d.parent_disk.clone().into() },
         "chain": d.chain.iter().map(|l| json!({
             "volume": l.volume_id, "format": fmt(l.format), "capacity": l.capacity,
@@ -194,7 +195,7 @@ pub fn disk_json(d: &pb::Disk) -> Value {
 
 /// Run a disk command.
 pub async fn run(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut CoordinatorClient<Ch>,
     d: &str,
     cmd: &DiskCmd,
     out: &mut Out<'_>,
@@ -242,6 +243,7 @@ pub async fn run(
                         "FORMAT",
                         "LAYERS",
                         "SNAPSHOTS",
+                        "OWNER",
                     ],
                     r.disks
                         .iter()
@@ -258,6 +260,11 @@ pub async fn run(
                                 fmt(x.format).into(),
                                 x.chain.len().to_string(),
                                 x.snapshots.len().to_string(),
+                                if x.owner.is_empty() {
+                                    "-".into()
+                                } else {
+                                    x.owner.clone()
+                                },
                             ]
                         })
                         .collect(),

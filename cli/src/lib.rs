@@ -3,7 +3,8 @@
 //! writer it is given (errors go to standard error, or into the JSON with
 //! `--json`). One module per command family: [`domain`] (offline tools),
 //! [`volume`], [`tag`] and [`agent`] (the local agent), [`disk`] and
-//! [`coord`] (the coordinator), [`up`]; [`output`], [`connect`] and
+//! [`coord`] (the coordinator), [`token`] (the token file), [`up`];
+//! [`output`], [`connect`] and
 //! [`args`] are what they share.
 //!
 //! Exit codes: 0 success; 1 the agent or coordinator refused or failed the
@@ -21,6 +22,7 @@ pub mod disk;
 pub mod domain;
 pub mod output;
 pub mod tag;
+pub mod token;
 pub mod up;
 pub mod volume;
 
@@ -71,6 +73,10 @@ enum Cmd {
     /// Work on a storage domain directly (offline tools).
     #[command(subcommand)]
     Domain(domain::DomainCmd),
+    /// The bearer tokens servers admit (`--tokens` of agents and
+    /// coordinators): add, list, remove.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     #[command(flatten)]
     Agent(agent::AgentCmd),
     #[command(flatten)]
@@ -104,6 +110,7 @@ where
     };
     // One set of client TLS flags for both servers.
     cli.coord.tls = cli.conn.tls.clone();
+    cli.coord.token = cli.conn.token.clone();
     let json = cli.json;
     let mut o = Out::new(out, json);
     match dispatch(&cli, &mut o) {
@@ -135,6 +142,7 @@ fn dispatch(cli: &Cli, out: &mut Out<'_>) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Domain(c) => domain::run(&cli.lock_dir, c, out),
+        Cmd::Token(c) => token::run(c, out),
         Cmd::Agent(c) => agent::run(&cli.conn, c, out),
         Cmd::Coord(c) => coord::run(&cli.coord, &cli.conn, c, out),
         Cmd::Up(a) => up::up(

@@ -5,13 +5,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::connect::Ch;
 use anyhow::{Context, Result};
 use cairn_domain::{Strategy, TagState, TagType};
 use cairn_proto::agent as pb;
 use cairn_proto::agent::agent_client::AgentClient;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::agent::tag_json;
 use crate::args::rid;
@@ -143,7 +143,7 @@ pub enum UserDataCmd {
 
 /// Run a tag command.
 pub async fn run(
-    c: &mut AgentClient<Channel>,
+    c: &mut AgentClient<Ch>,
     d: String,
     t: &TagCmd,
     out: &mut Out<'_>,
@@ -220,7 +220,7 @@ pub async fn run(
 
 /// Run a user data command.
 pub async fn run_user_data(
-    c: &mut AgentClient<Channel>,
+    c: &mut AgentClient<Ch>,
     d: String,
     u: &UserDataCmd,
     out: &mut Out<'_>,

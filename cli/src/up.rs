@@ -42,6 +42,9 @@ pub struct UpArgs {
     /// TLS of both TCP listeners (or --insecure).
     #[command(flatten)]
     tls: cairn_proto::tls::ServerTlsArgs,
+    /// Who may call both services.
+    #[command(flatten)]
+    access: cairn_proto::server::AccessArgs,
     /// Serve Prometheus metrics here.
     #[arg(long, default_value = "127.0.0.1:9465")]
     metrics: SocketAddr,
@@ -130,6 +133,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         locks: Locks::Local(lock_dir.to_path_buf()),
         socket: Some(socket.to_path_buf()),
         listen: a.tls.security(a.listen)?,
+        access: a.access.clone(),
         metrics: Some(a.metrics),
     };
     let size = std::fs::metadata(&domain)?.len();
@@ -158,6 +162,9 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         socket: Some(coordinator.to_path_buf()),
         listen: a.tls.security(a.coordinator_listen)?,
         agent_tls: Default::default(),
+        // The coordinator reaches the agent on its socket, as this uid.
+        agent_token: Default::default(),
+        access: a.access.clone(),
         duty_interval: Duration::from_secs(2),
         lock_wait: Duration::from_secs(60),
         job_retention: Duration::from_secs(24 * 3600),

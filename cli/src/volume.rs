@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::connect::Ch;
 use anyhow::Result;
 use cairn_domain::{Allocation, Legality};
 use cairn_proto::agent as pb;
@@ -12,7 +13,6 @@ use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::convert as wire;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::agent::{enum_name, fmt_name, job_result, tag_json};
 use crate::args::{parse_size, rid, FormatArg, Wait};
@@ -195,7 +195,7 @@ fn volume_rows(out: &mut Out<'_>, vs: &[pb::Volume]) -> Result<()> {
 
 /// Run a volume command.
 pub async fn run(
-    c: &mut AgentClient<Channel>,
+    c: &mut AgentClient<Ch>,
     d: String,
     cmd: &VolumeCmd,
     out: &mut Out<'_>,

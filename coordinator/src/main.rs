@@ -24,10 +24,18 @@ struct Args {
     /// this coordinator's certificate for agents that require one.
     #[command(flatten)]
     agent_tls: cairn_proto::tls::ClientTlsArgs,
+    /// A file whose first line is the bearer token presented to agents
+    /// (for agents that know this coordinator by token, not certificate).
+    #[arg(long, env = "CAIRN_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    access: cairn_proto::server::AccessArgs,
     /// etcd client URL (repeat for several): locks, jobs and the agent
     /// registry live there, and replicas elect a leader.
     #[arg(long = "etcd", env = "CAIRN_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_tls: cairn_proto::tls::EtcdTlsArgs,
     /// Without etcd: the agents to use (unix socket paths, http:// or
     /// https:// addresses; default: the local agent's socket).
     #[arg(long = "agent")]
@@ -71,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
             agents,
         }
     } else {
+        let tls = a.etcd_tls.config(&a.etcd)?;
         let mut c = cairn_cluster::EtcdConfig::new(a.etcd, format!("coordinator {id}"));
+        c.tls = tls;
         c.ttl = Duration::from_secs(a.lease_ttl.max(2));
         c.margin = (c.ttl / 3).max(Duration::from_secs(1));
         Cluster::Etcd(c)
@@ -82,6 +92,11 @@ async fn main() -> anyhow::Result<()> {
         socket: Some(a.socket),
         listen: a.tls.security(a.listen)?,
         agent_tls: a.agent_tls,
+        agent_token: match &a.agent_token_file {
+            Some(p) => cairn_proto::auth::Bearer::from_file(p).map_err(anyhow::Error::msg)?,
+            None => cairn_proto::auth::Bearer::default(),
+        },
+        access: a.access,
         duty_interval: Duration::from_secs(a.duty_interval.max(1)),
         lock_wait: Duration::from_secs(a.lock_wait),
         job_retention: Duration::from_secs(a.job_retention),

@@ -12,7 +12,7 @@ use crate::error::{CoordError, Result};
 
 pub use cairn_proto::keys::{
     CLONE_OF as CLONE_OF_KEY, CONVERT_OF as CONVERT_KEY, JOB as JOB_KEY, NAME as NAME_KEY,
-    SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY,
+    OWNER as OWNER_KEY, SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY,
 };
 
 /// A domain as agents report it.
@@ -280,6 +280,22 @@ pub fn disks(domain: &DomainRef, tags: &[TagInfo], vols: &[VolumeInfo]) -> Vec<D
         .filter(|t| t.tag_type == TagType::Strong && t.option(CONVERT_KEY).is_none())
         .filter_map(|t| disk_view(domain, &t.id, tags, vols).ok())
         .collect()
+}
+
+/// Who owns tag `id`, from every tag of its domain: a disk's owner is its
+/// `cairn.owner`, a snapshot's the owner of the disk it is of (none when
+/// that disk is gone or has no owner; an unknown tag has none).
+pub fn owner_of<'a>(id: &TagId, tags: &'a [TagInfo]) -> Option<&'a str> {
+    let t = tags.iter().find(|t| t.id == *id)?;
+    match t.tag_type {
+        TagType::Strong => t.option(OWNER_KEY),
+        TagType::Weak => {
+            let disk = TagId::parse("", t.option(SNAP_KEY)?).ok()?;
+            tags.iter()
+                .find(|d| d.id == disk && d.tag_type == TagType::Strong)
+                .and_then(|d| d.option(OWNER_KEY))
+        }
+    }
 }
 
 /// What a clone is made from.

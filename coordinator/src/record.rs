@@ -116,6 +116,11 @@ pub struct JobRecord {
     pub instance: String,
     /// The coordinator running it.
     pub owner: String,
+    /// The identity that asked for it: it owns the disk the job makes, and
+    /// a `user` sees only its own jobs (empty in records of earlier
+    /// versions: those are for admin and service identities).
+    #[serde(default)]
+    pub caller: String,
     /// Progress of the current step.
     #[serde(default)]
     pub done: u64,
@@ -154,6 +159,7 @@ impl JobRecord {
         request_id: &str,
         fingerprint: u64,
         owner: &str,
+        caller: &str,
         now: u64,
     ) -> JobRecord {
         JobRecord {
@@ -167,6 +173,7 @@ impl JobRecord {
             agent_job: String::new(),
             instance: String::new(),
             owner: owner.to_string(),
+            caller: caller.to_string(),
             done: 0,
             total: 0,
             error: None,
@@ -243,7 +250,7 @@ mod tests {
             allocation: Allocation::Sparse,
             flatten: false,
         });
-        let mut r = JobRecord::new(spec, "r", 1, "c1", 0);
+        let mut r = JobRecord::new(spec, "r", 1, "c1", "alice", 0);
         r.step = Step::Copy;
         assert_eq!(adopt(&r, true), Adopt::Follow);
         assert_eq!(adopt(&r, false), Adopt::Restart);

@@ -27,10 +27,11 @@ impl Coordinator {
         request_id: &str,
         fingerprint: u64,
         spec: JobSpec,
+        caller: &str,
     ) -> Result<JobRecord> {
         check_request_id(request_id)?;
         spec.validate()?;
-        let mut rec = JobRecord::new(spec, request_id, fingerprint, self.id(), now());
+        let mut rec = JobRecord::new(spec, request_id, fingerprint, self.id(), caller, now());
         rec.id = job_id(request_id);
         let long = rec.spec.long();
         if !long {
@@ -497,7 +498,7 @@ mod tests {
         let c = one_agent_coordinator(dir.path());
         let d = dom(&c).await;
         let e = c
-            .submit("big", 1, create(d, Format::Raw, 1 << 40, "big"))
+            .submit("big", 1, create(d, Format::Raw, 1 << 40, "big"), "t")
             .await
             .unwrap_err();
         // The agent refuses a disk larger than the domain (its own code,
@@ -521,19 +522,19 @@ mod tests {
         let c = one_agent_coordinator(dir.path());
         let d = dom(&c).await;
         let create = create(d, Format::Raw, 8 << 20, "web");
-        let j = c.submit("r1", 1, create.clone()).await.unwrap();
+        let j = c.submit("r1", 1, create.clone(), "t").await.unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         let disk = j.result_disk.clone();
         // The same request id: the same job, nothing new.
-        let again = c.submit("r1", 1, create.clone()).await.unwrap();
+        let again = c.submit("r1", 1, create.clone(), "t").await.unwrap();
         assert_eq!(again.id, j.id);
         assert!(matches!(
-            c.submit("r1", 2, create).await,
+            c.submit("r1", 2, create, "t").await,
             Err(CoordError::RequestIdReused(_))
         ));
         assert_eq!(c.disks("").await.unwrap().len(), 1);
 
-        let s = c.submit("r2", 3, snapshot(d, &disk)).await.unwrap();
+        let s = c.submit("r2", 3, snapshot(d, &disk), "t").await.unwrap();
         assert!(!s.snapshot.is_empty());
         let v = c.disk("", &disk).await.unwrap();
         assert_eq!(v.chain.len(), 2);
@@ -546,7 +547,7 @@ mod tests {
             name: String::new(),
             description: String::new(),
         });
-        let cl = c.submit("r3", 4, thin).await.unwrap();
+        let cl = c.submit("r3", 4, thin, "t").await.unwrap();
         let clone = c.disk("", &cl.result_disk).await.unwrap();
         assert_eq!(clone.chain.len(), 3);
         assert_eq!(clone.tag.option(CLONE_OF_KEY), Some(disk.as_str()));
@@ -559,16 +560,18 @@ mod tests {
                 size,
             })
         };
-        c.submit("r4", 5, extend(16 << 20)).await.unwrap();
+        c.submit("r4", 5, extend(16 << 20), "t").await.unwrap();
         assert_eq!(c.disk("", &disk).await.unwrap().tag.size, 16 << 20);
         assert!(matches!(
-            c.submit("r5", 6, extend(4 << 20)).await,
+            c.submit("r5", 6, extend(4 << 20), "t").await,
             Err(CoordError::InvalidArgument { field: "size", .. })
         ));
 
         // Deleting the clone, then the disk, leaves nothing.
-        c.submit("r6", 7, delete(d, &cl.result_disk)).await.unwrap();
-        c.submit("r7", 8, delete(d, &disk)).await.unwrap();
+        c.submit("r6", 7, delete(d, &cl.result_disk), "t")
+            .await
+            .unwrap();
+        c.submit("r7", 8, delete(d, &disk), "t").await.unwrap();
         assert!(c.disks("").await.unwrap().is_empty());
         // Every job is recorded, and ended.
         let jobs = c.jobs().await.unwrap();
@@ -596,11 +599,11 @@ mod tests {
         ));
         let d = dom(&c).await;
         let old = c
-            .submit("old", 1, create(d, Format::Raw, 4 << 20, "a"))
+            .submit("old", 1, create(d, Format::Raw, 4 << 20, "a"), "t")
             .await
             .unwrap();
         let new = c
-            .submit("new", 2, create(d, Format::Raw, 4 << 20, "b"))
+            .submit("new", 2, create(d, Format::Raw, 4 << 20, "b"), "t")
             .await
             .unwrap();
         // One ended two hours ago, one just now.
@@ -609,7 +612,7 @@ mod tests {
         c.save(&rec).await.unwrap();
         // A running job of a replica that is gone.
         let disk = new.result_disk.clone();
-        let mut orphan = JobRecord::new(snapshot(d, &disk), "orphan", 3, "c9", now());
+        let mut orphan = JobRecord::new(snapshot(d, &disk), "orphan", 3, "c9", "t", now());
         orphan.step = Step::Call;
         orphan.attempts = 1;
         c.save(&orphan).await.unwrap();
@@ -654,18 +657,21 @@ mod tests {
         ));
         let dom = dom(&c).await;
         let d = c
-            .submit("mk", 1, create(dom, Format::Qcow2, 4 << 20, ""))
+            .submit("mk", 1, create(dom, Format::Qcow2, 4 << 20, ""), "t")
             .await
             .unwrap();
         let disk = d.result_disk.clone();
-        let s = c.submit("snap", 2, snapshot(dom, &disk)).await.unwrap();
+        let s = c
+            .submit("snap", 2, snapshot(dom, &disk), "t")
+            .await
+            .unwrap();
         let snap = TagId::parse("", &s.snapshot).unwrap();
         // The job as its dead run left it: merging, the agent job started.
         let merge = JobSpec::DeleteSnapshot(DeleteSnapshot {
             domain: dom,
             snapshot: snap,
         });
-        let mut rec = JobRecord::new(merge, "del", 3, "c1", now());
+        let mut rec = JobRecord::new(merge, "del", 3, "c1", "t", now());
         rec.step = Step::Merge;
         rec.attempts = 1;
         let rid = rec.step_request_id();

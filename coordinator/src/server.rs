@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use cairn_cluster::{EtcdConfig, EtcdLockService, FileKv, Kv};
 use cairn_domain::{LocalLockService, LockService};
+use cairn_proto::auth::{Gate, Policy};
 use cairn_proto::server::serve_grpc;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::agents::{Agents, Discovery};
 use crate::coordinator::{CoordConfig, Coordinator};
@@ -43,6 +45,11 @@ pub struct ServeOptions {
     pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
     /// How agents over https:// are reached.
     pub agent_tls: cairn_proto::tls::ClientTlsArgs,
+    /// The bearer token presented to agents (none: the certificate of
+    /// `agent_tls`, or the unix socket's credentials, say who we are).
+    pub agent_token: cairn_proto::auth::Bearer,
+    /// Who may call: the token file and the unix socket's mode and group.
+    pub access: cairn_proto::server::AccessArgs,
     /// How often the leader does its duties.
     pub duty_interval: Duration,
     /// How long an operation waits for a busy disk.
@@ -66,6 +73,7 @@ pub async fn serve(
     ready: impl FnOnce(&Bound) + Send,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let auth = Arc::new(opts.access.authenticator()?);
     let cluster = opts.cluster.clone();
     let (kv, locks, discovery) = tokio::task::spawn_blocking(move || {
         Ok::<_, cairn_domain::DomainError>(match cluster {
@@ -92,15 +100,19 @@ pub async fn serve(
         cfg,
         kv.clone(),
         locks,
-        Agents::new(discovery).with_tls(opts.agent_tls.clone()),
+        Agents::new(discovery).with_tls(opts.agent_tls.clone(), opts.agent_token.clone()),
     ));
     let svc = CoordService::new(coord.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Any identity; what it may act on is the service's business.
+    let gate = Gate::new(auth, Policy::Anyone, "coordinator API");
     let (socket, listen, mut tasks) = serve_grpc(
-        pb::coordinator_server::CoordinatorServer::new(svc),
+        InterceptedService::new(pb::coordinator_server::CoordinatorServer::new(svc), gate),
         pb::FILE_DESCRIPTOR_SET,
-        opts.socket.as_deref(),
+        opts.socket
+            .as_deref()
+            .map(|p| (p, opts.access.socket_policy())),
         opts.listen.clone(),
         stop_rx.clone(),
         "coordinator",

@@ -26,7 +26,33 @@ use crate::pb;
 use crate::plan::{DiskView, NAME_KEY};
 use crate::record::{JobRecord, JobState};
 use crate::runner::check_request_id;
+use cairn_proto::auth::{Identity, Role};
 use cairn_proto::peer::{audit, Peer};
+
+/// Who is calling: the identity the gate found, and the transport's facts
+/// for the audit line.
+struct Caller {
+    id: Identity,
+    peer: Peer,
+}
+
+impl Caller {
+    fn of<T>(r: &Request<T>) -> Result<Caller, Status> {
+        Ok(Caller {
+            id: Identity::of(r)?,
+            peer: Peer::of(r),
+        })
+    }
+}
+
+/// What a `user` is told about another's disk, snapshot or job: the same
+/// as about one that does not exist.
+fn hidden(kind: &'static str, id: &str) -> CoordError {
+    CoordError::NotFound {
+        kind,
+        id: id.to_string(),
+    }
+}
 
 /// The one mapping of coordinator errors to gRPC statuses: the code, the
 /// message with its causes, and an ErrorInfo with the stable code (an
@@ -72,7 +98,7 @@ impl CoordService {
     /// domain) and the job submitted.
     async fn submit<Req: Message>(
         &self,
-        (peer, method): (&Peer, &str),
+        (who, method): (&Caller, &str),
         request_id: &str,
         req: &Req,
         domain: &str,
@@ -85,8 +111,18 @@ impl CoordService {
             let placeholder = (!target.is_empty()).then_some(uuid::Uuid::from_u128(1));
             let kind = build(uuid::Uuid::nil(), placeholder)?;
             kind.validate()?;
-            // What the job does is part of the request: one id, one request.
-            let fp = fingerprint(&[kind.name().as_bytes(), b"\0", &req.encode_to_vec()].concat());
+            // What the job does and who asks are part of the request: one
+            // id, one request (another caller's id is never its job).
+            let fp = fingerprint(
+                &[
+                    kind.name().as_bytes(),
+                    b"\0",
+                    who.id.name.as_bytes(),
+                    b"\0",
+                    &req.encode_to_vec(),
+                ]
+                .concat(),
+            );
             let d = self.coord.domain(domain).await?.id;
             let t = match target {
                 "" => None,
@@ -94,12 +130,48 @@ impl CoordService {
             };
             let spec = build(d, t)?;
             spec.validate()?;
-            self.coord.submit(request_id, fp, spec).await
+            if let Some(tag) = spec.disk() {
+                self.authorize(&who.id, &spec.domain(), &tag).await?;
+            }
+            self.coord.submit(request_id, fp, spec, &who.id.name).await
         };
         let r = go.await;
-        audit(peer, method, request_id, &outcome(&r));
+        audit(&who.peer, method, request_id, &outcome(&r));
         let rec = r.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
+    }
+
+    /// Refuse a `user` acting on a disk or snapshot it does not own, as if
+    /// it did not exist (admin and service identities act on every one).
+    async fn authorize(
+        &self,
+        who: &Identity,
+        domain: &uuid::Uuid,
+        tag: &TagId,
+    ) -> Result<(), CoordError> {
+        if who.role != Role::User {
+            return Ok(());
+        }
+        let d = crate::plan::DomainRef {
+            id: *domain,
+            name: String::new(),
+        };
+        let (tags, _) = self.coord.contents(&d).await?;
+        if who.may_act_on(crate::plan::owner_of(tag, &tags)) {
+            Ok(())
+        } else {
+            Err(hidden("disk or snapshot", &tag.to_string()))
+        }
+    }
+
+    /// Job `id`, if the caller may see it.
+    async fn job_for(&self, who: &Identity, id: &str) -> Result<JobRecord, CoordError> {
+        let rec = self.coord.job(id).await?;
+        if who.may_act_on(Some(&rec.caller)) {
+            Ok(rec)
+        } else {
+            Err(hidden("job", id))
+        }
     }
 
     /// A job with its disk's view when it succeeded (best effort).
@@ -188,6 +260,11 @@ pub fn pb_disk(v: &DiskView) -> pb::Disk {
             .option(crate::plan::CLONE_OF_KEY)
             .unwrap_or_default()
             .to_string(),
+        owner: v
+            .tag
+            .option(crate::plan::OWNER_KEY)
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -235,6 +312,7 @@ pub fn pb_job(r: &JobRecord, disk: Option<&DiskView>) -> pb::Job {
         finished: r.finished,
         attempts: r.attempts,
         snapshot_id: r.snapshot.clone(),
+        caller: r.caller.clone(),
     }
 }
 
@@ -245,7 +323,17 @@ impl pb::coordinator_server::Coordinator for CoordService {
     type WatchJobStream =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Job, Status>> + Send>>;
 
-    async fn list_agents(&self, _: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+    async fn list_agents(&self, r: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+        let who = Identity::of(&r)?;
+        if who.role == Role::User {
+            return Err(cairn_proto::auth::AuthError::Denied {
+                name: who.name,
+                role: who.role,
+                api: "agent listing",
+                allowed: "admin and service",
+            }
+            .to_status());
+        }
         let agents = self.coord.agents.list().await.map_err(|e| to_status(&e))?;
         let mut out = Vec::new();
         for a in agents {
@@ -272,31 +360,41 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn list_disks(&self, r: Request<pb::ListDisksRequest>) -> R<pb::ListDisksResponse> {
-        let r = r.into_inner();
+        let (who, r) = (Identity::of(&r)?, r.into_inner());
         let disks = self
             .coord
             .disks(&r.domain)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListDisksResponse {
-            disks: disks.iter().map(pb_disk).collect(),
+            disks: disks
+                .iter()
+                .filter(|d| who.may_act_on(d.tag.option(crate::plan::OWNER_KEY)))
+                .map(pb_disk)
+                .collect(),
         }))
     }
 
     async fn get_disk(&self, r: Request<pb::GetDiskRequest>) -> R<pb::Disk> {
-        let r = r.into_inner();
+        let (who, r) = (Identity::of(&r)?, r.into_inner());
         let d = self
             .coord
             .disk(&r.domain, &r.disk_id)
             .await
+            .and_then(
+                |d| match who.may_act_on(d.tag.option(crate::plan::OWNER_KEY)) {
+                    true => Ok(d),
+                    false => Err(hidden("disk", &d.tag.id.to_string())),
+                },
+            )
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_disk(&d)))
     }
 
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "create_disk"),
+            (&who, "create_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -316,9 +414,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn snapshot_disk(&self, r: Request<pb::SnapshotDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "snapshot_disk"),
+            (&who, "snapshot_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -335,9 +433,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn clone_disk(&self, r: Request<pb::CloneDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "clone_disk"),
+            (&who, "clone_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -375,9 +473,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "delete_snapshot"),
+            (&who, "delete_snapshot"),
             &r.request_id,
             &r,
             &r.domain,
@@ -393,9 +491,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn delete_disk(&self, r: Request<pb::DeleteDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "delete_disk"),
+            (&who, "delete_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -411,9 +509,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn copy_disk(&self, r: Request<pb::CopyDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "copy_disk"),
+            (&who, "copy_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -438,9 +536,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn extend_disk(&self, r: Request<pb::ExtendDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "extend_disk"),
+            (&who, "extend_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -457,9 +555,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn convert_disk(&self, r: Request<pb::ConvertDiskRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
         self.submit(
-            (&peer, "convert_disk"),
+            (&who, "convert_disk"),
             &r.request_id,
             &r,
             &r.domain,
@@ -478,37 +576,50 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn get_job(&self, r: Request<pb::GetJobRequest>) -> R<pb::Job> {
+        let who = Identity::of(&r)?;
         let rec = self
-            .coord
-            .job(&r.into_inner().job_id)
+            .job_for(&who, &r.into_inner().job_id)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(self.job_with_disk(&rec).await))
     }
 
     async fn list_jobs(&self, r: Request<pb::ListJobsRequest>) -> R<pb::ListJobsResponse> {
-        let r = r.into_inner();
+        let (who, r) = (Identity::of(&r)?, r.into_inner());
         let jobs = self.coord.jobs().await.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs
                 .iter()
                 .filter(|j| !r.running || j.state == JobState::Running)
+                .filter(|j| who.may_act_on(Some(&j.caller)))
                 .map(|j| pb_job(j, None))
                 .collect(),
         }))
     }
 
     async fn cancel_job(&self, r: Request<pb::CancelJobRequest>) -> R<pb::Job> {
-        let (peer, r) = (Peer::of(&r), r.into_inner());
-        let done = self.coord.cancel(&r.job_id).await;
-        audit(&peer, "cancel_job", &r.job_id, &outcome(&done));
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let done = match self.job_for(&who.id, &r.job_id).await {
+            Ok(_) => self.coord.cancel(&r.job_id).await,
+            Err(e) => Err(e),
+        };
+        audit(&who.peer, "cancel_job", &r.job_id, &outcome(&done));
         let rec = done.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
     }
 
+    async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {
+        let who = Identity::of(&r)?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: who.name,
+            role: who.role.as_str().to_string(),
+        }))
+    }
+
     async fn watch_job(&self, r: Request<pb::GetJobRequest>) -> R<Self::WatchJobStream> {
+        let who = Identity::of(&r)?;
         let id = r.into_inner().job_id;
-        let first = self.coord.job(&id).await.map_err(|e| to_status(&e))?;
+        let first = self.job_for(&who, &id).await.map_err(|e| to_status(&e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let me = self.clone();
         tokio::spawn(async move {
@@ -625,12 +736,95 @@ mod tests {
         }
     }
 
+    /// A request as the gate leaves it for an identity.
+    fn as_who<T>(m: T, name: &str, role: Role) -> Request<T> {
+        let mut r = Request::new(m);
+        r.extensions_mut().insert(Identity {
+            name: name.into(),
+            role,
+        });
+        r
+    }
+
+    fn as_admin<T>(m: T) -> Request<T> {
+        as_who(m, "uid:0", Role::Admin)
+    }
+
+    #[tokio::test]
+    async fn jobs_are_seen_by_their_caller_and_admins_only() {
+        let kv = Arc::new(Flaky::default());
+        let svc = service_on(kv.clone());
+        let rec = running_job(&kv);
+        let get = |n: &str, role| {
+            as_who(
+                pb::GetJobRequest {
+                    job_id: rec.id.clone(),
+                },
+                n,
+                role,
+            )
+        };
+        assert_eq!(
+            svc.get_job(get("alice", Role::User))
+                .await
+                .unwrap()
+                .into_inner()
+                .caller,
+            "alice"
+        );
+        svc.get_job(get("ops", Role::Admin)).await.unwrap();
+        // Another user: as if there were no such job.
+        let e = svc.get_job(get("bob", Role::User)).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let e = svc
+            .cancel_job(as_who(
+                pb::CancelJobRequest {
+                    job_id: rec.id.clone(),
+                },
+                "bob",
+                Role::User,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let mine = |n: &str| as_who(pb::ListJobsRequest { running: false }, n, Role::User);
+        assert_eq!(
+            svc.list_jobs(mine("alice"))
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs
+                .len(),
+            1
+        );
+        assert!(svc
+            .list_jobs(mine("bob"))
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty());
+        // No identity (a service without its gate): nobody is answered.
+        let e = svc
+            .get_job(Request::new(pb::GetJobRequest {
+                job_id: rec.id.clone(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = svc
+            .list_agents(as_who(pb::ListAgentsRequest {}, "bob", Role::User))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+    }
+
     fn running_job(kv: &Flaky) -> JobRecord {
         let spec = JobSpec::Delete(Delete {
             domain: uuid::Uuid::nil(),
             disk: TagId::generate(1),
         });
-        let rec = JobRecord::new(spec, "r", 0, "c1", 1);
+        let rec = JobRecord::new(spec, "r", 0, "c1", "alice", 1);
         kv.put(&job_key(&rec.id), &serde_json::to_string(&rec).unwrap())
             .unwrap();
         rec
@@ -647,7 +841,7 @@ mod tests {
 
         let mut rec = running_job(&kv);
         let mut s = svc
-            .watch_job(Request::new(watch(&rec.id)))
+            .watch_job(as_admin(watch(&rec.id)))
             .await
             .unwrap()
             .into_inner();
@@ -667,7 +861,7 @@ mod tests {
         // A store that stays down ends the watch with its error and why.
         let rec = running_job(&kv);
         let mut s = svc
-            .watch_job(Request::new(watch(&rec.id)))
+            .watch_job(as_admin(watch(&rec.id)))
             .await
             .unwrap()
             .into_inner();
@@ -699,7 +893,7 @@ mod tests {
             ..Default::default()
         };
         let e = svc
-            .create_disk(Request::new(create(pb::Format::Unspecified, 4096)))
+            .create_disk(as_admin(create(pb::Format::Unspecified, 4096)))
             .await
             .unwrap_err();
         assert_eq!(
@@ -707,7 +901,7 @@ mod tests {
             (Code::InvalidArgument, "format")
         );
         let e = svc
-            .create_disk(Request::new(create(pb::Format::Raw, 1000)))
+            .create_disk(as_admin(create(pb::Format::Raw, 1000)))
             .await
             .unwrap_err();
         assert_eq!(
@@ -716,19 +910,19 @@ mod tests {
         );
         let mut bad = create(pb::Format::Raw, 4096);
         bad.format = 9;
-        let e = svc.create_disk(Request::new(bad)).await.unwrap_err();
+        let e = svc.create_disk(as_admin(bad)).await.unwrap_err();
         assert_eq!(
             (e.code(), field(&e).as_str()),
             (Code::InvalidArgument, "format")
         );
         // A valid request gets as far as looking for the domain.
         let e = svc
-            .create_disk(Request::new(create(pb::Format::Raw, 4096)))
+            .create_disk(as_admin(create(pb::Format::Raw, 4096)))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         let e = svc
-            .copy_disk(Request::new(pb::CopyDiskRequest {
+            .copy_disk(as_admin(pb::CopyDiskRequest {
                 disk_id: "x".into(),
                 target_domain: "other".into(),
                 ..Default::default()
@@ -740,7 +934,7 @@ mod tests {
             (Code::InvalidArgument, "disk_id")
         );
         let e = svc
-            .copy_disk(Request::new(pb::CopyDiskRequest {
+            .copy_disk(as_admin(pb::CopyDiskRequest {
                 disk_id: cairn_domain::TagId::generate(1).to_string(),
                 ..Default::default()
             }))
@@ -751,7 +945,7 @@ mod tests {
             (Code::InvalidArgument, "target_domain")
         );
         let e = svc
-            .create_disk(Request::new(pb::CreateDiskRequest {
+            .create_disk(as_admin(pb::CreateDiskRequest {
                 request_id: "x".repeat(65),
                 ..create(pb::Format::Raw, 4096)
             }))

@@ -216,7 +216,20 @@ impl RunDir {
         std::fs::rename(&tmp, dir.join(volume))
     }
 
-    /// Remove a link; removes the tag directory once it is empty.
+    /// Whether tag `tag` is closing: a forced deactivation left devices
+    /// that a process still held open (its links stay, protecting the
+    /// volumes, until the kernel lets the devices go).
+    pub fn closing(&self, tag: &str) -> bool {
+        self.tag_dir(tag).join(CLOSING).exists()
+    }
+
+    /// Mark tag `tag` closing.
+    pub fn mark_closing(&self, tag: &str) -> io::Result<()> {
+        std::fs::write(self.tag_dir(tag).join(CLOSING), b"")
+    }
+
+    /// Remove a link; removes the tag directory (and its closing mark)
+    /// once no link is left.
     pub fn remove_link(&self, tag: &str, volume: &str) -> io::Result<()> {
         match std::fs::remove_file(self.path(tag, volume)) {
             Ok(()) => {}
@@ -224,12 +237,21 @@ impl RunDir {
             Err(e) => return Err(e),
         }
         let dir = self.tag_dir(tag);
-        if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
+        let linked = std::fs::read_dir(&dir).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        });
+        if !linked {
+            let _ = std::fs::remove_file(dir.join(CLOSING));
             let _ = std::fs::remove_dir(&dir);
         }
         Ok(())
     }
 }
+
+/// The mark of a closing tag's directory (a regular file: links are
+/// symbolic links).
+const CLOSING: &str = ".closing";
 
 #[cfg(test)]
 mod tests {

@@ -25,6 +25,8 @@ struct Args {
     listen: Option<SocketAddr>,
     #[command(flatten)]
     tls: cairn_proto::tls::ServerTlsArgs,
+    #[command(flatten)]
+    access: cairn_proto::server::AccessArgs,
     /// Serve Prometheus metrics on this TCP address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -38,6 +40,8 @@ struct Args {
     /// agents of several hosts can share domains.
     #[arg(long = "etcd", env = "CAIRN_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_tls: cairn_proto::tls::EtcdTlsArgs,
     /// This host's id (default: /etc/machine-id). Only for running several
     /// agents on one machine, as the local cluster script does.
     #[arg(long)]
@@ -88,14 +92,17 @@ async fn main() -> anyhow::Result<()> {
         locks: if a.etcd.is_empty() {
             Locks::Local(a.lock_dir)
         } else {
+            let tls = a.etcd_tls.config(&a.etcd)?;
             let mut c =
                 cairn_cluster::EtcdConfig::new(a.etcd, format!("{} ({})", host.name, host.id));
+            c.tls = tls;
             c.ttl = Duration::from_secs(a.lease_ttl.max(2));
             c.margin = (c.ttl / 3).max(Duration::from_secs(1));
             Locks::Etcd(c)
         },
         socket: Some(a.socket),
         listen: a.tls.security(a.listen)?,
+        access: a.access,
         metrics: a.metrics,
     };
     // One JSON line on stdout says where we listen (ports may be 0).

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use cairn_proto::auth::{Gate, Policy};
 use cairn_proto::server::serve_grpc;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::loopdev::KernelLoop;
@@ -34,6 +36,8 @@ pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     /// TCP address for remote clients, and how it is secured.
     pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
+    /// Who may call: the token file and the unix socket's mode and group.
+    pub access: cairn_proto::server::AccessArgs,
     /// TCP address of the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
 }
@@ -56,6 +60,7 @@ pub async fn serve(
     ready: impl FnOnce(&Bound) + Send,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let auth = Arc::new(opts.access.authenticator()?);
     let choice = opts.locks.clone();
     // The etcd service runs its own runtime; start it off this one.
     let (locks, etcd) = tokio::task::spawn_blocking(move || {
@@ -83,10 +88,14 @@ pub async fn serve(
     let svc = AgentService::new(agent.clone(), metrics.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The agent API is for admin and service identities only.
+    let gate = Gate::new(auth, Policy::AdminOrService, "agent API");
     let (socket, listen, mut tasks) = serve_grpc(
-        pb::agent_server::AgentServer::new(svc.clone()),
+        InterceptedService::new(pb::agent_server::AgentServer::new(svc.clone()), gate),
         pb::FILE_DESCRIPTOR_SET,
-        opts.socket.as_deref(),
+        opts.socket
+            .as_deref()
+            .map(|p| (p, opts.access.socket_policy())),
         opts.listen.clone(),
         stop_rx,
         "agent",

@@ -13,5 +13,9 @@ pub const CLONE_OF: &str = "cairn.clone-of";
 pub const CONVERT_OF: &str = "cairn.convert-of";
 /// On a snapshot's weak tag: its description.
 pub const SNAPSHOT_DESCRIPTION: &str = "cairn.description";
+/// On a disk: the identity that owns it (a `user` may act only on its
+/// own disks; a disk without one is for admin and service identities).
+/// A snapshot belongs to the owner of the disk it is of.
+pub const OWNER: &str = "cairn.owner";
 /// On a snapshot's weak tag: the disk it is a snapshot of.
 pub const SNAPSHOT_OF: &str = "cairn.snapshot-of";

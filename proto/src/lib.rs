@@ -12,6 +12,7 @@
 //! coordinator; nothing below them sees this crate's messages.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod keys;

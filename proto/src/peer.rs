@@ -4,15 +4,20 @@
 //! of the client certificate the server checked (`cert:CN`), over
 //! plaintext TCP nobody in particular (`anonymous`).
 //!
-//! This names callers; it grants nothing. Roles and owners build on it.
+//! Once the gate ([`crate::auth::Gate`]) has identified a request, its
+//! identity is the name given; this names callers, it grants nothing.
 
 use tonic::transport::server::UdsConnectInfo;
 
 /// A caller as the transport identifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// The identity's name; without one, what the transport says:
     /// `uid:N`, `cert:CN` or `anonymous`.
     pub who: String,
+    /// The identity's role (`admin`, `service`, `user`; `none` before the
+    /// gate has identified the caller).
+    pub role: &'static str,
     /// `unix` (with the peer's pid when known) or the remote address.
     pub from: String,
 }
@@ -20,9 +25,19 @@ pub struct Peer {
 impl Peer {
     /// The caller of `r`.
     pub fn of<T>(r: &tonic::Request<T>) -> Peer {
+        let mut p = Peer::of_transport(r);
+        if let Some(id) = r.extensions().get::<crate::auth::Identity>() {
+            p.who = id.name.clone();
+            p.role = id.role.as_str();
+        }
+        p
+    }
+
+    fn of_transport<T>(r: &tonic::Request<T>) -> Peer {
         if let Some(uds) = r.extensions().get::<UdsConnectInfo>() {
             return match uds.peer_cred {
                 Some(c) => Peer {
+                    role: "none",
                     who: format!("uid:{}", c.uid()),
                     from: match c.pid() {
                         Some(pid) => format!("unix pid {pid}"),
@@ -30,6 +45,7 @@ impl Peer {
                     },
                 },
                 None => Peer {
+                    role: "none",
                     who: "anonymous".into(),
                     from: "unix".into(),
                 },
@@ -44,7 +60,11 @@ impl Peer {
             .and_then(|certs| certs.first().and_then(|c| subject_cn(c.as_ref())))
             .map(|cn| format!("cert:{cn}"))
             .unwrap_or_else(|| "anonymous".into());
-        Peer { who, from }
+        Peer {
+            who,
+            role: "none",
+            from,
+        }
     }
 }
 
@@ -63,6 +83,7 @@ pub fn audit(peer: &Peer, method: &str, request_id: &str, outcome: &str) {
     tracing::info!(
         target: "audit",
         who = %peer.who,
+        role = peer.role,
         from = %peer.from,
         method,
         request_id = %cairn_domain::limits::shorten(request_id),

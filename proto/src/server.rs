@@ -41,6 +41,93 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { context, source }
 }
 
+/// Who may connect to a unix socket: its mode and group (the peer's
+/// credentials then say who connected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPolicy {
+    /// Permission bits (connecting needs write permission).
+    pub mode: u32,
+    /// Group owner; none keeps the process's.
+    pub group: Option<u32>,
+}
+
+impl Default for SocketPolicy {
+    /// Owner and group may connect.
+    fn default() -> SocketPolicy {
+        SocketPolicy {
+            mode: 0o660,
+            group: None,
+        }
+    }
+}
+
+/// The flags of a server's access control (the agent's, the
+/// coordinator's, `cairn up`'s).
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessArgs {
+    /// Operator-managed file of the bearer tokens callers may present,
+    /// stored hashed (`cairn token add` writes it); read again when it
+    /// changes.
+    #[arg(long = "tokens", env = "CAIRN_TOKENS")]
+    pub token_file: Option<PathBuf>,
+    /// Mode of the unix socket, in octal: who may connect at all.
+    #[arg(long, default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    /// Group of the unix socket (a name or a gid), for non-root users.
+    #[arg(long, value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+}
+
+impl AccessArgs {
+    /// The authenticator these flags describe (refused when the token file
+    /// is unusable).
+    pub fn authenticator(&self) -> Result<crate::auth::Authenticator, crate::auth::AuthError> {
+        let tokens = match &self.token_file {
+            Some(p) => Some(crate::auth::TokenFile::load(p)?),
+            None => None,
+        };
+        Ok(crate::auth::Authenticator::new(tokens))
+    }
+
+    /// The unix socket's policy.
+    pub fn socket_policy(&self) -> SocketPolicy {
+        SocketPolicy {
+            mode: self.socket_mode,
+            group: self.socket_group,
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode like 0660")),
+    }
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    groups
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(s)).then(|| f.nth(1).and_then(|g| g.parse().ok()))?
+        })
+        .ok_or_else(|| format!("no group {s:?} in /etc/group"))
+}
+
+/// Give the socket at `path` its mode and group.
+fn apply_policy(path: &Path, p: SocketPolicy) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = p.group {
+        std::os::unix::fs::lchown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(p.mode))
+}
+
 /// Tasks serving gRPC, each ending with its server.
 pub type ServerTasks = tokio::task::JoinSet<Result<(), tonic::transport::Error>>;
 
@@ -80,7 +167,7 @@ pub async fn standard_services<S: tonic::server::NamedService>(
 pub async fn serve_grpc<S>(
     svc: S,
     descriptors: &'static [u8],
-    socket: Option<&Path>,
+    socket: Option<(&Path, SocketPolicy)>,
     listen: Option<(SocketAddr, TcpSecurity)>,
     stop: tokio::sync::watch::Receiver<bool>,
     what: &str,
@@ -88,13 +175,13 @@ pub async fn serve_grpc<S>(
 where
     S: tower::Service<
             tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
             Error = std::convert::Infallible,
         > + tonic::server::NamedService
         + Clone
         + Send
         + Sync
         + 'static,
+    S::Response: axum::response::IntoResponse,
     S::Future: Send + 'static,
 {
     let (health, reflection, reflection_v1alpha) = standard_services::<S>(descriptors).await?;
@@ -124,12 +211,13 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
 }
 
 /// Serve what `router` makes of a server builder on a unix socket
-/// (replacing one a dead process left, refusing one a live process serves)
-/// and/or a TCP address secured as it says, until `stop` turns true.
+/// (replacing one a dead process left, refusing one a live process serves;
+/// with the mode and group its policy says) and/or a TCP address secured
+/// as it says, until `stop` turns true.
 /// Returns the socket and the bound address.
 pub async fn serve_router(
     router: impl Fn(tonic::transport::Server) -> tonic::transport::server::Router,
-    socket: Option<&Path>,
+    socket: Option<(&Path, SocketPolicy)>,
     listen: Option<(SocketAddr, TcpSecurity)>,
     stop: tokio::sync::watch::Receiver<bool>,
     what: &str,
@@ -139,7 +227,7 @@ pub async fn serve_router(
     };
     let mut tasks = ServerTasks::new();
     let mut bound = (None, None);
-    if let Some(path) = socket {
+    if let Some((path, policy)) = socket {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         }
@@ -154,6 +242,11 @@ pub async fn serve_router(
             std::fs::remove_file(path).map_err(io(format!("removing {}", path.display())))?;
         }
         let l = UnixListener::bind(path).map_err(io(format!("binding {}", path.display())))?;
+        // Until then the socket has the umask's mode, which grants no more.
+        apply_policy(path, policy).map_err(io(format!(
+            "setting the mode and group of {}",
+            path.display()
+        )))?;
         bound.0 = Some(path.to_path_buf());
         let (r, s) = (
             router(tonic::transport::Server::builder()),

@@ -35,6 +35,9 @@ pub enum TlsError {
     /// A client certificate without its key, or the other way round.
     #[error("--cert and --key go together")]
     HalfIdentity,
+    /// The etcd TLS flags do not fit the endpoints.
+    #[error("{0}")]
+    Etcd(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -104,7 +107,12 @@ impl ServerTlsArgs {
         };
         let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
         if let Some(ca) = &self.tls_client_ca {
-            cfg = cfg.client_ca_root(Certificate::from_pem(read(ca)?));
+            // A certificate presented must be one the CA signed and live;
+            // a client without one may still come with a bearer token, and
+            // is otherwise refused by the gate with UNAUTHENTICATED.
+            cfg = cfg
+                .client_ca_root(Certificate::from_pem(read(ca)?))
+                .client_auth_optional(true);
         }
         Ok(Some((addr, TcpSecurity::Tls(Box::new(cfg)))))
     }
@@ -143,6 +151,58 @@ impl ClientTlsArgs {
             _ => return Err(TlsError::HalfIdentity),
         }
         Ok(Some(cfg))
+    }
+}
+
+/// How etcd is reached over TLS (the agent's and the coordinator's
+/// flags): for `https://` endpoints, the CA of etcd's certificate and, for
+/// an etcd that checks clients (`--client-cert-auth`), our certificate.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTlsArgs {
+    /// PEM CA that signed etcd's server certificate.
+    #[arg(long, env = "CAIRN_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate presented to etcd.
+    #[arg(long, env = "CAIRN_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "CAIRN_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS config for `endpoints`: none when they are `http://`
+    /// (refused with TLS flags, which would be silently unused), a config
+    /// (refused without a CA) when they are `https://`; a mix is refused.
+    pub fn config(&self, endpoints: &[String]) -> Result<Option<ClientTlsConfig>, TlsError> {
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https == 0 {
+            if self.etcd_ca.is_some() || self.etcd_cert.is_some() {
+                return Err(TlsError::Etcd(
+                    "--etcd-ca/--etcd-cert need https:// etcd endpoints".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        if https != endpoints.len() {
+            return Err(TlsError::Etcd(
+                "etcd endpoints are all https:// or all http://".into(),
+            ));
+        }
+        if self.etcd_ca.is_none() {
+            return Err(TlsError::Etcd(
+                "https:// etcd endpoints need --etcd-ca (the CA of etcd's certificate)".into(),
+            ));
+        }
+        ClientTlsArgs {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+        .for_address(&endpoints[0])
     }
 }
 

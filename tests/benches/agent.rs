@@ -2,8 +2,10 @@
 //! beside a baseline measured in the same run:
 //! - latency (p50, p99) of create (raw, qcow2), snapshot, activate and
 //!   extend, against spawning `qemu-img create` for the same image;
-//! - create and snapshot over TCP with mutual TLS against the same over
-//!   the unix socket, samples interleaved;
+//! - create and snapshot over TCP with mutual TLS, and over TCP with TLS
+//!   and a bearer token, against the same over the unix socket, samples
+//!   interleaved; and the gate's own cost (identifying a token's request)
+//!   as a share of a snapshot;
 //! - copy throughput of a 2 GiB volume of random data and of one that is
 //!   90% zeros, against `qemu-img convert` and `dd` with direct I/O between
 //!   the same extents.
@@ -24,12 +26,16 @@ use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, MemLockService, SystemClock};
 use cairn_proto::agent as pb;
 use cairn_proto::agent::agent_client::AgentClient;
-use cairn_proto::transport::{agent_client as connect, Target};
-use cairn_tests::ask::AgentCalls;
+use cairn_proto::auth::Bearer;
+use cairn_proto::transport::Target;
 use cairn_tests::data::pattern_file;
 use cairn_tests::stats::{env_u64, median, ms, pct};
 use cairn_tests::Answer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A client that presents a token or nothing.
+type Client = AgentClient<InterceptedService<Channel, Bearer>>;
 
 /// A file of `len` bytes: in every 10 MiB, the first `data_mib` MiB random.
 fn make_file(path: &Path, len: u64, data_mib: u64) {
@@ -37,7 +43,7 @@ fn make_file(path: &Path, len: u64, data_mib: u64) {
 }
 
 struct Bench {
-    c: AgentClient<Channel>,
+    c: Client,
     domain: PathBuf,
     extent_size: u64,
     data_off: u64,
@@ -67,7 +73,13 @@ impl Bench {
     async fn job(&mut self, j: pb::Job) -> (pb::Job, Duration) {
         let t = Instant::now();
         loop {
-            let s = self.c.job_now(&j.id).await;
+            let s = self
+                .c
+                .get_job(pb::GetJobRequest {
+                    job_id: j.id.clone(),
+                })
+                .await
+                .answer();
             if s.state != pb::JobState::Running as i32 {
                 assert_eq!(s.state, pb::JobState::Succeeded as i32, "{s:?}");
                 return (s, t.elapsed());
@@ -151,6 +163,23 @@ fn main() {
         tls_client_ca: Some(certs.dir.join("ca.pem")),
         insecure: false,
     };
+    // An admin token for the TLS + token transport.
+    let token = cairn_proto::auth::new_token();
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        cairn_proto::auth::TokenEntry {
+            name: "bench".into(),
+            role: cairn_proto::auth::Role::Admin,
+            hash: cairn_proto::auth::hash_token(&token),
+        }
+        .line(),
+    )
+    .unwrap();
+    let access = cairn_proto::server::AccessArgs {
+        token_file: Some(tokens.clone()),
+        ..Default::default()
+    };
     let opts = ServeOptions {
         agent: AgentConfig {
             domains: vec![domain.clone()],
@@ -165,6 +194,7 @@ fn main() {
         listen: tls_args
             .security(Some("127.0.0.1:0".parse().unwrap()))
             .unwrap(),
+        access: access.clone(),
         metrics: None,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -177,7 +207,10 @@ fn main() {
         },
     ));
     let listen = ready_rx.recv().unwrap().unwrap();
-    let c = rt.block_on(connect(&Target::Unix(socket))).unwrap();
+    let c = rt
+        .block_on(cairn_proto::transport::channel(&Target::Unix(socket)))
+        .unwrap();
+    let c = AgentClient::with_interceptor(c, Bearer::default());
     let url = format!("https://{listen}");
     let client_tls = cairn_proto::tls::ClientTlsArgs {
         ca: Some(certs.dir.join("ca.pem")),
@@ -188,6 +221,17 @@ fn main() {
         .block_on(cairn_proto::transport::channel_tls(
             &Target::Tcp(url.clone()),
             client_tls.for_address(&url).unwrap(),
+        ))
+        .unwrap();
+    // TLS without a client certificate: the token says who we are.
+    let server_only = cairn_proto::tls::ClientTlsArgs {
+        ca: Some(certs.dir.join("ca.pem")),
+        ..Default::default()
+    };
+    let token_channel = rt
+        .block_on(cairn_proto::transport::channel_tls(
+            &Target::Tcp(url.clone()),
+            server_only.for_address(&url).unwrap(),
         ))
         .unwrap();
     let mut b = Bench {
@@ -236,23 +280,32 @@ fn main() {
         }
         lat("snapshot (qcow2 on a weak tag)", snaps);
 
-        // The same over TCP with mutual TLS, interleaved with the unix
-        // socket so that both see the same machine.
-        let mut t = Bench {
-            c: AgentClient::new(tls_channel),
+        // The same over TCP with mutual TLS and with TLS and a token,
+        // interleaved with the unix socket so that all see the same machine.
+        let over = |c: Client| Bench {
+            c,
             domain: b.domain.clone(),
             extent_size: b.extent_size,
             data_off: b.data_off,
         };
-        let (mut cu, mut ct, mut su, mut st) = (vec![], vec![], vec![], vec![]);
+        let mut t = over(AgentClient::with_interceptor(
+            tls_channel,
+            Bearer::default(),
+        ));
+        let mut k = over(AgentClient::with_interceptor(
+            token_channel,
+            Bearer::new(Some(&token)).unwrap(),
+        ));
+        let (mut cu, mut ct, mut ck) = (vec![], vec![], vec![]);
+        let (mut su, mut st, mut sk) = (vec![], vec![], vec![]);
         for _ in 0..n {
-            for (bench, out) in [(&mut b, &mut cu), (&mut t, &mut ct)] {
+            for (bench, out) in [(&mut b, &mut cu), (&mut t, &mut ct), (&mut k, &mut ck)] {
                 let at = Instant::now();
                 let r = bench.create(pb::VolumeFormat::Raw, gib, false).await;
                 out.push(at.elapsed());
                 bench.delete(r.volume.as_ref().unwrap()).await;
             }
-            for (bench, out) in [(&mut b, &mut su), (&mut t, &mut st)] {
+            for (bench, out) in [(&mut b, &mut su), (&mut t, &mut st), (&mut k, &mut sk)] {
                 let at = Instant::now();
                 bench
                     .c
@@ -267,8 +320,10 @@ fn main() {
         }
         lat("create raw 1 GiB (unix, paired)", cu);
         lat("create raw 1 GiB (TCP mutual TLS)", ct);
+        lat("create raw 1 GiB (TCP TLS + token)", ck);
         lat("snapshot (unix, paired)", su);
         lat("snapshot (TCP mutual TLS)", st);
+        lat("snapshot (TCP TLS + token)", sk);
 
         let mut act = Vec::new();
         for _ in 0..n.min(100) {
@@ -362,23 +417,42 @@ fn main() {
         p50.insert(name, a);
         println!("{name:<38} {} {}", ms(a), ms(z));
     }
-    for (what, unix, tls) in [
-        (
-            "create",
-            "create raw 1 GiB (unix, paired)",
-            "create raw 1 GiB (TCP mutual TLS)",
-        ),
-        (
-            "snapshot",
-            "snapshot (unix, paired)",
-            "snapshot (TCP mutual TLS)",
-        ),
+    for (what, unix) in [
+        ("create raw 1 GiB", "create raw 1 GiB (unix, paired)"),
+        ("snapshot", "snapshot (unix, paired)"),
     ] {
-        println!(
-            "{what} p50, TCP mutual TLS / unix socket: x{:.3}",
-            p50[tls].as_secs_f64() / p50[unix].as_secs_f64()
-        );
+        for how in ["TCP mutual TLS", "TCP TLS + token"] {
+            println!(
+                "{what} p50, {how} / unix socket: x{:.3}",
+                p50[format!("{what} ({how})").as_str()].as_secs_f64() / p50[unix].as_secs_f64()
+            );
+        }
     }
+    // The gate alone: identifying a request that carries a token (the
+    // token file's stat, the hash, the lookup), in batches.
+    let gate = cairn_proto::auth::Gate::new(
+        std::sync::Arc::new(access.authenticator().unwrap()),
+        cairn_proto::auth::Policy::AdminOrService,
+        "agent API",
+    );
+    let mut req = tonic::Request::new(());
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut per_call = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        for _ in 0..1000 {
+            assert!(gate.admit(std::hint::black_box(&req)).is_ok());
+        }
+        per_call.push(t.elapsed() / 1000);
+    }
+    let g = pct(&mut per_call, 0.5);
+    let snap_token = p50["snapshot (TCP TLS + token)"];
+    println!(
+        "gate (token) median {:.1} us = {:.3}% of snapshot p50 over TCP TLS + token",
+        g.as_secs_f64() * 1e6,
+        100.0 * g.as_secs_f64() / snap_token.as_secs_f64()
+    );
     let snap = p50["snapshot (qcow2 on a weak tag)"];
     let qcb = p50["baseline: qemu-img create qcow2 -b"];
     println!(

@@ -22,13 +22,40 @@ use std::time::{Duration, Instant};
 
 use cairn_proto::agent as apb;
 use cairn_proto::agent::agent_client::AgentClient;
+use cairn_proto::auth::{Bearer, Role};
 use cairn_proto::coordinator as pb;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use cairn_tests::bins::{built_bin, spawn_ready, Profile};
 use cairn_tests::etcd::Etcd;
 use cairn_tests::stats::{cpu_of, env_u64, ms, pct};
 use cairn_tests::Answer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// Clients that present the bench's admin token (plaintext TCP callers
+/// are nobody without one).
+type Co = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+type Ag = AgentClient<InterceptedService<Channel, Bearer>>;
+
+/// The bench's tokens: an admin for its clients, a service for the
+/// coordinator's calls to agents.
+static TOKENS: std::sync::OnceLock<cairn_tests::auth::Tokens> = std::sync::OnceLock::new();
+
+fn bearer() -> Bearer {
+    Bearer::new(Some(TOKENS.get().expect("tokens made").of("bench"))).unwrap()
+}
+
+async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(addr.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn agent_at(addr: &str) -> Ag {
+    AgentClient::with_interceptor(channel(addr).await, bearer())
+}
 
 /// CPU per operation: each part and the sum.
 fn cpu_line(c: &[Duration; 4]) -> String {
@@ -118,6 +145,8 @@ impl Cluster {
                     "--etcd",
                     &self.etcd,
                 ])
+                .arg("--tokens")
+                .arg(&TOKENS.get().unwrap().file)
                 .args(["--lease-ttl", &self.ttl.to_string()])
                 .args([
                     "--host-id",
@@ -134,6 +163,14 @@ fn cluster(ttl: u64) -> Cluster {
         .unwrap_or_else(|| PathBuf::from("/var/tmp"))
         .join(format!("cairn-coord-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let tokens = TOKENS.get_or_init(|| {
+        cairn_tests::auth::Tokens::make(
+            &dir.join("tokens"),
+            &[("bench", Role::Admin), ("coordinator", Role::Service)],
+        )
+    });
+    let agent_token = dir.join("coordinator.token");
+    std::fs::write(&agent_token, tokens.of("coordinator")).unwrap();
     let etcd_p = Etcd::start_in(&dir);
     let etcd = etcd_p.url();
     let domain = dir.join("domain.img");
@@ -159,6 +196,10 @@ fn cluster(ttl: u64) -> Cluster {
             .arg("--socket")
             .arg(dir.join("coord.sock"))
             .args(["--listen", "127.0.0.1:0", "--insecure", "--etcd", &c.etcd])
+            .arg("--tokens")
+            .arg(&tokens.file)
+            .arg("--agent-token-file")
+            .arg(&agent_token)
             .args(["--lease-ttl", &ttl.to_string()]),
     );
     c._coord = p;
@@ -166,11 +207,11 @@ fn cluster(ttl: u64) -> Cluster {
     c
 }
 
-async fn coord(c: &Cluster) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(c.coord.clone()).await.unwrap()
+async fn coord(c: &Cluster) -> Co {
+    CoordinatorClient::with_interceptor(channel(&c.coord).await, bearer())
 }
 
-async fn wait_agents(c: &mut CoordinatorClient<Channel>, n: usize) {
+async fn wait_agents(c: &mut Co, n: usize) {
     loop {
         let r = c.list_agents(pb::ListAgentsRequest {}).await.answer();
         if r.agents.iter().filter(|a| a.reachable).count() == n {
@@ -185,7 +226,7 @@ fn ok(j: pb::Job) -> pb::Job {
     j
 }
 
-async fn create(c: &mut CoordinatorClient<Channel>) -> String {
+async fn create(c: &mut Co) -> String {
     ok(c.create_disk(pb::CreateDiskRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         format: pb::Format::Raw as i32,
@@ -199,7 +240,7 @@ async fn create(c: &mut CoordinatorClient<Channel>) -> String {
     .id
 }
 
-async fn snapshot(c: &mut CoordinatorClient<Channel>, disk: &str) -> String {
+async fn snapshot(c: &mut Co, disk: &str) -> String {
     ok(c.snapshot_disk(pb::SnapshotDiskRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         disk_id: disk.into(),
@@ -210,7 +251,7 @@ async fn snapshot(c: &mut CoordinatorClient<Channel>, disk: &str) -> String {
     .snapshot_id
 }
 
-async fn clone(c: &mut CoordinatorClient<Channel>, snap: &str) {
+async fn clone(c: &mut Co, snap: &str) {
     ok(c.clone_disk(pb::CloneDiskRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         source_id: snap.into(),
@@ -276,7 +317,7 @@ async fn run(
 }
 
 async fn agent_snapshots(addr: &str, n: usize) -> Vec<Duration> {
-    let mut a = AgentClient::connect(addr.to_string()).await.unwrap();
+    let mut a = agent_at(addr).await;
     let disk = a
         .create_volume(apb::CreateVolumeRequest {
             format: apb::VolumeFormat::Raw as i32,
@@ -321,9 +362,7 @@ async fn kill_sample(cl: &mut Cluster, victim: usize) -> Duration {
         .await
         .answer();
     let top = v.chain.last().unwrap().volume_id.clone();
-    let mut a = AgentClient::connect(cl.agent_addrs[victim].clone())
-        .await
-        .unwrap();
+    let mut a = agent_at(&cl.agent_addrs[victim]).await;
     // The agent takes the lock of the disk's top volume (a client lock,
     // kept under its session, as during a copy of the disk).
     a.lock_volume(apb::LockVolumeRequest {

@@ -272,7 +272,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
 }
 
 #[test]
-fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
+fn root_agent_refuses_to_deactivate_what_is_in_use_and_forced_keeps_it_protected() {
     let (_dir, dom, agent) = AgentFixture::new(2).parts();
     rt().block_on(async {
         let mut c = agent.client().await;
@@ -322,7 +322,9 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
         assert!(e.message().contains("open by process"), "{}", e.message());
         assert!(Path::new(&top.path).exists());
-        // Forced, it goes (the kernel detaches once the holder closes).
+        // Forced, it is let go, but the kernel keeps the device until the
+        // holder closes it: the answer says so, and until then the tag is
+        // active (closing) and nothing frees the extents under it.
         let r = c
             .deactivate(pb::DeactivateRequest {
                 request_id: "d3".into(),
@@ -333,10 +335,57 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_unless_forced() {
             .await
             .answer();
         assert!(r.changed);
-        assert!(!Path::new(&top.path).exists());
+        assert_eq!(r.still_open, vec![device.display().to_string()]);
+        let acts = c
+            .list_activations(pb::ListActivationsRequest::default())
+            .await
+            .answer()
+            .activations;
+        let mine = acts
+            .iter()
+            .find(|a| a.tag_id == disk.id)
+            .expect("still listed");
+        assert!(mine.closing, "{mine:?}");
+        let e = c
+            .delete_disk(pb::DeleteDiskRequest {
+                request_id: "del1".into(),
+                tag_id: disk.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        let e = c.activate(ask::activate("a3", &disk.id)).await.unwrap_err();
+        assert!(e.message().contains("still closing"), "{}", e.message());
+        // The holder closes it: the device goes, and so does the tag's
+        // activation; the disk can be deleted.
         let _ = holder.kill();
         let _ = holder.wait();
+        let t = std::time::Instant::now();
+        loop {
+            let acts = c
+                .list_activations(pb::ListActivationsRequest::default())
+                .await
+                .answer()
+                .activations;
+            if !acts.iter().any(|a| a.tag_id == disk.id) {
+                break;
+            }
+            assert!(
+                t.elapsed().as_secs() < 10,
+                "the device never went: {acts:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!Path::new(&top.path).exists());
         c.deactivate_tag("d4", &weak.id).await;
+        c.delete_disk(pb::DeleteDiskRequest {
+            request_id: "del2".into(),
+            tag_id: disk.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .answer();
     });
     drop(agent);
     domain_clean(&dom);

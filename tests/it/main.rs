@@ -6,6 +6,7 @@
 
 mod activation;
 mod api_errors;
+mod auth;
 mod bitflip;
 mod boundary;
 mod cli;

@@ -248,14 +248,15 @@ fn agent_audits_every_mutating_request_with_who_and_from() {
             "ok".into()
         )
     );
+    assert_eq!(f(0, "role"), "admin");
     assert!(f(0, "from").starts_with("unix"), "{:?}", lines[0]);
     assert_eq!(
         (f(1, "request_id"), f(1, "outcome")),
         ("audit-refused".into(), "invalid_argument".into())
     );
     assert_eq!(
-        (f(2, "who"), f(2, "outcome")),
-        ("cert:admin".into(), "ok".into())
+        (f(2, "who"), f(2, "role"), f(2, "outcome")),
+        ("admin".into(), "admin".into(), "ok".into())
     );
     assert!(f(2, "from").starts_with("127.0.0.1:"), "{:?}", lines[2]);
     domain_clean(&dom);

@@ -62,11 +62,14 @@ pub fn spawn_ready(
     log_var: &str,
 ) -> (std::process::Child, serde_json::Value) {
     use std::io::{BufRead, BufReader};
-    let mut child = cmd
-        .env(
+    // A level the caller set on the command wins.
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env(
             "RUST_LOG",
             std::env::var(log_var).unwrap_or_else(|_| "warn".into()),
-        )
+        );
+    }
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));

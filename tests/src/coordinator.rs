@@ -28,20 +28,34 @@ impl CoordProc {
     /// Start a coordinator with its socket and state under `dir`, and a
     /// TCP listener (plaintext unless `extra` has TLS flags).
     pub fn start(dir: &Path, extra: &[String]) -> CoordProc {
+        CoordProc::start_cmd(dir, extra, |_| {})
+    }
+
+    /// [`CoordProc::start`], logging JSON lines with the audit target to
+    /// `log`.
+    pub fn start_logging(dir: &Path, extra: &[String], log: &Path) -> CoordProc {
+        let f = std::fs::File::create(log).unwrap();
+        CoordProc::start_cmd(dir, extra, |c| {
+            c.arg("--log-json")
+                .env("RUST_LOG", "warn,audit=info")
+                .stderr(f);
+        })
+    }
+
+    fn start_cmd(dir: &Path, extra: &[String], more: impl FnOnce(&mut Command)) -> CoordProc {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("coordinator.sock");
         let tls = extra.iter().any(|a| a == "--tls-cert");
-        let (child, ready) = spawn_ready(
-            Command::new(coordinator_bin())
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--state-dir")
-                .arg(dir.join("state"))
-                .args(["--listen", "127.0.0.1:0", "--duty-interval", "1"])
-                .args((!tls).then_some("--insecure"))
-                .args(extra),
-            "CAIRN_TEST_LOG",
-        );
+        let mut cmd = Command::new(coordinator_bin());
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--listen", "127.0.0.1:0", "--duty-interval", "1"])
+            .args((!tls).then_some("--insecure"))
+            .args(extra);
+        more(&mut cmd);
+        let (child, ready) = spawn_ready(&mut cmd, "CAIRN_TEST_LOG");
         CoordProc {
             child: Some(child),
             socket,

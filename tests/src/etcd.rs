@@ -21,6 +21,8 @@ pub struct Etcd {
     data: PathBuf,
     client: u16,
     peer: u16,
+    /// Certificates when it serves clients over TLS and checks theirs.
+    tls: Option<crate::certs::Certs>,
 }
 
 impl Etcd {
@@ -32,6 +34,10 @@ impl Etcd {
     /// [`Etcd::start`] with its data under `parent` (its disk decides how
     /// fast etcd's writes are durable).
     pub fn start_in(parent: &std::path::Path) -> Etcd {
+        Etcd::start_with(parent, None)
+    }
+
+    fn start_with(parent: &std::path::Path, tls: Option<crate::certs::Certs>) -> Etcd {
         let dir = tempfile::tempdir_in(parent).unwrap();
         let mut e = Etcd {
             child: None,
@@ -39,9 +45,45 @@ impl Etcd {
             _dir: dir,
             client: free_port(),
             peer: free_port(),
+            tls,
         };
         e.spawn();
         e
+    }
+
+    /// One that serves clients only over TLS with `certs`' server
+    /// certificate and admits only clients with a certificate of its CA.
+    pub fn start_tls(certs: &crate::certs::Certs) -> Etcd {
+        Etcd::start_with(&std::env::temp_dir(), Some(certs.clone()))
+    }
+
+    /// The client flags of an agent or coordinator for this etcd (none
+    /// without TLS): the CA and the "service" certificate.
+    pub fn client_args(&self) -> Vec<String> {
+        match &self.tls {
+            None => Vec::new(),
+            Some(c) => vec![
+                "--etcd-ca".into(),
+                c.file("ca.pem"),
+                "--etcd-cert".into(),
+                c.file("service.pem"),
+                "--etcd-key".into(),
+                c.file("service.key"),
+            ],
+        }
+    }
+
+    /// A client's TLS options for this etcd (the "service" certificate).
+    pub fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let c = self.tls.as_ref()?;
+        let read = |n: &str| std::fs::read(c.dir.join(n)).unwrap();
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+            .identity(etcd_client::Identity::from_pem(
+                read("service.pem"),
+                read("service.key"),
+            ));
+        Some(etcd_client::ConnectOptions::new().with_tls(tls))
     }
 
     /// Its process id while it runs.
@@ -51,12 +93,23 @@ impl Etcd {
 
     /// Its client URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
     fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
+        let tls: Vec<String> = match &self.tls {
+            None => Vec::new(),
+            Some(c) => vec![
+                format!("--cert-file={}", c.file("server.pem")),
+                format!("--key-file={}", c.file("server.key")),
+                format!("--trusted-ca-file={}", c.file("ca.pem")),
+                "--client-cert-auth".into(),
+            ],
+        };
         let child = Command::new("etcd")
+            .args(tls)
             .arg("--name=t")
             .arg(format!("--data-dir={}", self.data.display()))
             .arg(format!("--listen-client-urls={}", self.url()))
@@ -78,7 +131,8 @@ impl Etcd {
             .unwrap();
         loop {
             let ok = rt.block_on(async {
-                let Ok(mut c) = etcd_client::Client::connect([self.url()], None).await else {
+                let opts = self.connect_options();
+                let Ok(mut c) = etcd_client::Client::connect([self.url()], opts).await else {
                     return false;
                 };
                 c.get("probe", None).await.is_ok()

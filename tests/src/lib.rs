@@ -6,6 +6,7 @@
 //! - [`domain`]: domains in files, formatting parameters, checks;
 //! - [`agent`], [`coordinator`]: real processes and clients;
 //! - [`ask`]: typed client helpers, one line per common call;
+//! - [`auth`], [`certs`]: token files, certificates, clients as someone;
 //! - [`etcd`]: a real etcd on loopback;
 //! - [`cluster`]: etcd, agents on one domain and coordinators together;
 //! - [`data`]: files of known patterns and what images read like;
@@ -15,6 +16,7 @@
 
 pub mod agent;
 pub mod ask;
+pub mod auth;
 pub mod bins;
 pub mod certs;
 pub mod cluster;

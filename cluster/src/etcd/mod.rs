@@ -47,6 +47,9 @@ pub struct EtcdConfig {
     pub margin: Duration,
     /// Who we are (stored as the lock keys' values, for operators).
     pub holder: String,
+    /// TLS for `https://` endpoints: the CA that signed etcd's certificate
+    /// and, for etcd with `--client-cert-auth`, our certificate.
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 impl EtcdConfig {
@@ -57,6 +60,7 @@ impl EtcdConfig {
             ttl: Duration::from_secs(10),
             margin: Duration::from_secs(3),
             holder: holder.into(),
+            tls: None,
         }
     }
 }
@@ -296,10 +300,13 @@ impl EtcdLockService {
                 context: "starting the etcd runtime".into(),
                 source: e.into(),
             })?;
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(cfg.ttl / 2)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(tls) = &cfg.tls {
+            opts = opts.with_tls(tls.clone());
+        }
         let client = rt
             .block_on(Client::connect(cfg.endpoints.clone(), Some(opts)))
             .map_err(lock_err(format!(

@@ -8,6 +8,7 @@ mod conn;
 
 pub use conn::{AgentConn, AgentJob, NewDisk};
 
+use cairn_proto::auth::Bearer;
 use cairn_proto::tls::ClientTlsArgs;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -54,9 +55,10 @@ pub type Transport = tower::util::BoxCloneSyncService<
 >;
 
 /// A transport over the network: `http://host:port`, `https://host:port`
-/// (TLS as `tls` says), or a unix socket path (`unix:/path` or `/path`).
-/// Connects lazily: an unreachable agent fails the call with UNAVAILABLE.
-pub fn net_transport(address: &str, tls: &ClientTlsArgs) -> Result<Transport> {
+/// (TLS as `tls` says), or a unix socket path (`unix:/path` or `/path`),
+/// presenting `token` if it has one. Connects lazily: an unreachable agent
+/// fails the call with UNAVAILABLE.
+pub fn net_transport(address: &str, tls: &ClientTlsArgs, token: &Bearer) -> Result<Transport> {
     let bad = |e: &dyn std::fmt::Display| {
         CoordError::invalid(
             "address",
@@ -66,8 +68,14 @@ pub fn net_transport(address: &str, tls: &ClientTlsArgs) -> Result<Transport> {
     let cfg = tls.for_address(address).map_err(|e| bad(&e))?;
     let channel =
         lazy_channel(&Target::parse(address), Duration::from_secs(2), cfg).map_err(|e| bad(&e))?;
+    let token = token.clone();
     Ok(Transport::new(
-        channel.map_err(|e| TransportError(Box::new(e) as BoxError)),
+        channel
+            .map_request(move |mut r: http::Request<tonic::body::Body>| {
+                token.apply(r.headers_mut());
+                r
+            })
+            .map_err(|e| TransportError(Box::new(e) as BoxError)),
     ))
 }
 
@@ -90,6 +98,7 @@ pub struct Agents {
     cache: Mutex<Option<(Instant, Vec<AgentInfo>)>>,
     load: Mutex<HashMap<String, usize>>,
     tls: ClientTlsArgs,
+    token: Bearer,
 }
 
 /// Which agents may take a call: those that see `domain` (and `also`),
@@ -153,12 +162,15 @@ impl Agents {
             cache: Mutex::new(None),
             load: Mutex::new(HashMap::new()),
             tls: ClientTlsArgs::default(),
+            token: Bearer::default(),
         }
     }
 
-    /// Reach `https://` agents with this CA (and client certificate).
-    pub fn with_tls(mut self, tls: ClientTlsArgs) -> Agents {
+    /// Reach `https://` agents with this CA (and client certificate), and
+    /// present `token` to every agent.
+    pub fn with_tls(mut self, tls: ClientTlsArgs, token: Bearer) -> Agents {
         self.tls = tls;
+        self.token = token;
         self
     }
 
@@ -224,7 +236,7 @@ impl Agents {
                 return Ok(t.clone());
             }
         }
-        let t = net_transport(address, &self.tls)?;
+        let t = net_transport(address, &self.tls, &self.token)?;
         c.insert(host.to_string(), (address.to_string(), t.clone()));
         Ok(t)
     }

@@ -47,7 +47,7 @@ impl Kind for Create {
             size: self.size,
             preallocated: self.allocation == Allocation::Preallocated,
             description: self.description.clone(),
-            options: options(&self.name, &rec.id, &[]),
+            options: options(&self.name, &rec.id, &rec.caller, &[]),
         };
         let made = c
             .mutate(rec, |a, rid| {
@@ -153,7 +153,7 @@ impl Kind for ThinClone {
             CloneSource::Disk(d) => d.to_string(),
             CloneSource::Snapshot(_) => st.option(SNAP_KEY).unwrap_or_default().to_string(),
         };
-        let opts = options(&self.name, &rec.id, &[(CLONE_OF_KEY, &of)]);
+        let opts = options(&self.name, &rec.id, &rec.caller, &[(CLONE_OF_KEY, &of)]);
         let desc = self.description.clone();
         let made = c
             .mutate(rec, |a, rid| {

@@ -7,7 +7,7 @@ use cairn_domain::{Allocation, Format, LockGuard, TagType};
 
 use super::prelude::*;
 use super::{check_label, format_or, options, text};
-use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, CONVERT_KEY, NAME_KEY};
+use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, CONVERT_KEY, NAME_KEY, OWNER_KEY};
 
 /// What a copy or move asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +90,10 @@ pub(super) struct CopyOf<'a> {
     pub description: &'a str,
     /// One more option of its tag (what it is a copy of).
     pub mark: Option<&'static str>,
+    /// Whether the copy keeps the source's owner (a copy, a move, a
+    /// conversion's copy: the same disk elsewhere), or belongs to the
+    /// job's caller (a clone: a new disk).
+    pub keep_owner: bool,
 }
 
 /// Copy `what.source`'s chain (flattened) into a new disk, following the
@@ -133,7 +137,12 @@ pub(super) async fn copy(
         .map(|k| (k, source.as_str()))
         .into_iter()
         .collect();
-    let opts = options(&name, &rec.id, &extra);
+    let owner = if what.keep_owner {
+        view.tag.option(OWNER_KEY).unwrap_or_default()
+    } else {
+        rec.caller.as_str()
+    };
+    let opts = options(&name, &rec.id, owner, &extra);
     let desc = what.description.to_string();
     let also = (target != dom).then_some(target);
     let made = c
@@ -180,6 +189,7 @@ impl CopyTo {
             name: "",
             description: "",
             mark: None,
+            keep_owner: true,
         }
     }
 }
@@ -260,6 +270,7 @@ impl Kind for Convert {
                     name: "",
                     description: "",
                     mark: Some(CONVERT_KEY),
+                    keep_owner: true,
                 };
                 copy(c, rec, lock, what).await
             }
@@ -326,6 +337,7 @@ impl Kind for FullClone {
             name: &self.name,
             description: &self.description,
             mark: Some(CLONE_OF_KEY),
+            keep_owner: false,
         };
         copy(c, rec, lock, what).await
     }

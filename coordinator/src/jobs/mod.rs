@@ -214,9 +214,12 @@ fn check_size(size: u64) -> Result<()> {
 }
 
 /// The options of a disk a job makes: the job (so that a retry finds
-/// it), its name, and `extra` ones that are set.
-fn options(name: &str, job: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+/// it), its name, its owner, and `extra` ones that are set.
+fn options(name: &str, job: &str, owner: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut o = vec![(crate::plan::JOB_KEY.to_string(), job.to_string())];
+    if !owner.is_empty() {
+        o.push((crate::plan::OWNER_KEY.to_string(), owner.to_string()));
+    }
     if !name.is_empty() {
         o.push((crate::plan::NAME_KEY.to_string(), name.to_string()));
     }

@@ -2,6 +2,7 @@
 //! scratch activations for jobs.
 
 use super::*;
+use crate::activation::Link;
 
 impl Agent {
     /// The chain of a tag's volume, base first.
@@ -32,11 +33,55 @@ impl Agent {
 
     pub(super) fn is_active(&self, o: &Opened, id: &VolumeId) -> Result<bool> {
         let name = id.to_string();
-        Ok(o.run
+        Ok(self.live_links(o)?.iter().any(|l| l.volume == name))
+    }
+
+    /// Every link of the domain's run directory, after forgetting those of
+    /// closing tags whose devices the kernel has let go.
+    pub(super) fn live_links(&self, o: &Opened) -> Result<Vec<Link>> {
+        let _g = self.act.lock().expect("poisoned");
+        self.prune_closed(o)
+    }
+
+    /// Forget the links of closing tags whose devices are gone (their last
+    /// opener closed them); the links left. The caller holds `act`.
+    pub(super) fn prune_closed(&self, o: &Opened) -> Result<Vec<Link>> {
+        let links = o
+            .run
             .links()
-            .map_err(AgentError::io("reading the run directory"))?
+            .map_err(AgentError::io("reading the run directory"))?;
+        if !links.iter().any(|l| o.run.closing(&l.tag)) {
+            return Ok(links);
+        }
+        let loops = self.domain_loops(o)?;
+        let mut kept = Vec::new();
+        for l in links {
+            if !o.run.closing(&l.tag) || self.device_lives(o, &l, &loops) {
+                kept.push(l);
+                continue;
+            }
+            tracing::info!(tag = %l.tag, volume = %l.volume, "a closing tag's device is gone");
+            o.run
+                .remove_link(&l.tag, &l.volume)
+                .map_err(AgentError::io("removing a link"))?;
+        }
+        Ok(kept)
+    }
+
+    /// Whether the device of link `l` is still attached over its volume (when
+    /// the volume cannot be read, any device of ours at that index counts:
+    /// protection errs on the safe side).
+    fn device_lives(&self, o: &Opened, l: &Link, loops: &[LoopInfo]) -> bool {
+        let Some(i) = l.loop_index else {
+            return false;
+        };
+        let at = VolumeId::parse("volume", &l.volume)
+            .ok()
+            .and_then(|v| o.domain.read_volume(&v).ok())
+            .map(|v| o.extent(&v).offset);
+        loops
             .iter()
-            .any(|l| l.volume == name))
+            .any(|d| d.index == i && at.is_none_or(|off| d.offset == off))
     }
 
     /// Activate a tag's chain. Returns whether anything was set up.
@@ -60,10 +105,12 @@ impl Agent {
         }
         let _g = self.act.lock().expect("poisoned");
         let tname = tname.to_string();
-        let links = o
-            .run
-            .links()
-            .map_err(AgentError::io("reading the run directory"))?;
+        let links = self.prune_closed(o)?;
+        if o.run.closing(&tname) {
+            return Err(AgentError::InUse(format!(
+                "tag {tname} is still closing: a process holds a device a forced deactivation let go; activate it again once that process has closed it"
+            )));
+        }
         let mut loops = self.domain_loops(o)?;
         let mut changed = false;
         let mut vols = Vec::new();
@@ -108,6 +155,7 @@ impl Agent {
                 tag: tname,
                 path: top,
                 volumes: vols,
+                closing: false,
             },
             changed,
         ))
@@ -115,8 +163,11 @@ impl Agent {
 
     /// Take down a tag's activation. Refuses while its top is open by a
     /// process, or while another active tag's chain goes through its
-    /// volume, unless forced.
-    pub fn deactivate(&self, o: &Opened, tag: &TagId, force: bool) -> Result<bool> {
+    /// volume, unless forced. A forced one leaves the devices a process
+    /// still holds to the kernel, which detaches them at their last close;
+    /// until then their links stay (the tag is active and closing), so that
+    /// no delete frees the extents under them.
+    pub fn deactivate(&self, o: &Opened, tag: &TagId, force: bool) -> Result<Deactivated> {
         let top = o.domain.read_tag(tag).ok().map(|t| t.volume.to_string());
         self.deactivate_dir(o, &tag.to_string(), top, force)
     }
@@ -128,16 +179,14 @@ impl Agent {
         tname: &str,
         top: Option<String>,
         force: bool,
-    ) -> Result<bool> {
+    ) -> Result<Deactivated> {
         let _g = self.act.lock().expect("poisoned");
-        let links = o
-            .run
-            .links()
-            .map_err(AgentError::io("reading the run directory"))?;
+        let links = self.prune_closed(o)?;
         let mine: Vec<_> = links.iter().filter(|l| l.tag == tname).collect();
         if mine.is_empty() {
-            return Ok(false);
+            return Ok(Deactivated::default());
         }
+        let was_closing = o.run.closing(tname);
         if !force {
             for l in &mine {
                 let Some(i) = l.loop_index else { continue };
@@ -166,21 +215,38 @@ impl Agent {
                 }
             }
         }
+        let mut still_open = Vec::new();
         for l in &mine {
+            if let Some(i) = l.loop_index {
+                let shared = links
+                    .iter()
+                    .any(|x| x.tag != tname && x.loop_index == Some(i));
+                if !shared {
+                    self.loops
+                        .detach(i)
+                        .map_err(AgentError::io(format!("detaching loop{i}")))?;
+                    // Held open, the kernel only marks it to go at the
+                    // last close: the link stays and protects the volume.
+                    if self.device_lives(o, l, &self.domain_loops(o)?) {
+                        still_open.push(format!("/dev/loop{i}"));
+                        continue;
+                    }
+                }
+            }
             o.run
                 .remove_link(&l.tag, &l.volume)
                 .map_err(AgentError::io("removing a link"))?;
-            let Some(i) = l.loop_index else { continue };
-            let shared = links
-                .iter()
-                .any(|x| x.tag != tname && x.loop_index == Some(i));
-            if !shared {
-                self.loops
-                    .detach(i)
-                    .map_err(AgentError::io(format!("detaching loop{i}")))?;
-            }
         }
-        Ok(true)
+        if !still_open.is_empty() {
+            o.run
+                .mark_closing(tname)
+                .map_err(AgentError::io("marking a tag closing"))?;
+            tracing::warn!(tag = tname, devices = ?still_open, "forced deactivation: devices stay until their processes close them; the volumes stay protected");
+        }
+        Ok(Deactivated {
+            changed: !was_closing || still_open.len() < mine.len(),
+            still_open,
+        })
     }
 
     /// Make a volume's whole chain readable by qemu for a while: its
@@ -224,10 +290,7 @@ impl Agent {
 
     /// Activations of one domain.
     pub fn activations(&self, o: &Opened) -> Result<Vec<Activation>> {
-        let links = o
-            .run
-            .links()
-            .map_err(AgentError::io("reading the run directory"))?;
+        let links = self.live_links(o)?;
         let mut by_tag: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for l in links {
             by_tag.entry(l.tag.clone()).or_default().push(l);
@@ -255,11 +318,13 @@ impl Agent {
                 }
             }
             let path = vols.last().map(|v| v.path.clone()).unwrap_or_default();
+            let closing = o.run.closing(&tag);
             out.push(Activation {
                 domain: o.id(),
                 tag,
                 path,
                 volumes: vols,
+                closing,
             });
         }
         Ok(out)

@@ -181,6 +181,19 @@ pub struct Activation {
     pub path: PathBuf,
     /// Base first.
     pub volumes: Vec<ActiveVolume>,
+    /// A forced deactivation is waiting for processes to close it.
+    pub closing: bool,
+}
+
+/// What a deactivation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deactivated {
+    /// Whether anything was active.
+    pub changed: bool,
+    /// Devices a process still holds open (forced): they go when it
+    /// closes them, and until then the tag stays active and its volumes
+    /// protected.
+    pub still_open: Vec<String>,
 }
 
 /// `qemu-img measure` of a volume.

@@ -44,10 +44,9 @@ impl Agent {
     /// links to vanished devices get new ones.
     pub fn reconcile(&self, o: &Opened) -> Result<Vec<Fix>> {
         let _g = self.act.lock().expect("poisoned");
-        let links = o
-            .run
-            .links()
-            .map_err(AgentError::io("reading the run directory"))?;
+        // A closing tag's links whose devices went while we were down are
+        // gone for good, not activations to set up again.
+        let links = self.prune_closed(o)?;
         let loops = self.domain_loops(o)?;
         let mut vols = BTreeMap::new();
         for l in &links {

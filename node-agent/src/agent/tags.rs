@@ -50,7 +50,8 @@ impl Agent {
     /// Delete a tag; refused while it is active.
     pub fn delete_tag(&self, o: &Opened, id: &TagId, request_id: [u8; 16]) -> Result<()> {
         o.domain.read_tag(id)?;
-        if o.run.tag_dir(&id.to_string()).exists() {
+        let name = id.to_string();
+        if self.live_links(o)?.iter().any(|l| l.tag == name) {
             return Err(AgentError::InUse(format!(
                 "tag {id} is active; deactivate it first"
             )));
@@ -75,10 +76,7 @@ impl Agent {
         let lock = o.domain.lock_tag(id)?;
         let t = o.domain.read_tag(id)?;
         let plan = self.plan_delete_disk(o, &t)?;
-        let links = o
-            .run
-            .links()
-            .map_err(AgentError::io("reading the run directory"))?;
+        let links = self.live_links(o)?;
         if let Some(l) = links.iter().find(|l| {
             plan.0.iter().any(|t| t.to_string() == l.tag)
                 || plan.1.iter().any(|v| v.to_string() == l.volume)

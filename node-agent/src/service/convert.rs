@@ -61,6 +61,7 @@ pub(super) fn activation(a: &agent::Activation) -> pb::Activation {
                 format: wire::volume_format_code(v.format),
             })
             .collect(),
+        closing: a.closing,
     }
 }
 

@@ -402,8 +402,11 @@ pub(super) fn deactivate(
 ) -> Result<pb::DeactivateResponse> {
     let o = a.domain(&r.domain)?;
     let id = tag_id("tag_id", &r.tag_id)?;
-    let changed = a.deactivate(&o, &id, r.force)?;
-    Ok(pb::DeactivateResponse { changed })
+    let d = a.deactivate(&o, &id, r.force)?;
+    Ok(pb::DeactivateResponse {
+        changed: d.changed,
+        still_open: d.still_open,
+    })
 }
 
 pub(super) fn list_activations(
