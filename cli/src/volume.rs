@@ -40,7 +40,9 @@ pub enum VolumeCmd {
         #[arg(long, default_value = "")]
         /// Free text shown with it.
         description: String,
-        /// Do not create a tag on the new volume.
+        /// Do not create a tag on the new volume (tag it within the
+        /// coordinator's --orphan-quarantine, an hour by default, or the
+        /// leader reclaims it).
         #[arg(long)]
         no_tag: bool,
         /// Print only the new tag's id (the volume's with --no-tag).

@@ -28,6 +28,9 @@ pub struct CoordConfig {
     /// How long the records of ended jobs are kept (the leader removes
     /// older ones).
     pub job_retention: Duration,
+    /// How long a volume that no tag reaches stays, unchanged, before the
+    /// leader reclaims it.
+    pub orphan_quarantine: Duration,
 }
 
 impl CoordConfig {
@@ -38,6 +41,7 @@ impl CoordConfig {
             lock_wait: Duration::from_secs(60),
             poll: Duration::from_millis(100),
             job_retention: Duration::from_secs(24 * 3600),
+            orphan_quarantine: Duration::from_secs(3600),
         }
     }
 }
@@ -51,6 +55,8 @@ pub struct Coordinator {
     pub agents: Agents,
     /// Jobs this replica is running.
     pub(crate) running: Mutex<HashSet<String>>,
+    /// Volumes the leader saw that nothing reaches, and since when.
+    pub(crate) unreached: Mutex<crate::plan::Unreached>,
 }
 
 /// Seconds since the epoch.
@@ -91,6 +97,7 @@ impl Coordinator {
             locks,
             agents,
             running: Mutex::new(HashSet::new()),
+            unreached: Mutex::new(Default::default()),
         }
     }
 

@@ -6,6 +6,11 @@
 //!   through an agent that sees it (the agent waits out the safety margin
 //!   before it replays anything), and collects the volumes such hosts half
 //!   made (for a while after a host leaves, and every 30 s);
+//! - on the same rounds, reclaims volumes that no tag reaches (a tag deleted
+//!   without its chain, a bare volume left behind) once they stayed so,
+//!   unchanged, for the orphan quarantine (an hour by default): nothing
+//!   can reach such a volume again but a new tag on it, which restarts its
+//!   clock;
 //! - takes over the running jobs of coordinators that are gone.
 //!
 //! A leader that cannot confirm its lease stops leading before the lease
@@ -42,6 +47,8 @@ pub struct Round {
     pub recovered: Vec<(uuid::Uuid, Vec<u32>)>,
     /// Half-made volumes removed.
     pub removed: usize,
+    /// Volumes nothing reached, reclaimed.
+    pub reclaimed: usize,
     /// Jobs taken over.
     pub adopted: Vec<String>,
     /// Records of jobs that ended longer ago than the retention, removed.
@@ -94,7 +101,9 @@ pub async fn run(
             hosts = now;
         }
         if lead.is_some() {
-            let gc = gc_rounds > 0 || last_gc.elapsed() >= Duration::from_secs(30);
+            // Every 30 s, or as often as the orphan quarantine is short.
+            let every_gc = Duration::from_secs(30).min(coord.cfg.orphan_quarantine);
+            let gc = gc_rounds > 0 || last_gc.elapsed() >= every_gc;
             gc_rounds = gc_rounds.saturating_sub(1);
             match duties(&coord, gc, &mut scanned).await {
                 Ok(r) => {
@@ -103,6 +112,7 @@ pub async fn run(
                     }
                     if !r.recovered.is_empty()
                         || r.removed > 0
+                        || r.reclaimed > 0
                         || !r.adopted.is_empty()
                         || r.expired > 0
                     {
@@ -117,6 +127,50 @@ pub async fn run(
             _ = stop.changed() => {}
         }
     }
+}
+
+/// Delete the volumes of `d` that nothing reached for the quarantine;
+/// how many went. A volume an agent refuses to delete (active, locked)
+/// stays, and is tried again on a later round.
+async fn reclaim_unreached(coord: &Arc<Coordinator>, d: &DomainRef) -> usize {
+    let (tags, vols) = match coord.contents(d).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(domain = %d.id, error = %e, "could not look for unreached volumes");
+            return 0;
+        }
+    };
+    let due = crate::plan::reclaimable(
+        &mut coord.unreached.lock().expect("poisoned"),
+        d.id,
+        &tags,
+        &vols,
+        crate::coordinator::now(),
+        coord.cfg.orphan_quarantine.as_secs(),
+    );
+    let mut n = 0;
+    for v in due {
+        let gen = vols.iter().find(|x| x.id == v).map(|x| x.generation);
+        let rid = format!("gc-{v}-{}", gen.unwrap_or(0));
+        let r = coord
+            .agents
+            .with_agent(Pick::on(&d.id), |c| {
+                let rid = rid.clone();
+                async move { c.delete_volume(&rid, &d.id, &v).await }
+            })
+            .await;
+        match r {
+            Ok(()) => {
+                tracing::warn!(domain = %d.id, volume = %v, "reclaimed a volume no tag reached");
+                coord.unreached.lock().expect("poisoned").remove(&(d.id, v));
+                n += 1;
+            }
+            Err(e) => {
+                tracing::info!(domain = %d.id, volume = %v, error = %e, "an unreached volume stays")
+            }
+        }
+    }
+    n
 }
 
 /// When the leader last read every job, and which replicas were live then.
@@ -159,6 +213,9 @@ pub async fn duties(
                 round.removed += r.removed.len();
             }
             Err(e) => tracing::warn!(domain = %d.id, error = %e, "could not recover the domain"),
+        }
+        if gc {
+            round.reclaimed += reclaim_unreached(coord, &d).await;
         }
     }
     // Jobs whose owner no longer registers.

@@ -55,6 +55,11 @@ struct Args {
     /// Seconds the records of ended jobs are kept.
     #[arg(long, default_value_t = 86400)]
     job_retention: u64,
+    /// Seconds a volume that no tag reaches stays, unchanged, before the
+    /// leader reclaims it (a bare volume made through the agent API must
+    /// be tagged within this time).
+    #[arg(long, default_value_t = 3600)]
+    orphan_quarantine: u64,
     /// This replica's id (default: a new UUID per start).
     #[arg(long)]
     id: Option<String>,
@@ -100,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         duty_interval: Duration::from_secs(a.duty_interval.max(1)),
         lock_wait: Duration::from_secs(a.lock_wait),
         job_retention: Duration::from_secs(a.job_retention),
+        orphan_quarantine: Duration::from_secs(a.orphan_quarantine),
     };
     let ready = |b: &Bound| {
         println!(

@@ -298,6 +298,45 @@ pub fn owner_of<'a>(id: &TagId, tags: &'a [TagInfo]) -> Option<&'a str> {
     }
 }
 
+/// Volumes nothing reaches, as the leader saw them: by domain and volume,
+/// the generation seen and when it was first seen so (seconds).
+pub type Unreached = HashMap<(uuid::Uuid, VolumeId), (u64, u64)>;
+
+/// The volumes of domain `domain` to reclaim now: complete volumes that no
+/// tag points at (so no child hangs from them either) and that stayed so,
+/// unchanged, for `quarantine` seconds. `seen` is updated: volumes reached
+/// again, gone or changed start over. Half-made (ILLEGAL) volumes are the
+/// agent's to collect.
+pub fn reclaimable(
+    seen: &mut Unreached,
+    domain: uuid::Uuid,
+    tags: &[TagInfo],
+    vols: &[VolumeInfo],
+    now: u64,
+    quarantine: u64,
+) -> Vec<VolumeId> {
+    let reached: HashSet<VolumeId> = tags.iter().map(|t| t.volume).collect();
+    let unreached: HashMap<VolumeId, u64> = vols
+        .iter()
+        .filter(|v| {
+            v.legality == cairn_domain::Legality::Legal
+                && v.tag_refs == 0
+                && !reached.contains(&v.id)
+        })
+        .map(|v| (v.id, v.generation))
+        .collect();
+    seen.retain(|(d, v), (g, _)| *d != domain || unreached.get(v) == Some(g));
+    let mut due = Vec::new();
+    for (v, g) in unreached {
+        let (_, since) = *seen.entry((domain, v)).or_insert((g, now));
+        if now.saturating_sub(since) >= quarantine {
+            due.push(v);
+        }
+    }
+    due.sort();
+    due
+}
+
 /// What a clone is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloneSource {
@@ -326,6 +365,57 @@ pub fn clone_source(id: &TagId, tags: &[TagInfo]) -> Result<CloneSource> {
 mod tests {
     use super::*;
     use cairn_domain::{Format, Legality, TagState};
+
+    #[test]
+    fn volumes_nothing_reaches_are_reclaimed_after_the_quarantine_unchanged() {
+        let d = uuid::Uuid::from_u128(7);
+        let ids: Vec<VolumeId> = (0..4).map(VolumeId::generate).collect();
+        let vol = |n: usize, refs: u32, gen: u64, legal: bool| {
+            let mut v = cairn_domain::Volume {
+                id: ids[n],
+                parent: None,
+                format: Format::Raw,
+                capacity: 1 << 20,
+                extent_start: n as u64,
+                extent_count: 1,
+                legality: if legal {
+                    Legality::Legal
+                } else {
+                    Legality::Illegal
+                },
+                allocation: cairn_domain::Allocation::Sparse,
+                ctime: 0,
+                description: String::new(),
+                tag_refs: refs,
+                generation: gen,
+                token: 1,
+                writer_slot: 0,
+            };
+            v.tag_refs = refs;
+            VolumeInfo::of("d", 1 << 20, &v)
+        };
+        let mut seen = Unreached::new();
+        // 1 bare, 2 tagged, 3 half made (the agent's to collect).
+        let vols = vec![vol(1, 0, 1, true), vol(2, 1, 1, true), vol(3, 0, 1, false)];
+        assert!(reclaimable(&mut seen, d, &[], &vols, 100, 60).is_empty());
+        assert!(reclaimable(&mut seen, d, &[], &vols, 159, 60).is_empty());
+        assert_eq!(reclaimable(&mut seen, d, &[], &vols, 160, 60), vec![ids[1]]);
+        // Changed meanwhile (a new generation): its clock starts over.
+        let mut seen = Unreached::new();
+        reclaimable(&mut seen, d, &[], &vols, 100, 60);
+        let changed = vec![vol(1, 0, 2, true)];
+        assert!(reclaimable(&mut seen, d, &[], &changed, 170, 60).is_empty());
+        assert_eq!(reclaimable(&mut seen, d, &[], &changed, 230, 60).len(), 1);
+        // Tagged again meanwhile: forgotten, and a later orphaning starts
+        // over; another domain's memory is left alone.
+        let other = uuid::Uuid::from_u128(8);
+        reclaimable(&mut seen, other, &[], &vols, 100, 60);
+        let tagged = vec![vol(1, 1, 2, true)];
+        assert!(reclaimable(&mut seen, d, &[], &tagged, 240, 60).is_empty());
+        assert!(!seen.contains_key(&(d, ids[1])));
+        assert!(seen.contains_key(&(other, ids[1])));
+        assert!(reclaimable(&mut seen, d, &[], &vols, 250, 60).is_empty());
+    }
 
     fn agent(id: &str, doms: &[uuid::Uuid]) -> AgentInfo {
         AgentInfo {

@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub lock_wait: Duration,
     /// How long the records of ended jobs are kept.
     pub job_retention: Duration,
+    /// How long a volume no tag reaches stays before the leader reclaims it.
+    pub orphan_quarantine: Duration,
 }
 
 /// Addresses actually bound.
@@ -96,6 +98,7 @@ pub async fn serve(
     let mut cfg = CoordConfig::new(opts.id.clone());
     cfg.lock_wait = opts.lock_wait;
     cfg.job_retention = opts.job_retention;
+    cfg.orphan_quarantine = opts.orphan_quarantine;
     let coord = Arc::new(Coordinator::new(
         cfg,
         kv.clone(),

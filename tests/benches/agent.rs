@@ -140,7 +140,7 @@ fn main() {
     let _ = std::fs::remove_file(&domain);
     std::fs::File::create(&domain)
         .unwrap()
-        .set_len(1 << 40)
+        .set_len(1 << 41)
         .unwrap();
     let g = format(
         &FileDev::open(&domain, true).unwrap(),

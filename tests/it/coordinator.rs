@@ -564,3 +564,80 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         assert_eq!(v["usage"]["tags"], 0, "{v}");
     }
 }
+
+#[test]
+fn the_leader_reclaims_volumes_no_tag_reaches_after_their_quarantine() {
+    use cairn_proto::agent as apb;
+    use cairn_tests::ask::AgentCalls;
+    let (dir, dom, agent) = AgentFixture::new(1).parts();
+    let coord = CoordProc::start(
+        &dir.path().join("coord"),
+        &[
+            "--agent".into(),
+            agent.socket.display().to_string(),
+            "--orphan-quarantine".into(),
+            "4".into(),
+        ],
+    );
+    rt().block_on(async {
+        let mut a = agent.client().await;
+        // A disk whose tag is deleted without its chain, and a bare volume
+        // (beside a volume made with its tag).
+        let (orphan, tag) = a.new_disk("d1", apb::VolumeFormat::Raw, 4).await;
+        a.delete_tag(apb::DeleteTagRequest {
+            request_id: "t1".into(),
+            tag_id: tag.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .answer();
+        let born_tagged = a
+            .create_volume(disk_request("b1", apb::VolumeFormat::Raw, 4))
+            .await
+            .answer();
+        let mut req = disk_request("b2", apb::VolumeFormat::Raw, 4);
+        req.tag = None;
+        let bare = a.create_volume(req).await.answer().volume.unwrap();
+        // A disk that stays, and a bare volume tagged within the quarantine.
+        let (kept, _) = a.new_disk("d2", apb::VolumeFormat::Raw, 4).await;
+        let mut req = disk_request("b3", apb::VolumeFormat::Raw, 4);
+        req.tag = None;
+        let tagged = a.create_volume(req).await.answer().volume.unwrap();
+        a.create_tag(apb::CreateTagRequest {
+            request_id: "t3".into(),
+            tag: Some(apb::TagSpec {
+                volume: tagged.id.clone(),
+                mutable: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .answer();
+        let ids = |v: &[apb::Volume]| v.iter().map(|v| v.id.clone()).collect::<Vec<_>>();
+        let now = ids(&a.volumes().await);
+        for v in [&orphan.id, &bare.id, &kept.id, &tagged.id] {
+            assert!(now.contains(v), "{v} went before its quarantine");
+        }
+        let t = std::time::Instant::now();
+        loop {
+            let now = ids(&a.volumes().await);
+            if !now.contains(&orphan.id) && !now.contains(&bare.id) {
+                assert!(
+                    now.contains(&kept.id) && now.contains(&tagged.id),
+                    "{now:?}"
+                );
+                assert!(
+                    born_tagged.volume.is_some_and(|v| now.contains(&v.id)),
+                    "a volume made with its tag stays"
+                );
+                break;
+            }
+            assert!(t.elapsed().as_secs() < 60, "never reclaimed: {now:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    drop(coord);
+    drop(agent);
+    domain_clean(&dom);
+}

@@ -234,6 +234,21 @@ impl AgentConn {
         Ok(())
     }
 
+    /// Delete a volume no tag points at (refused while it is active or
+    /// locked).
+    pub async fn delete_volume(&self, rid: &str, domain: &uuid::Uuid, v: &VolumeId) -> Result<()> {
+        self.c()
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: rid.into(),
+                domain: domain.to_string(),
+                volume_id: v.to_string(),
+                lock_id: String::new(),
+            })
+            .await
+            .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Grow a disk's top volume and its tag's size.
     pub async fn extend(
         &self,
