@@ -34,6 +34,10 @@ pub enum DiskCmd {
         /// Allocate every block now.
         #[arg(long)]
         preallocate: bool,
+        /// Zero (or discard) its data when it is deleted, before its
+        /// extents are freed.
+        #[arg(long)]
+        wipe_after_delete: bool,
         #[arg(long, default_value = "")]
         /// Free text shown with it.
         description: String,
@@ -180,6 +184,7 @@ pub fn disk_json(d: &pb::Disk) -> Value {
         "id": d.id, "name": d.name, "domain": d.domain, "domain_name": d.domain_name,
         "size": d.size, "format": fmt(d.format), "state": d.state, "ctime": d.ctime,
         "owner": if d.owner.is_empty() { Value::Null } else { d.owner.clone().into() },
+        "wipe_after_delete": d.wipe_after_delete,
         "parent_disk": if d.parent_disk.is_empty() { Value::Null } else { d.parent_disk.clone().into() },
         "chain": d.chain.iter().map(|l| json!({
             "volume": l.volume_id, "format": fmt(l.format), "capacity": l.capacity,
@@ -208,6 +213,7 @@ pub async fn run(
             format,
             name,
             preallocate,
+            wipe_after_delete,
             description,
             quiet,
         } => {
@@ -220,6 +226,7 @@ pub async fn run(
                     size: *size,
                     allocation: pa(*preallocate),
                     description: description.clone(),
+                    wipe_after_delete: *wipe_after_delete,
                 })
                 .await
                 .ask()?;

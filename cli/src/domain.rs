@@ -51,6 +51,11 @@ pub enum DomainCmd {
         /// Journal bytes per host slot (default from device size).
         #[arg(long, value_parser = parse_size)]
         journal_size: Option<u64>,
+        /// Zero (or discard) every deleted volume's extents before they
+        /// are freed, as VDSM's wipe-after-delete (for every disk of the
+        /// domain; single disks can ask for it when they are created).
+        #[arg(long)]
+        wipe_after_delete: bool,
         /// Overwrite an existing domain (refused while a host has it open).
         #[arg(long)]
         force: bool,
@@ -118,6 +123,7 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
             tag_slots,
             user_data_size,
             journal_size,
+            wipe_after_delete,
             force,
         } => {
             if let Some(size) = size {
@@ -160,6 +166,7 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
                     .map(|u| u32::try_from(u).map_err(|_| anyhow!("--user-data-size is too large")))
                     .transpose()?,
                 journal_size: *journal_size,
+                wipe_after_delete: *wipe_after_delete,
             };
             let g = format(
                 dev.as_ref(),
@@ -235,6 +242,12 @@ pub fn run(lock_dir: &Path, c: &DomainCmd, out: &mut Out<'_>) -> Result<ExitCode
                     human_bytes(g.extent_size),
                     g.data_off
                 )?;
+                if g.compat & cairn_domain::layout::COMPAT_WIPE_AFTER_DELETE != 0 {
+                    writeln!(
+                        out,
+                        "wipe       every deleted volume is zeroed before it is freed"
+                    )?;
+                }
                 writeln!(
                     out,
                     "volumes    {} of {} slots",

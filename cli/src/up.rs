@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// Domain name on first run.
     #[arg(long, default_value = "local")]
     name: String,
+    /// On first run, format the domain to wipe every deleted volume.
+    #[arg(long)]
+    wipe_after_delete: bool,
     /// Where stable volume paths are made.
     #[arg(long, default_value = "/run/cairn")]
     run_dir: PathBuf,
@@ -100,6 +103,7 @@ fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
         &dev,
         &FormatParams {
             name: a.name.clone(),
+            wipe_after_delete: a.wipe_after_delete,
             ..Default::default()
         },
         false,

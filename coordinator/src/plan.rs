@@ -13,6 +13,7 @@ use crate::error::{CoordError, Result};
 pub use cairn_proto::keys::{
     CLONE_OF as CLONE_OF_KEY, CONVERT_OF as CONVERT_KEY, JOB as JOB_KEY, NAME as NAME_KEY,
     OWNER as OWNER_KEY, SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY,
+    WIPE_AFTER_DELETE as WIPE_KEY,
 };
 
 /// A domain as agents report it.

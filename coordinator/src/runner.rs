@@ -472,6 +472,7 @@ mod tests {
             allocation: Allocation::Sparse,
             size,
             description: String::new(),
+            wipe_after_delete: false,
         })
     }
 

@@ -265,6 +265,7 @@ pub fn pb_disk(v: &DiskView) -> pb::Disk {
             .option(crate::plan::OWNER_KEY)
             .unwrap_or_default()
             .to_string(),
+        wipe_after_delete: v.tag.option(crate::plan::WIPE_KEY) == Some("true"),
     }
 }
 
@@ -407,6 +408,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
                     allocation: allocation_of(r.allocation)?,
                     size: r.size,
                     description: r.description.clone(),
+                    wipe_after_delete: r.wipe_after_delete,
                 }))
             },
         )

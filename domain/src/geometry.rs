@@ -27,6 +27,9 @@ pub struct FormatParams {
     pub user_data_size: Option<u32>,
     /// Journal bytes per host slot (multiple of 4096).
     pub journal_size: Option<u64>,
+    /// Zero every deleted volume's extents before they are freed (the
+    /// compatible feature [`crate::layout::COMPAT_WIPE_AFTER_DELETE`]).
+    pub wipe_after_delete: bool,
 }
 
 impl FormatParams {
@@ -273,7 +276,11 @@ impl Geometry {
             tag_table_off,
             user_data_off,
             data_off,
-            compat: 0,
+            compat: if p.wipe_after_delete {
+                crate::layout::COMPAT_WIPE_AFTER_DELETE
+            } else {
+                0
+            },
             incompat: 0,
             ro_compat: 0,
         })

@@ -20,6 +20,9 @@ pub const SB_MAGIC: [u8; 8] = *b"CAIRNDOM";
 pub const FORMAT_VERSION: u32 = 1;
 /// Feature bits this build understands (none defined yet).
 pub const KNOWN_INCOMPAT: u64 = 0;
+/// Compatible feature: zero every deleted volume's extents before they are
+/// freed (an older reader that ignores it only does not wipe).
+pub const COMPAT_WIPE_AFTER_DELETE: u64 = 1;
 /// Read-only-compatible feature bits this build understands.
 pub const KNOWN_RO_COMPAT: u64 = 0;
 

@@ -20,6 +20,7 @@ pub(crate) fn params() -> FormatParams {
         journal_size: Some(256 * 1024),
         user_data_size: Some(8192),
         extent_size: None,
+        wipe_after_delete: false,
     }
 }
 
@@ -459,5 +460,61 @@ fn a_volume_has_at_most_one_writable_tag() {
     // Once the disk is gone, another may write.
     d.delete_tag(&disk.id, &[&vg]).unwrap();
     d.change_tag(&ro.id, tag_on(v.id), &[]).unwrap();
+    assert_clean(dev.as_ref());
+}
+
+/// The bytes of `v`'s extent run.
+fn run_bytes(dev: &MemDev, d: &Domain, v: &Volume) -> Vec<u8> {
+    let g = d.geometry();
+    let mut b = crate::io::AlignedBuf::zeroed((v.extent_count * g.extent_size) as usize);
+    dev.read_at(&mut b, g.data_off + v.extent_start * g.extent_size)
+        .unwrap();
+    b.to_vec()
+}
+
+#[test]
+fn wipe_after_delete_zeroes_a_deleted_volume_before_its_extents_are_free() {
+    let pattern = |dev: &MemDev, d: &Domain, v: &Volume| {
+        let g = d.geometry();
+        let b = crate::io::AlignedBuf::from_slice(&vec![0xa5; 1 << 20], 1 << 20);
+        dev.write_at(&b, g.data_off + v.extent_start * g.extent_size)
+            .unwrap();
+    };
+    // Per domain: every delete wipes.
+    let p = FormatParams {
+        wipe_after_delete: true,
+        ..params()
+    };
+    let dev = mem_domain(64 << 20, &p);
+    let d = Domain::open(
+        dev.clone(),
+        Arc::new(MemLockService::new()),
+        OpenOptions::new(host(1)),
+    )
+    .unwrap();
+    assert_ne!(
+        d.geometry().compat & crate::layout::COMPAT_WIPE_AFTER_DELETE,
+        0
+    );
+    let (v, g) = d.create_volume(raw(2 << 20)).unwrap();
+    pattern(&dev, &d, &v);
+    d.delete_volume(&v.id, &[&g]).unwrap();
+    assert!(run_bytes(&dev, &d, &v).iter().all(|&b| b == 0));
+    assert_clean(dev.as_ref());
+    // Without it the bytes stay, unless the transaction asks.
+    let (dev, _l, d) = setup();
+    let (a, ag) = d.create_volume(raw(1 << 20)).unwrap();
+    let (b, bg) = d.create_volume(raw(1 << 20)).unwrap();
+    pattern(&dev, &d, &a);
+    pattern(&dev, &d, &b);
+    d.delete_volume(&a.id, &[&ag]).unwrap();
+    assert!(run_bytes(&dev, &d, &a).iter().all(|&x| x == 0xa5));
+    d.tx("delete, wiped")
+        .delete_volume(b.id)
+        .wipe_deleted(true)
+        .held(&[&bg])
+        .commit()
+        .unwrap();
+    assert!(run_bytes(&dev, &d, &b).iter().all(|&x| x == 0));
     assert_clean(dev.as_ref());
 }

@@ -511,6 +511,7 @@ impl Agent {
             .domain
             .tx("swap disk")
             .request_id(request_id)
+            .wipe_deleted(crate::agent::wipes(&d))
             .change_tag(*id, meta)
             .delete_tag(*with);
         // As DeleteDisk goes, with the disk's tag changed instead of gone.

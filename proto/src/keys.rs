@@ -17,5 +17,8 @@ pub const SNAPSHOT_DESCRIPTION: &str = "cairn.description";
 /// own disks; a disk without one is for admin and service identities).
 /// A snapshot belongs to the owner of the disk it is of.
 pub const OWNER: &str = "cairn.owner";
+/// On a disk: `true` when deleting it (and converting it) zeroes or
+/// discards the extents of the volumes that go, before they are freed.
+pub const WIPE_AFTER_DELETE: &str = "cairn.wipe-after-delete";
 /// On a snapshot's weak tag: the disk it is a snapshot of.
 pub const SNAPSHOT_OF: &str = "cairn.snapshot-of";

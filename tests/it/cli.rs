@@ -103,6 +103,29 @@ fn format_refuses_bad_targets_and_formats_good_ones() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("readable by every user"), "{}", text(&o));
+    // Formatted to wipe after delete: the compatible feature bit is set.
+    let o = cairn(
+        &locks,
+        &[
+            "domain",
+            "format",
+            open.to_str().unwrap(),
+            "--name",
+            "wiping",
+            "--wipe-after-delete",
+            "--force",
+            "--json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g["compat"], cairn_domain::layout::COMPAT_WIPE_AFTER_DELETE);
+    let o = cairn(&locks, &["domain", "info", open.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("zeroed before it is freed"),
+        "{}",
+        text(&o)
+    );
     // Already a domain.
     let o = cairn(&locks, &["domain", "format", p, "--name", "again"]);
     assert_eq!(o.status.code(), Some(2));

@@ -641,3 +641,78 @@ fn the_leader_reclaims_volumes_no_tag_reaches_after_their_quarantine() {
     drop(agent);
     domain_clean(&dom);
 }
+
+#[test]
+fn a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
+    use cairn_tests::ask::AgentCalls;
+    use std::os::unix::fs::FileExt;
+    let (dir, dom, agent) = AgentFixture::new(1).parts();
+    let coord = CoordProc::start(
+        &dir.path().join("coord"),
+        &["--agent".into(), agent.socket.display().to_string()],
+    );
+    let (g, _) = cairn_domain::engine::read_superblocks(
+        &cairn_domain::io::FileDev::open(&dom, false).unwrap(),
+    )
+    .unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dom)
+        .unwrap();
+    rt().block_on(async {
+        let mut c = coord.client().await;
+        let mut a = agent.client().await;
+        let made = |wipe: bool, rid: &str| {
+            let mut r = create(rid, "", rid, pb::Format::Raw, 2);
+            r.wipe_after_delete = wipe;
+            r
+        };
+        let wiped = ok(c.create_disk(made(true, "w")).await.answer())
+            .disk
+            .unwrap()
+            .id;
+        let kept = ok(c.create_disk(made(false, "k")).await.answer())
+            .disk
+            .unwrap()
+            .id;
+        assert!(disk_on(&mut c, "", &wiped).await.wipe_after_delete);
+        assert!(!disk_on(&mut c, "", &kept).await.wipe_after_delete);
+        // A pattern where each disk's data is.
+        let mut at = Vec::new();
+        for d in [&wiped, &kept] {
+            let top = disk_on(&mut c, "", d).await.chain[0].volume_id.clone();
+            let v = a.volume_of(&top).await;
+            let off = g.data_off + v.extent_start * g.extent_size;
+            file.write_all_at(&vec![0x5a; 2 * MIB as usize], off)
+                .unwrap();
+            file.sync_all().unwrap();
+            at.push(off);
+        }
+        for (rid, d) in [("dw", &wiped), ("dk", &kept)] {
+            ok(c.delete_disk(pb::DeleteDiskRequest {
+                request_id: rid.into(),
+                disk_id: d.clone(),
+                ..Default::default()
+            })
+            .await
+            .answer());
+        }
+        let read = |off: u64| {
+            let mut b = vec![0u8; 2 * MIB as usize];
+            file.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        assert!(
+            read(at[0]).iter().all(|&x| x == 0),
+            "the wiped disk's data is gone"
+        );
+        assert!(
+            read(at[1]).iter().all(|&x| x == 0x5a),
+            "without it the bytes stay"
+        );
+    });
+    drop(coord);
+    drop(agent);
+    domain_clean(&dom);
+}

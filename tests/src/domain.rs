@@ -20,6 +20,7 @@ pub fn params() -> FormatParams {
         journal_size: Some(64 * 1024),
         user_data_size: Some(4096),
         extent_size: None,
+        wipe_after_delete: false,
     }
 }
 

@@ -14,7 +14,7 @@ use cairn_domain::{limits, Allocation, Format, TagType};
 use super::prelude::*;
 use super::{check_description, check_label, check_size, options, text};
 use crate::agents::NewDisk;
-use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, JOB_KEY, SNAP_KEY};
+use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, JOB_KEY, SNAP_KEY, WIPE_KEY};
 
 /// What a create asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub struct Create {
     /// Free text.
     #[serde(default)]
     pub description: String,
+    /// Wipe its data when it is deleted.
+    #[serde(default)]
+    pub wipe_after_delete: bool,
 }
 
 #[tonic::async_trait]
@@ -47,7 +50,12 @@ impl Kind for Create {
             size: self.size,
             preallocated: self.allocation == Allocation::Preallocated,
             description: self.description.clone(),
-            options: options(&self.name, &rec.id, &rec.caller, &[]),
+            options: options(
+                &self.name,
+                &rec.id,
+                &rec.caller,
+                &[(WIPE_KEY, if self.wipe_after_delete { "true" } else { "" })],
+            ),
         };
         let made = c
             .mutate(rec, |a, rid| {

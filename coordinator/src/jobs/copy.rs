@@ -7,7 +7,9 @@ use cairn_domain::{Allocation, Format, LockGuard, TagType};
 
 use super::prelude::*;
 use super::{check_label, format_or, options, text};
-use crate::plan::{self, CloneSource, DomainRef, CLONE_OF_KEY, CONVERT_KEY, NAME_KEY, OWNER_KEY};
+use crate::plan::{
+    self, CloneSource, DomainRef, CLONE_OF_KEY, CONVERT_KEY, NAME_KEY, OWNER_KEY, WIPE_KEY,
+};
 
 /// What a copy or move asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,11 +134,15 @@ pub(super) async fn copy(
         what.name.to_string()
     };
     let source = what.source.to_string();
-    let extra: Vec<(&str, &str)> = what
+    let mut extra: Vec<(&str, &str)> = what
         .mark
         .map(|k| (k, source.as_str()))
         .into_iter()
         .collect();
+    if what.keep_owner {
+        // The same disk elsewhere keeps its wipe-after-delete.
+        extra.push((WIPE_KEY, view.tag.option(WIPE_KEY).unwrap_or_default()));
+    }
     let owner = if what.keep_owner {
         view.tag.option(OWNER_KEY).unwrap_or_default()
     } else {

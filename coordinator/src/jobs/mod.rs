@@ -299,6 +299,7 @@ mod tests {
             allocation: Allocation::Sparse,
             size: 512,
             description: String::new(),
+            wipe_after_delete: false,
         });
         let to = CopyTo {
             domain,
@@ -349,6 +350,7 @@ mod tests {
             allocation: Allocation::Sparse,
             size: 1000,
             description: String::new(),
+            wipe_after_delete: false,
         };
         assert!(matches!(
             JobSpec::Create(c.clone()).validate(),

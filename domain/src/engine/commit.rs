@@ -145,6 +145,22 @@ impl Domain {
         for g in guards.values() {
             g.check()?;
         }
+        // Wipe after delete: the deleted volumes' data goes before their
+        // extents are free for anyone (a crash in between leaves them
+        // zeroed and still there, to be deleted again).
+        if tx.wipe || self.geom.compat & crate::layout::COMPAT_WIPE_AFTER_DELETE != 0 {
+            let es = self.geom.extent_size;
+            for &(start, count) in &p.deleted_runs {
+                self.dev
+                    .zero_range(self.geom.data_off + start * es, count * es)
+                    .map_err(DomainError::io("wiping a deleted volume"))?;
+            }
+            if !p.deleted_runs.is_empty() {
+                self.dev
+                    .flush()
+                    .map_err(DomainError::io("flushing a wipe"))?;
+            }
+        }
         let intent = Intent {
             created: self.clock.now(),
             request_id: tx.request_id,

@@ -79,6 +79,8 @@ pub(super) struct Planner<'p> {
     pub(super) lock_created: bool,
     pub(super) set_bits: Vec<(u8, u64, u64)>,
     pub(super) clear_bits: Vec<(u8, u64, u64)>,
+    /// Extent runs of the volumes deleted (start, count).
+    pub(super) deleted_runs: Vec<(u64, u64)>,
     pub(super) blobs: BTreeMap<u32, (u8, Vec<u8>)>,
     pub(super) user_data: BTreeMap<u32, UserData>,
     pub(super) vol_data: BTreeMap<u32, VolData>,
@@ -109,6 +111,9 @@ pub(super) struct Planned {
     pub(super) new_volumes: Vec<Volume>,
     pub(super) volume_locks: Vec<LockGuard>,
     pub(super) new_tags: Vec<Tag>,
+    /// Extent runs of the volumes deleted (start, count): what a wipe
+    /// zeroes before the intent frees them.
+    pub(super) deleted_runs: Vec<(u64, u64)>,
 }
 
 impl Planned {
@@ -146,6 +151,7 @@ impl<'p> Planner<'p> {
             new_tags: Vec::new(),
             set_bits: Vec::new(),
             clear_bits: Vec::new(),
+            deleted_runs: Vec::new(),
             blobs: BTreeMap::new(),
             user_data: BTreeMap::new(),
             vol_data: BTreeMap::new(),

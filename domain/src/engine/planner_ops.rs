@@ -88,6 +88,7 @@ impl Planner<'_> {
                     .push((EXTENTS as u8, v.extent_start, v.extent_count));
                 self.clear_bits
                     .push((VOLUME_SLOTS as u8, id.slot() as u64, 1));
+                self.deleted_runs.push((v.extent_start, v.extent_count));
             }
             Op::WriteVolumeMeta(id, meta) => {
                 validate_text("description", &meta.description, MAX_DESCRIPTION)?;
@@ -456,6 +457,7 @@ impl Planner<'_> {
             new_volumes: volumes,
             volume_locks,
             new_tags: tags,
+            deleted_runs: self.deleted_runs,
         })
     }
 }

@@ -13,6 +13,7 @@ impl Domain {
             ops: Vec::new(),
             held: Vec::new(),
             lock_created: false,
+            wipe: false,
         }
     }
 
@@ -168,6 +169,7 @@ pub struct Transaction<'a> {
     pub(super) ops: Vec<Op>,
     pub(super) held: Vec<&'a LockGuard>,
     pub(super) lock_created: bool,
+    pub(super) wipe: bool,
 }
 
 impl<'a> Transaction<'a> {
@@ -240,6 +242,13 @@ impl<'a> Transaction<'a> {
     /// Locks the caller already holds.
     pub fn held(mut self, guards: &[&'a LockGuard]) -> Self {
         self.held.extend_from_slice(guards);
+        self
+    }
+    /// Zero the extents of the volumes this transaction deletes before the
+    /// intent frees them (always so on a domain formatted with
+    /// wipe-after-delete).
+    pub fn wipe_deleted(mut self, wipe: bool) -> Self {
+        self.wipe |= wipe;
         self
     }
     /// The caller's request id, recorded in the intent.

@@ -418,3 +418,11 @@ pub(crate) use validate::{validate_description, validate_tag_spec};
 
 /// Tag options the agent puts on a snapshot's weak tag.
 pub use cairn_proto::keys::{SNAPSHOT_DESCRIPTION as SNAP_DESC_KEY, SNAPSHOT_OF as SNAP_KEY};
+
+/// Whether disk `t` asked for its deleted volumes to be wiped (a domain
+/// formatted with wipe-after-delete wipes every one anyway).
+pub(crate) fn wipes(t: &Tag) -> bool {
+    t.options
+        .iter()
+        .any(|(k, v)| k == cairn_proto::keys::WIPE_AFTER_DELETE && v == "true")
+}

@@ -86,7 +86,11 @@ impl Agent {
                 l.volume, l.tag
             )));
         }
-        let mut tx = o.domain.tx("delete disk").request_id(request_id);
+        let mut tx = o
+            .domain
+            .tx("delete disk")
+            .request_id(request_id)
+            .wipe_deleted(wipes(&t));
         // Interleave as the chain goes: tag, its volume, the parent tag...
         let mut vols = plan.1.iter();
         for tag in &plan.0 {
