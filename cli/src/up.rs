@@ -33,6 +33,11 @@ pub struct UpArgs {
     /// On first run, format the domain to wipe every deleted volume.
     #[arg(long)]
     wipe_after_delete: bool,
+    /// A group (e.g. cairn) that may read the data directory, the domain
+    /// file and exports: made 0750/0660 with that group instead of
+    /// 0700/0600; also the sockets' group unless --socket-group says.
+    #[arg(long, value_parser = cairn_proto::server::parse_group)]
+    group: Option<u32>,
     /// Where stable volume paths are made.
     #[arg(long, default_value = "/run/cairn")]
     run_dir: PathBuf,
@@ -56,20 +61,30 @@ pub struct UpArgs {
     log_json: bool,
 }
 
-/// A directory only its owner may enter, made if it is missing (an
-/// existing one keeps its mode: it is the operator's).
-fn private_dir(d: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+/// A directory only its owner (and, with `group`, that group: 02750, new
+/// files taking the group) may enter, made if it is missing (an existing
+/// one keeps its mode: it is the operator's).
+fn private_dir(d: &Path, group: Option<u32>) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if d.exists() {
+        return Ok(());
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(d)
-        .with_context(|| format!("cannot create {}", d.display()))
+        .with_context(|| format!("cannot create {}", d.display()))?;
+    if let Some(g) = group {
+        std::os::unix::fs::lchown(d, None, Some(g))
+            .and_then(|_| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2750)))
+            .with_context(|| format!("cannot give {} to group {g}", d.display()))?;
+    }
+    Ok(())
 }
 
 /// The domain file, formatted if it is new. Returns (path, created).
 fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
-    private_dir(&a.data_dir)?;
+    private_dir(&a.data_dir, a.group)?;
     let path = a.data_dir.join("domain.img");
     if path.exists() {
         let dev = FileDev::open(&path, false)
@@ -90,10 +105,14 @@ fn ensure_domain(a: &UpArgs, lock_dir: &Path) -> Result<(PathBuf, bool)> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(if a.group.is_some() { 0o660 } else { 0o600 })
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?
     };
+    if let Some(g) = a.group {
+        std::os::unix::fs::fchown(&f, None, Some(g))
+            .with_context(|| format!("cannot give {} to group {g}", tmp.display()))?;
+    }
     f.set_len(a.size)
         .with_context(|| format!("cannot size {}", tmp.display()))?;
     drop(f);
@@ -124,7 +143,9 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
     }
     let (domain, created) = ensure_domain(a, lock_dir)?;
     let io = a.data_dir.join("io");
-    private_dir(&io)?;
+    private_dir(&io, a.group)?;
+    let mut access = a.access.clone();
+    access.socket_group = access.socket_group.or(a.group);
     let opts = ServeOptions {
         agent: AgentConfig {
             domains: vec![domain.clone()],
@@ -137,7 +158,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         locks: Locks::Local(lock_dir.to_path_buf()),
         socket: Some(socket.to_path_buf()),
         listen: a.tls.security(a.listen)?,
-        access: a.access.clone(),
+        access: access.clone(),
         metrics: Some(a.metrics),
     };
     let size = std::fs::metadata(&domain)?.len();
@@ -168,7 +189,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         agent_tls: Default::default(),
         // The coordinator reaches the agent on its socket, as this uid.
         agent_token: Default::default(),
-        access: a.access.clone(),
+        access,
         duty_interval: Duration::from_secs(2),
         lock_wait: Duration::from_secs(60),
         job_retention: Duration::from_secs(24 * 3600),
@@ -245,4 +266,27 @@ fn which(cmd: &str) -> Option<PathBuf> {
             .map(|d| d.join(cmd))
             .find(|f| f.is_file())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn directories_are_the_owners_or_shared_with_a_group_when_asked() {
+        let t = tempfile::tempdir().unwrap();
+        let mine = t.path().join("mine");
+        private_dir(&mine, None).unwrap();
+        assert_eq!(std::fs::metadata(&mine).unwrap().mode() & 0o7777, 0o700);
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let shared = t.path().join("shared/io");
+        private_dir(&shared, Some(gid)).unwrap();
+        let m = std::fs::metadata(&shared).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.gid()), (0o2750, gid));
+        // An existing directory is the operator's: left as it is.
+        private_dir(&mine, Some(gid)).unwrap();
+        assert_eq!(std::fs::metadata(&mine).unwrap().mode() & 0o7777, 0o700);
+    }
 }

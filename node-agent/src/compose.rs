@@ -284,6 +284,20 @@ impl Agent {
             .device()
             .flush()
             .map_err(AgentError::io("flushing"))?;
+        // The disk the snapshot is of may ask for what goes to be wiped.
+        let wipe = o
+            .domain
+            .read_tag(id)
+            .ok()
+            .and_then(|t| {
+                let (_, d) = t
+                    .options
+                    .iter()
+                    .find(|(k, _)| k == crate::agent::SNAP_KEY)?;
+                TagId::parse("", d).ok()
+            })
+            .and_then(|d| o.domain.read_tag(&d).ok())
+            .is_some_and(|d| crate::agent::wipes(&d));
         match plan {
             MergePlan::Rebase {
                 snap,
@@ -297,6 +311,7 @@ impl Agent {
                 o.domain
                     .tx("merge snapshot: rebase")
                     .request_id(request_id)
+                    .wipe_deleted(wipe)
                     .write_volume_meta(child.id, meta)
                     .delete_tag(*id)
                     .delete_volume(snap.id)
@@ -314,7 +329,11 @@ impl Agent {
                 child,
                 child_tags,
             } => {
-                let mut tx = o.domain.tx("merge snapshot: commit").request_id(request_id);
+                let mut tx = o
+                    .domain
+                    .tx("merge snapshot: commit")
+                    .request_id(request_id)
+                    .wipe_deleted(wipe);
                 for ct in &child_tags {
                     let mut m = ct.meta();
                     m.volume = cairn_domain::VolumeRef::Existing(snap.id);

@@ -125,18 +125,35 @@ impl IoDirs {
         })
     }
 
-    /// Create the file `p` names, exclusively, mode 0600.
+    /// Create the file `p` names, exclusively: mode 0600, or 0660 in a
+    /// shared group directory (setgid and open to its group, e.g. group
+    /// `cairn` with mode 2750: the operator's choice of who reads exports;
+    /// the file takes the directory's group).
     pub fn create_target(&self, p: &str) -> Result<Target> {
         let (dir, name) = self.parent(p)?;
         let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+        let grouped = {
+            // SAFETY: a zeroed stat is a valid value; fstat fills it for a
+            // descriptor we own.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::fstat(dir.as_raw_fd(), &mut st) };
+            rc == 0 && st.st_mode & 0o2050 == 0o2050
+        };
+        let mode = if grouped { 0o660 } else { 0o600 };
         let fd =
-            open_at(dir.as_raw_fd(), &name, flags, 0o600).map_err(|e| match e.raw_os_error() {
+            open_at(dir.as_raw_fd(), &name, flags, mode).map_err(|e| match e.raw_os_error() {
                 Some(libc::EEXIST) => AgentError::Domain(DomainError::AlreadyExists {
                     what: format!("{} already exists", quote(p)),
                 }),
                 _ => refusal(p, "file", e),
             })?;
         let file = File::from(fd);
+        if grouped {
+            // The umask would take the group's write bit.
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(AgentError::io("creating the file"))?;
+        }
         let meta = file
             .metadata()
             .map_err(AgentError::io("creating the file"))?;
@@ -337,6 +354,14 @@ mod tests {
         let p = t.path().join("io/out.raw");
         let tg = d.create_target(p.to_str().unwrap()).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        // In a shared group directory (setgid, open to the group): 0660.
+        use std::os::unix::fs::PermissionsExt;
+        let shared = t.path().join("io/shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2750)).unwrap();
+        let sp = shared.join("out.raw");
+        d.create_target(sp.to_str().unwrap()).unwrap();
+        assert_eq!(std::fs::metadata(&sp).unwrap().mode() & 0o777, 0o660);
         let e = d.create_target(p.to_str().unwrap()).unwrap_err();
         assert_eq!(e.code(), "already_exists", "{e}");
         // Another file put in its place survives the clean-up.

@@ -105,7 +105,8 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_group(s: &str) -> Result<u32, String> {
+/// The gid of group `s` (a name in /etc/group, or a number).
+pub fn parse_group(s: &str) -> Result<u32, String> {
     if let Ok(gid) = s.parse::<u32>() {
         return Ok(gid);
     }

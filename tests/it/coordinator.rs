@@ -643,7 +643,7 @@ fn the_leader_reclaims_volumes_no_tag_reaches_after_their_quarantine() {
 }
 
 #[test]
-fn a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
+fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
     use cairn_tests::ask::AgentCalls;
     use std::os::unix::fs::FileExt;
     let (dir, dom, agent) = AgentFixture::new(1).parts();
@@ -711,6 +711,57 @@ fn a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
             read(at[1]).iter().all(|&x| x == 0x5a),
             "without it the bytes stay"
         );
+
+        // A snapshot merged away frees a volume of the disk: wiped too.
+        let d = ok(c.create_disk(made(true, "m")).await.answer())
+            .disk
+            .unwrap()
+            .id;
+        let snap = ok(c
+            .snapshot_disk(pb::SnapshotDiskRequest {
+                request_id: "ms".into(),
+                disk_id: d.clone(),
+                ..Default::default()
+            })
+            .await
+            .answer())
+        .snapshot_id;
+        let before = disk_on(&mut c, "", &d).await.chain;
+        let mut runs = Vec::new();
+        for l in &before {
+            let v = a.volume_of(&l.volume_id).await;
+            let (off, len) = (
+                g.data_off + v.extent_start * g.extent_size,
+                v.extent_count * g.extent_size,
+            );
+            // The last MiB of each run: raw data, or clusters qcow2 has not
+            // allocated.
+            file.write_all_at(&vec![0x5a; MIB as usize], off + len - MIB)
+                .unwrap();
+            runs.push((l.volume_id.clone(), off, len));
+        }
+        file.sync_all().unwrap();
+        let j = c
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                request_id: "md".into(),
+                snapshot_id: snap,
+                ..Default::default()
+            })
+            .await
+            .answer();
+        ok(finish(c.clone(), j).await);
+        let after: Vec<String> = disk_on(&mut c, "", &d)
+            .await
+            .chain
+            .iter()
+            .map(|l| l.volume_id.clone())
+            .collect();
+        let gone: Vec<_> = runs.iter().filter(|(v, _, _)| !after.contains(v)).collect();
+        assert_eq!(gone.len(), 1, "{before:?} -> {after:?}");
+        let (_, off, len) = gone[0];
+        let mut b = vec![0u8; *len as usize];
+        file.read_exact_at(&mut b, *off).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "the merged-away volume is wiped");
     });
     drop(coord);
     drop(agent);
