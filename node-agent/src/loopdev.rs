@@ -44,7 +44,9 @@ pub trait LoopControl: Send + Sync {
     /// Attach a new device over `size` bytes of `backing` at `offset`,
     /// with direct I/O, marked as `owner`'s (at most 63 bytes).
     fn attach(&self, backing: &Path, offset: u64, size: u64, owner: &str) -> io::Result<LoopInfo>;
-    /// Detach a device. Detaching one that is gone is not an error.
+    /// Detach a device. Detaching one that is gone is not an error. A
+    /// device a process holds open stays until its last close (the
+    /// kernel's autoclear): `list` shows it until then.
     fn detach(&self, index: u32) -> io::Result<()>;
     /// Change how many bytes a device exposes.
     fn resize(&self, index: u32, size: u64) -> io::Result<()>;
@@ -329,16 +331,19 @@ pub struct MemLoop {
 struct MemState {
     devs: BTreeMap<u32, LoopInfo>,
     open: BTreeMap<u32, Vec<u32>>,
+    /// Detached while open: goes at the last close.
+    autoclear: std::collections::BTreeSet<u32>,
 }
 
 impl MemLoop {
-    /// Pretend process `pid` opened device `index`.
+    /// Pretend processes `pids` have device `index` open (none: the last
+    /// one closed it, and a device detached meanwhile goes).
     pub fn set_open(&self, index: u32, pids: Vec<u32>) {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .open
-            .insert(index, pids);
+        let mut s = self.state.lock().expect("poisoned");
+        if pids.is_empty() && s.autoclear.remove(&index) {
+            s.devs.remove(&index);
+        }
+        s.open.insert(index, pids);
     }
 }
 
@@ -359,6 +364,10 @@ impl LoopControl for MemLoop {
     }
     fn detach(&self, index: u32) -> io::Result<()> {
         let mut s = self.state.lock().expect("poisoned");
+        if s.open.get(&index).is_some_and(|p| !p.is_empty()) {
+            s.autoclear.insert(index);
+            return Ok(());
+        }
         s.devs.remove(&index);
         s.open.remove(&index);
         Ok(())

@@ -553,6 +553,10 @@ mod tests {
     use crate::qemu::FakeQemu;
 
     fn agent(qemu: Arc<FakeQemu>) -> (tempfile::TempDir, Agent) {
+        agent_with(qemu, Arc::new(MemLoop::default()))
+    }
+
+    fn agent_with(qemu: Arc<FakeQemu>, loops: Arc<MemLoop>) -> (tempfile::TempDir, Agent) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
         std::fs::File::create(&path)
@@ -572,7 +576,7 @@ mod tests {
             gc_quarantine: GC_QUARANTINE,
         };
         let host = HostEffects {
-            loops: Arc::new(MemLoop::default()),
+            loops,
             qemu,
             clock: Arc::new(cairn_domain::FixedClock(1_700_000_000)),
         };
@@ -649,5 +653,52 @@ mod tests {
             &q.calls()[0][..4],
             ["measure", "--output=json", "-O", "raw"]
         );
+    }
+
+    #[test]
+    fn a_forced_deactivation_of_a_held_device_keeps_its_volume_until_the_device_goes() {
+        let loops = Arc::new(MemLoop::default());
+        let (_d, a) = agent_with(Arc::new(FakeQemu::default()), loops.clone());
+        let o = a.domain("").unwrap();
+        let c = a
+            .create_volume(
+                &o,
+                CreateVolume {
+                    format: Format::Raw,
+                    capacity: 4 << 20,
+                    size: 0,
+                    allocation: Allocation::Sparse,
+                    parent: None,
+                    description: String::new(),
+                    tag: Some(cairn_domain::api::TagSpec::disk(vec![])),
+                    keep_locked: None,
+                },
+                [2; 16],
+            )
+            .unwrap();
+        let tag = c.tag.unwrap();
+        let (act, _) = a.activate(&o, &tag.id).unwrap();
+        let dev = &act.volumes[0].device;
+        let index: u32 = dev.to_str().unwrap()["/dev/loop".len()..].parse().unwrap();
+        loops.set_open(index, vec![4242]);
+        assert!(
+            a.deactivate(&o, &tag.id, false).is_err(),
+            "held: refused unless forced"
+        );
+        let d = a.deactivate(&o, &tag.id, true).unwrap();
+        assert!(d.changed);
+        assert_eq!(d.still_open, vec![dev.display().to_string()]);
+        assert!(a.activations(&o).unwrap()[0].closing);
+        // Protected: no delete, no new activation.
+        assert!(a.delete_disk(&o, &tag.id, [3; 16]).is_err());
+        assert!(a.activate(&o, &tag.id).is_err());
+        // Asked again, it still says so and changes nothing.
+        let again = a.deactivate(&o, &tag.id, true).unwrap();
+        assert_eq!((again.changed, again.still_open.len()), (false, 1));
+        // The last close: the device goes, and so does the activation.
+        loops.set_open(index, vec![]);
+        assert!(a.activations(&o).unwrap().is_empty());
+        a.delete_disk(&o, &tag.id, [4; 16]).unwrap();
+        assert!(o.domain.read_volume(&c.volume.id).is_err());
     }
 }
