@@ -217,11 +217,7 @@ async fn job(c: &mut CoordinatorClient<Ch>, cmd: &JobCmd, out: &mut Out<'_>) -> 
                                 } else {
                                     "-".into()
                                 },
-                                if x.host_id.is_empty() {
-                                    "-".into()
-                                } else {
-                                    x.host_id.clone()
-                                },
+                                crate::output::or_dash(&x.host_id),
                             ]
                         })
                         .collect(),

@@ -257,21 +257,13 @@ pub async fn run(
                         .map(|x| {
                             vec![
                                 x.id.clone(),
-                                if x.name.is_empty() {
-                                    "-".into()
-                                } else {
-                                    x.name.clone()
-                                },
+                                crate::output::or_dash(&x.name),
                                 x.domain_name.clone(),
                                 human_bytes(x.size),
                                 fmt(x.format).into(),
                                 x.chain.len().to_string(),
                                 x.snapshots.len().to_string(),
-                                if x.owner.is_empty() {
-                                    "-".into()
-                                } else {
-                                    x.owner.clone()
-                                },
+                                crate::output::or_dash(&x.owner),
                             ]
                         })
                         .collect(),
@@ -310,11 +302,7 @@ pub async fn run(
                                 l.volume_id.clone(),
                                 fmt(l.format).into(),
                                 human_bytes(l.capacity),
-                                if l.snapshot_id.is_empty() {
-                                    "-".into()
-                                } else {
-                                    l.snapshot_id.clone()
-                                },
+                                crate::output::or_dash(&l.snapshot_id),
                             ]
                         })
                         .collect(),

@@ -82,6 +82,15 @@ impl Write for Out<'_> {
     }
 }
 
+/// A field for a table: `-` when empty.
+pub fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
 /// Bytes for people: `1.5 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

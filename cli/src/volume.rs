@@ -182,11 +182,7 @@ fn volume_rows(out: &mut Out<'_>, vs: &[pb::Volume]) -> Result<()> {
                     human_bytes(v.capacity),
                     human_bytes(v.size),
                     j["legality"].as_str().unwrap_or("").to_string(),
-                    if v.parent_tag.is_empty() {
-                        "-".into()
-                    } else {
-                        v.parent_tag.clone()
-                    },
+                    crate::output::or_dash(&v.parent_tag),
                     v.tag_refs.to_string(),
                 ]
             })
