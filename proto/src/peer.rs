@@ -23,57 +23,54 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The caller of `r`.
+    /// The caller of `r`: the identity the gate found, else what the
+    /// transport says (its certificate is parsed only then).
     pub fn of<T>(r: &tonic::Request<T>) -> Peer {
-        let mut p = Peer::of_transport(r);
-        if let Some(id) = r.extensions().get::<crate::auth::Identity>() {
-            p.who = id.name.clone();
-            p.role = id.role.as_str();
+        let from = Peer::from(r);
+        match r.extensions().get::<crate::auth::Identity>() {
+            Some(id) => Peer {
+                who: id.name.clone(),
+                role: id.role.as_str(),
+                from,
+            },
+            None => Peer {
+                who: Peer::transport_who(r),
+                role: "none",
+                from,
+            },
         }
-        p
     }
 
-    fn of_transport<T>(r: &tonic::Request<T>) -> Peer {
+    /// The unix peer's pid, or the remote address.
+    fn from<T>(r: &tonic::Request<T>) -> String {
         if let Some(uds) = r.extensions().get::<UdsConnectInfo>() {
-            return match uds.peer_cred {
-                Some(c) => Peer {
-                    role: "none",
-                    who: format!("uid:{}", c.uid()),
-                    from: match c.pid() {
-                        Some(pid) => format!("unix pid {pid}"),
-                        None => "unix".into(),
-                    },
-                },
-                None => Peer {
-                    role: "none",
-                    who: "anonymous".into(),
-                    from: "unix".into(),
-                },
+            return match uds.peer_cred.and_then(|c| c.pid()) {
+                Some(pid) => format!("unix pid {pid}"),
+                None => "unix".into(),
             };
         }
-        let from = r
-            .remote_addr()
+        r.remote_addr()
             .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let who = r
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| subject_cn(c.as_ref())))
-            .map(|cn| format!("cert:{cn}"))
-            .unwrap_or_else(|| "anonymous".into());
-        Peer {
-            who,
-            role: "none",
-            from,
-        }
+            .unwrap_or_else(|| "unknown".into())
     }
-}
 
-/// The common name of a DER certificate's subject (quoted at most 64
-/// characters: it is the caller's text).
-fn subject_cn(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(cairn_domain::limits::shorten(cn).into_owned())
+    /// `uid:N`, `cert:NAME` or `anonymous`.
+    fn transport_who<T>(r: &tonic::Request<T>) -> String {
+        if let Some(uds) = r.extensions().get::<UdsConnectInfo>() {
+            return match uds.peer_cred {
+                Some(c) => format!("uid:{}", c.uid()),
+                None => "anonymous".into(),
+            };
+        }
+        r.peer_certs()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .and_then(|c| crate::auth::cert_identity(c.as_ref()))
+            })
+            .map(|id| format!("cert:{}", id.name))
+            .unwrap_or_else(|| "anonymous".into())
+    }
 }
 
 /// Write the audit line of a mutating request: who, from where, what, its
@@ -105,6 +102,6 @@ mod tests {
 
     #[test]
     fn garbage_is_no_certificate() {
-        assert_eq!(subject_cn(b"not DER"), None);
+        assert_eq!(crate::auth::cert_identity(b"not DER"), None);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::activation::Link;
+use std::collections::BTreeSet;
 
 impl Agent {
     /// The chain of a tag's volume, base first.
@@ -50,13 +51,20 @@ impl Agent {
             .run
             .links()
             .map_err(AgentError::io("reading the run directory"))?;
-        if !links.iter().any(|l| o.run.closing(&l.tag)) {
+        let mut tags: Vec<&str> = links.iter().map(|l| l.tag.as_str()).collect();
+        tags.dedup();
+        let closing: BTreeSet<String> = tags
+            .into_iter()
+            .filter(|t| o.run.closing(t))
+            .map(str::to_string)
+            .collect();
+        if closing.is_empty() {
             return Ok(links);
         }
         let loops = self.domain_loops(o)?;
         let mut kept = Vec::new();
         for l in links {
-            if !o.run.closing(&l.tag) || self.device_lives(o, &l, &loops) {
+            if !closing.contains(&l.tag) || self.device_lives(o, &l, &loops) {
                 kept.push(l);
                 continue;
             }
@@ -215,23 +223,32 @@ impl Agent {
                 }
             }
         }
+        // The devices no other tag's chain uses, detached.
+        let own: Vec<&Link> = mine
+            .iter()
+            .copied()
+            .filter(|l| {
+                l.loop_index.is_some_and(|i| {
+                    !links
+                        .iter()
+                        .any(|x| x.tag != tname && x.loop_index == Some(i))
+                })
+            })
+            .collect();
+        for l in &own {
+            let i = l.loop_index.expect("filtered");
+            self.loops
+                .detach(i)
+                .map_err(AgentError::io(format!("detaching loop{i}")))?;
+        }
+        // Held open, the kernel only marks a device to go at the last
+        // close: its link stays and protects the volume.
+        let loops = self.domain_loops(o)?;
         let mut still_open = Vec::new();
         for l in &mine {
-            if let Some(i) = l.loop_index {
-                let shared = links
-                    .iter()
-                    .any(|x| x.tag != tname && x.loop_index == Some(i));
-                if !shared {
-                    self.loops
-                        .detach(i)
-                        .map_err(AgentError::io(format!("detaching loop{i}")))?;
-                    // Held open, the kernel only marks it to go at the
-                    // last close: the link stays and protects the volume.
-                    if self.device_lives(o, l, &self.domain_loops(o)?) {
-                        still_open.push(format!("/dev/loop{i}"));
-                        continue;
-                    }
-                }
+            if own.contains(l) && self.device_lives(o, l, &loops) {
+                still_open.push(format!("/dev/loop{}", l.loop_index.expect("filtered")));
+                continue;
             }
             o.run
                 .remove_link(&l.tag, &l.volume)

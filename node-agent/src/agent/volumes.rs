@@ -583,24 +583,35 @@ mod tests {
         (dir, Agent::open_with(&cfg, locks, host).unwrap())
     }
 
+    /// A new volume of `format` (with a disk's tag when `tag`).
+    fn new_volume(
+        a: &Agent,
+        o: &Opened,
+        format: Format,
+        capacity: u64,
+        tag: bool,
+        rid: u8,
+    ) -> CreatedVolume {
+        a.create_volume(
+            o,
+            CreateVolume {
+                format,
+                capacity,
+                size: 0,
+                allocation: Allocation::Sparse,
+                parent: None,
+                description: String::new(),
+                tag: tag.then(|| cairn_domain::api::TagSpec::disk(vec![])),
+                keep_locked: None,
+            },
+            [rid; 16],
+        )
+        .unwrap()
+    }
+
     fn qcow2_volume(a: &Agent) -> (Arc<Opened>, Volume) {
         let o = a.domain("").unwrap();
-        let c = a
-            .create_volume(
-                &o,
-                CreateVolume {
-                    format: Format::Qcow2,
-                    capacity: 64 << 20,
-                    size: 0,
-                    allocation: Allocation::Sparse,
-                    parent: None,
-                    description: String::new(),
-                    tag: None,
-                    keep_locked: None,
-                },
-                [1; 16],
-            )
-            .unwrap();
+        let c = new_volume(a, &o, Format::Qcow2, 64 << 20, false, 1);
         (o, c.volume)
     }
 
@@ -660,22 +671,7 @@ mod tests {
         let loops = Arc::new(MemLoop::default());
         let (_d, a) = agent_with(Arc::new(FakeQemu::default()), loops.clone());
         let o = a.domain("").unwrap();
-        let c = a
-            .create_volume(
-                &o,
-                CreateVolume {
-                    format: Format::Raw,
-                    capacity: 4 << 20,
-                    size: 0,
-                    allocation: Allocation::Sparse,
-                    parent: None,
-                    description: String::new(),
-                    tag: Some(cairn_domain::api::TagSpec::disk(vec![])),
-                    keep_locked: None,
-                },
-                [2; 16],
-            )
-            .unwrap();
+        let c = new_volume(&a, &o, Format::Raw, 4 << 20, true, 2);
         let tag = c.tag.unwrap();
         let (act, _) = a.activate(&o, &tag.id).unwrap();
         let dev = &act.volumes[0].device;
