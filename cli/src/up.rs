@@ -13,6 +13,7 @@ use cairn_agent::AgentConfig;
 use cairn_domain::io::FileDev;
 use cairn_domain::{format, FormatParams, HostIdentity, LocalLockService, SystemClock};
 use cairn_proto::server::init_logging;
+use cairn_proto::server::Endpoints;
 use clap::Args;
 
 use crate::args::parse_size;
@@ -156,9 +157,11 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
             gc_quarantine: cairn_agent::agent::GC_QUARANTINE,
         },
         locks: Locks::Local(lock_dir.to_path_buf()),
-        socket: Some(socket.to_path_buf()),
-        listen: a.tls.security(a.listen)?,
-        access: access.clone(),
+        endpoints: Endpoints {
+            socket: Some(socket.to_path_buf()),
+            listen: a.tls.security(a.listen)?,
+            access: access.clone(),
+        },
         metrics: Some(a.metrics),
     };
     let size = std::fs::metadata(&domain)?.len();
@@ -184,12 +187,14 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
             dir: a.data_dir.join("coordinator"),
             agents: vec![socket.display().to_string()],
         },
-        socket: Some(coordinator.to_path_buf()),
-        listen: a.tls.security(a.coordinator_listen)?,
+        endpoints: Endpoints {
+            socket: Some(coordinator.to_path_buf()),
+            listen: a.tls.security(a.coordinator_listen)?,
+            access,
+        },
         agent_tls: Default::default(),
         // The coordinator reaches the agent on its socket, as this uid.
         agent_token: Default::default(),
-        access,
         duty_interval: Duration::from_secs(2),
         lock_wait: Duration::from_secs(60),
         job_retention: Duration::from_secs(24 * 3600),
@@ -220,10 +225,10 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
                     human_bytes(size),
                     if created { "formatted now" } else { "reused" }
                 );
-                if let Some(s) = &b.socket {
+                if let Some(s) = &b.grpc.socket {
                     msg += &format!("  agent socket:   {} (cairn --socket)\n", s.display());
                 }
-                if let Some(l) = b.listen {
+                if let Some(l) = b.grpc.listen {
                     msg +=
                         &format!("  agent gRPC:     http://{l} (cairn --agent http://{l} ...)\n");
                 }

@@ -1,6 +1,5 @@
 //! `cairn-coordinator`: a coordinator replica.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,11 +14,8 @@ struct Args {
     /// Unix socket for local clients (the `cairn` CLI).
     #[arg(long, default_value = "/run/cairn/coordinator.sock")]
     socket: PathBuf,
-    /// Also serve gRPC on this TCP address (TLS, or --insecure).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
     #[command(flatten)]
-    tls: cairn_proto::tls::ServerTlsArgs,
+    tcp: cairn_proto::tls::ListenArgs,
     /// How https:// agents are reached: --ca checks them, --cert/--key is
     /// this coordinator's certificate for agents that require one.
     #[command(flatten)]
@@ -94,14 +90,16 @@ async fn main() -> anyhow::Result<()> {
     let opts = ServeOptions {
         id,
         cluster,
-        socket: Some(a.socket),
-        listen: a.tls.security(a.listen)?,
+        endpoints: cairn_proto::server::Endpoints {
+            socket: Some(a.socket),
+            listen: a.tcp.security()?,
+            access: a.access,
+        },
         agent_tls: a.agent_tls,
         agent_token: match &a.agent_token_file {
             Some(p) => cairn_proto::auth::Bearer::from_file(p).map_err(anyhow::Error::msg)?,
             None => cairn_proto::auth::Bearer::default(),
         },
-        access: a.access,
         duty_interval: Duration::from_secs(a.duty_interval.max(1)),
         lock_wait: Duration::from_secs(a.lock_wait),
         job_retention: Duration::from_secs(a.job_retention),

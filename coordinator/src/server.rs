@@ -1,15 +1,15 @@
 //! Running a coordinator replica: gRPC on a unix socket and/or TCP with
 //! health checking and reflection, its registration, and the leader loop.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_cluster::{EtcdConfig, EtcdLockService, FileKv, Kv};
 use cairn_domain::{LocalLockService, LockService};
-use cairn_proto::auth::{Gate, Policy};
-use cairn_proto::server::serve_grpc;
+use cairn_proto::auth::Policy;
+pub use cairn_proto::server::Bound;
+use cairn_proto::server::Endpoints;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::agents::{Agents, Discovery};
@@ -39,17 +39,13 @@ pub struct ServeOptions {
     pub id: String,
     /// State and locks.
     pub cluster: Cluster,
-    /// Unix socket for local clients.
-    pub socket: Option<PathBuf>,
-    /// TCP address, and how it is secured.
-    pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
+    /// Where gRPC is served, and who may call.
+    pub endpoints: Endpoints,
     /// How agents over https:// are reached.
     pub agent_tls: cairn_proto::tls::ClientTlsArgs,
     /// The bearer token presented to agents (none: the certificate of
     /// `agent_tls`, or the unix socket's credentials, say who we are).
     pub agent_token: cairn_proto::auth::Bearer,
-    /// Who may call: the token file and the unix socket's mode and group.
-    pub access: cairn_proto::server::AccessArgs,
     /// How often the leader does its duties.
     pub duty_interval: Duration,
     /// How long an operation waits for a busy disk.
@@ -60,23 +56,15 @@ pub struct ServeOptions {
     pub orphan_quarantine: Duration,
 }
 
-/// Addresses actually bound.
-#[derive(Debug, Clone)]
-pub struct Bound {
-    /// Unix socket.
-    pub socket: Option<PathBuf>,
-    /// TCP.
-    pub listen: Option<SocketAddr>,
-}
-
 /// Serve until `shutdown` resolves; `ready` gets the bound addresses.
 pub async fn serve(
     opts: ServeOptions,
     ready: impl FnOnce(&Bound) + Send,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let auth = Arc::new(opts.access.authenticator()?);
     let cluster = opts.cluster.clone();
+    // Any identity; what it may act on is the service's business.
+    let gate = opts.endpoints.gate(Policy::Anyone, "coordinator API")?;
     let (kv, locks, discovery) = tokio::task::spawn_blocking(move || {
         Ok::<_, cairn_domain::DomainError>(match cluster {
             Cluster::Local { dir, agents } => (
@@ -108,20 +96,15 @@ pub async fn serve(
     let svc = CoordService::new(coord.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Any identity; what it may act on is the service's business.
-    let gate = Gate::new(auth, Policy::Anyone, "coordinator API");
-    let (socket, listen, mut tasks) = serve_grpc(
-        InterceptedService::new(pb::coordinator_server::CoordinatorServer::new(svc), gate),
-        pb::FILE_DESCRIPTOR_SET,
-        opts.socket
-            .as_deref()
-            .map(|p| (p, opts.access.socket_policy())),
-        opts.listen.clone(),
-        stop_rx.clone(),
-        "coordinator",
-    )
-    .await?;
-    let bound = Bound { socket, listen };
+    let (bound, mut tasks) = opts
+        .endpoints
+        .serve(
+            InterceptedService::new(pb::coordinator_server::CoordinatorServer::new(svc), gate),
+            pb::FILE_DESCRIPTOR_SET,
+            stop_rx.clone(),
+            "coordinator",
+        )
+        .await?;
     // Live while this process lives: jobs it owns are not orphans.
     let reg = serde_json::json!({
         "id": opts.id,

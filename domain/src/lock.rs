@@ -78,27 +78,34 @@ pub struct Resource {
 }
 
 impl Resource {
-    /// The lock's key, e.g. `cairn/<domain>/tag/<id>`.
-    pub fn key(&self) -> String {
-        let d = self.domain;
+    /// The lock's class and the parts of its name in that class.
+    fn parts(&self) -> (&'static str, Vec<String>) {
         match &self.kind {
-            ResourceKind::Disk(t) => format!("cairn/{d}/disk/{t}"),
-            ResourceKind::Tag(t) => format!("cairn/{d}/tag/{t}"),
-            ResourceKind::Volume(v) => format!("cairn/{d}/volume/{v}"),
-            ResourceKind::AllocPage { map, page } => format!("cairn/{d}/alloc/{map}/{page}"),
-            ResourceKind::HostSlot(i) => format!("cairn/{d}/slot/{i}"),
-            ResourceKind::Named(n) => format!("cairn/lock/{n}"),
+            ResourceKind::Disk(t) => ("disk", vec![t.to_string()]),
+            ResourceKind::Tag(t) => ("tag", vec![t.to_string()]),
+            ResourceKind::Volume(v) => ("volume", vec![v.to_string()]),
+            ResourceKind::AllocPage { map, page } => {
+                ("alloc", vec![map.to_string(), page.to_string()])
+            }
+            ResourceKind::HostSlot(i) => ("slot", vec![i.to_string()]),
+            ResourceKind::Named(n) => ("named", vec![n.clone()]),
         }
     }
-    fn file_name(&self) -> String {
-        match &self.kind {
-            ResourceKind::Disk(t) => format!("disk-{t}.lock"),
-            ResourceKind::Tag(t) => format!("tag-{t}.lock"),
-            ResourceKind::Volume(v) => format!("volume-{v}.lock"),
-            ResourceKind::AllocPage { map, page } => format!("alloc-{map}-{page}.lock"),
-            ResourceKind::HostSlot(i) => format!("slot-{i}.lock"),
-            ResourceKind::Named(n) => format!("named-{n}.lock"),
+
+    /// The lock's key, e.g. `cairn/<domain>/tag/<id>`; named locks are
+    /// `cairn/lock/<name>`, of no domain.
+    pub fn key(&self) -> String {
+        match self.parts() {
+            ("named", n) => format!("cairn/lock/{}", n.join("/")),
+            (class, n) => format!("cairn/{}/{class}/{}", self.domain, n.join("/")),
         }
+    }
+
+    /// The lock file's name in the single-machine service, e.g.
+    /// `tag-<id>.lock`.
+    fn file_name(&self) -> String {
+        let (class, n) = self.parts();
+        format!("{class}-{}.lock", n.join("-"))
     }
 }
 
@@ -159,6 +166,10 @@ impl LockGuard {
         self.inner.lost()
     }
 }
+
+/// What [`LockService::acquire_all_then_read`] gives: the guards, and the
+/// holders of the locks it was asked to read.
+pub type Acquired = (Vec<LockGuard>, Vec<Option<Token>>);
 
 /// A lock service.
 pub trait LockService: Send + Sync {
@@ -281,11 +292,12 @@ struct MemHeld {
 }
 
 impl HeldLock for MemHeld {
-    fn token(&self) -> Token {
-        self.token
-    }
+    /// An in-process lock is held until its guard drops.
     fn check(&self) -> Result<()> {
         Ok(())
+    }
+    fn token(&self) -> Token {
+        self.token
     }
 }
 
@@ -722,6 +734,49 @@ pub mod conformance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_and_lock_file_names_keep_their_shape() {
+        let d = uuid::Uuid::from_u128(7);
+        let (t, v) = (TagId::generate(4), VolumeId::generate(5));
+        let of = |kind| Resource { domain: d, kind };
+        let cases = [
+            (
+                ResourceKind::Disk(t),
+                format!("cairn/{d}/disk/{t}"),
+                format!("disk-{t}.lock"),
+            ),
+            (
+                ResourceKind::Tag(t),
+                format!("cairn/{d}/tag/{t}"),
+                format!("tag-{t}.lock"),
+            ),
+            (
+                ResourceKind::Volume(v),
+                format!("cairn/{d}/volume/{v}"),
+                format!("volume-{v}.lock"),
+            ),
+            (
+                ResourceKind::AllocPage { map: 1, page: 9 },
+                format!("cairn/{d}/alloc/1/9"),
+                "alloc-1-9.lock".into(),
+            ),
+            (
+                ResourceKind::HostSlot(3),
+                format!("cairn/{d}/slot/3"),
+                "slot-3.lock".into(),
+            ),
+            (
+                ResourceKind::Named("leader".into()),
+                "cairn/lock/leader".into(),
+                "named-leader.lock".into(),
+            ),
+        ];
+        for (kind, key, file) in cases {
+            let r = of(kind);
+            assert_eq!((r.key(), r.file_name()), (key, file));
+        }
+    }
 
     #[test]
     fn mem_lock_service_conforms() {

@@ -225,15 +225,9 @@ mod tests {
     use crate::qemu::{QemuImg, SystemQemu};
 
     fn qemu_img(args: &[&str]) {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let out = SystemQemu::default().output(&args).unwrap();
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
     }
 
     fn confined_convert(img: &Path, out: &Path) -> crate::qemu::QemuOutput {
@@ -266,16 +260,8 @@ mod tests {
             p("out.raw"),
         );
         let opt = format!("data_file={},data_file_raw=on", data.display());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opt,
-            evil.to_str().unwrap(),
-            "1M",
-        ]);
+        let evil_name = evil.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, evil_name, "1M"]);
         std::fs::write(&data, vec![0xd1u8; 1 << 20]).unwrap();
         qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "1M"]);
         std::fs::write(&out, vec![0u8; 1 << 20]).unwrap();

@@ -20,11 +20,8 @@ struct Args {
     /// Unix socket for local clients (the `cairn` CLI).
     #[arg(long, default_value = "/run/cairn/agent.sock")]
     socket: PathBuf,
-    /// Also serve gRPC on this TCP address (TLS, or --insecure).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
     #[command(flatten)]
-    tls: cairn_proto::tls::ServerTlsArgs,
+    tcp: cairn_proto::tls::ListenArgs,
     #[command(flatten)]
     access: cairn_proto::server::AccessArgs,
     /// Serve Prometheus metrics on this TCP address.
@@ -100,9 +97,11 @@ async fn main() -> anyhow::Result<()> {
             c.margin = (c.ttl / 3).max(Duration::from_secs(1));
             Locks::Etcd(c)
         },
-        socket: Some(a.socket),
-        listen: a.tls.security(a.listen)?,
-        access: a.access,
+        endpoints: cairn_proto::server::Endpoints {
+            socket: Some(a.socket),
+            listen: a.tcp.security()?,
+            access: a.access,
+        },
         metrics: a.metrics,
     };
     // One JSON line on stdout says where we listen (ports may be 0).
@@ -110,8 +109,8 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "socket": b.socket,
-                "listen": b.listen.map(|a| a.to_string()),
+                "socket": b.grpc.socket,
+                "listen": b.grpc.listen.map(|a| a.to_string()),
                 "metrics": b.metrics.map(|a| a.to_string()),
             })
         )

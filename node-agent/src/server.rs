@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cairn_proto::auth::{Gate, Policy};
-use cairn_proto::server::serve_grpc;
+use cairn_proto::auth::Policy;
+use cairn_proto::server::Endpoints;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 
@@ -32,12 +32,8 @@ pub struct ServeOptions {
     pub agent: AgentConfig,
     /// The lock service.
     pub locks: Locks,
-    /// Unix socket path (the CLI's default way in).
-    pub socket: Option<PathBuf>,
-    /// TCP address for remote clients, and how it is secured.
-    pub listen: Option<(SocketAddr, cairn_proto::tls::TcpSecurity)>,
-    /// Who may call: the token file and the unix socket's mode and group.
-    pub access: cairn_proto::server::AccessArgs,
+    /// Where gRPC is served, and who may call.
+    pub endpoints: Endpoints,
     /// TCP address of the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
 }
@@ -45,10 +41,8 @@ pub struct ServeOptions {
 /// Addresses actually bound (ports may have been 0).
 #[derive(Debug, Clone)]
 pub struct Bound {
-    /// Unix socket.
-    pub socket: Option<PathBuf>,
-    /// gRPC over TCP.
-    pub listen: Option<SocketAddr>,
+    /// gRPC.
+    pub grpc: cairn_proto::server::Bound,
     /// Metrics.
     pub metrics: Option<SocketAddr>,
 }
@@ -60,7 +54,8 @@ pub async fn serve(
     ready: impl FnOnce(&Bound) + Send,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let auth = Arc::new(opts.access.authenticator()?);
+    // The agent API is for admin and service identities only.
+    let gate = opts.endpoints.gate(Policy::AdminOrService, "agent API")?;
     let choice = opts.locks.clone();
     // The etcd service runs its own runtime; start it off this one.
     let (locks, etcd) = tokio::task::spawn_blocking(move || {
@@ -88,22 +83,17 @@ pub async fn serve(
     let svc = AgentService::new(agent.clone(), metrics.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // The agent API is for admin and service identities only.
-    let gate = Gate::new(auth, Policy::AdminOrService, "agent API");
-    let (socket, listen, mut tasks) = serve_grpc(
-        InterceptedService::new(pb::agent_server::AgentServer::new(svc.clone()), gate),
-        pb::FILE_DESCRIPTOR_SET,
-        opts.socket
-            .as_deref()
-            .map(|p| (p, opts.access.socket_policy())),
-        opts.listen.clone(),
-        stop_rx,
-        "agent",
-    )
-    .await?;
+    let (grpc, mut tasks) = opts
+        .endpoints
+        .serve(
+            InterceptedService::new(pb::agent_server::AgentServer::new(svc.clone()), gate),
+            pb::FILE_DESCRIPTOR_SET,
+            stop_rx,
+            "agent",
+        )
+        .await?;
     let mut bound = Bound {
-        socket,
-        listen,
+        grpc,
         metrics: None,
     };
     let mut metrics_task = None;
@@ -120,7 +110,7 @@ pub async fn serve(
             "host_id": host.id,
             "host_name": host.name,
             "instance": agent.instance(),
-            "address": bound.listen.zip(opts.listen.as_ref()).map(|(a, (_, s))| format!("{}://{a}", s.scheme())),
+            "address": bound.grpc.listen.zip(opts.endpoints.listen.as_ref()).map(|(a, (_, s))| format!("{}://{a}", s.scheme())),
             "domains": agent.domains().iter().map(|o| serde_json::json!({
                 "id": o.id(),
                 "name": o.name(),
@@ -164,7 +154,7 @@ pub async fn serve(
     if let Some(t) = metrics_task {
         t.abort();
     }
-    if let Some(p) = &bound.socket {
+    if let Some(p) = &bound.grpc.socket {
         let _ = std::fs::remove_file(p);
     }
     drop(svc);

@@ -162,37 +162,76 @@ pub async fn standard_services<S: tonic::server::NamedService>(
     Ok((health_svc, v1, v1alpha))
 }
 
-/// Serve `svc` beside health and reflection (for `descriptors`) on a unix
-/// socket and/or a TCP address until `stop` turns true (see
-/// [`serve_router`]).
-pub async fn serve_grpc<S>(
-    svc: S,
-    descriptors: &'static [u8],
-    socket: Option<(&Path, SocketPolicy)>,
-    listen: Option<(SocketAddr, TcpSecurity)>,
-    stop: tokio::sync::watch::Receiver<bool>,
-    what: &str,
-) -> Result<(Option<PathBuf>, Option<SocketAddr>, ServerTasks), ServeError>
-where
-    S: tower::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Response: axum::response::IntoResponse,
-    S::Future: Send + 'static,
-{
-    let (health, reflection, reflection_v1alpha) = standard_services::<S>(descriptors).await?;
-    let router = |mut b: tonic::transport::Server| {
-        b.add_service(health.clone())
-            .add_service(reflection.clone())
-            .add_service(reflection_v1alpha.clone())
-            .add_service(svc.clone())
-    };
-    serve_router(router, socket, listen, stop, what).await
+/// Where a daemon serves gRPC, and who may call it.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// Unix socket path (the CLI's default way in).
+    pub socket: Option<PathBuf>,
+    /// TCP address for remote clients, and how it is secured.
+    pub listen: Option<(SocketAddr, TcpSecurity)>,
+    /// Who may call: the token file and the unix socket's mode and group.
+    pub access: AccessArgs,
+}
+
+/// The addresses a daemon's gRPC endpoints actually bound (TCP port 0
+/// becomes the one given).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    /// Unix socket.
+    pub socket: Option<PathBuf>,
+    /// gRPC over TCP.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Endpoints {
+    /// The gate that lets `policy` callers into `api` (refused when the
+    /// token file is unusable, before anything is served).
+    pub fn gate(
+        &self,
+        policy: crate::auth::Policy,
+        api: &'static str,
+    ) -> Result<crate::auth::Gate, crate::auth::AuthError> {
+        let auth = std::sync::Arc::new(self.access.authenticator()?);
+        Ok(crate::auth::Gate::new(auth, policy, api))
+    }
+
+    /// Serve `svc` (behind its gate) beside health and reflection (for
+    /// `descriptors`) on these endpoints until `stop` turns true (see
+    /// [`serve_router`]).
+    pub async fn serve<S>(
+        &self,
+        svc: S,
+        descriptors: &'static [u8],
+        stop: tokio::sync::watch::Receiver<bool>,
+        what: &str,
+    ) -> Result<(Bound, ServerTasks), ServeError>
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let (health, reflection, reflection_v1alpha) = standard_services::<S>(descriptors).await?;
+        let router = |mut b: tonic::transport::Server| {
+            b.add_service(health.clone())
+                .add_service(reflection.clone())
+                .add_service(reflection_v1alpha.clone())
+                .add_service(svc.clone())
+        };
+        let socket = self
+            .socket
+            .as_deref()
+            .map(|p| (p, self.access.socket_policy()));
+        let (socket, listen, tasks) =
+            serve_router(router, socket, self.listen.clone(), stop, what).await?;
+        Ok((Bound { socket, listen }, tasks))
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are in place when this

@@ -66,6 +66,24 @@ pub struct ServerTlsArgs {
     pub insecure: bool,
 }
 
+/// A daemon's TCP listener: where, and how it is secured.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenArgs {
+    /// Also serve gRPC on this TCP address (TLS, or --insecure).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Its certificate, or --insecure.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+}
+
+impl ListenArgs {
+    /// The listener to open, if any (see [`ServerTlsArgs::security`]).
+    pub fn security(&self) -> Result<Option<(SocketAddr, TcpSecurity)>, TlsError> {
+        self.tls.security(self.listen)
+    }
+}
+
 /// How a TCP listener is secured.
 #[derive(Debug, Clone)]
 pub enum TcpSecurity {

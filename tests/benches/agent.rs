@@ -190,18 +190,20 @@ fn main() {
             gc_quarantine: cairn_agent::agent::GC_QUARANTINE,
         },
         locks: cairn_agent::server::Locks::Local(dir.join("locks")),
-        socket: Some(socket.clone()),
-        listen: tls_args
-            .security(Some("127.0.0.1:0".parse().unwrap()))
-            .unwrap(),
-        access: access.clone(),
+        endpoints: cairn_proto::server::Endpoints {
+            socket: Some(socket.clone()),
+            listen: tls_args
+                .security(Some("127.0.0.1:0".parse().unwrap()))
+                .unwrap(),
+            access: access.clone(),
+        },
         metrics: None,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(serve(
         opts,
-        move |b| ready_tx.send(b.listen).unwrap(),
+        move |b| ready_tx.send(b.grpc.listen).unwrap(),
         async move {
             let _ = stop_rx.await;
         },

@@ -80,22 +80,10 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         write_expected(&exp_top, 512 << 10, 1 << 20, 0xbb);
         write_expected(&exp_top, 60 << 20, 64 << 10, 0);
 
-        run(Command::new("qemu-img")
-            .args(["check", "-f", "qcow2"])
-            .arg(&top_path));
-        run(Command::new("qemu-img")
-            .args(["compare", "-f", "qcow2", "-F", "raw"])
-            .arg(&top_path)
-            .arg(&exp_top));
+        assert_reads_like(&top_path, &exp_top);
         // The guest's writes landed in the top volume only.
-        run(Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&base_path)
-            .arg(&exp_base));
-        let info = run(Command::new("qemu-img")
-            .args(["info", "--backing-chain", "--output=json"])
-            .arg(&top_path));
-        let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_reads_like(&base_path, &exp_base);
+        let chain = qemu_info(&top_path, true);
         let names: Vec<&str> = chain
             .as_array()
             .unwrap()
@@ -255,17 +243,8 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
         assert_eq!(a.volumes.len(), 101);
         assert_eq!(a.path, top_path);
     });
-    run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(&top_path));
-    run(Command::new("qemu-img")
-        .args(["compare", "-f", "qcow2", "-F", "raw"])
-        .arg(&top_path)
-        .arg(&exp));
-    let info = run(Command::new("qemu-img")
-        .args(["info", "--backing-chain", "--output=json"])
-        .arg(&top_path));
-    let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_reads_like(Path::new(&top_path), &exp);
+    let chain = qemu_info(Path::new(&top_path), true);
     assert_eq!(chain.as_array().unwrap().len(), 101);
     drop(agent);
     domain_clean(&dom);
@@ -336,11 +315,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_and_forced_keeps_it_protected
             .answer();
         assert!(r.changed);
         assert_eq!(r.still_open, vec![device.display().to_string()]);
-        let acts = c
-            .list_activations(pb::ListActivationsRequest::default())
-            .await
-            .answer()
-            .activations;
+        let acts = c.activations().await;
         let mine = acts
             .iter()
             .find(|a| a.tag_id == disk.id)
@@ -363,11 +338,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_and_forced_keeps_it_protected
         let _ = holder.wait();
         let t = std::time::Instant::now();
         loop {
-            let acts = c
-                .list_activations(pb::ListActivationsRequest::default())
-                .await
-                .answer()
-                .activations;
+            let acts = c.activations().await;
             if !acts.iter().any(|a| a.tag_id == disk.id) {
                 break;
             }

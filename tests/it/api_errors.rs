@@ -4,6 +4,7 @@
 
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::domain::*;
 use cairn_tests::refusals::Refusals;
 use cairn_tests::Answer;
@@ -19,18 +20,14 @@ fn agent_retried_requests_return_the_first_outcome() {
         assert!(a.created && !b.created);
         assert_eq!(a.volume, b.volume);
         assert_eq!(a.tag, b.tag);
-        let vols = c
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .answer()
-            .volumes;
+        let vols = c.volumes().await;
         assert_eq!(vols.len(), 1);
         // The same id for a different request is refused.
         let mut other = req.clone();
         other.capacity *= 2;
-        let e = c.create_volume(other).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("request_id"), "{}", e.message());
+        c.create_volume(other)
+            .await
+            .refused(tonic::Code::InvalidArgument, "request_id");
 
         let disk = a.tag.unwrap().id;
         let snap = pb::SnapshotRequest {
@@ -801,16 +798,9 @@ fn agent_answers_an_undecodable_request_invalid_argument() {
         let wrong = tonic_health::pb::HealthCheckResponse { status: 1 };
         let codec = tonic_prost::ProstCodec::<_, pb::CreateVolumeResponse>::default();
         let path = "/cairn.agent.v1.Agent/CreateVolume".parse().unwrap();
-        let e = g
-            .unary(tonic::Request::new(wrong), path, codec)
+        g.unary(tonic::Request::new(wrong), path, codec)
             .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(
-            e.message().contains("could not be decoded"),
-            "{}",
-            e.message()
-        );
+            .refused(tonic::Code::InvalidArgument, "could not be decoded");
     });
     assert!(before == domain_state(&dom));
 }
@@ -876,10 +866,7 @@ fn agent_quotes_at_most_the_start_of_a_huge_field() {
 fn coordinator_quotes_at_most_the_start_of_a_huge_field() {
     use cairn_proto::coordinator as cpb;
     let (dir, _dom, agent) = AgentFixture::new(1).parts();
-    let coord = cairn_tests::coordinator::CoordProc::start(
-        &dir.path().join("coord"),
-        &["--agent".into(), agent.socket.display().to_string()],
-    );
+    let coord = cairn_tests::coordinator::CoordProc::of(dir.path(), &agent);
     let huge = "y".repeat(1 << 20);
     rt().block_on(async {
         let mut c = coord.client().await;

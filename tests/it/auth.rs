@@ -335,12 +335,7 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
     });
     drop(coord);
     // Every mutating request left an audit line naming the identity.
-    let audit: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["target"] == "audit")
-        .collect();
+    let audit = cairn_tests::auth::audit_lines(&log);
     let line = |rid: &str| {
         audit
             .iter()

@@ -47,6 +47,15 @@ impl Decoy {
     }
 }
 
+/// An agent, its io dir, and a directory beside it (outside) for decoys.
+fn beside_the_io_dir() -> (tempfile::TempDir, PathBuf, AgentProc, PathBuf, PathBuf) {
+    let (dir, dom, agent) = AgentFixture::new(4).parts();
+    let io = agent.io_dir();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    (dir, dom, agent, io, outside)
+}
+
 /// The names in a directory, sorted.
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -113,10 +122,7 @@ fn qemu_img(args: &[&str]) {
 
 #[test]
 fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
-    let (dir, dom, agent) = AgentFixture::new(4).parts();
-    let io = agent.io_dir();
-    let outside = dir.path().join("outside");
-    std::fs::create_dir(&outside).unwrap();
+    let (_dir, dom, agent, io, outside) = beside_the_io_dir();
     let secret = Decoy::new(outside.join("secret.raw"), 0xd0);
     // A qcow2 whose guest data is the secret, through an external raw data
     // file outside the io dir.
@@ -144,20 +150,13 @@ fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
         let mut c = agent.client().await;
         // Named directly, the evil image is refused for what it is.
         std::fs::copy(&evil, io.join("evil.qcow2")).unwrap();
-        let e = c
-            .import_volume(pb::ImportVolumeRequest {
-                path: io.join("evil.qcow2").display().to_string(),
-                source_format: pb::VolumeFormat::Qcow2 as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(
-            e.message().contains("external data file"),
-            "{}",
-            e.message()
-        );
+        c.import_volume(pb::ImportVolumeRequest {
+            path: io.join("evil.qcow2").display().to_string(),
+            source_format: pb::VolumeFormat::Qcow2 as i32,
+            ..Default::default()
+        })
+        .await
+        .refused(tonic::Code::InvalidArgument, "external data file");
 
         for i in 0..ROUNDS {
             // A raw file, replaced by a symlink to the secret as soon as
@@ -196,10 +195,7 @@ fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
 
 #[test]
 fn qemu_agent_exports_write_and_remove_nothing_outside_the_io_dir() {
-    let (dir, dom, agent) = AgentFixture::new(4).parts();
-    let io = agent.io_dir();
-    let outside = dir.path().join("outside");
-    std::fs::create_dir(&outside).unwrap();
+    let (_dir, dom, agent, io, outside) = beside_the_io_dir();
     let victim = Decoy::new(outside.join("x.raw"), 0xd0);
     let mut cancelled = 0;
     rt().block_on(async {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cairn_domain::io::{CrashKeep, MemDev, SimDev};
 use cairn_domain::*;
 
+use cairn_tests::agent::run;
 use cairn_tests::bins::*;
 use cairn_tests::domain::*;
 
@@ -390,17 +391,10 @@ fn root_qemu_cairn_up_runs_the_readme_first_session() {
     let (child, first) = start();
     assert!(first.contains("reused"), "{first}");
     stop(child);
-    let out = Command::new(&bin)
+    run(Command::new(&bin)
         .args(["domain", "check"])
         .arg(dir.path().join("data/domain.img"))
-        .envs(env.iter().cloned())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+        .envs(env.iter().cloned()));
 }
 
 /// Format, check and use a domain on a real block device (a loop device

@@ -7,6 +7,7 @@ use cairn_coordinator::pb;
 use tonic::Code;
 
 use cairn_tests::agent::*;
+use cairn_tests::ask::{AgentCalls, CoordCalls};
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
@@ -58,10 +59,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         &dir.path().join("agent"),
         &["--domain".into(), d2.display().to_string()],
     );
-    let coord = CoordProc::start(
-        &dir.path().join("coord"),
-        &["--agent".into(), agent.socket.display().to_string()],
-    );
+    let coord = CoordProc::of(dir.path(), &agent);
     let exp = |n: &str| dir.path().join(format!("{n}.expected"));
     rt().block_on(async {
         let mut c = coord.client().await;
@@ -372,9 +370,9 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             flatten,
             ..Default::default()
         };
-        let e = c.convert_disk(convert("cv2", false)).await.unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains(&snap), "{}", e.message());
+        c.convert_disk(convert("cv2", false))
+            .await
+            .refused(Code::FailedPrecondition, &snap);
         let v = disk_on(&mut c, "one", &disk).await;
         assert_eq!((v.chain.len(), v.snapshots.len()), (2, 1));
         ok(finish(
@@ -425,19 +423,16 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         check_disk(&mut a, "two", &moved.id, &exp("db")).await;
         // A move to the disk's own domain would copy it and delete the
         // original: refused, and the disk stays as it was.
-        let e = c
-            .copy_disk(pb::CopyDiskRequest {
-                request_id: "mv-self".into(),
-                domain: "two".into(),
-                disk_id: moved.id.clone(),
-                target_domain: "two".into(),
-                r#move: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-        assert!(e.message().contains("already on domain"), "{}", e.message());
+        c.copy_disk(pb::CopyDiskRequest {
+            request_id: "mv-self".into(),
+            domain: "two".into(),
+            disk_id: moved.id.clone(),
+            target_domain: "two".into(),
+            r#move: true,
+            ..Default::default()
+        })
+        .await
+        .refused(Code::FailedPrecondition, "already on domain");
         check_disk(&mut a, "two", &moved.id, &exp("db")).await;
         let e = c
             .get_disk(pb::GetDiskRequest {
@@ -448,11 +443,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
 
-        let listed = c
-            .list_disks(pb::ListDisksRequest::default())
-            .await
-            .answer()
-            .disks;
+        let listed = c.disks().await;
         let mut names: Vec<_> = listed
             .iter()
             .map(|d| format!("{}/{}", d.domain_name, d.name))
@@ -568,7 +559,6 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
 #[test]
 fn the_leader_reclaims_volumes_no_tag_reaches_after_their_quarantine() {
     use cairn_proto::agent as apb;
-    use cairn_tests::ask::AgentCalls;
     let (dir, dom, agent) = AgentFixture::new(1).parts();
     let coord = CoordProc::start(
         &dir.path().join("coord"),
@@ -644,13 +634,9 @@ fn the_leader_reclaims_volumes_no_tag_reaches_after_their_quarantine() {
 
 #[test]
 fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
-    use cairn_tests::ask::AgentCalls;
     use std::os::unix::fs::FileExt;
     let (dir, dom, agent) = AgentFixture::new(1).parts();
-    let coord = CoordProc::start(
-        &dir.path().join("coord"),
-        &["--agent".into(), agent.socket.display().to_string()],
-    );
+    let coord = CoordProc::of(dir.path(), &agent);
     let (g, _) = cairn_domain::engine::read_superblocks(
         &cairn_domain::io::FileDev::open(&dom, false).unwrap(),
     )

@@ -61,6 +61,21 @@ fn state(d: &Domain) -> State {
 }
 
 /// Objects the setup made, for the operation under test.
+/// A snapshot of the disk, but for moving the disk's tag onto the new top
+/// volume (the tag's changed metadata comes with it).
+fn snapshot<'a>(d: &'a Domain, f: &Fixture) -> Result<(Transaction<'a>, TagMeta)> {
+    let mut weak = tag_on(f.disk_vol);
+    weak.tag_type = TagType::Weak;
+    weak.mutable = false;
+    let mut top = raw(1);
+    top.format = Format::Qcow2;
+    top.parent = Some(TagRef::New(0));
+    let mut moved = d.read_tag(&f.disk)?.meta();
+    moved.volume = VolumeRef::New(0);
+    let tx = d.tx("snapshot").create_tag(weak).create_volume(top);
+    Ok((tx, moved))
+}
+
 struct Fixture {
     base_tag: TagId,
     disk_vol: VolumeId,
@@ -130,41 +145,19 @@ fn ops() -> Vec<(&'static str, OpFn)> {
             d.remove_user_data(&f.disk, "catalog", &[])
         }),
         ("grouped: snapshot", |d, f| {
-            let mut weak = tag_on(f.disk_vol);
-            weak.tag_type = TagType::Weak;
-            weak.mutable = false;
-            let mut top = raw(1);
-            top.format = Format::Qcow2;
-            top.parent = Some(TagRef::New(0));
-            let mut moved = d.read_tag(&f.disk)?.meta();
-            moved.volume = VolumeRef::New(0);
-            d.tx("snapshot")
-                .create_tag(weak)
-                .create_volume(top)
-                .change_tag(f.disk, moved)
-                .commit()
-                .map(|_| ())
+            let (tx, moved) = snapshot(d, f)?;
+            tx.change_tag(f.disk, moved).commit().map(|_| ())
         }),
         ("grouped: snapshot with an initialised image", |d, f| {
-            let mut weak = tag_on(f.disk_vol);
-            weak.tag_type = TagType::Weak;
-            weak.mutable = false;
-            let mut top = raw(1);
-            top.format = Format::Qcow2;
-            top.parent = Some(TagRef::New(0));
-            let mut moved = d.read_tag(&f.disk)?.meta();
-            moved.volume = VolumeRef::New(0);
-            d.tx("snapshot")
-                .create_tag(weak)
-                .create_volume(top)
-                .init_volume_data(
-                    VolumeRef::New(0),
-                    64 << 10,
-                    vec![(0, vec![0x51; 512]), (8192, vec![7; 4096])],
-                )
-                .change_tag(f.disk, moved)
-                .commit()
-                .map(|_| ())
+            let (tx, moved) = snapshot(d, f)?;
+            tx.init_volume_data(
+                VolumeRef::New(0),
+                64 << 10,
+                vec![(0, vec![0x51; 512]), (8192, vec![7; 4096])],
+            )
+            .change_tag(f.disk, moved)
+            .commit()
+            .map(|_| ())
         }),
         ("grouped: delete a chain", |d, f| {
             d.tx("delete leaf")

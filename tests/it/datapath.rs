@@ -241,11 +241,7 @@ fn agent_refuses_paths_outside_io_dirs_and_cancels_cleanly() {
         let j = wait_job(&mut c, job).await;
         assert_eq!(j.state, pb::JobState::Cancelled as i32, "{j:?}");
         assert!(j.done_bytes < j.total_bytes || j.total_bytes == 0, "{j:?}");
-        let vols = c
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .answer()
-            .volumes;
+        let vols = c.volumes().await;
         assert_eq!(vols.len(), 1, "a cancelled import left a volume");
     });
     drop(agent);
@@ -307,11 +303,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
     let agent = AgentProc::start(&dom, dir.path());
     rt.block_on(async {
         let mut c = agent.client().await;
-        let vols = c
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .answer()
-            .volumes;
+        let vols = c.volumes().await;
         for v in &vols {
             assert_eq!(
                 v.legality,
@@ -320,11 +312,7 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
             );
         }
         assert_eq!(vols.len(), 1, "the killed copy's target survived: {vols:?}");
-        let acts = c
-            .list_activations(pb::ListActivationsRequest::default())
-            .await
-            .answer()
-            .activations;
+        let acts = c.activations().await;
         assert_eq!(acts.len(), 1);
         assert_eq!(acts[0].tag_id, disk.id);
         assert!(Path::new(&acts[0].path).exists());

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cairn_cluster::{EtcdConfig, EtcdLockService};
 use cairn_domain::lock::{conformance, Resource, ResourceKind};
 use cairn_domain::{DomainError, LockService};
+use cairn_tests::agent::run;
 use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::etcd::{free_port, Etcd};
 use cairn_tests::Answer;
@@ -369,18 +370,10 @@ fn etcd_local_cluster_script_runs_and_stops() {
         .unwrap();
     assert!(first.starts_with("Local Cairn cluster up"), "{first:?}");
     let cairn = |sock: &str, args: &[&str]| {
-        let out = Command::new(&bin)
+        run(Command::new(&bin)
             .arg("--socket")
             .arg(dir.path().join(sock))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+            .args(args))
     };
     let disk = cairn("agent1.sock", &["volume", "create", "--size", "64M", "-q"]);
     cairn("agent2.sock", &["snapshot", disk.trim()]);

@@ -91,11 +91,7 @@ fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinato
         // and what it half made is gone.
         let t = Instant::now();
         loop {
-            let vols = ao
-                .list_volumes(apb::ListVolumesRequest::default())
-                .await
-                .answer()
-                .volumes;
+            let vols = ao.volumes().await;
             if vols
                 .iter()
                 .all(|v| v.legality == apb::Legality::Legal as i32)
@@ -501,11 +497,7 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
         .await
         .answer());
         // Nothing committed before was lost.
-        let listed = c
-            .list_disks(pb::ListDisksRequest::default())
-            .await
-            .answer()
-            .disks;
+        let listed = c.disks().await;
         for d in &disks {
             let v = listed.iter().find(|x| &x.id == d).expect("disk kept");
             assert_eq!(v.snapshots.len(), 1);

@@ -11,6 +11,7 @@ use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use cairn_tests::agent::*;
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::Answer;
@@ -410,10 +411,7 @@ fn root_etcd_qemu_slow_sigkill_loop_leaves_every_disk_before_or_after() {
             let held = held_locks(&cl.etcd).await;
             let mut a = cl.agents[0].client().await;
             let vols = a
-                .list_volumes(apb::ListVolumesRequest::default())
-                .await
-                .answer()
-                .volumes;
+                .volumes().await;
             let half: Vec<_> = vols
                 .iter()
                 .filter(|v| v.legality != apb::Legality::Legal as i32)

@@ -1,7 +1,7 @@
 //! Two processes, each with its own host slot, working on one domain file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,13 +99,20 @@ fn verify(path: &Path, locks: &Path, e: &Expect) -> usize {
     wrong
 }
 
-#[test]
-fn two_processes_share_one_domain() {
+/// A formatted domain file for two workers: its directory, the file, their
+/// lock directory and their two logs.
+fn shared_domain() -> (tempfile::TempDir, PathBuf, PathBuf, [PathBuf; 2]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("domain.img");
     let locks = dir.path().join("locks");
     format_file(&path);
     let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    (dir, path, locks, logs)
+}
+
+#[test]
+fn two_processes_share_one_domain() {
+    let (_dir, path, locks, logs) = shared_domain();
     let mut a = worker(&path, &locks, 4, 11, &logs[0]);
     let mut b = worker(&path, &locks, 4, 22, &logs[1]);
     assert!(a.wait().unwrap().success());
@@ -120,11 +127,7 @@ fn two_processes_share_one_domain() {
 
 #[test]
 fn a_killed_process_is_recovered_by_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("domain.img");
-    let locks = dir.path().join("locks");
-    format_file(&path);
-    let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    let (_dir, path, locks, logs) = shared_domain();
     let mut a = worker(&path, &locks, 30, 33, &logs[0]);
     let mut b = worker(&path, &locks, 5, 44, &logs[1]);
     std::thread::sleep(Duration::from_millis(1500));

@@ -40,10 +40,7 @@ fn stock_client(socket: &Path, service: &str, method: &str) -> serde_json::Value
 #[test]
 fn python_grpcio_works_on_both_unix_sockets() {
     let (dir, _dom, agent) = AgentFixture::new(1).parts();
-    let coord = CoordProc::start(
-        &dir.path().join("coord"),
-        &["--agent".into(), agent.socket.display().to_string()],
-    );
+    let coord = CoordProc::of(dir.path(), &agent);
     let a = stock_client(&agent.socket, "cairn.agent.v1.Agent", "ListDomains");
     assert_eq!(a["health"], "SERVING", "{a}");
     assert!(

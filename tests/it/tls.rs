@@ -157,34 +157,15 @@ fn a_tcp_listener_without_tls_needs_insecure() {
 /// where, the method, the request id and the outcome.
 #[test]
 fn agent_audits_every_mutating_request_with_who_and_from() {
-    use std::io::BufRead;
     let (dir, dom, plain) = AgentFixture::new(1).parts();
     let home = plain.dir.clone();
     drop(plain);
     let certs = Certs::make(&dir.path().join("certs"), &["admin"]);
     let log = dir.path().join("agent.log");
-    let mut child = Command::new(agent_bin())
-        .arg("--domain")
-        .arg(&dom)
-        .arg("--socket")
-        .arg(home.join("agent.sock"))
-        .arg("--run-dir")
-        .arg(home.join("run"))
-        .arg("--lock-dir")
-        .arg(home.join("locks"))
-        .args(["--listen", "127.0.0.1:0", "--log-json"])
-        .args(certs.server_args())
-        .env("RUST_LOG", "warn,audit=info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
-    let url = format!("https://{}", ready["listen"].as_str().unwrap());
+    let mut extra = certs.server_args();
+    extra.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let agent = AgentProc::start_logging(&dom, &home, &extra, &log);
+    let url = agent.listen.clone().unwrap();
     rt().block_on(async {
         // Over the unix socket, as root.
         let ch = cairn_proto::transport::channel(&Target::Unix(home.join("agent.sock")))
@@ -219,14 +200,8 @@ fn agent_audits_every_mutating_request_with_who_and_from() {
             .await
             .unwrap();
     });
-    let _ = child.kill();
-    let _ = child.wait();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["target"] == "audit")
-        .collect();
+    drop(agent);
+    let lines = cairn_tests::auth::audit_lines(&log);
     assert_eq!(lines.len(), 3, "{lines:#?}");
     let f = |i: usize, k: &str| {
         lines[i]["fields"][k]

@@ -252,12 +252,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
         let counts = |c: &mut cairn_agent::pb::agent_client::AgentClient<_>| {
             let mut c = c.clone();
             async move {
-                let v = c
-                    .list_volumes(pb::ListVolumesRequest::default())
-                    .await
-                    .answer()
-                    .volumes
-                    .len();
+                let v = c.volumes().await.len();
                 let t = c
                     .list_tags(pb::ListTagsRequest::default())
                     .await

@@ -85,35 +85,55 @@ impl AgentProc {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> AgentProc {
+        AgentProc::start_cmd(domain, dir, extra, |c| {
+            c.envs(env.iter().copied());
+        })
+    }
+
+    /// [`AgentProc::start_with`], logging JSON lines with the audit target
+    /// to `log`.
+    pub fn start_logging(domain: &Path, dir: &Path, extra: &[String], log: &Path) -> AgentProc {
+        let f = std::fs::File::create(log).unwrap();
+        AgentProc::start_cmd(domain, dir, extra, |c| {
+            c.arg("--log-json")
+                .env("RUST_LOG", "warn,audit=info")
+                .stderr(f);
+        })
+    }
+
+    fn start_cmd(
+        domain: &Path,
+        dir: &Path,
+        extra: &[String],
+        more: impl FnOnce(&mut Command),
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("agent.sock");
         let io = dir.join("io");
         std::fs::create_dir_all(&io).unwrap();
-        let (child, ready) = spawn_ready(
-            Command::new(agent_bin())
-                .arg("--io-dir")
-                .arg(&io)
-                .arg("--domain")
-                .arg(domain)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--run-dir")
-                .arg(dir.join("run"))
-                .arg("--lock-dir")
-                .arg(dir.join("locks"))
-                .args(["--metrics", "127.0.0.1:0"])
-                .args(if extra.iter().any(|a| a == "--lock-timeout") {
-                    &[][..]
-                } else {
-                    &["--lock-timeout", "5"][..]
-                })
-                .args(extra)
-                .envs(env.iter().copied())
-                // Its own process group: pausing the group pauses the agent
-                // with its qemu-img children, as a frozen host would be.
-                .process_group(0),
-            "CAIRN_TEST_LOG",
-        );
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--io-dir")
+            .arg(&io)
+            .arg("--domain")
+            .arg(domain)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--lock-dir")
+            .arg(dir.join("locks"))
+            .args(["--metrics", "127.0.0.1:0"])
+            .args(if extra.iter().any(|a| a == "--lock-timeout") {
+                &[][..]
+            } else {
+                &["--lock-timeout", "5"][..]
+            })
+            .args(extra)
+            // Its own process group: pausing the group pauses the agent
+            // with its qemu-img children, as a frozen host would be.
+            .process_group(0);
+        more(&mut cmd);
+        let (child, ready) = spawn_ready(&mut cmd, "CAIRN_TEST_LOG");
         AgentProc {
             child: Some(child),
             dir: dir.to_path_buf(),

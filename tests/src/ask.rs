@@ -35,6 +35,8 @@ pub trait AgentCalls {
     fn tag_of(&mut self, id: &str) -> impl Future<Output = pb::Tag>;
     /// Every volume of the only domain.
     fn volumes(&mut self) -> impl Future<Output = Vec<pb::Volume>>;
+    /// Every activation.
+    fn activations(&mut self) -> impl Future<Output = Vec<pb::Activation>>;
     /// Panic unless the agent's check of volume `id` finds it clean.
     fn assert_clean(&mut self, id: &str) -> impl Future<Output = ()>;
 }
@@ -91,6 +93,13 @@ impl AgentCalls for AgentClient<Channel> {
             .await
             .answer()
             .volumes
+    }
+
+    async fn activations(&mut self) -> Vec<pb::Activation> {
+        self.list_activations(pb::ListActivationsRequest::default())
+            .await
+            .answer()
+            .activations
     }
 
     async fn assert_clean(&mut self, id: &str) {
@@ -166,6 +175,8 @@ pub trait CoordCalls {
     ) -> impl Future<Output = cpb::Job>;
     /// A job as it is now.
     fn job_now(&mut self, id: &str) -> impl Future<Output = cpb::Job>;
+    /// Every disk the caller may see.
+    fn disks(&mut self) -> impl Future<Output = Vec<cpb::Disk>>;
 }
 
 impl CoordCalls for CoordinatorClient<Channel> {
@@ -209,5 +220,12 @@ impl CoordCalls for CoordinatorClient<Channel> {
         self.get_job(cpb::GetJobRequest { job_id: id.into() })
             .await
             .answer()
+    }
+
+    async fn disks(&mut self) -> Vec<cpb::Disk> {
+        self.list_disks(cpb::ListDisksRequest::default())
+            .await
+            .answer()
+            .disks
     }
 }

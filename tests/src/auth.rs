@@ -15,6 +15,16 @@ use tonic::transport::Channel;
 
 use crate::certs::Certs;
 
+/// The audit lines of a JSON log (`--log-json`), in order.
+pub fn audit_lines(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["target"] == "audit")
+        .collect()
+}
+
 /// A channel that presents a token, or nothing.
 pub type Authed = InterceptedService<Channel, Bearer>;
 

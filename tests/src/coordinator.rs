@@ -31,6 +31,12 @@ impl CoordProc {
         CoordProc::start_cmd(dir, extra, |_| {})
     }
 
+    /// A coordinator in `dir/coord` that uses only `agent`, on its socket.
+    pub fn of(dir: &Path, agent: &crate::agent::AgentProc) -> CoordProc {
+        let only = ["--agent".into(), agent.socket.display().to_string()];
+        CoordProc::start(&dir.join("coord"), &only)
+    }
+
     /// [`CoordProc::start`], logging JSON lines with the audit target to
     /// `log`.
     pub fn start_logging(dir: &Path, extra: &[String], log: &Path) -> CoordProc {

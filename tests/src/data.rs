@@ -48,22 +48,28 @@ pub fn write_expected(path: &Path, off: u64, len: u64, byte: u8) {
     f.write_all_at(&vec![byte; len as usize], off).unwrap();
 }
 
+/// What `qemu-img info` says of the image at `path` (with
+/// `--backing-chain`: an array, the image first).
+pub fn qemu_info(path: &Path, chain: bool) -> serde_json::Value {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]);
+    if chain {
+        cmd.arg("--backing-chain");
+    }
+    serde_json::from_str(&run(cmd.arg(path))).unwrap()
+}
+
 /// The format qemu sees at `path`.
 pub fn qemu_format(path: &Path) -> String {
-    let out = run(Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["format"].as_str().unwrap().to_string()
+    qemu_info(path, false)["format"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The virtual size qemu sees at `path`.
 pub fn qemu_size(path: &Path) -> u64 {
-    let out = run(Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["virtual-size"].as_u64().unwrap()
+    qemu_info(path, false)["virtual-size"].as_u64().unwrap()
 }
 
 /// Assert the image at `path` (its whole chain) reads like the raw file

@@ -31,6 +31,9 @@ pub mod stats;
 pub trait Answer<T> {
     /// The message; panics with the status otherwise.
     fn answer(self) -> T;
+    /// The status of a call that must be refused with `code` and a
+    /// message containing `text`; panics otherwise.
+    fn refused(self, code: tonic::Code, text: &str) -> tonic::Status;
 }
 
 impl<T> Answer<T> for Result<tonic::Response<T>, tonic::Status> {
@@ -40,6 +43,20 @@ impl<T> Answer<T> for Result<tonic::Response<T>, tonic::Status> {
             Ok(r) => r.into_inner(),
             Err(s) => panic!("the call failed: {s:?}"),
         }
+    }
+
+    #[track_caller]
+    fn refused(self, code: tonic::Code, text: &str) -> tonic::Status {
+        let Err(e) = self else {
+            panic!("the call succeeded; expected {code:?} saying {text:?}")
+        };
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(
+            e.message().contains(text),
+            "{text:?} not in {:?}",
+            e.message()
+        );
+        e
     }
 }
 

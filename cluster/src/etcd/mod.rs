@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_domain::lock::{token_floor, HeldLock, Resource, Token};
+use cairn_domain::lock::{token_floor, Acquired, HeldLock, Resource, Token};
 use cairn_domain::{DomainError, LockGuard, LockService, Result};
 mod kv;
 mod local;

@@ -48,7 +48,7 @@ impl LockService for EtcdLockService {
         resources: &[Resource],
         timeout: Duration,
         read: &[Resource],
-    ) -> Result<(Vec<LockGuard>, Vec<Option<Token>>)> {
+    ) -> Result<Acquired> {
         if resources.len() < 2 && read.is_empty() {
             let guards = resources
                 .iter()
