@@ -425,25 +425,26 @@ fn main() {
         for op in [Op::Create, Op::Snapshot, Op::Clone] {
             let (mut one, w1, c1) = run(&cl, op, 1, n).await;
             let ops1 = one.len() as f64 / w1.as_secs_f64();
-            println!(
-                "{:<28} {} {} {:>11.1} {:>8}   {}",
-                format!("{op:?} (1 client)"),
-                ms(pct(&mut one, 0.5)),
-                ms(pct(&mut one, 0.99)),
+            let line = |label: &str, lat: &mut [Duration], ops: f64, ratio: String, cpu: &str| {
+                let (p50, p99) = (ms(pct(lat, 0.5)), ms(pct(lat, 0.99)));
+                println!("{label:<28} {p50} {p99} {ops:>11.1} {ratio:>8}   {cpu}");
+            };
+            line(
+                &format!("{op:?} (1 client)"),
+                &mut one,
                 ops1,
-                "",
-                cpu_line(&c1)
+                String::new(),
+                &cpu_line(&c1),
             );
             let (mut many, w16, c16) = run(&cl, op, 16, (n / 4).max(1)).await;
             let ops16 = many.len() as f64 / w16.as_secs_f64();
-            println!(
-                "{:<28} {} {} {:>11.1} {:>7.2}x   {}",
-                format!("{op:?} (16 clients)"),
-                ms(pct(&mut many, 0.5)),
-                ms(pct(&mut many, 0.99)),
+            let ratio = format!("{:.2}x", ops16 / ops1);
+            line(
+                &format!("{op:?} (16 clients)"),
+                &mut many,
                 ops16,
-                ops16 / ops1,
-                cpu_line(&c16)
+                ratio,
+                &cpu_line(&c16),
             );
         }
     });

@@ -214,11 +214,7 @@ fn root_qemu_agent_chain_of_100_snapshots_activates_and_verifies() {
                 break;
             }
             let s = c
-                .snapshot(pb::SnapshotRequest {
-                    request_id: format!("s{i}"),
-                    tag_id: disk.clone(),
-                    ..Default::default()
-                })
+                .snapshot(ask::snapshot(&format!("s{i}"), &disk))
                 .await
                 .answer();
             let top = s.volume.unwrap().id;
@@ -322,11 +318,7 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_and_forced_keeps_it_protected
             .expect("still listed");
         assert!(mine.closing, "{mine:?}");
         let e = c
-            .delete_disk(pb::DeleteDiskRequest {
-                request_id: "del1".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
+            .delete_disk(ask::delete_disk("del1", &disk.id))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
@@ -350,13 +342,9 @@ fn root_agent_refuses_to_deactivate_what_is_in_use_and_forced_keeps_it_protected
         }
         assert!(!Path::new(&top.path).exists());
         c.deactivate_tag("d4", &weak.id).await;
-        c.delete_disk(pb::DeleteDiskRequest {
-            request_id: "del2".into(),
-            tag_id: disk.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .answer();
+        c.delete_disk(ask::delete_disk("del2", &disk.id))
+            .await
+            .answer();
     });
     drop(agent);
     domain_clean(&dom);

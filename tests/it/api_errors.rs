@@ -4,7 +4,7 @@
 
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
-use cairn_tests::ask::AgentCalls;
+use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::domain::*;
 use cairn_tests::refusals::Refusals;
 use cairn_tests::Answer;
@@ -30,11 +30,7 @@ fn agent_retried_requests_return_the_first_outcome() {
             .refused(tonic::Code::InvalidArgument, "request_id");
 
         let disk = a.tag.unwrap().id;
-        let snap = pb::SnapshotRequest {
-            request_id: "snap-1".into(),
-            tag_id: disk.clone(),
-            ..Default::default()
-        };
+        let snap = ask::snapshot("snap-1", &disk);
         let s1 = c.snapshot(snap.clone()).await.answer();
         let s2 = c.snapshot(snap).await.answer();
         assert!(s1.created && !s2.created);

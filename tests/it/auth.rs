@@ -14,6 +14,7 @@ use cairn_proto::agent as apb;
 use cairn_proto::auth::Role;
 use cairn_proto::coordinator as pb;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
+use cairn_tests::ask::coord;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -141,21 +142,12 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
         let b = made(&mut bob, "b-create", "b-disk").await;
         made(&mut carol, "c-create", "c-disk").await;
         let snap = alice
-            .snapshot_disk(pb::SnapshotDiskRequest {
-                request_id: "a-snap".into(),
-                disk_id: a.id.clone(),
-                ..Default::default()
-            })
+            .snapshot_disk(coord::snapshot("a-snap", "", &a.id))
             .await
             .answer()
             .snapshot_id;
         let clone = ok(alice
-            .clone_disk(pb::CloneDiskRequest {
-                request_id: "a-clone".into(),
-                source_id: snap.clone(),
-                name: "a-clone".into(),
-                ..Default::default()
-            })
+            .clone_disk(coord::clone("a-clone", "", &snap, "a-clone"))
             .await
             .answer());
         let cl = clone.disk.unwrap().id;
@@ -187,59 +179,22 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
             none.message().replace(&ghost, "ID")
         );
         let bsnap = bob
-            .snapshot_disk(pb::SnapshotDiskRequest {
-                request_id: "b-snap".into(),
-                disk_id: b.id.clone(),
-                ..Default::default()
-            })
+            .snapshot_disk(coord::snapshot("b-snap", "", &b.id))
             .await
             .answer()
             .snapshot_id;
         let refused = [
+            refusal(alice.delete_disk(coord::delete("x1", "", &b.id)).await),
+            refusal(alice.snapshot_disk(coord::snapshot("x2", "", &b.id)).await),
             refusal(
                 alice
-                    .delete_disk(pb::DeleteDiskRequest {
-                        request_id: "x1".into(),
-                        disk_id: b.id.clone(),
-                        ..Default::default()
-                    })
+                    .extend_disk(coord::extend("x3", "", &b.id, 8 * MIB))
                     .await,
             ),
+            refusal(alice.clone_disk(coord::clone("x4", "", &bsnap, "")).await),
             refusal(
                 alice
-                    .snapshot_disk(pb::SnapshotDiskRequest {
-                        request_id: "x2".into(),
-                        disk_id: b.id.clone(),
-                        ..Default::default()
-                    })
-                    .await,
-            ),
-            refusal(
-                alice
-                    .extend_disk(pb::ExtendDiskRequest {
-                        request_id: "x3".into(),
-                        disk_id: b.id.clone(),
-                        size: 8 * MIB,
-                        ..Default::default()
-                    })
-                    .await,
-            ),
-            refusal(
-                alice
-                    .clone_disk(pb::CloneDiskRequest {
-                        request_id: "x4".into(),
-                        source_id: bsnap.clone(),
-                        ..Default::default()
-                    })
-                    .await,
-            ),
-            refusal(
-                alice
-                    .delete_snapshot(pb::DeleteSnapshotRequest {
-                        request_id: "x5".into(),
-                        snapshot_id: bsnap.clone(),
-                        ..Default::default()
-                    })
+                    .delete_snapshot(coord::delete_snapshot("x5", "", &bsnap))
                     .await,
             ),
         ];
@@ -292,11 +247,7 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
         let b_now = ops.get_disk(get(&b.id)).await.answer();
         assert_eq!((b_now.size, b_now.snapshots.len()), (4 * MIB, 1));
         let merge = admin
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                request_id: "admin-merge".into(),
-                snapshot_id: bsnap,
-                ..Default::default()
-            })
+            .delete_snapshot(coord::delete_snapshot("admin-merge", "", &bsnap))
             .await
             .answer();
         ok(done(&mut admin, merge).await);

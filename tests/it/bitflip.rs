@@ -45,6 +45,15 @@ fn flipped(p: &Populated, byte: u64, bit: u8) -> Arc<MemDev> {
 }
 
 /// Bytes to flip inside a structure: header, middle, checksum.
+/// The domain on `dev`, opened read-only by another host.
+fn open_read_only(dev: Arc<MemDev>) -> Result<Domain> {
+    Domain::open(
+        dev,
+        Arc::new(MemLockService::new()),
+        OpenOptions::read_only(host(2)),
+    )
+}
+
 fn positions(off: u64, len: u64) -> Vec<(u64, u8)> {
     vec![
         (off, 0),
@@ -103,12 +112,7 @@ fn record_flips_are_detected_and_named() {
     }
     // The engine refuses a damaged record with its location.
     let dev = flipped(&p, g.volume_off(p.vol.slot()) + 70, 2);
-    let d = Domain::open(
-        dev,
-        Arc::new(MemLockService::new()),
-        OpenOptions::read_only(host(2)),
-    )
-    .unwrap();
+    let d = open_read_only(dev).unwrap();
     let e = d.read_volume(&p.vol).unwrap_err();
     assert_eq!(e.code(), ErrorCode::Corrupt);
     let msg = e.to_string();
@@ -139,13 +143,9 @@ fn slot_header_and_allocation_map_flips_are_detected() {
         for (byte, bit) in positions(off, PAGE) {
             let dev = flipped(&p, byte, bit);
             expect_finding(dev.as_ref(), "alloc", "allocation map");
-            let e = Domain::open(
-                dev,
-                Arc::new(MemLockService::new()),
-                OpenOptions::read_only(host(2)),
-            )
-            .err()
-            .expect("open must refuse a damaged allocation map");
+            let e = open_read_only(dev)
+                .err()
+                .expect("open must refuse a damaged allocation map");
             assert!(
                 e.to_string().contains("allocation map") || e.to_string().contains("bitmap"),
                 "{e}"
@@ -158,23 +158,13 @@ fn slot_header_and_allocation_map_flips_are_detected() {
 fn user_data_flips_are_detected() {
     let p = populated();
     let g = &p.geom;
-    let d = Domain::open(
-        Arc::new(MemDev::from_image(p.image.clone())),
-        Arc::new(MemLockService::new()),
-        OpenOptions::read_only(host(2)),
-    )
-    .unwrap();
+    let d = open_read_only(Arc::new(MemDev::from_image(p.image.clone()))).unwrap();
     let t = d.read_tag(&p.tag).unwrap();
     let off = g.user_data_half_off(p.tag.slot(), t.user_data.half);
     for (byte, bit) in positions(off, t.user_data.len as u64) {
         let dev = flipped(&p, byte, bit);
         expect_finding(dev.as_ref(), "tag.user_data", "user data");
-        let d = Domain::open(
-            dev,
-            Arc::new(MemLockService::new()),
-            OpenOptions::read_only(host(2)),
-        )
-        .unwrap();
+        let d = open_read_only(dev).unwrap();
         assert_eq!(
             d.read_user_data(&p.tag).unwrap_err().code(),
             ErrorCode::Corrupt

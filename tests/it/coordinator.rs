@@ -7,7 +7,7 @@ use cairn_coordinator::pb;
 use tonic::Code;
 
 use cairn_tests::agent::*;
-use cairn_tests::ask::{AgentCalls, CoordCalls};
+use cairn_tests::ask::{coord, AgentCalls, CoordCalls};
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
 use cairn_tests::domain::*;
@@ -97,11 +97,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         // So is the same id for another method, even where the two
         // messages' bytes are the same.
         let e = c
-            .delete_disk(pb::DeleteDiskRequest {
-                request_id: "c1".into(),
-                domain: "one".into(),
-                disk_id: disk.clone(),
-            })
+            .delete_disk(coord::delete("c1", "one", &disk))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -137,26 +133,14 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
 
         // Thin clone of the snapshot: what the disk was.
         let cs = ok(c
-            .clone_disk(pb::CloneDiskRequest {
-                request_id: "cl1".into(),
-                domain: "one".into(),
-                source_id: s1.clone(),
-                name: "from-snap".into(),
-                ..Default::default()
-            })
+            .clone_disk(coord::clone("cl1", "one", &s1, "from-snap"))
             .await
             .answer());
         let from_snap = cs.disk.unwrap().id;
         check_disk(&mut a, "one", &from_snap, &exp("s1")).await;
         // Thin clone of the disk: what it is now (the disk gets a snapshot).
         let cd = ok(c
-            .clone_disk(pb::CloneDiskRequest {
-                request_id: "cl2".into(),
-                domain: "one".into(),
-                source_id: disk.clone(),
-                name: "from-disk".into(),
-                ..Default::default()
-            })
+            .clone_disk(coord::clone("cl2", "one", &disk, "from-disk"))
             .await
             .answer());
         let from_disk = cd.disk.unwrap().id;
@@ -194,14 +178,9 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         check_disk(&mut a, "one", &full.id, &exp("web")).await;
 
         // Extend: the disk and its top grow.
-        ok(c.extend_disk(pb::ExtendDiskRequest {
-            request_id: "x1".into(),
-            domain: "one".into(),
-            disk_id: disk.clone(),
-            size: 96 * MIB,
-        })
-        .await
-        .answer());
+        ok(c.extend_disk(coord::extend("x1", "one", &disk, 96 * MIB))
+            .await
+            .answer());
         std::fs::OpenOptions::new()
             .write(true)
             .open(exp("web"))
@@ -213,12 +192,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         write_both(&p, &exp("web"), 90 * MIB, MIB, 0x33);
         deactivate(&mut a, "one", &disk).await;
         let e = c
-            .extend_disk(pb::ExtendDiskRequest {
-                request_id: "x2".into(),
-                domain: "one".into(),
-                disk_id: disk.clone(),
-                size: 32 * MIB,
-            })
+            .extend_disk(coord::extend("x2", "one", &disk, 32 * MIB))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -230,11 +204,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         let e = finish(
             c.clone(),
             c.clone()
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: "ds0".into(),
-                    domain: "one".into(),
-                    snapshot_id: s2.clone(),
-                })
+                .delete_snapshot(coord::delete_snapshot("ds0", "one", &s2))
                 .await
                 .answer(),
         )
@@ -242,42 +212,26 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         assert_eq!(e.state, pb::JobState::Failed as i32);
         assert_eq!(e.error_code, Code::FailedPrecondition as i32, "{e:?}");
         // Delete the clone of the disk; then the snapshot merges (rebase).
-        ok(c.delete_disk(pb::DeleteDiskRequest {
-            request_id: "dd1".into(),
-            domain: "one".into(),
-            disk_id: from_disk.clone(),
-        })
-        .await
-        .answer());
+        ok(c.delete_disk(coord::delete("dd1", "one", &from_disk))
+            .await
+            .answer());
         ok(finish(
             c.clone(),
             c.clone()
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: "ds1".into(),
-                    domain: "one".into(),
-                    snapshot_id: s2.clone(),
-                })
+                .delete_snapshot(coord::delete_snapshot("ds1", "one", &s2))
                 .await
                 .answer(),
         )
         .await);
         check_disk(&mut a, "one", &disk, &exp("web")).await;
         // Then the base snapshot, once its other clone is gone.
-        ok(c.delete_disk(pb::DeleteDiskRequest {
-            request_id: "dd2".into(),
-            domain: "one".into(),
-            disk_id: from_snap.clone(),
-        })
-        .await
-        .answer());
+        ok(c.delete_disk(coord::delete("dd2", "one", &from_snap))
+            .await
+            .answer());
         ok(finish(
             c.clone(),
             c.clone()
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: "ds2".into(),
-                    domain: "one".into(),
-                    snapshot_id: s1.clone(),
-                })
+                .delete_snapshot(coord::delete_snapshot("ds2", "one", &s1))
                 .await
                 .answer(),
         )
@@ -312,11 +266,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
         ok(finish(
             c.clone(),
             c.clone()
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: "ds3".into(),
-                    domain: "one".into(),
-                    snapshot_id: s.snapshot_id.clone(),
-                })
+                .delete_snapshot(coord::delete_snapshot("ds3", "one", &s.snapshot_id))
                 .await
                 .answer(),
         )
@@ -473,21 +423,12 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             c.create_disk(create("b5", "", "x", pb::Format::Raw, 1))
                 .await
                 .map(|_| ()),
-            c.snapshot_disk(pb::SnapshotDiskRequest {
-                request_id: "b6".into(),
-                domain: "one".into(),
-                disk_id: "not-an-id".into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-            c.delete_disk(pb::DeleteDiskRequest {
-                request_id: "b7".into(),
-                domain: "one".into(),
-                disk_id: from_disk.clone(),
-            })
-            .await
-            .map(|_| ()),
+            c.snapshot_disk(coord::snapshot("b6", "one", "not-an-id"))
+                .await
+                .map(|_| ()),
+            c.delete_disk(coord::delete("b7", "one", &from_disk))
+                .await
+                .map(|_| ()),
             c.get_disk(pb::GetDiskRequest {
                 domain: "one".into(),
                 disk_id: s1.clone(),
@@ -528,13 +469,9 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             ("two", &copy.id),
             ("two", &moved.id),
         ] {
-            ok(c.delete_disk(pb::DeleteDiskRequest {
-                request_id: format!("del-{id}"),
-                domain: dom.into(),
-                disk_id: id.clone(),
-            })
-            .await
-            .answer());
+            ok(c.delete_disk(coord::delete(&format!("del-{id}"), dom, &id))
+                .await
+                .answer());
         }
         let jobs = c
             .list_jobs(pb::ListJobsRequest { running: true })
@@ -676,13 +613,7 @@ fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
             at.push(off);
         }
         for (rid, d) in [("dw", &wiped), ("dk", &kept)] {
-            ok(c.delete_disk(pb::DeleteDiskRequest {
-                request_id: rid.into(),
-                disk_id: d.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer());
+            ok(c.delete_disk(coord::delete(rid, "", &d)).await.answer());
         }
         let read = |off: u64| {
             let mut b = vec![0u8; 2 * MIB as usize];
@@ -704,11 +635,7 @@ fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
             .unwrap()
             .id;
         let snap = ok(c
-            .snapshot_disk(pb::SnapshotDiskRequest {
-                request_id: "ms".into(),
-                disk_id: d.clone(),
-                ..Default::default()
-            })
+            .snapshot_disk(coord::snapshot("ms", "", &d))
             .await
             .answer())
         .snapshot_id;
@@ -728,11 +655,7 @@ fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
         }
         file.sync_all().unwrap();
         let j = c
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                request_id: "md".into(),
-                snapshot_id: snap,
-                ..Default::default()
-            })
+            .delete_snapshot(coord::delete_snapshot("md", "", &snap))
             .await
             .answer();
         ok(finish(c.clone(), j).await);

@@ -67,22 +67,20 @@ fn etcd_tokens_keep_growing_across_an_etcd_restart_and_wipe() {
     let mut e = Etcd::start();
     let s = EtcdLockService::connect(cfg(&e, 4, 1000)).unwrap();
     let d = uuid::Uuid::new_v4();
-    let g1 = s.acquire(&res(d, 1), Duration::ZERO).unwrap();
-    let t1 = g1.token();
-    drop(g1);
+    // The token of taking the lock and giving it back at once.
+    let token = |wait: u64| {
+        s.acquire(&res(d, 1), Duration::from_secs(wait))
+            .unwrap()
+            .token()
+    };
+    let t1 = token(0);
     // Restart: the session survives (the lease outlives a quick restart).
     e.restart();
-    let t2 = s
-        .acquire(&res(d, 1), Duration::from_secs(10))
-        .unwrap()
-        .token();
+    let t2 = token(10);
     assert!(t2 > t1, "{t2} after {t1}");
     // Wipe: revisions start over, the token base is made again, later.
     e.wipe();
-    let t3 = s
-        .acquire(&res(d, 1), Duration::from_secs(15))
-        .unwrap()
-        .token();
+    let t3 = token(15);
     assert!(t3 > t2, "{t3} after a wipe, {t2} before");
     assert!(s.healthy());
 }

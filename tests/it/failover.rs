@@ -10,7 +10,7 @@ use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use cairn_tests::agent::*;
-use cairn_tests::ask::{AgentCalls, CoordCalls};
+use cairn_tests::ask::{self, coord, AgentCalls, CoordCalls};
 use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::data::*;
@@ -212,13 +212,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         // B, the new holder of everything, snapshots the disk and writes.
-        b.snapshot(apb::SnapshotRequest {
-            request_id: "s".into(),
-            tag_id: disk.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        b.snapshot(ask::snapshot("s", &disk)).await.unwrap();
         let p = activate(&mut b, "", &disk).await;
         write_both(&p, &exp, MIB, MIB, 0x77);
         deactivate(&mut b, "", &disk).await;
@@ -256,11 +250,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
             .unwrap_err();
         fenced_or_gone(&e);
         let e = a
-            .snapshot(apb::SnapshotRequest {
-                request_id: "late-s".into(),
-                tag_id: disk.clone(),
-                ..Default::default()
-            })
+            .snapshot(ask::snapshot("late-s", &disk))
             .await
             .unwrap_err();
         fenced_or_gone(&e);
@@ -340,11 +330,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         let (d0b, conv_id) = (d0.clone(), conv.id.clone());
         let second = tokio::spawn(async move {
             let s = ok(c0
-                .snapshot_disk(pb::SnapshotDiskRequest {
-                    request_id: "s-d0".into(),
-                    disk_id: d0b,
-                    ..Default::default()
-                })
+                .snapshot_disk(coord::snapshot("s-d0", "", &d0b))
                 .await
                 .answer());
             let conv = c0.job_now(&conv_id).await;
@@ -359,11 +345,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
             tasks.push(tokio::spawn(async move {
                 for k in 0..5 {
                     ok(ci
-                        .snapshot_disk(pb::SnapshotDiskRequest {
-                            request_id: format!("s{i}-{k}"),
-                            disk_id: d.clone(),
-                            ..Default::default()
-                        })
+                        .snapshot_disk(coord::snapshot(&format!("s{i}-{k}"), "", &d))
                         .await
                         .answer());
                     let _ = tx.send(());
@@ -434,13 +416,11 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
                 .await
                 .answer());
             let d = j.disk.unwrap().id;
-            ok(c.snapshot_disk(pb::SnapshotDiskRequest {
-                request_id: format!("snap{i}"),
-                disk_id: d.clone(),
-                ..Default::default()
-            })
-            .await
-            .answer());
+            ok(
+                c.snapshot_disk(coord::snapshot(&format!("snap{i}"), "", &d))
+                    .await
+                    .answer(),
+            );
             disks.push(d);
         }
         let before = domain_state(&cl.domain);
@@ -489,13 +469,11 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
                 }
             }
         };
-        ok(c.snapshot_disk(pb::SnapshotDiskRequest {
-            request_id: "snap-after".into(),
-            disk_id: made.disk.unwrap().id,
-            ..Default::default()
-        })
-        .await
-        .answer());
+        ok(
+            c.snapshot_disk(coord::snapshot("snap-after", "", &made.disk.unwrap().id))
+                .await
+                .answer(),
+        );
         // Nothing committed before was lost.
         let listed = c.disks().await;
         for d in &disks {

@@ -11,7 +11,7 @@ use cairn_coordinator::pb::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use cairn_tests::agent::*;
-use cairn_tests::ask::AgentCalls;
+use cairn_tests::ask::{coord, AgentCalls};
 use cairn_tests::cluster::*;
 use cairn_tests::coordinator::*;
 use cairn_tests::Answer;
@@ -61,61 +61,24 @@ impl LoopOp {
         c: &mut CoordinatorClient<Channel>,
         rid: &str,
     ) -> Result<pb::Job, tonic::Status> {
-        let rid = rid.to_string();
         let r = match self.clone() {
             LoopOp::Create { size } => {
-                c.create_disk(pb::CreateDiskRequest {
-                    request_id: rid.clone(),
-                    name: rid,
-                    format: pb::Format::Qcow2 as i32,
-                    size,
-                    ..Default::default()
-                })
-                .await
+                c.create_disk(coord::create(rid, rid, pb::Format::Qcow2, size))
+                    .await
             }
-            LoopOp::Snapshot { disk } => {
-                c.snapshot_disk(pb::SnapshotDiskRequest {
-                    request_id: rid,
-                    disk_id: disk,
-                    ..Default::default()
-                })
-                .await
-            }
+            LoopOp::Snapshot { disk } => c.snapshot_disk(coord::snapshot(rid, "", &disk)).await,
             LoopOp::CloneSnapshot { snapshot } => {
-                c.clone_disk(pb::CloneDiskRequest {
-                    request_id: rid.clone(),
-                    source_id: snapshot,
-                    name: rid,
-                    ..Default::default()
-                })
-                .await
+                c.clone_disk(coord::clone(rid, "", &snapshot, rid)).await
             }
             LoopOp::Extend { disk, size } => {
-                c.extend_disk(pb::ExtendDiskRequest {
-                    request_id: rid,
-                    disk_id: disk,
-                    size,
-                    ..Default::default()
-                })
-                .await
+                c.extend_disk(coord::extend(rid, "", &disk, size)).await
             }
             LoopOp::DeleteSnapshot { snapshot, .. } => {
-                c.delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: rid,
-                    snapshot_id: snapshot,
-                    ..Default::default()
-                })
-                .await
+                c.delete_snapshot(coord::delete_snapshot(rid, "", &snapshot))
+                    .await
             }
-            LoopOp::Delete { disk } => {
-                c.delete_disk(pb::DeleteDiskRequest {
-                    request_id: rid,
-                    disk_id: disk,
-                    ..Default::default()
-                })
-                .await
-            }
-            LoopOp::FullClone { disk } => c.clone_disk(full_clone(&rid, &disk)).await,
+            LoopOp::Delete { disk } => c.delete_disk(coord::delete(rid, "", &disk)).await,
+            LoopOp::FullClone { disk } => c.clone_disk(full_clone(rid, &disk)).await,
         };
         r.map(|r| r.into_inner())
     }

@@ -3,7 +3,7 @@
 
 use cairn_proto::agent as pb;
 use cairn_tests::agent::*;
-use cairn_tests::ask::AgentCalls;
+use cairn_tests::ask::{self, AgentCalls};
 use cairn_tests::domain::*;
 use cairn_tests::Answer;
 
@@ -235,11 +235,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
         let mut weak = Vec::new();
         for i in 0..3 {
             let s = c
-                .snapshot(pb::SnapshotRequest {
-                    request_id: format!("s{i}"),
-                    tag_id: disk.id.clone(),
-                    ..Default::default()
-                })
+                .snapshot(ask::snapshot(&format!("s{i}"), &disk.id))
                 .await
                 .answer();
             weak.push(s.parent_tag.unwrap().id);
@@ -264,11 +260,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
         };
         assert_eq!(counts(&mut c).await, (5, 5));
         let r = c
-            .delete_disk(pb::DeleteDiskRequest {
-                request_id: "del".into(),
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
+            .delete_disk(ask::delete_disk("del", &disk.id))
             .await
             .answer();
         // The disk, its top three volumes and the two upper weak tags go;
@@ -278,11 +270,7 @@ fn agent_delete_disk_reclaims_what_only_it_references() {
         assert!(!r.tags_removed.contains(&weak[0]));
         assert_eq!(counts(&mut c).await, (2, 2));
         let r = c
-            .delete_disk(pb::DeleteDiskRequest {
-                request_id: "del2".into(),
-                tag_id: clone.id.clone(),
-                ..Default::default()
-            })
+            .delete_disk(ask::delete_disk("del2", &clone.id))
             .await
             .answer();
         assert_eq!(

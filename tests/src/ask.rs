@@ -153,6 +153,71 @@ pub fn delete_disk(rid: &str, tag: &str) -> pb::DeleteDiskRequest {
     }
 }
 
+/// Coordinator requests, as tests make them (empty domain: the only one).
+pub mod coord {
+    use cairn_proto::coordinator as cpb;
+
+    /// A new disk `name` of `size` bytes.
+    pub fn create(rid: &str, name: &str, format: cpb::Format, size: u64) -> cpb::CreateDiskRequest {
+        cpb::CreateDiskRequest {
+            request_id: rid.into(),
+            name: name.into(),
+            format: format as i32,
+            size,
+            ..Default::default()
+        }
+    }
+
+    /// A snapshot of `disk`.
+    pub fn snapshot(rid: &str, domain: &str, disk: &str) -> cpb::SnapshotDiskRequest {
+        cpb::SnapshotDiskRequest {
+            request_id: rid.into(),
+            domain: domain.into(),
+            disk_id: disk.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A thin clone of `source` (a disk or snapshot) named `name`.
+    pub fn clone(rid: &str, domain: &str, source: &str, name: &str) -> cpb::CloneDiskRequest {
+        cpb::CloneDiskRequest {
+            request_id: rid.into(),
+            domain: domain.into(),
+            source_id: source.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Growing `disk` to `size` bytes.
+    pub fn extend(rid: &str, domain: &str, disk: &str, size: u64) -> cpb::ExtendDiskRequest {
+        cpb::ExtendDiskRequest {
+            request_id: rid.into(),
+            domain: domain.into(),
+            disk_id: disk.into(),
+            size,
+        }
+    }
+
+    /// Deleting `disk`.
+    pub fn delete(rid: &str, domain: &str, disk: &str) -> cpb::DeleteDiskRequest {
+        cpb::DeleteDiskRequest {
+            request_id: rid.into(),
+            domain: domain.into(),
+            disk_id: disk.into(),
+        }
+    }
+
+    /// Deleting snapshot `snap` (merging it away).
+    pub fn delete_snapshot(rid: &str, domain: &str, snap: &str) -> cpb::DeleteSnapshotRequest {
+        cpb::DeleteSnapshotRequest {
+            request_id: rid.into(),
+            domain: domain.into(),
+            snapshot_id: snap.into(),
+        }
+    }
+}
+
 /// The coordinator calls tests make.
 pub trait CoordCalls {
     /// Disk `disk` of `domain` (name or id; empty: the only one).
@@ -189,31 +254,21 @@ impl CoordCalls for CoordinatorClient<Channel> {
     }
 
     async fn snapshot_of(&mut self, rid: &str, domain: &str, disk: &str) -> cpb::Job {
-        let r = cpb::SnapshotDiskRequest {
-            request_id: rid.into(),
-            domain: domain.into(),
-            disk_id: disk.into(),
-            ..Default::default()
-        };
-        self.snapshot_disk(r).await.answer()
+        self.snapshot_disk(coord::snapshot(rid, domain, disk))
+            .await
+            .answer()
     }
 
     async fn delete_of(&mut self, rid: &str, domain: &str, disk: &str) -> cpb::Job {
-        let r = cpb::DeleteDiskRequest {
-            request_id: rid.into(),
-            domain: domain.into(),
-            disk_id: disk.into(),
-        };
-        self.delete_disk(r).await.answer()
+        self.delete_disk(coord::delete(rid, domain, disk))
+            .await
+            .answer()
     }
 
     async fn delete_snapshot_of(&mut self, rid: &str, domain: &str, snap: &str) -> cpb::Job {
-        let r = cpb::DeleteSnapshotRequest {
-            request_id: rid.into(),
-            domain: domain.into(),
-            snapshot_id: snap.into(),
-        };
-        self.delete_snapshot(r).await.answer()
+        self.delete_snapshot(coord::delete_snapshot(rid, domain, snap))
+            .await
+            .answer()
     }
 
     async fn job_now(&mut self, id: &str) -> cpb::Job {
