@@ -469,7 +469,7 @@ fn root_qemu_coordinator_every_operation_end_to_end() {
             ("two", &copy.id),
             ("two", &moved.id),
         ] {
-            ok(c.delete_disk(coord::delete(&format!("del-{id}"), dom, &id))
+            ok(c.delete_disk(coord::delete(&format!("del-{id}"), dom, id))
                 .await
                 .answer());
         }
@@ -613,7 +613,7 @@ fn qemu_a_disk_made_to_wipe_after_delete_leaves_zeros_where_its_data_was() {
             at.push(off);
         }
         for (rid, d) in [("dw", &wiped), ("dk", &kept)] {
-            ok(c.delete_disk(coord::delete(rid, "", &d)).await.answer());
+            ok(c.delete_disk(coord::delete(rid, "", d)).await.answer());
         }
         let read = |off: u64| {
             let mut b = vec![0u8; 2 * MIB as usize];
