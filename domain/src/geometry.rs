@@ -310,6 +310,20 @@ impl Geometry {
     pub fn tag_off(&self, i: u32) -> u64 {
         self.tag_table_off + i as u64 * self.sector_size as u64
     }
+    /// How many slots `table` has.
+    pub fn slots_of(&self, table: Table) -> u32 {
+        match table {
+            Table::Volume => self.volume_slots,
+            Table::Tag => self.tag_slots,
+        }
+    }
+    /// Offset of slot `i` of `table`.
+    pub fn record_off(&self, table: Table, i: u32) -> u64 {
+        match table {
+            Table::Volume => self.volume_off(i),
+            Table::Tag => self.tag_off(i),
+        }
+    }
     /// Offset of half `h` of tag slot `i`'s user data.
     pub fn user_data_half_off(&self, i: u32, h: u8) -> u64 {
         self.user_data_off + (i as u64 * 2 + h as u64) * self.user_data_size as u64
@@ -580,6 +594,25 @@ mod tests {
             let mut b = bytes.clone();
             b[bit / 8] ^= 1 << (bit % 8);
             assert!(Geometry::decode(&b, 0).is_err(), "bit {bit}");
+        }
+    }
+}
+
+/// A table of metadata records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Volume records.
+    Volume,
+    /// Tag records.
+    Tag,
+}
+
+impl Table {
+    /// "volume" or "tag".
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Volume => "volume",
+            Table::Tag => "tag",
         }
     }
 }

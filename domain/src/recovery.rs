@@ -10,7 +10,7 @@ use crate::alloc;
 use crate::engine::{Domain, RecoveryReport};
 use crate::error::{DomainError, Result};
 use crate::io::AlignedBuf;
-use crate::journal::{self, Action, Intent, JournalWriter};
+use crate::journal::{self, Action, Intent, JournalWriter, Put, Table};
 use crate::layout::{csum, Direction, RECORD};
 use crate::lock::LockGuard;
 use crate::records::{decode_tag, decode_volume, RecordBytes};
@@ -150,81 +150,42 @@ impl Domain {
         // Where does each record stand?
         let mut states = Vec::with_capacity(intent.actions.len());
         for a in &intent.actions {
-            let st = match a {
-                Action::PutVolume {
-                    slot: s,
-                    before,
-                    after,
-                } => {
-                    self.check_slot(*s, g.volume_slots, "volume", slot, seq)?;
-                    let off = g.volume_off(*s);
-                    let cur = self.read_raw(off)?;
-                    let ok = decode_volume(&salt, *s, &cur).is_ok();
-                    Some(
-                        classify(&cur, before, after, ok)
-                            .ok_or_else(|| conflict("volume", *s, off, slot, seq))?,
-                    )
-                }
-                Action::PutTag {
-                    slot: s,
-                    before,
-                    after,
-                } => {
-                    self.check_slot(*s, g.tag_slots, "tag", slot, seq)?;
-                    let off = g.tag_off(*s);
-                    let cur = self.read_raw(off)?;
-                    let ok = decode_tag(&salt, *s, &cur).is_ok();
-                    Some(
-                        classify(&cur, before, after, ok)
-                            .ok_or_else(|| conflict("tag", *s, off, slot, seq))?,
-                    )
-                }
-                _ => None,
+            let st = match a.as_put() {
+                Some(p) => Some(self.record_state(&salt, &p, slot, seq)?),
+                None => None,
             };
             states.push(st);
         }
         let dev = self.dev.as_ref();
-        if dir == Direction::Forward {
-            for (a, st) in intent.actions.iter().zip(&states) {
-                match a {
-                    Action::PutVolume { slot: s, after, .. }
-                        if *st != Some(crate::recovery::RecordState::After) =>
-                    {
-                        self.write_record(g.volume_off(*s), after)?
-                    }
-                    Action::PutTag { slot: s, after, .. } if *st != Some(RecordState::After) => {
-                        self.write_record(g.tag_off(*s), after)?
-                    }
-                    Action::SetBits { map, start, count } => {
-                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, true)?;
-                    }
-                    Action::ClearBits { map, start, count } => {
-                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, false)?;
-                    }
-                    _ => {}
+        let forward = dir == Direction::Forward;
+        let apply = |a: &Action, st: &Option<RecordState>| -> Result<()> {
+            if let Some(p) = a.as_put() {
+                let (want, rec) = if forward {
+                    (RecordState::After, p.after)
+                } else {
+                    (RecordState::Before, p.before)
+                };
+                if *st != Some(want) {
+                    self.write_record(g.record_off(p.table, p.slot), rec)?;
                 }
+                return Ok(());
+            }
+            // Setting bits forward is clearing them back, and so on.
+            let (map, start, count, set) = match a {
+                Action::SetBits { map, start, count } => (map, start, count, forward),
+                Action::ClearBits { map, start, count } => (map, start, count, !forward),
+                _ => return Ok(()),
+            };
+            alloc::apply_on_disk(dev, g, *map as usize, *start, *count, set)?;
+            Ok(())
+        };
+        if forward {
+            for (a, st) in intent.actions.iter().zip(&states) {
+                apply(a, st)?;
             }
         } else {
             for (a, st) in intent.actions.iter().zip(&states).rev() {
-                match a {
-                    Action::PutVolume {
-                        slot: s, before, ..
-                    } if *st != Some(RecordState::Before) => {
-                        self.write_record(g.volume_off(*s), before)?
-                    }
-                    Action::PutTag {
-                        slot: s, before, ..
-                    } if *st != Some(RecordState::Before) => {
-                        self.write_record(g.tag_off(*s), before)?
-                    }
-                    Action::SetBits { map, start, count } => {
-                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, false)?;
-                    }
-                    Action::ClearBits { map, start, count } => {
-                        alloc::apply_on_disk(dev, g, *map as usize, *start, *count, true)?;
-                    }
-                    _ => {}
-                }
+                apply(a, st)?;
             }
         }
         self.dev
@@ -238,6 +199,27 @@ impl Domain {
             "resolved an open intent"
         );
         Ok(dir)
+    }
+
+    /// Where the record `p` writes stands: before, after, or (a conflict)
+    /// neither.
+    fn record_state(
+        &self,
+        salt: &[u8; 16],
+        p: &Put<'_>,
+        slot: u32,
+        seq: u64,
+    ) -> Result<RecordState> {
+        let g = &self.geom;
+        let what = p.table.name();
+        self.check_slot(p.slot, g.slots_of(p.table), what, slot, seq)?;
+        let off = g.record_off(p.table, p.slot);
+        let cur = self.read_raw(off)?;
+        let ok = match p.table {
+            Table::Volume => decode_volume(salt, p.slot, &cur).is_ok(),
+            Table::Tag => decode_tag(salt, p.slot, &cur).is_ok(),
+        };
+        classify(&cur, p.before, p.after, ok).ok_or_else(|| conflict(what, p.slot, off, slot, seq))
     }
 
     fn check_slot(&self, s: u32, limit: u32, what: &str, slot: u32, seq: u64) -> Result<()> {

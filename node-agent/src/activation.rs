@@ -268,6 +268,18 @@ mod tests {
         }
     }
 
+    /// The volumes of the domain: a name and its run, or gone.
+    fn vols(v: &[(&str, Option<(u64, u64)>)]) -> BTreeMap<String, Option<Extent>> {
+        v.iter()
+            .map(|&(n, run)| {
+                (
+                    n.to_string(),
+                    run.map(|(offset, len)| Extent { offset, len }),
+                )
+            })
+            .collect()
+    }
+
     fn link(tag: &str, volume: &str, i: Option<u32>) -> Link {
         Link {
             tag: tag.into(),
@@ -280,22 +292,7 @@ mod tests {
     fn consistent_state_needs_nothing() {
         let links = [link("t", "a", Some(0)), link("t", "b", Some(1))];
         let loops = [dev(0, 100, 10), dev(1, 200, 10)];
-        let vols = BTreeMap::from([
-            (
-                "a".into(),
-                Some(Extent {
-                    offset: 100,
-                    len: 10,
-                }),
-            ),
-            (
-                "b".into(),
-                Some(Extent {
-                    offset: 200,
-                    len: 10,
-                }),
-            ),
-        ]);
+        let vols = vols(&[("a", Some((100, 10))), ("b", Some((200, 10)))]);
         assert!(plan_reconcile(&links, &loops, &vols).is_empty());
     }
 
@@ -303,16 +300,7 @@ mod tests {
     fn gone_volume_loses_link_and_device() {
         let links = [link("t", "a", Some(0)), link("t", "b", Some(1))];
         let loops = [dev(0, 100, 10), dev(1, 200, 10)];
-        let vols = BTreeMap::from([
-            (
-                "a".into(),
-                Some(Extent {
-                    offset: 100,
-                    len: 10,
-                }),
-            ),
-            ("b".into(), None),
-        ]);
+        let vols = vols(&[("a", Some((100, 10))), ("b", None)]);
         assert_eq!(
             plan_reconcile(&links, &loops, &vols),
             vec![
@@ -331,13 +319,7 @@ mod tests {
         // link to a vanished device 7 needs a new device.
         let links = [link("t", "a", Some(7))];
         let loops = [dev(5, 900, 10)];
-        let vols = BTreeMap::from([(
-            "a".into(),
-            Some(Extent {
-                offset: 100,
-                len: 10,
-            }),
-        )]);
+        let vols = vols(&[("a", Some((100, 10)))]);
         assert_eq!(
             plan_reconcile(&links, &loops, &vols),
             vec![
@@ -354,13 +336,7 @@ mod tests {
     fn shared_volume_uses_one_device_and_grown_run_resizes() {
         let links = [link("t1", "a", Some(0)), link("t2", "a", Some(3))];
         let loops = [dev(0, 100, 10), dev(3, 100, 10)];
-        let vols = BTreeMap::from([(
-            "a".into(),
-            Some(Extent {
-                offset: 100,
-                len: 20,
-            }),
-        )]);
+        let vols = vols(&[("a", Some((100, 20)))]);
         assert_eq!(
             plan_reconcile(&links, &loops, &vols),
             vec![
@@ -385,13 +361,7 @@ mod tests {
         // must not be trusted.
         let links = [link("t", "a", Some(0))];
         let loops = [dev(0, 500, 10), dev(1, 100, 10)];
-        let vols = BTreeMap::from([(
-            "a".into(),
-            Some(Extent {
-                offset: 100,
-                len: 10,
-            }),
-        )]);
+        let vols = vols(&[("a", Some((100, 10)))]);
         assert_eq!(
             plan_reconcile(&links, &loops, &vols),
             vec![

@@ -234,37 +234,17 @@ impl Agent {
             let r = fenced_while(&[&_lock, &guard], p, || {
                 if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let f = open_direct(&o.path, false)?;
-                    let out = open_direct(&d.path, true)?;
-                    let (se, de) = (o.extent(&v), d.extent(&vol));
-                    copy_raw(
-                        Region {
-                            file: &f,
-                            offset: se.offset,
-                            len: v.capacity,
-                        },
-                        Region {
-                            file: &out,
-                            offset: de.offset,
-                            len: de.len,
-                        },
-                        p,
-                    )
-                    .map_err(from_copy("qemu-img convert"))
+                    let se = o.extent(&v);
+                    let from = Region {
+                        file: &f,
+                        offset: se.offset,
+                        len: v.capacity,
+                    };
+                    copy_into_volume(from, &d, &vol, p)
                 } else {
                     let (src, _scratch) = a.chain_node(&o, &v)?;
-                    let dst = a.node(&d, &vol);
-                    convert_into(
-                        &*a.qemu,
-                        format,
-                        &format!("json:{src}"),
-                        &dst,
-                        v.capacity,
-                        p,
-                    )?;
-                    d.domain
-                        .device()
-                        .flush()
-                        .map_err(AgentError::io("flushing"))
+                    let src = format!("json:{src}");
+                    a.convert_into_volume(&*a.qemu, &src, &d, &vol, format, v.capacity, p)
                 }
             });
             a.end_target(&d, vol, guard, &target, request_id, r)
@@ -294,31 +274,16 @@ impl Agent {
             let (vol, guard) = a.begin_target(&o, format, capacity, &target, request_id)?;
             let r = fenced_while(&[&guard], p, || {
                 if source_format == Format::Raw && format == Format::Raw {
-                    let d = open_direct(&o.path, true)?;
-                    let de = o.extent(&vol);
-                    copy_raw(
-                        Region {
-                            file: &src.file,
-                            offset: 0,
-                            len: src.len,
-                        },
-                        Region {
-                            file: &d,
-                            offset: de.offset,
-                            len: de.len,
-                        },
-                        p,
-                    )
-                    .map_err(from_copy("qemu-img convert"))
+                    let from = Region {
+                        file: &src.file,
+                        offset: 0,
+                        len: src.len,
+                    };
+                    copy_into_volume(from, &o, &vol, p)
                 } else {
                     let (qemu, path) = import_qemu(&*a.qemu, &src, &o.path)?;
-                    let node = file_node(&path, source_format);
-                    let dst = a.node(&o, &vol);
-                    convert_into(&*qemu, format, &format!("json:{node}"), &dst, capacity, p)?;
-                    o.domain
-                        .device()
-                        .flush()
-                        .map_err(AgentError::io("flushing"))
+                    let node = format!("json:{}", file_node(&path, source_format));
+                    a.convert_into_volume(&*qemu, &node, &o, &vol, format, capacity, p)
                 }
             });
             a.end_target(&o, vol, guard, &target, request_id, r)
@@ -474,6 +439,40 @@ impl Agent {
 /// lost (the lease is unconfirmed), the work is told to stop, so that its
 /// writes end before the lease can expire and another host takes over
 /// (a qemu-img child is killed). The job then fails as fenced.
+/// Copy `src` as it is into new volume `vol` of `d` (raw into raw).
+fn copy_into_volume(src: Region<'_>, d: &Opened, vol: &Volume, p: &Progress) -> Result<()> {
+    let out = open_direct(&d.path, true)?;
+    let de = d.extent(vol);
+    let to = Region {
+        file: &out,
+        offset: de.offset,
+        len: de.len,
+    };
+    copy_raw(src, to, p).map_err(from_copy("qemu-img convert"))
+}
+
+impl Agent {
+    /// Convert the image `src` (a `json:` node) into new volume `vol` of
+    /// `d` as `format`, and flush the domain.
+    #[allow(clippy::too_many_arguments)]
+    fn convert_into_volume(
+        &self,
+        qemu: &dyn QemuImg,
+        src: &str,
+        d: &Opened,
+        vol: &Volume,
+        format: Format,
+        total: u64,
+        p: &Progress,
+    ) -> Result<()> {
+        convert_into(qemu, format, src, &self.node(d, vol), total, p)?;
+        d.domain
+            .device()
+            .flush()
+            .map_err(AgentError::io("flushing"))
+    }
+}
+
 pub(crate) fn fenced_while<T>(
     guards: &[&LockGuard],
     p: &Progress,

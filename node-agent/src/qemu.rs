@@ -27,6 +27,19 @@ pub struct QemuOutput {
     pub stderr: String,
 }
 
+/// A qemu-img run whose progress is followed (see [`QemuImg::tracked`]).
+#[derive(Clone, Copy)]
+pub struct Tracked<'a> {
+    /// The subcommand.
+    pub sub: &'a str,
+    /// Its arguments after `-p`.
+    pub args: &'a [String],
+    /// The bytes 100% stands for.
+    pub total: u64,
+    /// Where progress goes, and the cancellation.
+    pub p: &'a Progress,
+}
+
 /// qemu-img, as the agent uses it.
 pub trait QemuImg: Send + Sync {
     /// Run `qemu-img args` to its end.
@@ -34,19 +47,29 @@ pub trait QemuImg: Send + Sync {
     /// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping
     /// its percentage onto `total` bytes of `p`; killed when `p` is
     /// cancelled.
-    fn with_progress(
-        &self,
-        sub: &str,
-        args: &[String],
-        total: u64,
-        p: &Progress,
-    ) -> std::result::Result<(), CopyError>;
+    fn tracked(&self, run: Tracked<'_>) -> std::result::Result<(), CopyError>;
     /// The same qemu-img with every run confined to `rules` (see
     /// [`crate::confine`]); unconfined when there are none.
     fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_>;
 }
 
-impl dyn QemuImg {
+impl dyn QemuImg + '_ {
+    /// [`QemuImg::tracked`] of `qemu-img <sub> -p <args>`.
+    pub fn with_progress(
+        &self,
+        sub: &str,
+        args: &[String],
+        total: u64,
+        p: &Progress,
+    ) -> std::result::Result<(), CopyError> {
+        self.tracked(Tracked {
+            sub,
+            args,
+            total,
+            p,
+        })
+    }
+
     /// Run `qemu-img args`; its standard output when it succeeded, else
     /// an error naming the subcommand with qemu-img's own message.
     pub fn run(&self, args: &[String]) -> Result<String> {
@@ -76,14 +99,8 @@ impl QemuImg for SystemQemu {
         system_output(self.rules.as_deref(), args)
     }
 
-    fn with_progress(
-        &self,
-        sub: &str,
-        args: &[String],
-        total: u64,
-        p: &Progress,
-    ) -> std::result::Result<(), CopyError> {
-        system_with_progress(self.rules.as_deref(), sub, args, total, p)
+    fn tracked(&self, run: Tracked<'_>) -> std::result::Result<(), CopyError> {
+        system_tracked(self.rules.as_deref(), run)
     }
 
     /// Confined to `rules`; a confined one is never loosened.
@@ -99,14 +116,8 @@ impl<Q: QemuImg + ?Sized> QemuImg for &Q {
         (**self).output(args)
     }
 
-    fn with_progress(
-        &self,
-        sub: &str,
-        args: &[String],
-        total: u64,
-        p: &Progress,
-    ) -> std::result::Result<(), CopyError> {
-        (**self).with_progress(sub, args, total, p)
+    fn tracked(&self, run: Tracked<'_>) -> std::result::Result<(), CopyError> {
+        (**self).tracked(run)
     }
 
     fn confined(&self, rules: Option<Ruleset>) -> Box<dyn QemuImg + '_> {
@@ -143,13 +154,13 @@ fn system_output(rules: Option<&Ruleset>, args: &[String]) -> std::io::Result<Qe
 
 /// Run `qemu-img <sub> -p <args>` (convert, commit, rebase), mapping its
 /// percentage onto `total` bytes of progress; killed when cancelled.
-fn system_with_progress(
-    rules: Option<&Ruleset>,
-    sub: &str,
-    args: &[String],
-    total: u64,
-    p: &Progress,
-) -> Result<(), CopyError> {
+fn system_tracked(rules: Option<&Ruleset>, run: Tracked<'_>) -> Result<(), CopyError> {
+    let Tracked {
+        sub,
+        args,
+        total,
+        p,
+    } = run;
     p.total.store(total, Ordering::Relaxed);
     let mut child = qemu_command(rules)
         .map_err(io_err("running qemu-img"))?
@@ -278,21 +289,15 @@ impl QemuImg for FakeQemu {
         self.next(args.to_vec())
     }
 
-    fn with_progress(
-        &self,
-        sub: &str,
-        args: &[String],
-        total: u64,
-        p: &Progress,
-    ) -> std::result::Result<(), CopyError> {
-        let mut all = vec![sub.to_string(), "-p".to_string()];
-        all.extend_from_slice(args);
+    fn tracked(&self, run: Tracked<'_>) -> std::result::Result<(), CopyError> {
+        let mut all = vec![run.sub.to_string(), "-p".to_string()];
+        all.extend_from_slice(run.args);
         let out = self.next(all).map_err(io_err("running qemu-img"))?;
         if out.code != Some(0) {
             return Err(CopyError::Qemu(out.stderr.trim().to_string()));
         }
-        p.total.store(total, Ordering::Relaxed);
-        p.done.store(total, Ordering::Relaxed);
+        run.p.total.store(run.total, Ordering::Relaxed);
+        run.p.done.store(run.total, Ordering::Relaxed);
         Ok(())
     }
 

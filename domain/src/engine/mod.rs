@@ -26,7 +26,7 @@ use zerocopy::IntoBytes;
 
 use crate::alloc::{page_span, AllocMap, PageView, EXTENTS, TAG_SLOTS, VOLUME_SLOTS};
 use crate::error::{DomainError, Result};
-use crate::geometry::{FormatParams, Geometry};
+use crate::geometry::{FormatParams, Geometry, Table};
 use crate::io::{AlignedBuf, BlockDev};
 use crate::journal::{Action, Intent, JournalWriter};
 use crate::layout::BITS_PER_PAGE;

@@ -23,6 +23,18 @@ pub(super) struct Entry<T> {
     pub(super) fresh: bool,
 }
 
+impl<T> Entry<T> {
+    /// A new record `rec` in a slot that held `before`.
+    pub(super) fn fresh(before: RecordBytes, rec: T) -> Entry<T> {
+        Entry {
+            before,
+            cur: Slot::Live(rec),
+            token: 0,
+            fresh: true,
+        }
+    }
+}
+
 impl<T: HasGeneration> Entry<T> {
     /// A record as read from its slot under a lock of `token`.
     fn read(token: Token, (before, cur): (RecordBytes, Slot<T>)) -> Entry<T> {
@@ -299,6 +311,30 @@ impl<'p> Planner<'p> {
         })?;
         self.set_bits.push((map as u8, s, 1));
         Ok(s as u32)
+    }
+
+    /// Take a free slot of `map` for a new `what` record, and what it
+    /// holds: a slot the map calls free that holds a live record is
+    /// corruption.
+    pub(super) fn claim<T>(
+        &mut self,
+        table: Table,
+        read: fn(&Domain, u32) -> Result<(RecordBytes, Slot<T>)>,
+        id: fn(&T) -> String,
+    ) -> std::result::Result<(u32, RecordBytes, Slot<T>), PlanError> {
+        let (what, total) = (table.name(), self.d.geom.slots_of(table));
+        let map = match table {
+            Table::Volume => VOLUME_SLOTS,
+            Table::Tag => TAG_SLOTS,
+        };
+        let slot = self.alloc_slot(map, what, total)?;
+        let (before, cur) = read(self.d, slot)?;
+        if let Slot::Live(r) = &cur {
+            let holds = format!("free in the allocation map but holds {what} {}", id(r));
+            let at = self.d.geom.record_off(table, slot);
+            return Err(DomainError::corrupt(format!("{what} slot {slot}"), at, holds).into());
+        }
+        Ok((slot, before, cur))
     }
 
     pub(super) fn extents_for(&self, size: u64) -> std::result::Result<u64, PlanError> {

@@ -3,6 +3,25 @@
 use super::planner::*;
 use super::*;
 
+/// A tag's metadata as a transaction may write it: options that encode,
+/// a size not beyond the largest capacity.
+fn check_tag_meta(meta: &TagMeta) -> Result<()> {
+    encode_options(&meta.options)?;
+    if meta.size > MAX_CAPACITY {
+        let e = format!("{} is too large", meta.size);
+        return Err(DomainError::invalid("size", e));
+    }
+    Ok(())
+}
+
+/// Refuse to delete what `refs` records still refer to.
+fn unused(refs: u32, why: impl FnOnce() -> String) -> Result<()> {
+    if refs > 0 {
+        return Err(DomainError::FailedPrecondition(why()));
+    }
+    Ok(())
+}
+
 impl Planner<'_> {
     pub(super) fn op(&mut self, op: &Op) -> std::result::Result<(), PlanError> {
         match op {
@@ -25,16 +44,10 @@ impl Planner<'_> {
                     ))
                 })?;
                 self.set_bits.push((EXTENTS as u8, start, n));
-                let slot = self.alloc_slot(VOLUME_SLOTS, "volume", self.d.geom.volume_slots)?;
-                let (before, cur) = self.d.read_volume_slot(slot)?;
-                if let Slot::Live(v) = &cur {
-                    return Err(DomainError::corrupt(
-                        format!("volume slot {slot}"),
-                        self.d.geom.volume_off(slot),
-                        format!("free in the allocation map but holds volume {}", v.id),
-                    )
-                    .into());
-                }
+                let (slot, before, cur) =
+                    self.claim(Table::Volume, Domain::read_volume_slot, |v| {
+                        v.id.to_string()
+                    })?;
                 let id = VolumeId::generate(slot);
                 // The token comes in `lock_new`.
                 let v = Volume {
@@ -53,26 +66,14 @@ impl Planner<'_> {
                     token: 0,
                     writer_slot: self.writer,
                 };
-                self.vols.insert(
-                    slot,
-                    Entry {
-                        before,
-                        cur: Slot::Live(v),
-                        token: 0,
-                        fresh: true,
-                    },
-                );
+                self.vols.insert(slot, Entry::fresh(before, v));
                 self.new_volumes.push((id, None));
             }
             Op::DeleteVolume(id) => {
                 let v = self.live_vol(id)?.clone();
-                if v.tag_refs > 0 {
-                    return Err(DomainError::FailedPrecondition(format!(
-                        "volume {id} is referenced by {} tag(s)",
-                        v.tag_refs
-                    ))
-                    .into());
-                }
+                unused(v.tag_refs, || {
+                    format!("volume {id} is referenced by {} tag(s)", v.tag_refs)
+                })?;
                 if let Some(p) = v.parent {
                     let t = self.live_tag(&p)?;
                     t.child_refs = t.child_refs.saturating_sub(1);
@@ -140,26 +141,11 @@ impl Planner<'_> {
                 self.live_vol(id)?.extent_count = n;
             }
             Op::CreateTag(meta) => {
-                encode_options(&meta.options)?;
-                if meta.size > MAX_CAPACITY {
-                    return Err(DomainError::invalid(
-                        "size",
-                        format!("{} is too large", meta.size),
-                    )
-                    .into());
-                }
+                check_tag_meta(meta)?;
                 let vid = self.resolve_vol(meta.volume)?;
                 self.live_vol(&vid)?.tag_refs += 1;
-                let slot = self.alloc_slot(TAG_SLOTS, "tag", self.d.geom.tag_slots)?;
-                let (before, cur) = self.d.read_tag_slot(slot)?;
-                if let Slot::Live(t) = &cur {
-                    return Err(DomainError::corrupt(
-                        format!("tag slot {slot}"),
-                        self.d.geom.tag_off(slot),
-                        format!("free in the allocation map but holds tag {}", t.id),
-                    )
-                    .into());
-                }
+                let (slot, before, cur) =
+                    self.claim(Table::Tag, Domain::read_tag_slot, |t| t.id.to_string())?;
                 let id = TagId::generate(slot);
                 let t = Tag {
                     id,
@@ -181,26 +167,14 @@ impl Planner<'_> {
                     token: 0,
                     writer_slot: self.writer,
                 };
-                self.tags.insert(
-                    slot,
-                    Entry {
-                        before,
-                        cur: Slot::Live(t),
-                        token: 0,
-                        fresh: true,
-                    },
-                );
+                self.tags.insert(slot, Entry::fresh(before, t));
                 self.new_tags.push(id);
             }
             Op::DeleteTag(id) => {
                 let t = self.live_tag(id)?.clone();
-                if t.child_refs > 0 {
-                    return Err(DomainError::FailedPrecondition(format!(
-                        "tag {id} is the parent of {} volume(s)",
-                        t.child_refs
-                    ))
-                    .into());
-                }
+                unused(t.child_refs, || {
+                    format!("tag {id} is the parent of {} volume(s)", t.child_refs)
+                })?;
                 let v = self.live_vol(&t.volume)?;
                 v.tag_refs = v.tag_refs.saturating_sub(1);
                 self.need_pages(TAG_SLOTS, id.slot() as u64, 1)?;
@@ -223,14 +197,7 @@ impl Planner<'_> {
                 }
             }
             Op::ChangeTag(id, meta) => {
-                encode_options(&meta.options)?;
-                if meta.size > MAX_CAPACITY {
-                    return Err(DomainError::invalid(
-                        "size",
-                        format!("{} is too large", meta.size),
-                    )
-                    .into());
-                }
+                check_tag_meta(meta)?;
                 let new_vol = self.resolve_vol(meta.volume)?;
                 let t = self.live_tag(id)?.clone();
                 if new_vol != t.volume {

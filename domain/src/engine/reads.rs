@@ -31,55 +31,25 @@ impl Domain {
     }
 
     pub(super) fn check_volume_id(&self, id: &VolumeId) -> Result<()> {
-        if id.slot() >= self.geom.volume_slots {
-            return Err(DomainError::invalid(
-                "volume_id",
-                format!(
-                    "{id} names slot {} beyond this domain's {}",
-                    id.slot(),
-                    self.geom.volume_slots
-                ),
-            ));
-        }
-        Ok(())
+        check_slot("volume_id", id, id.slot(), self.geom.volume_slots)
     }
 
     pub(super) fn check_tag_id(&self, id: &TagId) -> Result<()> {
-        if id.slot() >= self.geom.tag_slots {
-            return Err(DomainError::invalid(
-                "tag_id",
-                format!(
-                    "{id} names slot {} beyond this domain's {}",
-                    id.slot(),
-                    self.geom.tag_slots
-                ),
-            ));
-        }
-        Ok(())
+        check_slot("tag_id", id, id.slot(), self.geom.tag_slots)
     }
 
     /// Read a volume's metadata.
     pub fn read_volume(&self, id: &VolumeId) -> Result<Volume> {
         self.check_volume_id(id)?;
-        match self.read_volume_slot(id.slot())?.1 {
-            Slot::Live(v) if v.id == *id => Ok(v),
-            _ => Err(DomainError::NotFound {
-                kind: "volume",
-                id: id.to_string(),
-            }),
-        }
+        let (_, slot) = self.read_volume_slot(id.slot())?;
+        live("volume", id, slot, |v| v.id == *id)
     }
 
     /// Read a tag's metadata.
     pub fn read_tag(&self, id: &TagId) -> Result<Tag> {
         self.check_tag_id(id)?;
-        match self.read_tag_slot(id.slot())?.1 {
-            Slot::Live(t) if t.id == *id => Ok(t),
-            _ => Err(DomainError::NotFound {
-                kind: "tag",
-                id: id.to_string(),
-            }),
-        }
+        let (_, slot) = self.read_tag_slot(id.slot())?;
+        live("tag", id, slot, |t| t.id == *id)
     }
 
     pub(super) fn read_table(&self, off: u64, slots: u64) -> Result<AlignedBuf> {
@@ -217,5 +187,35 @@ impl Domain {
         self.check_tag_id(id)?;
         self.locks
             .acquire(&self.resource(ResourceKind::Tag(*id)), self.lock_timeout)
+    }
+}
+
+/// Refuse an id (of `field`) naming a slot beyond the domain's `slots`.
+fn check_slot(
+    field: &'static str,
+    id: &dyn std::fmt::Display,
+    slot: u32,
+    slots: u32,
+) -> Result<()> {
+    if slot >= slots {
+        let e = format!("{id} names slot {slot} beyond this domain's {slots}");
+        return Err(DomainError::invalid(field, e));
+    }
+    Ok(())
+}
+
+/// The record `id` of a slot, if the slot holds it live.
+fn live<T>(
+    kind: &'static str,
+    id: &dyn std::fmt::Display,
+    slot: Slot<T>,
+    is: impl FnOnce(&T) -> bool,
+) -> Result<T> {
+    match slot {
+        Slot::Live(r) if is(&r) => Ok(r),
+        _ => Err(DomainError::NotFound {
+            kind,
+            id: id.to_string(),
+        }),
     }
 }

@@ -172,39 +172,40 @@ pub struct Transaction<'a> {
     pub(super) wipe: bool,
 }
 
+/// Builder methods that add one operation each: `name(args)` adds
+/// `Op::Variant(args)`.
+macro_rules! ops {
+    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) => $variant:ident;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(self, $($arg: $ty),*) -> Self {
+                self.op(Op::$variant($($arg),*))
+            }
+        )*
+    };
+}
+
 impl<'a> Transaction<'a> {
     /// Add an operation.
     pub fn op(mut self, op: Op) -> Self {
         self.ops.push(op);
         self
     }
-    /// Create a volume (refer to it later as `VolumeRef::New(n)`).
-    pub fn create_volume(self, spec: VolumeSpec) -> Self {
-        self.op(Op::CreateVolume(spec))
-    }
-    /// Delete a volume.
-    pub fn delete_volume(self, id: VolumeId) -> Self {
-        self.op(Op::DeleteVolume(id))
-    }
-    /// Replace a volume's changeable metadata.
-    pub fn write_volume_meta(self, id: VolumeId, meta: VolumeMeta) -> Self {
-        self.op(Op::WriteVolumeMeta(id, meta))
-    }
-    /// Grow a volume in place.
-    pub fn extend_volume(self, id: VolumeId, size: u64) -> Self {
-        self.op(Op::ExtendVolume(id, size))
-    }
-    /// Create a tag (refer to it later as `TagRef::New(n)`).
-    pub fn create_tag(self, meta: TagMeta) -> Self {
-        self.op(Op::CreateTag(meta))
-    }
-    /// Delete a tag.
-    pub fn delete_tag(self, id: TagId) -> Self {
-        self.op(Op::DeleteTag(id))
-    }
-    /// Replace a tag's metadata.
-    pub fn change_tag(self, id: TagId, meta: TagMeta) -> Self {
-        self.op(Op::ChangeTag(id, meta))
+    ops! {
+        /// Create a volume (refer to it later as `VolumeRef::New(n)`).
+        create_volume(spec: VolumeSpec) => CreateVolume;
+        /// Delete a volume.
+        delete_volume(id: VolumeId) => DeleteVolume;
+        /// Replace a volume's changeable metadata.
+        write_volume_meta(id: VolumeId, meta: VolumeMeta) => WriteVolumeMeta;
+        /// Grow a volume in place.
+        extend_volume(id: VolumeId, size: u64) => ExtendVolume;
+        /// Create a tag (refer to it later as `TagRef::New(n)`).
+        create_tag(meta: TagMeta) => CreateTag;
+        /// Delete a tag.
+        delete_tag(id: TagId) => DeleteTag;
+        /// Replace a tag's metadata.
+        change_tag(id: TagId, meta: TagMeta) => ChangeTag;
     }
     /// Expect a tag unchanged since it was read (see `Op::ExpectTag`).
     pub fn expect_tag(self, t: &Tag) -> Self {

@@ -101,6 +101,68 @@ pub struct Intent {
     pub actions: Vec<Action>,
 }
 
+pub use crate::geometry::Table;
+
+/// What a put action writes: a slot of a table, and its record before and
+/// after.
+#[derive(Debug, Clone, Copy)]
+pub struct Put<'a> {
+    /// The table.
+    pub table: Table,
+    /// The slot.
+    pub slot: u32,
+    /// What the slot held.
+    pub before: &'a [u8; RECORD],
+    /// What it holds once the intent is applied.
+    pub after: &'a [u8; RECORD],
+}
+
+impl Action {
+    /// The put action writing `slot` of `table`.
+    pub fn put(
+        table: Table,
+        slot: u32,
+        before: Box<[u8; RECORD]>,
+        after: Box<[u8; RECORD]>,
+    ) -> Action {
+        match table {
+            Table::Volume => Action::PutVolume {
+                slot,
+                before,
+                after,
+            },
+            Table::Tag => Action::PutTag {
+                slot,
+                before,
+                after,
+            },
+        }
+    }
+
+    /// What this action writes, if it is a put.
+    pub fn as_put(&self) -> Option<Put<'_>> {
+        let (table, slot, before, after) = match self {
+            Action::PutVolume {
+                slot,
+                before,
+                after,
+            } => (Table::Volume, slot, before, after),
+            Action::PutTag {
+                slot,
+                before,
+                after,
+            } => (Table::Tag, slot, before, after),
+            _ => return None,
+        };
+        Some(Put {
+            table,
+            slot: *slot,
+            before,
+            after,
+        })
+    }
+}
+
 /// Most actions one intent may carry.
 pub const MAX_ACTIONS: usize = 1 << 16;
 
@@ -117,23 +179,15 @@ impl Intent {
         for a in &self.actions {
             let mut r = ActionRaw::new_zeroed();
             let images: Option<(&[u8; RECORD], &[u8; RECORD])> = match a {
-                Action::PutVolume {
-                    slot,
-                    before,
-                    after,
-                } => {
-                    r.kind.set(ActionKind::PutVolume.code());
-                    r.target.set(*slot);
-                    Some((before, after))
-                }
-                Action::PutTag {
-                    slot,
-                    before,
-                    after,
-                } => {
-                    r.kind.set(ActionKind::PutTag.code());
-                    r.target.set(*slot);
-                    Some((before, after))
+                Action::PutVolume { .. } | Action::PutTag { .. } => {
+                    let p = a.as_put().expect("a put");
+                    let kind = match p.table {
+                        Table::Volume => ActionKind::PutVolume,
+                        Table::Tag => ActionKind::PutTag,
+                    };
+                    r.kind.set(kind.code());
+                    r.target.set(p.slot);
+                    Some((p.before, p.after))
                 }
                 Action::SetBits { map, start, count } | Action::ClearBits { map, start, count } => {
                     let kind = if matches!(a, Action::SetBits { .. }) {
@@ -218,21 +272,14 @@ impl Intent {
                 Ok(m as u8)
             };
             let a = match ActionKind::from_code(kind) {
-                Some(ActionKind::PutVolume) => {
+                Some(k @ (ActionKind::PutVolume | ActionKind::PutTag)) => {
                     let (before, after) = take_images(&mut rest)?;
-                    Action::PutVolume {
-                        slot: r.target.get(),
-                        before,
-                        after,
-                    }
-                }
-                Some(ActionKind::PutTag) => {
-                    let (before, after) = take_images(&mut rest)?;
-                    Action::PutTag {
-                        slot: r.target.get(),
-                        before,
-                        after,
-                    }
+                    let table = if k == ActionKind::PutVolume {
+                        Table::Volume
+                    } else {
+                        Table::Tag
+                    };
+                    Action::put(table, r.target.get(), before, after)
                 }
                 Some(ActionKind::SetBits) => Action::SetBits {
                     map: map()?,
@@ -377,6 +424,12 @@ mod tests {
         assert!(Intent::decode(&enc[..enc.len() - 1]).is_err());
     }
 
+    /// Append `sample_intent(n)`: its sequence number.
+    fn intent(dev: &MemDev, w: &mut JournalWriter, n: usize) -> u64 {
+        w.append(dev, JournalKind::Intent, &sample_intent(n).encode())
+            .unwrap()
+    }
+
     fn ring(pages: u64) -> (MemDev, JournalWriter) {
         let dev = MemDev::new(pages * PAGE);
         let s = scan(&SALT, 0, &dev.image(), 0).unwrap();
@@ -386,12 +439,8 @@ mod tests {
     #[test]
     fn scan_finds_open_intents_and_commits() {
         let (dev, mut w) = ring(64);
-        let a = w
-            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
-            .unwrap();
-        let b = w
-            .append(&dev, JournalKind::Intent, &sample_intent(9).encode())
-            .unwrap();
+        let a = intent(&dev, &mut w, 1);
+        let b = intent(&dev, &mut w, 9);
         w.commit(&dev, a, Direction::Forward, 0).unwrap();
         let s = scan(&SALT, 0, &dev.image(), 0).unwrap();
         assert_eq!(s.open.keys().copied().collect::<Vec<_>>(), vec![b]);
@@ -403,9 +452,7 @@ mod tests {
     fn ring_wraps_and_keeps_history_out_of_the_live_window() {
         let (dev, mut w) = ring(16);
         for _ in 0..100 {
-            let i = w
-                .append(&dev, JournalKind::Intent, &sample_intent(4).encode())
-                .unwrap();
+            let i = intent(&dev, &mut w, 4);
             let up = w.last_written();
             w.flushed(up);
             w.commit(&dev, i, Direction::Forward, 0).unwrap();
@@ -418,9 +465,7 @@ mod tests {
     #[test]
     fn writer_refuses_to_overwrite_an_open_intent() {
         let (dev, mut w) = ring(16);
-        let _held = w
-            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
-            .unwrap();
+        let _held = intent(&dev, &mut w, 1);
         let mut err = None;
         for _ in 0..40 {
             match w.append(&dev, JournalKind::Intent, &sample_intent(4).encode()) {
@@ -440,14 +485,10 @@ mod tests {
     #[test]
     fn torn_tail_is_discarded_but_damage_below_durable_is_reported() {
         let (dev, mut w) = ring(64);
-        let a = w
-            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
-            .unwrap();
+        let a = intent(&dev, &mut w, 1);
         let up = w.last_written();
         w.flushed(up);
-        let b = w
-            .append(&dev, JournalKind::Intent, &sample_intent(1).encode())
-            .unwrap();
+        let b = intent(&dev, &mut w, 1);
         // Tear the newest record (never flushed): it is dropped.
         let img = dev.image();
         let mut torn = img.clone();
