@@ -23,6 +23,9 @@ pub(super) struct Entry<T> {
     pub(super) fresh: bool,
 }
 
+/// How a table's slot is read: its bytes and what they decode to.
+pub(super) type SlotRead<T> = fn(&Domain, u32) -> Result<(RecordBytes, Slot<T>)>;
+
 impl<T> Entry<T> {
     /// A new record `rec` in a slot that held `before`.
     pub(super) fn fresh(before: RecordBytes, rec: T) -> Entry<T> {
@@ -319,7 +322,7 @@ impl<'p> Planner<'p> {
     pub(super) fn claim<T>(
         &mut self,
         table: Table,
-        read: fn(&Domain, u32) -> Result<(RecordBytes, Slot<T>)>,
+        read: SlotRead<T>,
         id: fn(&T) -> String,
     ) -> std::result::Result<(u32, RecordBytes, Slot<T>), PlanError> {
         let (what, total) = (table.name(), self.d.geom.slots_of(table));
