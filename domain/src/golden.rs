@@ -36,20 +36,33 @@ fn golden(name: &str, bytes: &[u8], prefix: usize, want_prefix: &str, want_crc: 
     assert_eq!(got_crc, want_crc, "{name}: checksum changed");
 }
 
-fn vid(slot: u32) -> VolumeId {
-    let mut b = [0xa5u8; 16];
+/// Fixed id bytes: `fill`, then the slot, the kind byte and the version.
+fn id_bytes(fill: u8, kind: u8, slot: u32) -> [u8; 16] {
+    let mut b = [fill; 16];
     b[..4].copy_from_slice(&slot.to_be_bytes());
-    b[4] = 0x56;
+    b[4] = kind;
     b[6] = 0x85;
-    VolumeId(b)
+    b
+}
+
+fn vid(slot: u32) -> VolumeId {
+    VolumeId(id_bytes(0xa5, 0x56, slot))
 }
 
 fn tid(slot: u32) -> TagId {
-    let mut b = [0x5au8; 16];
-    b[..4].copy_from_slice(&slot.to_be_bytes());
-    b[4] = 0x7a;
-    b[6] = 0x85;
-    TagId(b)
+    TagId(id_bytes(0x5a, 0x7a, slot))
+}
+
+fn sample_slot() -> SlotHeader {
+    SlotHeader {
+        state: SlotState::Active,
+        generation: 3,
+        token: 77,
+        host_id: uuid::Uuid::from_bytes([0x22; 16]),
+        host_name: "node-a".into(),
+        claimed_at: 1_700_000_000,
+        released_at: 0,
+    }
 }
 
 fn sample_volume() -> Volume {
@@ -143,15 +156,7 @@ fn golden_records() {
         "43564f4c01000200090000000000000008000000000000000200",
         "75d32c36",
     );
-    let h = SlotHeader {
-        state: SlotState::Active,
-        generation: 3,
-        token: 77,
-        host_id: uuid::Uuid::from_bytes([0x22; 16]),
-        host_name: "node-a".into(),
-        claimed_at: 1_700_000_000,
-        released_at: 0,
-    };
+    let h = sample_slot();
     golden(
         "slot header",
         &h.encode(&SALT, 4),
@@ -420,43 +425,23 @@ fn fuzz_seeds_are_the_golden_structures() {
         &header(JournalKind::Commit, 13),
         &commit.encode(),
     ));
-    let slot = SlotHeader {
-        state: SlotState::Active,
-        generation: 3,
-        token: 77,
-        host_id: uuid::Uuid::from_bytes([0x22; 16]),
-        host_name: "node-a".into(),
-        claimed_at: 1_700_000_000,
-        released_at: 0,
-    };
+    let slot = sample_slot();
     let mut bits = [0u8; 4032];
     bits[0] = 0b1011;
     let mut items = UserData::new();
     items.insert("a".into(), b"xy".to_vec());
     let sb = g.encode();
+    let (volume, tag) = (
+        encode_volume(&SALT, &sample_volume()),
+        encode_tag(&SALT, &sample_tag()),
+    );
     let seeds: Vec<(&str, &str, Vec<u8>)> = vec![
         ("superblock", "golden", with(0, &[sb.as_bytes()])),
         ("superblock", "golden-repair", with(1, &[sb.as_bytes()])),
-        (
-            "records",
-            "volume",
-            rec(&encode_volume(&SALT, &sample_volume()), 3, 0),
-        ),
-        (
-            "records",
-            "volume-repair",
-            rec(&encode_volume(&SALT, &sample_volume()), 3, 1),
-        ),
-        (
-            "records",
-            "tag",
-            rec(&encode_tag(&SALT, &sample_tag()), 1, 0),
-        ),
-        (
-            "records",
-            "tag-repair",
-            rec(&encode_tag(&SALT, &sample_tag()), 1, 3),
-        ),
+        ("records", "volume", rec(&volume, 3, 0)),
+        ("records", "volume-repair", rec(&volume, 3, 1)),
+        ("records", "tag", rec(&tag, 1, 0)),
+        ("records", "tag-repair", rec(&tag, 1, 3)),
         ("records", "slot", rec(&slot.encode(&SALT, 4), 4, 0)),
         ("records", "slot-repair", rec(&slot.encode(&SALT, 4), 4, 5)),
         (

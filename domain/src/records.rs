@@ -25,27 +25,31 @@ pub enum Slot<T> {
 }
 
 impl<T> Slot<T> {
+    /// The generation of the slot and the token of its last writer (0
+    /// and 0 if never used).
+    fn stamp(&self) -> (u64, u64)
+    where
+        T: HasGeneration,
+    {
+        match self {
+            Slot::Empty => (0, 0),
+            Slot::Free { generation, token } => (*generation, *token),
+            Slot::Live(t) => (t.generation(), t.token()),
+        }
+    }
     /// The generation of the slot (0 if never used).
     pub fn generation(&self) -> u64
     where
         T: HasGeneration,
     {
-        match self {
-            Slot::Empty => 0,
-            Slot::Free { generation, .. } => *generation,
-            Slot::Live(t) => t.generation(),
-        }
+        self.stamp().0
     }
     /// The token of the slot's last writer (0 if never used).
     pub fn token(&self) -> u64
     where
         T: HasGeneration,
     {
-        match self {
-            Slot::Empty => 0,
-            Slot::Free { token, .. } => *token,
-            Slot::Live(t) => t.token(),
-        }
+        self.stamp().1
     }
     /// The live object, if any.
     pub fn live(self) -> Option<T> {
@@ -62,24 +66,8 @@ pub trait HasGeneration {
     fn generation(&self) -> u64;
     /// Writer's token.
     fn token(&self) -> u64;
-}
-
-impl HasGeneration for Volume {
-    fn generation(&self) -> u64 {
-        self.generation
-    }
-    fn token(&self) -> u64 {
-        self.token
-    }
-}
-
-impl HasGeneration for Tag {
-    fn generation(&self) -> u64 {
-        self.generation
-    }
-    fn token(&self) -> u64 {
-        self.token
-    }
+    /// Writer's host slot.
+    fn writer_slot(&self) -> u16;
 }
 
 /// A volume or a tag: what a metadata slot holds when it is live.
@@ -101,41 +89,63 @@ pub trait SlotRecord: HasGeneration + Clone {
     fn restamp(&mut self, token: u64, writer: u16);
 }
 
-impl SlotRecord for Volume {
-    const MAGIC: [u8; 4] = VOL_MAGIC;
-    const KIND: &'static str = "volume";
-    const MAP: usize = crate::alloc::VOLUME_SLOTS;
-    fn encode(&self, salt: &[u8; 16]) -> RecordBytes {
-        encode_volume(salt, self)
-    }
-    fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError> {
-        decode_volume(salt, slot, b)
-    }
-    fn table(g: &crate::geometry::Geometry) -> (u64, u32) {
-        (g.volume_table_off, g.volume_slots)
-    }
-    fn restamp(&mut self, token: u64, writer: u16) {
-        (self.generation, self.token, self.writer_slot) = (self.generation + 1, token, writer);
-    }
+/// A record type's [`SlotRecord`]: its magic, kind, slot map, codec and
+/// table.
+macro_rules! slot_record {
+    ($t:ty, $magic:expr, $kind:literal, $map:expr, $enc:ident, $dec:ident, $off:ident, $slots:ident) => {
+        impl HasGeneration for $t {
+            fn generation(&self) -> u64 {
+                self.generation
+            }
+            fn token(&self) -> u64 {
+                self.token
+            }
+            fn writer_slot(&self) -> u16 {
+                self.writer_slot
+            }
+        }
+
+        impl SlotRecord for $t {
+            const MAGIC: [u8; 4] = $magic;
+            const KIND: &'static str = $kind;
+            const MAP: usize = $map;
+            fn encode(&self, salt: &[u8; 16]) -> RecordBytes {
+                $enc(salt, self)
+            }
+            fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError> {
+                $dec(salt, slot, b)
+            }
+            fn table(g: &crate::geometry::Geometry) -> (u64, u32) {
+                (g.$off, g.$slots)
+            }
+            fn restamp(&mut self, token: u64, writer: u16) {
+                (self.generation, self.token, self.writer_slot) =
+                    (self.generation + 1, token, writer);
+            }
+        }
+    };
 }
 
-impl SlotRecord for Tag {
-    const MAGIC: [u8; 4] = TAG_MAGIC;
-    const KIND: &'static str = "tag";
-    const MAP: usize = crate::alloc::TAG_SLOTS;
-    fn encode(&self, salt: &[u8; 16]) -> RecordBytes {
-        encode_tag(salt, self)
-    }
-    fn decode(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Self>, DecodeError> {
-        decode_tag(salt, slot, b)
-    }
-    fn table(g: &crate::geometry::Geometry) -> (u64, u32) {
-        (g.tag_table_off, g.tag_slots)
-    }
-    fn restamp(&mut self, token: u64, writer: u16) {
-        (self.generation, self.token, self.writer_slot) = (self.generation + 1, token, writer);
-    }
-}
+slot_record!(
+    Volume,
+    VOL_MAGIC,
+    "volume",
+    crate::alloc::VOLUME_SLOTS,
+    encode_volume,
+    decode_volume,
+    volume_table_off,
+    volume_slots
+);
+slot_record!(
+    Tag,
+    TAG_MAGIC,
+    "tag",
+    crate::alloc::TAG_SLOTS,
+    encode_tag,
+    decode_tag,
+    tag_table_off,
+    tag_slots
+);
 
 /// One record image.
 pub type RecordBytes = [u8; RECORD];
@@ -147,13 +157,7 @@ fn is_zero(b: &[u8]) -> bool {
 /// Encode a live volume.
 pub fn encode_volume(salt: &[u8; 16], v: &Volume) -> RecordBytes {
     let mut r = VolumeRecordRaw::new_zeroed();
-    r.head = head(
-        VOL_MAGIC,
-        RecState::Live,
-        v.generation,
-        v.token,
-        v.writer_slot,
-    );
+    r.head = live_head(VOL_MAGIC, v);
     r.format = v.format.code();
     r.legality = v.legality.code();
     r.allocation = v.allocation.code();
@@ -182,6 +186,17 @@ fn head(magic: [u8; 4], state: RecState, generation: u64, token: u64, writer: u1
     h
 }
 
+/// The head of live record `r`.
+fn live_head(magic: [u8; 4], r: &impl HasGeneration) -> RecordHead {
+    head(
+        magic,
+        RecState::Live,
+        r.generation(),
+        r.token(),
+        r.writer_slot(),
+    )
+}
+
 /// Encode a free volume or tag slot (keeps the generation monotonic).
 pub fn encode_free(
     salt: &[u8; 16],
@@ -197,6 +212,21 @@ pub fn encode_free(
     out
 }
 
+/// A record's magic (whether it is right), version and checksum, checked
+/// in that order.
+fn sealed(salt: &[u8; 16], b: &[u8], magic: bool, version: u16) -> Result<(), DecodeError> {
+    if !magic {
+        return Err(DecodeError::Magic);
+    }
+    if version != RECORD_VERSION {
+        return Err(DecodeError::Version(version.into()));
+    }
+    if !verify(salt, b) {
+        return Err(DecodeError::Checksum);
+    }
+    Ok(())
+}
+
 /// The checks every volume and tag record passes first: all zero is a slot
 /// never used; then magic, version, checksum and state. `Some` is an empty
 /// or free slot, `None` a live record whose own fields are still to read.
@@ -205,15 +235,7 @@ fn read_head<T>(salt: &[u8; 16], b: &[u8], magic: [u8; 4]) -> Result<Option<Slot
         return Ok(Some(Slot::Empty));
     }
     let (h, _) = RecordHead::ref_from_prefix(b).map_err(|_| DecodeError::Length("record"))?;
-    if h.magic != magic {
-        return Err(DecodeError::Magic);
-    }
-    if h.version.get() != RECORD_VERSION {
-        return Err(DecodeError::Version(h.version.get().into()));
-    }
-    if !verify(salt, b) {
-        return Err(DecodeError::Checksum);
-    }
+    sealed(salt, b, h.magic == magic, h.version.get())?;
     match RecState::from_code(h.state.get()) {
         Some(RecState::Free) => Ok(Some(Slot::Free {
             generation: h.generation.get(),
@@ -224,31 +246,46 @@ fn read_head<T>(salt: &[u8; 16], b: &[u8], magic: [u8; 4]) -> Result<Option<Slot
     }
 }
 
-/// A record's id must name the slot it is in and be of the record's kind.
-fn check_id(
-    id: &impl std::fmt::Display,
-    named: u32,
-    kind_ok: bool,
-    slot: u32,
-) -> Result<(), DecodeError> {
-    if named != slot || !kind_ok {
+/// A record's id bytes: they must name the slot they are in and be of the
+/// record's kind (byte 4).
+fn id_of(raw: [u8; 16], kind: u8, slot: u32) -> Result<[u8; 16], DecodeError> {
+    let named = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
+    if named != slot || raw[4] != kind {
+        let id = uuid::Uuid::from_bytes(raw);
         return Err(DecodeError::field(
             "id",
             format!("{id} does not name slot {slot}"),
         ));
     }
-    Ok(())
+    Ok(raw)
+}
+
+/// The raw form of the live record in `b`, or (`Err`) the empty or free
+/// slot `b` is.
+fn live_raw<'b, R, T>(
+    salt: &[u8; 16],
+    b: &'b [u8],
+    magic: [u8; 4],
+) -> Result<Result<&'b R, Slot<T>>, DecodeError>
+where
+    R: FromBytes + zerocopy::KnownLayout + zerocopy::Immutable,
+{
+    let b = &b[..RECORD];
+    if let Some(empty_or_free) = read_head(salt, b, magic)? {
+        return Ok(Err(empty_or_free));
+    }
+    R::ref_from_bytes(b)
+        .map(Ok)
+        .map_err(|_| DecodeError::Length("record"))
 }
 
 /// Decode a volume slot; the error says what is wrong.
 pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume>, DecodeError> {
-    let b = &b[..RECORD];
-    if let Some(empty_or_free) = read_head(salt, b, VOL_MAGIC)? {
-        return Ok(empty_or_free);
-    }
-    let r = VolumeRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
-    let id = VolumeId(r.id);
-    check_id(&id, id.slot(), r.id[4] == VolumeId::generate(0).0[4], slot)?;
+    let r: &VolumeRecordRaw = match live_raw(salt, b, VOL_MAGIC)? {
+        Ok(r) => r,
+        Err(empty_or_free) => return Ok(empty_or_free),
+    };
+    let id = VolumeId(id_of(r.id, VolumeId::generate(0).0[4], slot)?);
     let format = Format::from_code(r.format).ok_or(DecodeError::unknown("format", r.format))?;
     let legality =
         Legality::from_code(r.legality).ok_or(DecodeError::unknown("legality", r.legality))?;
@@ -279,13 +316,7 @@ pub fn decode_volume(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Volume
 /// Encode a live tag.
 pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
     let mut r = TagRecordRaw::new_zeroed();
-    r.head = head(
-        TAG_MAGIC,
-        RecState::Live,
-        t.generation,
-        t.token,
-        t.writer_slot,
-    );
+    r.head = live_head(TAG_MAGIC, t);
     r.mutable = t.mutable as u8;
     r.tag_type = t.tag_type.code();
     r.tag_state = t.state.code();
@@ -307,13 +338,11 @@ pub fn encode_tag(salt: &[u8; 16], t: &Tag) -> RecordBytes {
 
 /// Decode a tag slot; the error says what is wrong.
 pub fn decode_tag(salt: &[u8; 16], slot: u32, b: &[u8]) -> Result<Slot<Tag>, DecodeError> {
-    let b = &b[..RECORD];
-    if let Some(empty_or_free) = read_head(salt, b, TAG_MAGIC)? {
-        return Ok(empty_or_free);
-    }
-    let r = TagRecordRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
-    let id = TagId(r.id);
-    check_id(&id, id.slot(), r.id[4] == TagId::generate(0).0[4], slot)?;
+    let r: &TagRecordRaw = match live_raw(salt, b, TAG_MAGIC)? {
+        Ok(r) => r,
+        Err(empty_or_free) => return Ok(empty_or_free),
+    };
+    let id = TagId(id_of(r.id, TagId::generate(0).0[4], slot)?);
     let volume = VolumeId::from_bytes(r.volume).ok_or(DecodeError::field("volume", "none"))?;
     let ol = r.options_len.get() as usize;
     if ol > r.options.len() {
@@ -409,15 +438,7 @@ impl SlotHeader {
             });
         }
         let r = SlotHeaderRaw::ref_from_bytes(b).map_err(|_| DecodeError::Length("record"))?;
-        if r.magic != SLOT_MAGIC {
-            return Err(DecodeError::Magic);
-        }
-        if r.version.get() != RECORD_VERSION {
-            return Err(DecodeError::Version(r.version.get().into()));
-        }
-        if !verify(salt, b) {
-            return Err(DecodeError::Checksum);
-        }
+        sealed(salt, b, r.magic == SLOT_MAGIC, r.version.get())?;
         if r.index.get() != index {
             return Err(DecodeError::field(
                 "index",
