@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::auth::Bearer;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
-use cairn_proto::transport::{channel_tls, Target, MAX_DECODING};
+use cairn_proto::transport::{channel_tls, Target, AGENT_SOCKET, COORDINATOR_SOCKET, MAX_DECODING};
 use clap::Args;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -18,12 +18,7 @@ use tonic_types::StatusExt;
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// The agent's unix socket.
-    #[arg(
-        long,
-        global = true,
-        env = "CAIRN_SOCKET",
-        default_value = "/run/cairn/agent.sock"
-    )]
+    #[arg(long, global = true, env = "CAIRN_SOCKET", default_value = AGENT_SOCKET)]
     pub socket: PathBuf,
     /// Talk to an agent over TCP instead, e.g. https://10.0.0.5:7070 (with
     /// --ca) or http://… (an agent started with --insecure).
@@ -45,12 +40,7 @@ pub struct Conn {
 pub struct CoordConn {
     /// The coordinator: its unix socket, or https://host:port (with --ca)
     /// or http://host:port.
-    #[arg(
-        long,
-        global = true,
-        env = "CAIRN_COORDINATOR",
-        default_value = "/run/cairn/coordinator.sock"
-    )]
+    #[arg(long, global = true, env = "CAIRN_COORDINATOR", default_value = COORDINATOR_SOCKET)]
     pub coordinator: String,
     /// TLS for an https:// coordinator (the global --ca, --cert, --key).
     #[arg(skip)]

@@ -12,7 +12,7 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Unix socket for local clients (the `cairn` CLI).
-    #[arg(long, default_value = "/run/cairn/coordinator.sock")]
+    #[arg(long, default_value = cairn_proto::transport::COORDINATOR_SOCKET)]
     socket: PathBuf,
     #[command(flatten)]
     tcp: cairn_proto::tls::ListenArgs,
@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let id = a.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let cluster = if a.etcd.is_empty() {
         let agents = if a.agents.is_empty() {
-            vec!["/run/cairn/agent.sock".to_string()]
+            vec![cairn_proto::transport::AGENT_SOCKET.to_string()]
         } else {
             a.agents
         };

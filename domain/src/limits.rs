@@ -57,6 +57,31 @@ pub fn quote(s: &str) -> String {
     }
 }
 
+/// Longest tag option key.
+pub const MAX_KEY: usize = 64;
+
+/// Whether `s` is a name (an option key, a user data item): 1 to `max`
+/// characters of `[A-Za-z0-9._:-]`.
+pub fn is_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+}
+
+/// Refuse `s` in `field` unless it is a name (see [`is_name`]); `what`
+/// ("key ", or nothing) goes before it in the message.
+pub fn check_name(field: &'static str, what: &str, s: &str, max: usize) -> Result<()> {
+    if !is_name(s, max) {
+        let q = quote(s);
+        return Err(DomainError::invalid(
+            field,
+            format!("{what}{q} must be 1-{max} characters of [A-Za-z0-9._:-]"),
+        ));
+    }
+    Ok(())
+}
+
 /// Check free text: length and no control characters.
 pub fn check_text(field: &'static str, s: &str, max: usize) -> Result<()> {
     if s.len() > max {

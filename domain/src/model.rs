@@ -416,25 +416,14 @@ impl From<TagId> for TagRef {
 pub use crate::limits::{check_text as validate_text, MAX_CAPACITY, MAX_DESCRIPTION, MAX_OPTIONS};
 
 fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.len() <= 64
-        && k.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+    crate::limits::is_name(k, crate::limits::MAX_KEY)
 }
 
 /// Encode tag options as `key=value` lines, validating them.
 pub fn encode_options(opts: &[(String, String)]) -> Result<String> {
     let mut out = String::new();
     for (i, (k, v)) in opts.iter().enumerate() {
-        if !valid_key(k) {
-            return Err(DomainError::invalid(
-                "options",
-                format!(
-                    "key {} must be 1-64 characters of [A-Za-z0-9._:-]",
-                    crate::limits::quote(k)
-                ),
-            ));
-        }
+        crate::limits::check_name("options", "key ", k, crate::limits::MAX_KEY)?;
         if opts[..i].iter().any(|(k2, _)| k2 == k) {
             return Err(DomainError::invalid(
                 "options",

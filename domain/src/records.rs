@@ -472,10 +472,7 @@ pub use crate::limits::MAX_ITEM_NAME;
 
 /// Check a user data item name.
 pub fn valid_item_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= MAX_ITEM_NAME
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+    crate::limits::is_name(n, MAX_ITEM_NAME)
 }
 
 /// Encode user data items as a blob.

@@ -214,14 +214,7 @@ impl Agent {
     ) -> Result<Arc<Job>> {
         let d = to.unwrap_or_else(|| o.clone());
         self.check_target(&target)?;
-        let v = o.domain.read_volume(src)?;
-        let chain = self.volume_chain(&o, &v)?;
-        if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
-            return Err(AgentError::precondition(format!(
-                "volume {} of the source chain is not legal",
-                bad.id
-            )));
-        }
+        let v = self.legal_chain(&o, src, "the source chain")?;
         let format = target.format.unwrap_or(v.format);
         let src_id = v.id;
         Ok(self.spawn_job("copy", move |a, p| {
@@ -298,14 +291,7 @@ impl Agent {
         path: &str,
         format: Format,
     ) -> Result<Arc<Job>> {
-        let v = o.domain.read_volume(src)?;
-        let chain = self.volume_chain(&o, &v)?;
-        if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
-            return Err(AgentError::precondition(format!(
-                "volume {} of the chain is not legal",
-                bad.id
-            )));
-        }
+        let v = self.legal_chain(&o, src, "the chain")?;
         let src_id = v.id;
         // Created last: a request refused before this leaves no file.
         let out = self.io.create_target(path)?;
@@ -439,6 +425,20 @@ impl Agent {
 /// lost (the lease is unconfirmed), the work is told to stop, so that its
 /// writes end before the lease can expire and another host takes over
 /// (a qemu-img child is killed). The job then fails as fenced.
+impl Agent {
+    /// Volume `id`, whose chain must be legal throughout (`what` names the
+    /// chain in the refusal).
+    fn legal_chain(&self, o: &Opened, id: &VolumeId, what: &str) -> Result<Volume> {
+        let v = o.domain.read_volume(id)?;
+        let chain = self.volume_chain(o, &v)?;
+        if let Some(bad) = chain.iter().find(|c| c.legality != Legality::Legal) {
+            let e = format!("volume {} of {what} is not legal", bad.id);
+            return Err(AgentError::precondition(e));
+        }
+        Ok(v)
+    }
+}
+
 /// Copy `src` as it is into new volume `vol` of `d` (raw into raw).
 fn copy_into_volume(src: Region<'_>, d: &Opened, vol: &Volume, p: &Progress) -> Result<()> {
     let out = open_direct(&d.path, true)?;

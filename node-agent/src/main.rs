@@ -18,7 +18,7 @@ struct Args {
     #[arg(long = "domain", required = true)]
     domains: Vec<PathBuf>,
     /// Unix socket for local clients (the `cairn` CLI).
-    #[arg(long, default_value = "/run/cairn/agent.sock")]
+    #[arg(long, default_value = cairn_proto::transport::AGENT_SOCKET)]
     socket: PathBuf,
     #[command(flatten)]
     tcp: cairn_proto::tls::ListenArgs,

@@ -602,6 +602,17 @@ mod tests {
         r
     }
 
+    /// Tokens `t-alice` (a user), `t-ops` (an admin) and `t-c1` (a
+    /// service).
+    fn people(dir: &Path) -> Authenticator {
+        let who = [
+            ("alice", Role::User, "t-alice"),
+            ("ops", Role::Admin, "t-ops"),
+            ("c1", Role::Service, "t-c1"),
+        ];
+        Authenticator::new(Some(TokenFile::load(&token_file(dir, &who)).unwrap()))
+    }
+
     fn token_file(dir: &Path, entries: &[(&str, Role, &str)]) -> PathBuf {
         let p = dir.join("tokens");
         let text: String = entries
@@ -658,14 +669,7 @@ mod tests {
     #[test]
     fn tokens_identify_and_unknown_or_malformed_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let p = token_file(
-            dir.path(),
-            &[
-                ("alice", Role::User, "t-alice"),
-                ("ops", Role::Admin, "t-ops"),
-            ],
-        );
-        let auth = Authenticator::new(Some(TokenFile::load(&p).unwrap()));
+        let auth = people(dir.path());
         let id = auth.identify(&with_token("t-alice")).unwrap();
         assert_eq!((id.name.as_str(), id.role), ("alice", Role::User));
         assert_eq!(
@@ -732,14 +736,7 @@ mod tests {
     #[test]
     fn the_agent_gate_refuses_users_and_leaves_the_identity_for_handlers() {
         let dir = tempfile::tempdir().unwrap();
-        let p = token_file(
-            dir.path(),
-            &[
-                ("alice", Role::User, "t-alice"),
-                ("c1", Role::Service, "t-c1"),
-            ],
-        );
-        let auth = Arc::new(Authenticator::new(Some(TokenFile::load(&p).unwrap())));
+        let auth = Arc::new(people(dir.path()));
         let mut agent = Gate::new(auth.clone(), Policy::AdminOrService, "agent API");
         let s = agent.call(with_token("t-alice")).unwrap_err();
         assert_eq!(s.code(), tonic::Code::PermissionDenied);

@@ -102,6 +102,12 @@ pub fn lazy_channel(
 /// The largest message a Cairn client accepts (a domain's listing).
 pub const MAX_DECODING: usize = 64 << 20;
 
+/// Where the node agent's unix socket is unless told otherwise.
+pub const AGENT_SOCKET: &str = "/run/cairn/agent.sock";
+
+/// Where the coordinator's unix socket is unless told otherwise.
+pub const COORDINATOR_SOCKET: &str = "/run/cairn/coordinator.sock";
+
 /// A client of the agent API on `t`.
 pub async fn agent_client(
     t: &Target,

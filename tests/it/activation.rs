@@ -84,12 +84,7 @@ fn root_qemu_agent_raw_snapshot_qcow2_chain_verified() {
         // The guest's writes landed in the top volume only.
         assert_reads_like(&base_path, &exp_base);
         let chain = qemu_info(&top_path, true);
-        let names: Vec<&str> = chain
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["filename"].as_str().unwrap())
-            .collect();
+        let names = strings(&chain, "filename");
         assert_eq!(
             names,
             vec![top_path.to_str().unwrap(), base_path.to_str().unwrap()]

@@ -65,8 +65,11 @@ async fn done(c: &mut CoordinatorClient<Authed>, mut j: pb::Job) -> pb::Job {
     j
 }
 
-fn names(disks: &[pb::Disk]) -> Vec<(String, String)> {
-    let mut v: Vec<_> = disks
+/// The (name, owner) of every disk `c` may see, sorted.
+async fn seen(c: &mut CoordinatorClient<Authed>) -> Vec<(String, String)> {
+    let r = c.list_disks(pb::ListDisksRequest::default()).await.answer();
+    let mut v: Vec<_> = r
+        .disks
         .iter()
         .map(|d| (d.name.clone(), d.owner.clone()))
         .collect();
@@ -154,12 +157,8 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
         assert_eq!(ops.get_disk(get(&cl)).await.answer().owner, "alice");
 
         // Alice sees her own disks only.
-        let mine = alice
-            .list_disks(pb::ListDisksRequest::default())
-            .await
-            .answer();
         assert_eq!(
-            names(&mine.disks),
+            seen(&mut alice).await,
             vec![
                 ("a-clone".into(), "alice".into()),
                 ("a-disk".into(), "alice".into())
@@ -231,12 +230,8 @@ fn users_see_and_change_only_their_own_disks_and_the_agent_api_is_for_services()
         ops.list_agents(pb::ListAgentsRequest {}).await.answer();
 
         // Admins see and act on everything; bob's disk is as it was.
-        let all = ops
-            .list_disks(pb::ListDisksRequest::default())
-            .await
-            .answer();
         assert_eq!(
-            names(&all.disks),
+            seen(&mut ops).await,
             vec![
                 ("a-clone".into(), "alice".into()),
                 ("a-disk".into(), "alice".into()),
@@ -413,12 +408,7 @@ fn root_the_socket_mode_and_group_decide_who_connects_and_the_uid_who_it_is() {
         &["--coordinator", &s(&group), "--json", "disk", "list"],
     );
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let listed: Vec<&str> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["name"].as_str().unwrap())
-        .collect();
+    let listed = cairn_tests::data::strings(&listed, "name");
     assert_eq!(listed, vec!["mine"]);
     // The agent's socket: nobody may not connect at all.
     let out = as_nobody(

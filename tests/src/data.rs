@@ -59,6 +59,12 @@ pub fn qemu_info(path: &Path, chain: bool) -> serde_json::Value {
     serde_json::from_str(&run(cmd.arg(path))).unwrap()
 }
 
+/// Field `key` of every object of the JSON array `v`, as strings.
+pub fn strings<'a>(v: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    let all = v.as_array().expect("a JSON array");
+    all.iter().map(|i| i[key].as_str().unwrap()).collect()
+}
+
 /// The format qemu sees at `path`.
 pub fn qemu_format(path: &Path) -> String {
     qemu_info(path, false)["format"]

@@ -23,6 +23,9 @@ pub(super) struct Entry<T> {
     pub(super) fresh: bool,
 }
 
+/// The records of a table read so far, by slot.
+pub(super) type Loaded<T> = BTreeMap<u32, Entry<T>>;
+
 /// How a table's slot is read: its bytes and what they decode to.
 pub(super) type SlotRead<T> = fn(&Domain, u32) -> Result<(RecordBytes, Slot<T>)>;
 
@@ -85,8 +88,8 @@ pub(super) struct Planner<'p> {
     /// Where to look for free runs first, by map.
     pub(super) cursor: [u64; 3],
     pub(super) writer: u16,
-    pub(super) vols: BTreeMap<u32, Entry<Volume>>,
-    pub(super) tags: BTreeMap<u32, Entry<Tag>>,
+    pub(super) vols: Loaded<Volume>,
+    pub(super) tags: Loaded<Tag>,
     /// Created objects; their locks are taken together once planning is
     /// done (`lock_new`).
     pub(super) new_volumes: Vec<(VolumeId, Option<LockGuard>)>,
@@ -232,27 +235,34 @@ impl<'p> Planner<'p> {
         id: &VolumeId,
     ) -> std::result::Result<&mut Entry<Volume>, PlanError> {
         self.d.check_volume_id(id)?;
-        let slot = id.slot();
-        if !self.vols.contains_key(&slot) {
-            let token = self.token_for(&self.d.resource(ResourceKind::Volume(*id)))?;
-            let e = Entry::read(token, self.d.read_volume_slot(slot)?);
-            self.vols.insert(slot, e);
-        }
-        let e = self.vols.get_mut(&slot).expect("inserted");
+        let res = ResourceKind::Volume(*id);
+        let e = self.load(res, id.slot(), |p| &mut p.vols, Domain::read_volume_slot)?;
         e.live("volume", id, |v| v.id == *id)
     }
 
     /// Load a tag for writing: it must be locked.
     pub(super) fn tag(&mut self, id: &TagId) -> std::result::Result<&mut Entry<Tag>, PlanError> {
         self.d.check_tag_id(id)?;
-        let slot = id.slot();
-        if !self.tags.contains_key(&slot) {
-            let token = self.token_for(&self.d.resource(ResourceKind::Tag(*id)))?;
-            let e = Entry::read(token, self.d.read_tag_slot(slot)?);
-            self.tags.insert(slot, e);
-        }
-        let e = self.tags.get_mut(&slot).expect("inserted");
+        let res = ResourceKind::Tag(*id);
+        let e = self.load(res, id.slot(), |p| &mut p.tags, Domain::read_tag_slot)?;
         e.live("tag", id, |t| t.id == *id)
+    }
+
+    /// The entry of `slot` in `table`, read (under the lock of `res`) the
+    /// first time.
+    fn load<T: HasGeneration>(
+        &mut self,
+        res: ResourceKind,
+        slot: u32,
+        table: fn(&mut Self) -> &mut Loaded<T>,
+        read: SlotRead<T>,
+    ) -> std::result::Result<&mut Entry<T>, PlanError> {
+        if !table(self).contains_key(&slot) {
+            let token = self.token_for(&self.d.resource(res))?;
+            let e = Entry::read(token, read(self.d, slot)?);
+            table(self).insert(slot, e);
+        }
+        Ok(table(self).get_mut(&slot).expect("inserted"))
     }
 
     pub(super) fn live_vol(

@@ -215,16 +215,7 @@ impl Planner<'_> {
                 t.state = meta.state;
             }
             Op::SetUserData(r, name, data) => {
-                if !valid_item_name(name) {
-                    return Err(DomainError::invalid(
-                        "user_data_name",
-                        format!(
-                            "{} must be 1-{MAX_ITEM_NAME} characters of [A-Za-z0-9._:-]",
-                            crate::limits::quote(name)
-                        ),
-                    )
-                    .into());
-                }
+                crate::limits::check_name("user_data_name", "", name, MAX_ITEM_NAME)?;
                 let id = self.resolve_tag(*r)?;
                 let mut items = self.items_of(&id)?;
                 items.insert(name.clone(), data.clone());

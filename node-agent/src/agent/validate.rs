@@ -52,17 +52,7 @@ pub(crate) fn validate_description(d: &str) -> Result<()> {
 }
 
 pub(super) fn validate_item_name(n: &str) -> Result<()> {
-    if !cairn_domain::records::valid_item_name(n) {
-        return Err(AgentError::invalid(
-            "name",
-            format!(
-                "{} must be 1 to {} characters of A-Z a-z 0-9 . _ - :",
-                limits::quote(n),
-                cairn_domain::records::MAX_ITEM_NAME
-            ),
-        ));
-    }
-    Ok(())
+    Ok(limits::check_name("name", "", n, limits::MAX_ITEM_NAME)?)
 }
 
 /// A domain name or id as given in a request: no path separators, no
