@@ -445,14 +445,22 @@ mod tests {
     /// A coordinator over one agent served in this process, with its domain
     /// under `dir`.
     fn one_agent_coordinator(dir: &std::path::Path) -> Arc<Coordinator> {
+        let kv = Arc::new(MemKv::new());
+        coordinator_with(dir, CoordConfig::new("c1"), kv, agent)
+    }
+
+    /// A coordinator of `cfg` on store `kv` over one agent that `make`
+    /// serves in this process, with its domain under `dir`.
+    fn coordinator_with(
+        dir: &std::path::Path,
+        cfg: CoordConfig,
+        kv: Arc<dyn Kv>,
+        make: fn(&std::path::Path, Arc<dyn LockService>) -> Transport,
+    ) -> Arc<Coordinator> {
         let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
-        let t = agent(dir, locks.clone());
-        Arc::new(Coordinator::new(
-            CoordConfig::new("c1"),
-            Arc::new(MemKv::new()),
-            locks,
-            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
-        ))
+        let t = make(dir, locks.clone());
+        let agents = Agents::new(Discovery::Transports(vec![("host-a".into(), t)]));
+        Arc::new(Coordinator::new(cfg, kv, locks, agents))
     }
 
     /// The only domain the coordinator's agents see.
@@ -587,17 +595,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_leader_forgets_ended_jobs_after_their_retention_and_adopts_orphans() {
         let dir = tempfile::tempdir().unwrap();
-        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
-        let t = agent(dir.path(), locks.clone());
         let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
         let mut cfg = CoordConfig::new("c1");
         cfg.job_retention = Duration::from_secs(3600);
-        let c = Arc::new(Coordinator::new(
-            cfg,
-            kv.clone(),
-            locks,
-            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
-        ));
+        let c = coordinator_with(dir.path(), cfg, kv.clone(), agent);
         let d = dom(&c).await;
         let old = c
             .submit("old", 1, create(d, Format::Raw, 4 << 20, "a"), "t")
@@ -647,15 +648,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn root_qemu_a_resumed_delete_snapshot_follows_its_finished_merge() {
         let dir = tempfile::tempdir().unwrap();
-        let locks: Arc<dyn LockService> = Arc::new(MemLockService::new());
-        let t = kernel_agent(dir.path(), locks.clone());
         let kv: Arc<dyn Kv> = Arc::new(MemKv::new());
-        let c = Arc::new(Coordinator::new(
-            CoordConfig::new("c1"),
-            kv.clone(),
-            locks,
-            Agents::new(Discovery::Transports(vec![("host-a".into(), t)])),
-        ));
+        let c = coordinator_with(dir.path(), CoordConfig::new("c1"), kv.clone(), kernel_agent);
         let dom = dom(&c).await;
         let d = c
             .submit("mk", 1, create(dom, Format::Qcow2, 4 << 20, ""), "t")

@@ -318,11 +318,7 @@ impl Agent {
                     .held(&held)
                     .commit()?;
                 tracing::info!(snapshot = %id, volume = %snap.id, into = %child.id, "snapshot merged (rebase)");
-                Ok(Outcome::Volume {
-                    domain: o.clone(),
-                    volume: Box::new(o.domain.read_volume(&child.id)?),
-                    tag: None,
-                })
+                merged_into(o, &child.id)
             }
             MergePlan::Commit {
                 snap,
@@ -345,11 +341,7 @@ impl Agent {
                     .held(&held)
                     .commit()?;
                 tracing::info!(snapshot = %id, volume = %child.id, into = %snap.id, "snapshot merged (commit)");
-                Ok(Outcome::Volume {
-                    domain: o.clone(),
-                    volume: Box::new(o.domain.read_volume(&snap.id)?),
-                    tag: None,
-                })
+                merged_into(o, &snap.id)
             }
         }
     }
@@ -609,6 +601,15 @@ impl Agent {
     }
 }
 
+/// What a merge answers: the volume the snapshot's data is in now.
+fn merged_into(o: &Arc<Opened>, volume: &VolumeId) -> Result<Outcome> {
+    Ok(Outcome::Volume {
+        domain: o.clone(),
+        volume: Box::new(o.domain.read_volume(volume)?),
+        tag: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -667,28 +668,13 @@ mod tests {
         let snap = tag(2, &base, TagType::Weak, 1);
         let top = vol(3, Some(snap.id), Format::Qcow2, 1);
         let disk = tag(4, &top, TagType::Strong, 0);
-        let p = plan_merge(
-            ES,
-            &snap,
-            &base,
-            std::slice::from_ref(&top),
-            std::slice::from_ref(&disk),
-            None,
-        )
-        .unwrap();
+        let tops = std::slice::from_ref(&top);
+        let p = plan_merge(ES, &snap, &base, tops, std::slice::from_ref(&disk), None).unwrap();
         assert!(matches!(p, MergePlan::Commit { .. }));
         assert_eq!(p.freed().id, top.id);
         // The child has its own snapshot hanging from it: rebase instead.
         let weak_on_top = tag(5, &top, TagType::Weak, 1);
-        let p = plan_merge(
-            ES,
-            &snap,
-            &base,
-            std::slice::from_ref(&top),
-            &[disk.clone(), weak_on_top],
-            None,
-        )
-        .unwrap();
+        let p = plan_merge(ES, &snap, &base, tops, &[disk.clone(), weak_on_top], None).unwrap();
         assert!(matches!(p, MergePlan::Rebase { .. }));
         assert_eq!(p.freed().id, base.id);
         // A snapshot with a parent is rebased away.

@@ -30,13 +30,7 @@ use cairn_tests::Answer;
 const MIB: u64 = 1 << 20;
 
 fn create(rid: &str, name: &str) -> pb::CreateDiskRequest {
-    pb::CreateDiskRequest {
-        request_id: rid.into(),
-        name: name.into(),
-        format: pb::Format::Raw as i32,
-        size: 4 * MIB,
-        ..Default::default()
-    }
+    coord::create(rid, name, pb::Format::Raw, 4 * MIB)
 }
 
 /// The code and stable reason of a refusal.

@@ -32,6 +32,26 @@ async fn running(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::Job {
     }
 }
 
+/// Recover the domain (collecting garbage) through `b` every 200 ms until
+/// `done` says so, for at most 30 s.
+async fn recover_until(
+    b: &mut apb::agent_client::AgentClient<Channel>,
+    mut done: impl FnMut(&apb::RecoverDomainResponse) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        let req = apb::RecoverDomainRequest {
+            domain: String::new(),
+            collect_garbage: true,
+        };
+        if done(&b.recover_domain(req).await.answer()) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn root_etcd_qemu_cluster_spreads_work_and_survives_killed_agents_and_coordinators() {
     let mut cl = Cluster::start(3, 2);
@@ -195,22 +215,11 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
 
         // Once A's lease expired, B recovers A's host slot. The copy A half
         // made stays in quarantine: A may still wake and write into it.
-        let t = Instant::now();
-        loop {
-            let r = b
-                .recover_domain(apb::RecoverDomainRequest {
-                    domain: String::new(),
-                    collect_garbage: true,
-                })
-                .await
-                .answer();
+        recover_until(&mut b, |r| {
             assert!(r.volumes_removed.is_empty(), "{r:?}");
-            if !r.slots_recovered.is_empty() {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30));
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            !r.slots_recovered.is_empty()
+        })
+        .await;
         // B, the new holder of everything, snapshots the disk and writes.
         b.snapshot(ask::snapshot("s", &disk)).await.unwrap();
         let p = activate(&mut b, "", &disk).await;
@@ -267,21 +276,7 @@ fn root_etcd_qemu_paused_agent_cannot_write_after_its_lease_and_the_new_holders_
         // What B wrote is intact.
         check_disk(&mut b, "", &disk, &exp).await;
         // After the quarantine, the half-made copy goes.
-        let t = Instant::now();
-        loop {
-            let r = b
-                .recover_domain(apb::RecoverDomainRequest {
-                    domain: String::new(),
-                    collect_garbage: true,
-                })
-                .await
-                .answer();
-            if !r.volumes_removed.is_empty() {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30));
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        recover_until(&mut b, |r| !r.volumes_removed.is_empty()).await;
     });
     // Started again, it rejoins.
     cl.agents[0] = cl.start_agent(0);
@@ -305,14 +300,8 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         let mut others = Vec::new();
         for i in 1..16 {
             let j = ok(c
-                .create_disk(pb::CreateDiskRequest {
-                    request_id: format!("d{i}"),
-                    format: pb::Format::Raw as i32,
-                    size: 8 * MIB,
-                    ..Default::default()
-                })
-                .await
-                .answer());
+                .create_of(&format!("d{i}"), "", pb::Format::Raw, 8 * MIB)
+                .await);
             others.push(j.disk.unwrap().id);
         }
         let conv = c
@@ -372,13 +361,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         );
         // Both happened, in order: a qcow2 base (the conversion) under
         // the snapshot's layer, and the data as written.
-        let v = c
-            .get_disk(pb::GetDiskRequest {
-                domain: String::new(),
-                disk_id: d0.clone(),
-            })
-            .await
-            .answer();
+        let v = c.disk_of("", &d0).await;
         assert_eq!(v.chain.len(), 2, "{v:?}");
         assert_eq!(v.chain[0].format, pb::Format::Qcow2 as i32);
         assert_eq!(v.snapshots.len(), 1);
@@ -386,13 +369,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         let mut a = cl.agents[1].client().await;
         check_disk(&mut a, "", &d0, &exp).await;
         for d in &others {
-            let v = c
-                .get_disk(pb::GetDiskRequest {
-                    domain: String::new(),
-                    disk_id: d.clone(),
-                })
-                .await
-                .answer();
+            let v = c.disk_of("", &d).await;
             assert_eq!(v.snapshots.len(), 5, "{v:?}");
         }
     });
@@ -407,14 +384,8 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
         let mut disks = Vec::new();
         for i in 0..3 {
             let j = ok(c
-                .create_disk(pb::CreateDiskRequest {
-                    request_id: format!("before{i}"),
-                    format: pb::Format::Raw as i32,
-                    size: 8 * MIB,
-                    ..Default::default()
-                })
-                .await
-                .answer());
+                .create_of(&format!("before{i}"), "", pb::Format::Raw, 8 * MIB)
+                .await);
             let d = j.disk.unwrap().id;
             ok(
                 c.snapshot_disk(coord::snapshot(&format!("snap{i}"), "", &d))
@@ -427,12 +398,7 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
         cl.etcd.stop();
         // While it is down, operations fail cleanly and change nothing.
         let e = c
-            .create_disk(pb::CreateDiskRequest {
-                request_id: "during".into(),
-                format: pb::Format::Raw as i32,
-                size: 8 * MIB,
-                ..Default::default()
-            })
+            .create_disk(coord::create("during", "", pb::Format::Raw, 8 * MIB))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -452,12 +418,7 @@ fn root_etcd_stopped_and_restarted_mid_run_loses_nothing_and_work_resumes() {
         let t = Instant::now();
         let made = loop {
             match c
-                .create_disk(pb::CreateDiskRequest {
-                    request_id: "after".into(),
-                    format: pb::Format::Raw as i32,
-                    size: 8 * MIB,
-                    ..Default::default()
-                })
+                .create_disk(coord::create("after", "", pb::Format::Raw, 8 * MIB))
                 .await
             {
                 Ok(j) if j.get_ref().state == pb::JobState::Succeeded as i32 => {

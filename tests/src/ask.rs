@@ -242,6 +242,14 @@ pub trait CoordCalls {
     fn job_now(&mut self, id: &str) -> impl Future<Output = cpb::Job>;
     /// Every disk the caller may see.
     fn disks(&mut self) -> impl Future<Output = Vec<cpb::Disk>>;
+    /// Create disk `name` (may be empty) of `size` bytes: the job.
+    fn create_of(
+        &mut self,
+        rid: &str,
+        name: &str,
+        format: cpb::Format,
+        size: u64,
+    ) -> impl Future<Output = cpb::Job>;
 }
 
 impl CoordCalls for CoordinatorClient<Channel> {
@@ -273,6 +281,18 @@ impl CoordCalls for CoordinatorClient<Channel> {
 
     async fn job_now(&mut self, id: &str) -> cpb::Job {
         self.get_job(cpb::GetJobRequest { job_id: id.into() })
+            .await
+            .answer()
+    }
+
+    async fn create_of(
+        &mut self,
+        rid: &str,
+        name: &str,
+        format: cpb::Format,
+        size: u64,
+    ) -> cpb::Job {
+        self.create_disk(coord::create(rid, name, format, size))
             .await
             .answer()
     }
