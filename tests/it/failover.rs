@@ -369,7 +369,7 @@ fn root_etcd_qemu_sixteen_disks_are_not_serialized_and_one_disk_is() {
         let mut a = cl.agents[1].client().await;
         check_disk(&mut a, "", &d0, &exp).await;
         for d in &others {
-            let v = c.disk_of("", &d).await;
+            let v = c.disk_of("", d).await;
             assert_eq!(v.snapshots.len(), 5, "{v:?}");
         }
     });
