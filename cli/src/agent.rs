@@ -5,10 +5,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::connect::Ch;
+use crate::connect::Agent;
 use anyhow::Result;
 use cairn_proto::agent as pb;
-use cairn_proto::agent::agent_client::AgentClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -108,20 +107,18 @@ fn activation_json(a: &pb::Activation) -> Value {
 }
 
 /// Follow a job with a progress bar (or quietly with --json).
-async fn follow(c: &mut AgentClient<Ch>, job: pb::Job, json_out: bool) -> Result<pb::Job> {
-    let s = c
-        .watch_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .ask()?;
+async fn follow(c: &mut Agent, job: pb::Job, json_out: bool) -> Result<pb::Job> {
+    let req = pb::GetJobRequest {
+        job_id: job.id.clone(),
+    };
+    let s = c.watch_job(req).await.ask()?;
     connect::follow(s, job, json_out, |j| (j.done_bytes, j.total_bytes, &j.kind)).await
 }
 
 /// Follow a job unless `--no-wait`, print how it ended; exit 1 unless it
 /// succeeded.
 pub async fn job_result(
-    c: &mut AgentClient<Ch>,
+    c: &mut Agent,
     job: pb::Job,
     wait: &Wait,
     out: &mut Out<'_>,
@@ -140,6 +137,13 @@ pub async fn job_result(
     })
 }
 
+fn domain_json(d: &pb::DomainInfo) -> Value {
+    json!({"id": d.id, "name": d.name, "path": d.path, "host_slot": d.host_slot,
+    "extent_size": d.extent_size, "extents_total": d.extents_total, "extents_free": d.extents_free,
+    "volumes": d.volumes, "volume_slots_total": d.volume_slots_total,
+    "tags": d.tags, "tag_slots_total": d.tag_slots_total, "host_slots_total": d.host_slots_total})
+}
+
 /// Run an agent command.
 pub fn run(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     connect::block_on(run_async(conn, cmd, out))
@@ -152,54 +156,33 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
     match cmd {
         AgentCmd::Domains => {
             let r = c.list_domains(pb::ListDomainsRequest {}).await.ask()?;
-            if j {
-                let v: Vec<Value> = r
-                    .domains
-                    .iter()
-                    .map(|d| {
-                        json!({"id": d.id, "name": d.name, "path": d.path, "host_slot": d.host_slot,
-                        "extent_size": d.extent_size, "extents_total": d.extents_total, "extents_free": d.extents_free,
-                        "volumes": d.volumes, "volume_slots_total": d.volume_slots_total,
-                        "tags": d.tags, "tag_slots_total": d.tag_slots_total, "host_slots_total": d.host_slots_total})
-                    })
-                    .collect();
-                out.json(&v)?;
-            } else {
-                out.table(
-                    &["NAME", "ID", "PATH", "SLOT", "FREE", "VOLUMES", "TAGS"],
-                    r.domains
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.name.clone(),
-                                x.id.clone(),
-                                x.path.clone(),
-                                x.host_slot.to_string(),
-                                human_bytes(x.extents_free * x.extent_size),
-                                x.volumes.to_string(),
-                                x.tags.to_string(),
-                            ]
-                        })
-                        .collect(),
-                )?;
-            }
+            let header = ["NAME", "ID", "PATH", "SLOT", "FREE", "VOLUMES", "TAGS"];
+            out.list(&r.domains, domain_json, &header, |x| {
+                vec![
+                    x.name.clone(),
+                    x.id.clone(),
+                    x.path.clone(),
+                    x.host_slot.to_string(),
+                    human_bytes(x.extents_free * x.extent_size),
+                    x.volumes.to_string(),
+                    x.tags.to_string(),
+                ]
+            })?;
         }
         AgentCmd::Volume(v) => return crate::volume::run(&mut c, d, v, out).await,
         AgentCmd::Tag(t) => return crate::tag::run(&mut c, d, t, out).await,
         AgentCmd::UserData(u) => return crate::tag::run_user_data(&mut c, d, u, out).await,
         AgentCmd::Snapshot { tag, description } => {
-            let r = c
-                .snapshot(pb::SnapshotRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: tag.clone(),
-                    description: description.clone(),
-                    size: 0,
-                    clone: None,
-                    snapshot_options: Vec::new(),
-                })
-                .await
-                .ask()?;
+            let req = pb::SnapshotRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: tag.clone(),
+                description: description.clone(),
+                size: 0,
+                clone: None,
+                snapshot_options: Vec::new(),
+            };
+            let r = c.snapshot(req).await.ask()?;
             out.show(json!({
                 "volume": r.volume.as_ref().map(|v| v.id.clone()),
                 "parent_tag": r.parent_tag.as_ref().map(|t| t.id.clone()),
@@ -207,14 +190,12 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
             }))?;
         }
         AgentCmd::Activate { tag } => {
-            let r = c
-                .activate(pb::ActivateRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: tag.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::ActivateRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: tag.clone(),
+            };
+            let r = c.activate(req).await.ask()?;
             let a = r.activation.unwrap_or_default();
             if j {
                 out.json(&activation_json(&a))?;
@@ -223,15 +204,13 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
             }
         }
         AgentCmd::Deactivate { tag, force } => {
-            let r = c
-                .deactivate(pb::DeactivateRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: tag.clone(),
-                    force: *force,
-                })
-                .await
-                .ask()?;
+            let req = pb::DeactivateRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: tag.clone(),
+                force: *force,
+            };
+            let r = c.deactivate(req).await.ask()?;
             out.show(json!({"changed": r.changed}))?;
         }
         AgentCmd::Activations => {
@@ -239,28 +218,18 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                 .list_activations(pb::ListActivationsRequest { domain: d })
                 .await
                 .ask()?;
-            if j {
-                out.json(
-                    &r.activations
-                        .iter()
-                        .map(activation_json)
-                        .collect::<Vec<_>>(),
-                )?;
-            } else {
-                out.table(
-                    &["TAG", "VOLUMES", "PATH"],
-                    r.activations
-                        .iter()
-                        .map(|a| {
-                            vec![
-                                a.tag_id.clone(),
-                                a.volumes.len().to_string(),
-                                a.path.clone(),
-                            ]
-                        })
-                        .collect(),
-                )?;
-            }
+            out.list(
+                &r.activations,
+                activation_json,
+                &["TAG", "VOLUMES", "PATH"],
+                |a| {
+                    vec![
+                        a.tag_id.clone(),
+                        a.volumes.len().to_string(),
+                        a.path.clone(),
+                    ]
+                },
+            )?;
         }
         AgentCmd::Job(jc) => match jc {
             JobCmd::List { running } => {
@@ -268,25 +237,16 @@ async fn run_async(conn: &Conn, cmd: &AgentCmd, out: &mut Out<'_>) -> Result<Exi
                 if *running {
                     r.jobs.retain(|x| x.state == pb::JobState::Running as i32);
                 }
-                if j {
-                    out.json(&r.jobs.iter().map(job_json).collect::<Vec<_>>())?;
-                } else {
-                    out.table(
-                        &["JOB", "KIND", "STATE", "DONE", "TOTAL"],
-                        r.jobs
-                            .iter()
-                            .map(|x| {
-                                vec![
-                                    x.id.clone(),
-                                    x.kind.clone(),
-                                    job_json(x)["state"].as_str().unwrap_or("").into(),
-                                    human_bytes(x.done_bytes),
-                                    human_bytes(x.total_bytes),
-                                ]
-                            })
-                            .collect(),
-                    )?;
-                }
+                let header = ["JOB", "KIND", "STATE", "DONE", "TOTAL"];
+                out.list(&r.jobs, job_json, &header, |x| {
+                    vec![
+                        x.id.clone(),
+                        x.kind.clone(),
+                        job_json(x)["state"].as_str().unwrap_or("").into(),
+                        human_bytes(x.done_bytes),
+                        human_bytes(x.total_bytes),
+                    ]
+                })?;
             }
             JobCmd::Show { id } => {
                 let x = c

@@ -77,6 +77,12 @@ impl TokenArgs {
 /// A channel that presents the caller's token, if it has one.
 pub type Ch = InterceptedService<Channel, Bearer>;
 
+/// A client of the agent.
+pub type Agent = AgentClient<Ch>;
+
+/// A client of the coordinator.
+pub type Coord = CoordinatorClient<Ch>;
+
 /// A refusal by the agent or coordinator, for the exit code and --json.
 #[derive(Debug, thiserror::Error)]
 #[error("{message} ({reason})")]
@@ -116,7 +122,7 @@ impl<T> Ask<T> for std::result::Result<tonic::Response<T>, tonic::Status> {
 }
 
 /// A client of the agent.
-pub async fn agent(c: &Conn) -> Result<AgentClient<Ch>> {
+pub async fn agent(c: &Conn) -> Result<Agent> {
     let t = match &c.agent {
         Some(a) => Target::Tcp(a.clone()),
         None => Target::Unix(c.socket.clone()),
@@ -136,7 +142,7 @@ pub async fn agent(c: &Conn) -> Result<AgentClient<Ch>> {
 }
 
 /// A client of the coordinator.
-pub async fn coordinator(c: &CoordConn) -> Result<CoordinatorClient<Ch>> {
+pub async fn coordinator(c: &CoordConn) -> Result<Coord> {
     let t = if c.coordinator.starts_with("http://") || c.coordinator.starts_with("https://") {
         Target::Tcp(c.coordinator.clone())
     } else {

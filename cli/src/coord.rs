@@ -4,10 +4,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::connect::Ch;
+use crate::connect::Coord;
 use anyhow::Result;
 use cairn_proto::coordinator as pb;
-use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -59,16 +58,14 @@ pub fn job_json(j: &pb::Job) -> Value {
 }
 
 /// Follow a job with a progress bar (quietly with --json or -q).
-async fn follow(c: &mut CoordinatorClient<Ch>, job: pb::Job, quiet: bool) -> Result<pb::Job> {
+async fn follow(c: &mut Coord, job: pb::Job, quiet: bool) -> Result<pb::Job> {
     if job.state != pb::JobState::Running as i32 {
         return Ok(job);
     }
-    let s = c
-        .watch_job(pb::GetJobRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .ask()?;
+    let req = pb::GetJobRequest {
+        job_id: job.id.clone(),
+    };
+    let s = c.watch_job(req).await.ask()?;
     connect::follow(s, job, quiet, |j| (j.done_bytes, j.total_bytes, &j.step)).await
 }
 
@@ -111,7 +108,7 @@ pub fn outcome(j: &pb::Job, out: &mut Out<'_>, quiet: Option<&str>) -> Result<Ex
 
 /// Follow a long job unless `--no-wait`, then print its outcome.
 pub async fn long(
-    c: &mut CoordinatorClient<Ch>,
+    c: &mut Coord,
     j: pb::Job,
     wait: &Wait,
     out: &mut Out<'_>,
@@ -124,6 +121,14 @@ pub async fn long(
     let j = follow(c, j, json_out || quiet).await?;
     let id = j.disk.as_ref().map(|d| d.id.clone()).unwrap_or_default();
     outcome(&j, out, quiet.then_some(id.as_str()))
+}
+
+fn agent_json(a: &pb::Agent) -> Value {
+    json!({
+        "host_id": a.host_id, "host_name": a.host_name, "address": a.address,
+        "reachable": a.reachable,
+        "domains": a.domains.iter().map(|d| json!({"id": d.id, "name": d.name})).collect::<Vec<_>>(),
+    })
 }
 
 /// Run a coordinator command.
@@ -152,33 +157,17 @@ async fn run_async(
         }
         CoordCmd::Agents => {
             let r = c.list_agents(pb::ListAgentsRequest {}).await.ask()?;
-            if j {
-                out.json(&json!(r.agents.iter().map(|a| json!({
-                    "host_id": a.host_id, "host_name": a.host_name, "address": a.address,
-                    "reachable": a.reachable,
-                    "domains": a.domains.iter().map(|d| json!({"id": d.id, "name": d.name})).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>()))?;
-            } else {
-                out.table(
-                    &["HOST", "NAME", "ADDRESS", "REACHABLE", "DOMAINS"],
-                    r.agents
-                        .iter()
-                        .map(|a| {
-                            vec![
-                                a.host_id.clone(),
-                                a.host_name.clone(),
-                                a.address.clone(),
-                                a.reachable.to_string(),
-                                a.domains
-                                    .iter()
-                                    .map(|d| d.name.clone())
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                            ]
-                        })
-                        .collect(),
-                )?;
-            }
+            let header = ["HOST", "NAME", "ADDRESS", "REACHABLE", "DOMAINS"];
+            out.list(&r.agents, agent_json, &header, |a| {
+                let domains: Vec<&str> = a.domains.iter().map(|d| d.name.as_str()).collect();
+                vec![
+                    a.host_id.clone(),
+                    a.host_name.clone(),
+                    a.address.clone(),
+                    a.reachable.to_string(),
+                    domains.join(","),
+                ]
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         CoordCmd::Job(cmd) => job(&mut c, cmd, out).await,
@@ -186,7 +175,7 @@ async fn run_async(
     }
 }
 
-async fn job(c: &mut CoordinatorClient<Ch>, cmd: &JobCmd, out: &mut Out<'_>) -> Result<ExitCode> {
+async fn job(c: &mut Coord, cmd: &JobCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     let j = out.json_mode();
     match cmd {
         JobCmd::List { running } => {
@@ -194,52 +183,34 @@ async fn job(c: &mut CoordinatorClient<Ch>, cmd: &JobCmd, out: &mut Out<'_>) -> 
                 .list_jobs(pb::ListJobsRequest { running: *running })
                 .await
                 .ask()?;
-            if j {
-                out.json(&json!(r.jobs.iter().map(job_json).collect::<Vec<_>>()))?;
-            } else {
-                out.table(
-                    &["JOB", "KIND", "STATE", "STEP", "DISK", "PROGRESS", "HOST"],
-                    r.jobs
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.id.clone(),
-                                x.kind.clone(),
-                                state(x.state),
-                                x.step.clone(),
-                                x.disk_id.clone(),
-                                if x.total_bytes > 0 {
-                                    format!(
-                                        "{}/{}",
-                                        human_bytes(x.done_bytes),
-                                        human_bytes(x.total_bytes)
-                                    )
-                                } else {
-                                    "-".into()
-                                },
-                                crate::output::or_dash(&x.host_id),
-                            ]
-                        })
-                        .collect(),
-                )?;
+            let header = ["JOB", "KIND", "STATE", "STEP", "DISK", "PROGRESS", "HOST"];
+            out.list(&r.jobs, job_json, &header, |x| {
+                let progress = match x.total_bytes {
+                    0 => "-".into(),
+                    t => format!("{}/{}", human_bytes(x.done_bytes), human_bytes(t)),
+                };
+                vec![
+                    x.id.clone(),
+                    x.kind.clone(),
+                    state(x.state),
+                    x.step.clone(),
+                    x.disk_id.clone(),
+                    progress,
+                    crate::output::or_dash(&x.host_id),
+                ]
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCmd::Show { id } | JobCmd::Watch { id } => {
+            let x = c
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .ask()?;
+            if matches!(cmd, JobCmd::Show { .. }) {
+                out.json(&job_json(&x))?;
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        JobCmd::Show { id } => {
-            let x = c
-                .get_job(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .ask()?;
-            out.json(&job_json(&x))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        JobCmd::Watch { id } => {
-            let x = c
-                .get_job(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .ask()?;
-            let x = follow(c, x, j).await?;
-            outcome(&x, out, None)
+            outcome(&follow(c, x, j).await?, out, None)
         }
         JobCmd::Cancel { id } => {
             let x = c

@@ -3,12 +3,11 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::connect::Ch;
+use crate::connect::Coord;
 use anyhow::Result;
 use cairn_domain::Allocation;
 use cairn_proto::convert as wire;
 use cairn_proto::coordinator as pb;
-use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
@@ -199,12 +198,7 @@ pub fn disk_json(d: &pb::Disk) -> Value {
 }
 
 /// Run a disk command.
-pub async fn run(
-    c: &mut CoordinatorClient<Ch>,
-    d: &str,
-    cmd: &DiskCmd,
-    out: &mut Out<'_>,
-) -> Result<ExitCode> {
+pub async fn run(c: &mut Coord, d: &str, cmd: &DiskCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     let j = out.json_mode();
     let d = d.to_string();
     match cmd {
@@ -217,19 +211,17 @@ pub async fn run(
             description,
             quiet,
         } => {
-            let x = c
-                .create_disk(pb::CreateDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    name: name.clone(),
-                    format: pf(Some(*format)),
-                    size: *size,
-                    allocation: pa(*preallocate),
-                    description: description.clone(),
-                    wipe_after_delete: *wipe_after_delete,
-                })
-                .await
-                .ask()?;
+            let req = pb::CreateDiskRequest {
+                request_id: rid(),
+                domain: d,
+                name: name.clone(),
+                format: pf(Some(*format)),
+                size: *size,
+                allocation: pa(*preallocate),
+                description: description.clone(),
+                wipe_after_delete: *wipe_after_delete,
+            };
+            let x = c.create_disk(req).await.ask()?;
             let id = x.disk.as_ref().map(|d| d.id.clone()).unwrap_or_default();
             outcome(&x, out, quiet.then_some(id.as_str()))
         }
@@ -238,47 +230,36 @@ pub async fn run(
                 .list_disks(pb::ListDisksRequest { domain: d })
                 .await
                 .ask()?;
-            if j {
-                out.json(&json!(r.disks.iter().map(disk_json).collect::<Vec<_>>()))?;
-            } else {
-                out.table(
-                    &[
-                        "DISK",
-                        "NAME",
-                        "DOMAIN",
-                        "SIZE",
-                        "FORMAT",
-                        "LAYERS",
-                        "SNAPSHOTS",
-                        "OWNER",
-                    ],
-                    r.disks
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.id.clone(),
-                                crate::output::or_dash(&x.name),
-                                x.domain_name.clone(),
-                                human_bytes(x.size),
-                                fmt(x.format).into(),
-                                x.chain.len().to_string(),
-                                x.snapshots.len().to_string(),
-                                crate::output::or_dash(&x.owner),
-                            ]
-                        })
-                        .collect(),
-                )?;
-            }
+            let header = [
+                "DISK",
+                "NAME",
+                "DOMAIN",
+                "SIZE",
+                "FORMAT",
+                "LAYERS",
+                "SNAPSHOTS",
+                "OWNER",
+            ];
+            out.list(&r.disks, disk_json, &header, |x| {
+                vec![
+                    x.id.clone(),
+                    crate::output::or_dash(&x.name),
+                    x.domain_name.clone(),
+                    human_bytes(x.size),
+                    fmt(x.format).into(),
+                    x.chain.len().to_string(),
+                    x.snapshots.len().to_string(),
+                    crate::output::or_dash(&x.owner),
+                ]
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         DiskCmd::Show { id } => {
-            let x = c
-                .get_disk(pb::GetDiskRequest {
-                    domain: d,
-                    disk_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::GetDiskRequest {
+                domain: d,
+                disk_id: id.clone(),
+            };
+            let x = c.get_disk(req).await.ask()?;
             if j {
                 out.json(&disk_json(&x))?;
             } else {
@@ -315,15 +296,13 @@ pub async fn run(
             description,
             quiet,
         } => {
-            let x = c
-                .snapshot_disk(pb::SnapshotDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                    description: description.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::SnapshotDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+                description: description.clone(),
+            };
+            let x = c.snapshot_disk(req).await.ask()?;
             let s = x.snapshot_id.clone();
             outcome(&x, out, quiet.then_some(s.as_str()))
         }
@@ -336,40 +315,34 @@ pub async fn run(
             quiet,
             wait,
         } => {
-            let x = c
-                .clone_disk(pb::CloneDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    source_id: source.clone(),
-                    name: name.clone(),
-                    full: *full,
-                    format: pf(*format),
-                    allocation: if *full { pa(*preallocate) } else { 0 },
-                })
-                .await
-                .ask()?;
+            let req = pb::CloneDiskRequest {
+                request_id: rid(),
+                domain: d,
+                source_id: source.clone(),
+                name: name.clone(),
+                full: *full,
+                format: pf(*format),
+                allocation: if *full { pa(*preallocate) } else { 0 },
+            };
+            let x = c.clone_disk(req).await.ask()?;
             long(c, x, wait, out, *quiet).await
         }
         DiskCmd::DeleteSnapshot { snapshot, wait } => {
-            let x = c
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    request_id: rid(),
-                    domain: d,
-                    snapshot_id: snapshot.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::DeleteSnapshotRequest {
+                request_id: rid(),
+                domain: d,
+                snapshot_id: snapshot.clone(),
+            };
+            let x = c.delete_snapshot(req).await.ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Delete { id } => {
-            let x = c
-                .delete_disk(pb::DeleteDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::DeleteDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+            };
+            let x = c.delete_disk(req).await.ask()?;
             outcome(&x, out, None)
         }
         DiskCmd::Copy {
@@ -379,18 +352,16 @@ pub async fn run(
             preallocate,
             wait,
         } => {
-            let x = c
-                .copy_disk(pb::CopyDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                    target_domain: to.clone(),
-                    r#move: false,
-                    format: pf(*format),
-                    allocation: pa(*preallocate),
-                })
-                .await
-                .ask()?;
+            let req = pb::CopyDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+                target_domain: to.clone(),
+                r#move: false,
+                format: pf(*format),
+                allocation: pa(*preallocate),
+            };
+            let x = c.copy_disk(req).await.ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Move {
@@ -399,30 +370,26 @@ pub async fn run(
             format,
             wait,
         } => {
-            let x = c
-                .copy_disk(pb::CopyDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                    target_domain: to.clone(),
-                    r#move: true,
-                    format: pf(*format),
-                    allocation: 0,
-                })
-                .await
-                .ask()?;
+            let req = pb::CopyDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+                target_domain: to.clone(),
+                r#move: true,
+                format: pf(*format),
+                allocation: 0,
+            };
+            let x = c.copy_disk(req).await.ask()?;
             long(c, x, wait, out, false).await
         }
         DiskCmd::Extend { id, size } => {
-            let x = c
-                .extend_disk(pb::ExtendDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                    size: *size,
-                })
-                .await
-                .ask()?;
+            let req = pb::ExtendDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+                size: *size,
+            };
+            let x = c.extend_disk(req).await.ask()?;
             outcome(&x, out, None)
         }
         DiskCmd::Convert {
@@ -432,17 +399,15 @@ pub async fn run(
             preallocate,
             wait,
         } => {
-            let x = c
-                .convert_disk(pb::ConvertDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    disk_id: id.clone(),
-                    format: pf(Some(*format)),
-                    allocation: pa(*preallocate),
-                    flatten: *flatten,
-                })
-                .await
-                .ask()?;
+            let req = pb::ConvertDiskRequest {
+                request_id: rid(),
+                domain: d,
+                disk_id: id.clone(),
+                format: pf(Some(*format)),
+                allocation: pa(*preallocate),
+                flatten: *flatten,
+            };
+            let x = c.convert_disk(req).await.ask()?;
             long(c, x, wait, out, false).await
         }
     }

@@ -48,6 +48,21 @@ impl<'a> Out<'a> {
         Ok(())
     }
 
+    /// A list: a JSON array of each item as `json` shows it, or a table of
+    /// `header` with a row of each item as `row` shows it.
+    pub fn list<T>(
+        &mut self,
+        items: &[T],
+        json: impl Fn(&T) -> Value,
+        header: &[&str],
+        row: impl Fn(&T) -> Vec<String>,
+    ) -> Result<()> {
+        if self.json {
+            return self.json(&items.iter().map(json).collect::<Vec<_>>());
+        }
+        self.table(header, items.iter().map(row).collect())
+    }
+
     /// Rows as aligned columns under a header.
     pub fn table(&mut self, header: &[&str], rows: Vec<Vec<String>>) -> Result<()> {
         let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();

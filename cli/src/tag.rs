@@ -5,11 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::connect::Ch;
+use crate::connect::Agent;
 use anyhow::{Context, Result};
 use cairn_domain::{Strategy, TagState, TagType};
 use cairn_proto::agent as pb;
-use cairn_proto::agent::agent_client::AgentClient;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -142,74 +141,55 @@ pub enum UserDataCmd {
 }
 
 /// Run a tag command.
-pub async fn run(
-    c: &mut AgentClient<Ch>,
-    d: String,
-    t: &TagCmd,
-    out: &mut Out<'_>,
-) -> Result<ExitCode> {
-    let j = out.json_mode();
+pub async fn run(c: &mut Agent, d: String, t: &TagCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     match t {
         TagCmd::Create { volume, tag } => {
-            let r = c
-                .create_tag(pb::CreateTagRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag: Some(tag.spec(volume.clone())?),
-                })
-                .await
-                .ask()?;
+            let req = pb::CreateTagRequest {
+                request_id: rid(),
+                domain: d,
+                tag: Some(tag.spec(volume.clone())?),
+            };
+            let r = c.create_tag(req).await.ask()?;
             out.show(tag_json(&r.tag.unwrap_or_default()))?;
         }
         TagCmd::List => {
             let r = c.list_tags(pb::ListTagsRequest { domain: d }).await.ask()?;
-            if j {
-                out.json(&r.tags.iter().map(tag_json).collect::<Vec<_>>())?;
-            } else {
-                tag_rows(out, &r.tags)?;
-            }
+            out.list(&r.tags, tag_json, TAG_HEADER, tag_row)?;
         }
         TagCmd::Show { id } => {
-            let t = c
-                .get_tag(pb::GetTagRequest {
-                    domain: d,
-                    tag_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::GetTagRequest {
+                domain: d,
+                tag_id: id.clone(),
+            };
+            let t = c.get_tag(req).await.ask()?;
             out.show(tag_json(&t))?;
         }
         TagCmd::Change { id, volume, tag } => {
-            let r = c
-                .change_tag(pb::ChangeTagRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: id.clone(),
-                    tag: Some(tag.spec(volume.clone())?),
-                })
-                .await
-                .ask()?;
-            out.show(tag_json(&r.tag.unwrap_or_default()))?;
-        }
-        TagCmd::Delete { id, chain: false } => {
-            c.delete_tag(pb::DeleteTagRequest {
+            let req = pb::ChangeTagRequest {
                 request_id: rid(),
                 domain: d,
                 tag_id: id.clone(),
-            })
-            .await
-            .ask()?;
+                tag: Some(tag.spec(volume.clone())?),
+            };
+            let r = c.change_tag(req).await.ask()?;
+            out.show(tag_json(&r.tag.unwrap_or_default()))?;
+        }
+        TagCmd::Delete { id, chain: false } => {
+            let req = pb::DeleteTagRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: id.clone(),
+            };
+            c.delete_tag(req).await.ask()?;
             out.show(json!({"deleted": id}))?;
         }
         TagCmd::Delete { id, chain: true } => {
-            let r = c
-                .delete_disk(pb::DeleteDiskRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::DeleteDiskRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: id.clone(),
+            };
+            let r = c.delete_disk(req).await.ask()?;
             out.show(
                 json!({"tags_removed": r.tags_removed, "volumes_removed": r.volumes_removed}),
             )?;
@@ -220,7 +200,7 @@ pub async fn run(
 
 /// Run a user data command.
 pub async fn run_user_data(
-    c: &mut AgentClient<Ch>,
+    c: &mut Agent,
     d: String,
     u: &UserDataCmd,
     out: &mut Out<'_>,
@@ -240,81 +220,62 @@ pub async fn run_user_data(
                 }
                 (None, None) => anyhow::bail!("give --value or --file"),
             };
-            let r = c
-                .set_user_data(pb::SetUserDataRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: tag.clone(),
-                    name: name.clone(),
-                    data,
-                })
-                .await
-                .ask()?;
+            let req = pb::SetUserDataRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: tag.clone(),
+                name: name.clone(),
+                data,
+            };
+            let r = c.set_user_data(req).await.ask()?;
             out.show(json!({"changed": r.changed}))?;
         }
         UserDataCmd::Get { tag, name } => {
-            let r = c
-                .get_user_data(pb::GetUserDataRequest {
-                    domain: d,
-                    tag_id: tag.clone(),
-                    name: name.clone().unwrap_or_default(),
-                })
-                .await
-                .ask()?;
+            let req = pb::GetUserDataRequest {
+                domain: d,
+                tag_id: tag.clone(),
+                name: name.clone().unwrap_or_default(),
+            };
+            let r = c.get_user_data(req).await.ask()?;
             match (name, j) {
                     (Some(_), false) => {
                         out.write_all(&r.items[0].data)?;
                     }
-                    (_, true) => out.json(
-                        &r.items
-                            .iter()
-                            .map(|i| json!({"name": i.name, "data": String::from_utf8_lossy(&i.data), "bytes": i.data.len()}))
-                            .collect::<Vec<_>>(),
-                    )?,
-                    (None, false) => out.table(
+                    (_, _) => out.list(
+                        &r.items,
+                        |i| json!({"name": i.name, "data": String::from_utf8_lossy(&i.data), "bytes": i.data.len()}),
                         &["NAME", "BYTES"],
-                        r.items
-                            .iter()
-                            .map(|i| vec![i.name.clone(), i.data.len().to_string()])
-                            .collect(),
+                        |i| vec![i.name.clone(), i.data.len().to_string()],
                     )?,
                 }
         }
         UserDataCmd::Remove { tag, name } => {
-            let r = c
-                .remove_user_data(pb::RemoveUserDataRequest {
-                    request_id: rid(),
-                    domain: d,
-                    tag_id: tag.clone(),
-                    name: name.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::RemoveUserDataRequest {
+                request_id: rid(),
+                domain: d,
+                tag_id: tag.clone(),
+                name: name.clone(),
+            };
+            let r = c.remove_user_data(req).await.ask()?;
             out.show(json!({"removed": r.removed}))?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn tag_rows(out: &mut Out<'_>, ts: &[pb::Tag]) -> Result<()> {
-    out.table(
-        &[
-            "TAG", "VOLUME", "TYPE", "MUTABLE", "STATE", "SIZE", "CHILDREN",
-        ],
-        ts.iter()
-            .map(|t| {
-                let j = tag_json(t);
-                vec![
-                    t.id.clone(),
-                    t.volume.clone(),
-                    j["type"].as_str().unwrap_or("").into(),
-                    t.mutable.to_string(),
-                    j["state"].as_str().unwrap_or("").into(),
-                    human_bytes(t.size),
-                    t.child_refs.to_string(),
-                ]
-            })
-            .collect(),
-    )?;
-    Ok(())
+const TAG_HEADER: &[&str] = &[
+    "TAG", "VOLUME", "TYPE", "MUTABLE", "STATE", "SIZE", "CHILDREN",
+];
+
+fn tag_row(t: &pb::Tag) -> Vec<String> {
+    let j = tag_json(t);
+    vec![
+        t.id.clone(),
+        t.volume.clone(),
+        j["type"].as_str().unwrap_or("").into(),
+        t.mutable.to_string(),
+        j["state"].as_str().unwrap_or("").into(),
+        human_bytes(t.size),
+        t.child_refs.to_string(),
+    ]
 }

@@ -5,11 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::connect::Ch;
+use crate::connect::Agent;
 use anyhow::Result;
 use cairn_domain::{Allocation, Legality};
 use cairn_proto::agent as pb;
-use cairn_proto::agent::agent_client::AgentClient;
 use cairn_proto::convert as wire;
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -162,42 +161,31 @@ pub fn volume_json(v: &pb::Volume) -> Value {
     })
 }
 
-fn volume_rows(out: &mut Out<'_>, vs: &[pb::Volume]) -> Result<()> {
-    out.table(
-        &[
-            "VOLUME",
-            "FORMAT",
-            "CAPACITY",
-            "SIZE",
-            "LEGALITY",
-            "PARENT TAG",
-            "TAGS",
-        ],
-        vs.iter()
-            .map(|v| {
-                let j = volume_json(v);
-                vec![
-                    v.id.clone(),
-                    fmt_name(v.format),
-                    human_bytes(v.capacity),
-                    human_bytes(v.size),
-                    j["legality"].as_str().unwrap_or("").to_string(),
-                    crate::output::or_dash(&v.parent_tag),
-                    v.tag_refs.to_string(),
-                ]
-            })
-            .collect(),
-    )?;
-    Ok(())
+const VOLUME_HEADER: &[&str] = &[
+    "VOLUME",
+    "FORMAT",
+    "CAPACITY",
+    "SIZE",
+    "LEGALITY",
+    "PARENT TAG",
+    "TAGS",
+];
+
+fn volume_row(v: &pb::Volume) -> Vec<String> {
+    let j = volume_json(v);
+    vec![
+        v.id.clone(),
+        fmt_name(v.format),
+        human_bytes(v.capacity),
+        human_bytes(v.size),
+        j["legality"].as_str().unwrap_or("").to_string(),
+        crate::output::or_dash(&v.parent_tag),
+        v.tag_refs.to_string(),
+    ]
 }
 
 /// Run a volume command.
-pub async fn run(
-    c: &mut AgentClient<Ch>,
-    d: String,
-    cmd: &VolumeCmd,
-    out: &mut Out<'_>,
-) -> Result<ExitCode> {
+pub async fn run(c: &mut Agent, d: String, cmd: &VolumeCmd, out: &mut Out<'_>) -> Result<ExitCode> {
     let j = out.json_mode();
     match cmd {
         VolumeCmd::Create {
@@ -210,28 +198,26 @@ pub async fn run(
             quiet,
             tag,
         } => {
-            let r = c
-                .create_volume(pb::CreateVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    format: wire::volume_format_code((*format).into()),
-                    capacity: size.unwrap_or(0),
-                    allocation: wire::allocation_code(if *preallocate {
-                        Allocation::Preallocated
-                    } else {
-                        Allocation::Sparse
-                    }),
-                    parent_tag: parent.clone().unwrap_or_default(),
-                    description: description.clone(),
-                    tag: if *no_tag {
-                        None
-                    } else {
-                        Some(tag.spec(String::new())?)
-                    },
-                    ..Default::default()
-                })
-                .await
-                .ask()?;
+            let req = pb::CreateVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                format: wire::volume_format_code((*format).into()),
+                capacity: size.unwrap_or(0),
+                allocation: wire::allocation_code(if *preallocate {
+                    Allocation::Preallocated
+                } else {
+                    Allocation::Sparse
+                }),
+                parent_tag: parent.clone().unwrap_or_default(),
+                description: description.clone(),
+                tag: if *no_tag {
+                    None
+                } else {
+                    Some(tag.spec(String::new())?)
+                },
+                ..Default::default()
+            };
+            let r = c.create_volume(req).await.ask()?;
             let v = r.volume.unwrap_or_default();
             if j {
                 out.json(&json!({"volume": volume_json(&v), "tag": r.tag.as_ref().map(tag_json)}))?;
@@ -249,45 +235,36 @@ pub async fn run(
                 .list_volumes(pb::ListVolumesRequest { domain: d })
                 .await
                 .ask()?;
-            if j {
-                out.json(&r.volumes.iter().map(volume_json).collect::<Vec<_>>())?;
-            } else {
-                volume_rows(out, &r.volumes)?;
-            }
+            out.list(&r.volumes, volume_json, VOLUME_HEADER, volume_row)?;
         }
         VolumeCmd::Show { id } => {
-            let v = c
-                .get_volume(pb::GetVolumeRequest {
-                    domain: d,
-                    volume_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::GetVolumeRequest {
+                domain: d,
+                volume_id: id.clone(),
+            };
+            let v = c.get_volume(req).await.ask()?;
             out.show(volume_json(&v))?;
         }
         VolumeCmd::Delete { id } => {
-            c.delete_volume(pb::DeleteVolumeRequest {
+            let req = pb::DeleteVolumeRequest {
                 request_id: rid(),
                 domain: d,
                 volume_id: id.clone(),
                 lock_id: String::new(),
-            })
-            .await
-            .ask()?;
+            };
+            c.delete_volume(req).await.ask()?;
             out.show(json!({"deleted": id}))?;
         }
         VolumeCmd::Extend { id, size } => {
-            let r = c
-                .extend_volume(pb::ExtendVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    volume_id: id.clone(),
-                    capacity: *size,
-                    lock_id: String::new(),
-                    tag_id: String::new(),
-                })
-                .await
-                .ask()?;
+            let req = pb::ExtendVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                volume_id: id.clone(),
+                capacity: *size,
+                lock_id: String::new(),
+                tag_id: String::new(),
+            };
+            let r = c.extend_volume(req).await.ask()?;
             out.show(volume_json(&r.volume.unwrap_or_default()))?;
         }
         VolumeCmd::Update {
@@ -297,53 +274,45 @@ pub async fn run(
             parent,
             no_parent,
         } => {
-            let cur = c
-                .get_volume(pb::GetVolumeRequest {
-                    domain: d.clone(),
-                    volume_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::GetVolumeRequest {
+                domain: d.clone(),
+                volume_id: id.clone(),
+            };
+            let cur = c.get_volume(req).await.ask()?;
             let legality = match legality.as_deref() {
                 None => cur.legality,
                 Some("legal") => wire::legality_code(Legality::Legal),
                 Some("illegal") => wire::legality_code(Legality::Illegal),
                 Some(o) => anyhow::bail!("--legality {o:?}: use legal or illegal"),
             };
-            let r = c
-                .update_volume(pb::UpdateVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    volume_id: id.clone(),
-                    description: description.clone().unwrap_or(cur.description),
-                    legality,
-                    lock_id: String::new(),
-                    set_parent: parent.is_some() || *no_parent,
-                    parent_tag: parent.clone().unwrap_or_default(),
-                })
-                .await
-                .ask()?;
+            let req = pb::UpdateVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                volume_id: id.clone(),
+                description: description.clone().unwrap_or(cur.description),
+                legality,
+                lock_id: String::new(),
+                set_parent: parent.is_some() || *no_parent,
+                parent_tag: parent.clone().unwrap_or_default(),
+            };
+            let r = c.update_volume(req).await.ask()?;
             out.show(volume_json(&r.volume.unwrap_or_default()))?;
         }
         VolumeCmd::Measure { id, format } => {
-            let r = c
-                .measure_volume(pb::MeasureVolumeRequest {
-                    domain: d,
-                    volume_id: id.clone(),
-                    target_format: wire::volume_format_code((*format).into()),
-                })
-                .await
-                .ask()?;
+            let req = pb::MeasureVolumeRequest {
+                domain: d,
+                volume_id: id.clone(),
+                target_format: wire::volume_format_code((*format).into()),
+            };
+            let r = c.measure_volume(req).await.ask()?;
             out.show(json!({"required": r.required, "fully_allocated": r.fully_allocated}))?;
         }
         VolumeCmd::Check { id } => {
-            let r = c
-                .check_volume(pb::CheckVolumeRequest {
-                    domain: d,
-                    volume_id: id.clone(),
-                })
-                .await
-                .ask()?;
+            let req = pb::CheckVolumeRequest {
+                domain: d,
+                volume_id: id.clone(),
+            };
+            let r = c.check_volume(req).await.ask()?;
             out.show(json!({"clean": r.clean, "corruptions": r.corruptions, "leaks": r.leaks, "check_errors": r.check_errors}),
             )?;
             if !r.clean {
@@ -356,16 +325,14 @@ pub async fn run(
             tag,
             wait,
         } => {
-            let job = c
-                .copy_volume(pb::CopyVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    volume_id: id.clone(),
-                    target: Some(target(*format, *tag)),
-                    target_domain: String::new(),
-                })
-                .await
-                .ask()?;
+            let req = pb::CopyVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                volume_id: id.clone(),
+                target: Some(target(*format, *tag)),
+                target_domain: String::new(),
+            };
+            let job = c.copy_volume(req).await.ask()?;
             return job_result(c, job, wait, out).await;
         }
         VolumeCmd::Import {
@@ -376,16 +343,14 @@ pub async fn run(
             wait,
         } => {
             let abs = std::path::absolute(path)?;
-            let job = c
-                .import_volume(pb::ImportVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    path: abs.display().to_string(),
-                    source_format: wire::volume_format_code((*source_format).into()),
-                    target: Some(target(*format, *tag)),
-                })
-                .await
-                .ask()?;
+            let req = pb::ImportVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                path: abs.display().to_string(),
+                source_format: wire::volume_format_code((*source_format).into()),
+                target: Some(target(*format, *tag)),
+            };
+            let job = c.import_volume(req).await.ask()?;
             return job_result(c, job, wait, out).await;
         }
         VolumeCmd::Export {
@@ -395,16 +360,14 @@ pub async fn run(
             wait,
         } => {
             let abs = std::path::absolute(path)?;
-            let job = c
-                .export_volume(pb::ExportVolumeRequest {
-                    request_id: rid(),
-                    domain: d,
-                    volume_id: id.clone(),
-                    path: abs.display().to_string(),
-                    format: wire::volume_format_code((*format).into()),
-                })
-                .await
-                .ask()?;
+            let req = pb::ExportVolumeRequest {
+                request_id: rid(),
+                domain: d,
+                volume_id: id.clone(),
+                path: abs.display().to_string(),
+                format: wire::volume_format_code((*format).into()),
+            };
+            let job = c.export_volume(req).await.ask()?;
             return job_result(c, job, wait, out).await;
         }
     }

@@ -165,8 +165,7 @@ fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
             std::fs::write(&raw, &good).unwrap();
             let job = import(&mut c, format!("raw{i}"), &raw, pb::VolumeFormat::Raw).await;
             swap_in_link(&raw, &secret.path);
-            let j = wait_job(&mut c, job).await;
-            assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+            let j = succeeded(&mut c, job).await;
             let v = j.volume.unwrap().id;
             let got = contents(&mut c, format!("back-raw{i}"), &v, &io.join("back.raw")).await;
             assert!(got == good, "round {i}: the raw import read another file");
@@ -179,8 +178,7 @@ fn qemu_agent_imports_the_file_named_at_the_call_whatever_replaces_it() {
             std::fs::copy(&evil, io.join("evil.qcow2")).unwrap();
             let job = import(&mut c, format!("q{i}"), &q, pb::VolumeFormat::Qcow2).await;
             std::fs::rename(io.join("evil.qcow2"), &q).unwrap();
-            let j = wait_job(&mut c, job).await;
-            assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+            let j = succeeded(&mut c, job).await;
             let v = j.volume.unwrap().id;
             let got = contents(&mut c, format!("back-q{i}"), &v, &io.join("back.raw")).await;
             assert!(got == good, "round {i}: the qcow2 import read another file");
@@ -204,8 +202,7 @@ fn qemu_agent_exports_write_and_remove_nothing_outside_the_io_dir() {
         let src = io.join("big.raw");
         cairn_tests::data::pattern_file(&src, 256 << 20, 1 << 20, 1 << 20, 5);
         let job = import(&mut c, "big".into(), &src, pb::VolumeFormat::Raw).await;
-        let j = wait_job(&mut c, job).await;
-        assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+        let j = succeeded(&mut c, job).await;
         let vol = j.volume.unwrap().id;
         std::fs::remove_file(&src).unwrap();
         let before_outside = names(&outside);

@@ -30,6 +30,17 @@ fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
         .arg(b));
 }
 
+/// Importing the raw file `src` as a raw disk (with its tag).
+fn raw_disk_from(src: &Path) -> pb::ImportVolumeRequest {
+    pb::ImportVolumeRequest {
+        request_id: "imp".into(),
+        path: src.display().to_string(),
+        source_format: pb::VolumeFormat::Raw as i32,
+        target: target(pb::VolumeFormat::Raw, true),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn root_qemu_agent_import_copy_convert_export_round_trip() {
     let (_dir, dom, agent) = AgentFixture::new(4).parts();
@@ -39,19 +50,9 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
     pattern_file(&src, (40 << 20) + 512, 1 << 20, 512 << 10, 7);
     rt().block_on(async {
         let mut c = agent.client().await;
-        let job = c
-            .import_volume(pb::ImportVolumeRequest {
-                request_id: "imp".into(),
-                path: src.display().to_string(),
-                source_format: pb::VolumeFormat::Raw as i32,
-                target: target(pb::VolumeFormat::Raw, true),
-                ..Default::default()
-            })
-            .await
-            .answer();
+        let job = c.import_volume(raw_disk_from(&src)).await.answer();
         assert_eq!(job.kind, "import");
-        let j = wait_job(&mut c, job).await;
-        assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+        let j = succeeded(&mut c, job).await;
         assert_eq!(j.done_bytes, j.total_bytes);
         assert!(j.skipped_bytes >= 18 << 20, "zeros were written: {j:?}");
         let raw = j.volume.unwrap();
@@ -73,8 +74,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
                 })
                 .await
                 .answer();
-            let j = wait_job(&mut c, job).await;
-            assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+            let j = succeeded(&mut c, job).await;
             let v = j.volume.unwrap();
             assert_eq!(v.format, f as i32);
             assert_eq!(v.legality, pb::Legality::Legal as i32);
@@ -154,8 +154,7 @@ fn root_qemu_agent_import_copy_convert_export_round_trip() {
             })
             .await
             .answer();
-        let j = wait_job(&mut c, job).await;
-        assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+        let j = succeeded(&mut c, job).await;
         let v = j.volume.unwrap();
         assert_eq!(v.format, pb::VolumeFormat::Qcow2 as i32);
         c.assert_clean(&v.id).await;
@@ -256,18 +255,8 @@ fn root_qemu_agent_killed_mid_copy_leaves_target_absent_or_complete() {
     let rt = rt();
     let (source, disk) = rt.block_on(async {
         let mut c = agent.client().await;
-        let job = c
-            .import_volume(pb::ImportVolumeRequest {
-                request_id: "imp".into(),
-                path: src.display().to_string(),
-                source_format: pb::VolumeFormat::Raw as i32,
-                target: target(pb::VolumeFormat::Raw, true),
-                ..Default::default()
-            })
-            .await
-            .answer();
-        let j = wait_job(&mut c, job).await;
-        assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+        let job = c.import_volume(raw_disk_from(&src)).await.answer();
+        let j = succeeded(&mut c, job).await;
         let disk = j.tag.unwrap();
         c.activate(ask::activate("a", &disk.id)).await.unwrap();
         (j.volume.unwrap(), disk)

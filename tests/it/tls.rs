@@ -2,13 +2,14 @@
 //! TLS or explicitly `--insecure`; with a client CA only certificates it
 //! signed, and not expired, get in.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cairn_proto::agent as pb;
 use cairn_proto::tls::ClientTlsArgs;
 use cairn_proto::transport::{channel_tls, Target};
 use cairn_tests::agent::*;
+use cairn_tests::ask::AgentCalls;
 use cairn_tests::bins::agent_bin;
 use cairn_tests::certs::Certs;
 use cairn_tests::domain::*;
@@ -63,11 +64,17 @@ fn expired_client(certs: &Certs) {
     ]);
 }
 
-#[test]
-fn agent_mutual_tls_admits_only_live_certificates_of_its_ca() {
+/// A domain, and the directory of an agent's files with no agent running.
+fn unstarted() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let (dir, dom, plain) = AgentFixture::new(1).parts();
     let home = plain.dir.clone();
     drop(plain);
+    (dir, dom, home)
+}
+
+#[test]
+fn agent_mutual_tls_admits_only_live_certificates_of_its_ca() {
+    let (dir, dom, home) = unstarted();
     let certs = Certs::make(&dir.path().join("certs"), &["admin"]);
     let other = Certs::make(&dir.path().join("other"), &["admin"]);
     expired_client(&certs);
@@ -113,9 +120,7 @@ fn agent_mutual_tls_admits_only_live_certificates_of_its_ca() {
 
 #[test]
 fn a_tcp_listener_without_tls_needs_insecure() {
-    let (dir, dom, plain) = AgentFixture::new(1).parts();
-    let home = plain.dir.clone();
-    drop(plain);
+    let (dir, dom, home) = unstarted();
     let run = |extra: &[&str]| {
         Command::new(agent_bin())
             .arg("--domain")
@@ -157,9 +162,7 @@ fn a_tcp_listener_without_tls_needs_insecure() {
 /// where, the method, the request id and the outcome.
 #[test]
 fn agent_audits_every_mutating_request_with_who_and_from() {
-    let (dir, dom, plain) = AgentFixture::new(1).parts();
-    let home = plain.dir.clone();
-    drop(plain);
+    let (dir, dom, home) = unstarted();
     let certs = Certs::make(&dir.path().join("certs"), &["admin"]);
     let log = dir.path().join("agent.log");
     let mut extra = certs.server_args();
@@ -168,13 +171,8 @@ fn agent_audits_every_mutating_request_with_who_and_from() {
     let url = agent.listen.clone().unwrap();
     rt().block_on(async {
         // Over the unix socket, as root.
-        let ch = cairn_proto::transport::channel(&Target::Unix(home.join("agent.sock")))
-            .await
-            .unwrap();
-        let mut c = pb::agent_client::AgentClient::new(ch);
-        c.create_volume(disk_request("audit-unix", pb::VolumeFormat::Raw, 1))
-            .await
-            .unwrap();
+        let mut c = agent.client().await;
+        c.new_disk("audit-unix", pb::VolumeFormat::Raw, 1).await;
         c.delete_volume(pb::DeleteVolumeRequest {
             request_id: "audit-refused".into(),
             volume_id: "not-an-id".into(),
@@ -192,13 +190,9 @@ fn agent_audits_every_mutating_request_with_who_and_from() {
             .await
             .unwrap();
         let mut c = pb::agent_client::AgentClient::new(ch);
-        c.create_volume(disk_request("audit-tls", pb::VolumeFormat::Raw, 1))
-            .await
-            .unwrap();
+        c.new_disk("audit-tls", pb::VolumeFormat::Raw, 1).await;
         // A query leaves none.
-        c.list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .unwrap();
+        c.volumes().await;
     });
     drop(agent);
     let lines = cairn_tests::auth::audit_lines(&log);

@@ -281,6 +281,13 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Follow a job to its end, which must be success.
+pub async fn succeeded(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
+    let j = wait_job(c, job).await;
+    assert_eq!(j.state, pb::JobState::Succeeded as i32, "{j:?}");
+    j
+}
+
 /// Follow a job until it ends.
 pub async fn wait_job(c: &mut AgentClient<Channel>, job: pb::Job) -> pb::Job {
     crate::last(c.watch_job(pb::GetJobRequest { job_id: job.id }).await).await
