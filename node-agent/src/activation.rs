@@ -268,6 +268,19 @@ mod tests {
         }
     }
 
+    fn relink(tag: &str, volume: &str, loop_index: u32) -> Fix {
+        Fix::Relink {
+            tag: tag.into(),
+            volume: volume.into(),
+            loop_index,
+        }
+    }
+
+    /// The fixes for `links` and `loops` when the domain's volumes are `v`.
+    fn plan(links: &[Link], loops: &[LoopInfo], v: &[(&str, Option<(u64, u64)>)]) -> Vec<Fix> {
+        plan_reconcile(links, loops, &vols(v))
+    }
+
     /// The volumes of the domain: a name and its run, or gone.
     fn vols(v: &[(&str, Option<(u64, u64)>)]) -> BTreeMap<String, Option<Extent>> {
         v.iter()
@@ -298,18 +311,18 @@ mod tests {
 
     #[test]
     fn gone_volume_loses_link_and_device() {
+        let want = vec![
+            Fix::RemoveLink {
+                tag: "t".into(),
+                volume: "b".into(),
+            },
+            Fix::Detach { loop_index: 1 },
+        ];
         let links = [link("t", "a", Some(0)), link("t", "b", Some(1))];
         let loops = [dev(0, 100, 10), dev(1, 200, 10)];
-        let vols = vols(&[("a", Some((100, 10))), ("b", None)]);
         assert_eq!(
-            plan_reconcile(&links, &loops, &vols),
-            vec![
-                Fix::RemoveLink {
-                    tag: "t".into(),
-                    volume: "b".into()
-                },
-                Fix::Detach { loop_index: 1 }
-            ]
+            plan(&links, &loops, &[("a", Some((100, 10))), ("b", None)]),
+            want
         );
     }
 
@@ -317,41 +330,31 @@ mod tests {
     fn orphan_device_is_detached_and_missing_device_attached() {
         // Device 5 is over nothing linked (a crash between attach and link);
         // link to a vanished device 7 needs a new device.
+        let want = vec![
+            Fix::Attach {
+                volume: "a".into(),
+                tags: vec!["t".into()],
+            },
+            Fix::Detach { loop_index: 5 },
+        ];
         let links = [link("t", "a", Some(7))];
         let loops = [dev(5, 900, 10)];
-        let vols = vols(&[("a", Some((100, 10)))]);
-        assert_eq!(
-            plan_reconcile(&links, &loops, &vols),
-            vec![
-                Fix::Attach {
-                    volume: "a".into(),
-                    tags: vec!["t".into()]
-                },
-                Fix::Detach { loop_index: 5 }
-            ]
-        );
+        assert_eq!(plan(&links, &loops, &[("a", Some((100, 10)))]), want);
     }
 
     #[test]
     fn shared_volume_uses_one_device_and_grown_run_resizes() {
+        let want = vec![
+            Fix::Resize {
+                loop_index: 0,
+                len: 20,
+            },
+            relink("t2", "a", 0),
+            Fix::Detach { loop_index: 3 },
+        ];
         let links = [link("t1", "a", Some(0)), link("t2", "a", Some(3))];
         let loops = [dev(0, 100, 10), dev(3, 100, 10)];
-        let vols = vols(&[("a", Some((100, 20)))]);
-        assert_eq!(
-            plan_reconcile(&links, &loops, &vols),
-            vec![
-                Fix::Resize {
-                    loop_index: 0,
-                    len: 20
-                },
-                Fix::Relink {
-                    tag: "t2".into(),
-                    volume: "a".into(),
-                    loop_index: 0
-                },
-                Fix::Detach { loop_index: 3 }
-            ]
-        );
+        assert_eq!(plan(&links, &loops, &[("a", Some((100, 20)))]), want);
     }
 
     #[test]
@@ -361,17 +364,7 @@ mod tests {
         // must not be trusted.
         let links = [link("t", "a", Some(0))];
         let loops = [dev(0, 500, 10), dev(1, 100, 10)];
-        let vols = vols(&[("a", Some((100, 10)))]);
-        assert_eq!(
-            plan_reconcile(&links, &loops, &vols),
-            vec![
-                Fix::Relink {
-                    tag: "t".into(),
-                    volume: "a".into(),
-                    loop_index: 1
-                },
-                Fix::Detach { loop_index: 0 }
-            ]
-        );
+        let want = vec![relink("t", "a", 1), Fix::Detach { loop_index: 0 }];
+        assert_eq!(plan(&links, &loops, &[("a", Some((100, 10)))]), want);
     }
 }

@@ -272,12 +272,9 @@ fn main() {
         let mut snaps = Vec::new();
         for _ in 0..n {
             let t = Instant::now();
-            b.c.snapshot(pb::SnapshotRequest {
-                tag_id: disk.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            b.c.snapshot(cairn_tests::ask::snapshot("", &disk.id))
+                .await
+                .unwrap();
             snaps.push(t.elapsed());
         }
         lat("snapshot (qcow2 on a weak tag)", snaps);
@@ -335,19 +332,13 @@ fn main() {
                 .tag
                 .unwrap();
             let t = Instant::now();
-            b.c.activate(pb::ActivateRequest {
-                tag_id: d.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            b.c.activate(cairn_tests::ask::activate("", &d.id))
+                .await
+                .unwrap();
             act.push(t.elapsed());
-            b.c.deactivate(pb::DeactivateRequest {
-                tag_id: d.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            b.c.deactivate(cairn_tests::ask::deactivate("", &d.id))
+                .await
+                .unwrap();
         }
         lat("activate (one loop device)", act);
 
@@ -381,28 +372,22 @@ fn main() {
     let mut qc = Vec::new();
     let mut qr = Vec::new();
     let mut qb = Vec::new();
+    // `qemu-img create -q -f FMT [-F raw -b BACKING] f [1G]` of a new `f`,
+    // timed.
+    let create = |fmt: &str, backing: Option<&std::path::Path>| {
+        let _ = std::fs::remove_file(&f);
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", fmt]);
+        match backing {
+            Some(b) => cmd.args(["-F", "raw", "-b"]).arg(b).arg(&f),
+            None => cmd.arg(&f).arg("1G"),
+        };
+        time_cmd(&mut cmd)
+    };
     for _ in 0..n {
-        let _ = std::fs::remove_file(&f);
-        qc.push(time_cmd(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&f)
-                .arg("1G"),
-        ));
-        let _ = std::fs::remove_file(&f);
-        qr.push(time_cmd(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "raw"])
-                .arg(&f)
-                .arg("1G"),
-        ));
-        let _ = std::fs::remove_file(&f);
-        qb.push(time_cmd(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(&base)
-                .arg(&f),
-        ));
+        qc.push(create("qcow2", None));
+        qr.push(create("raw", None));
+        qb.push(create("qcow2", Some(&base)));
     }
     rows.push(("baseline: qemu-img create raw 1G", qr));
     rows.push(("baseline: qemu-img create qcow2 1G", qc));

@@ -14,7 +14,7 @@ use cairn_proto::agent as apb;
 use cairn_proto::auth::Role;
 use cairn_proto::coordinator as pb;
 use cairn_proto::coordinator::coordinator_client::CoordinatorClient;
-use cairn_tests::ask::coord;
+use cairn_tests::ask::{coord, CoordCalls};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -61,9 +61,17 @@ async fn done(c: &mut CoordinatorClient<Authed>, mut j: pb::Job) -> pb::Job {
 
 /// The (name, owner) of every disk `c` may see, sorted.
 async fn seen(c: &mut CoordinatorClient<Authed>) -> Vec<(String, String)> {
-    let r = c.list_disks(pb::ListDisksRequest::default()).await.answer();
-    let mut v: Vec<_> = r
-        .disks
+    owners(
+        &c.list_disks(pb::ListDisksRequest::default())
+            .await
+            .answer()
+            .disks,
+    )
+}
+
+/// The (name, owner) of `disks`, sorted.
+fn owners(disks: &[pb::Disk]) -> Vec<(String, String)> {
+    let mut v: Vec<_> = disks
         .iter()
         .map(|d| (d.name.clone(), d.owner.clone()))
         .collect();
@@ -388,14 +396,9 @@ fn root_the_socket_mode_and_group_decide_who_connects_and_the_uid_who_it_is() {
         // Root is the local administrator and owns what it makes.
         let mut c = group.client().await;
         ok(c.create_disk(create("root-disk", "roots")).await.answer());
-        let all = c.list_disks(pb::ListDisksRequest::default()).await.answer();
-        let mut v: Vec<_> = all
-            .disks
-            .iter()
-            .map(|d| (d.name.as_str(), d.owner.as_str()))
-            .collect();
-        v.sort();
-        assert_eq!(v, vec![("mine", "uid:65534"), ("roots", "uid:0")]);
+        let all = owners(&c.disks().await);
+        let want = [("mine", "uid:65534"), ("roots", "uid:0")];
+        assert_eq!(all, want.map(|(n, o)| (n.to_string(), o.to_string())));
     });
     let out = as_nobody(
         &bin,
