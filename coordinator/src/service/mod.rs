@@ -68,6 +68,50 @@ pub struct CoordService {
     coord: Arc<Coordinator>,
 }
 
+/// A request that submits a job: what [`CoordService::submit`] reads of it.
+trait JobRequest: Message {
+    /// The RPC, as audit lines name it.
+    const METHOD: &'static str;
+    /// The caller's request id.
+    fn request_id(&self) -> &str;
+    /// The disk's domain (name or id; empty: the only one).
+    fn domain(&self) -> &str;
+    /// The domain the job copies to (empty: none).
+    fn target(&self) -> &str {
+        ""
+    }
+}
+
+/// Each job request's [`JobRequest`]: its method, and the field naming the
+/// target domain where it has one.
+macro_rules! job_requests {
+    ($($req:ident => $method:literal $(, $target:ident)?;)*) => {$(
+        impl JobRequest for pb::$req {
+            const METHOD: &'static str = $method;
+            fn request_id(&self) -> &str {
+                &self.request_id
+            }
+            fn domain(&self) -> &str {
+                &self.domain
+            }
+            $(fn target(&self) -> &str {
+                &self.$target
+            })?
+        }
+    )*};
+}
+
+job_requests! {
+    CreateDiskRequest => "create_disk";
+    SnapshotDiskRequest => "snapshot_disk";
+    CloneDiskRequest => "clone_disk";
+    DeleteSnapshotRequest => "delete_snapshot";
+    DeleteDiskRequest => "delete_disk";
+    CopyDiskRequest => "copy_disk", target_domain;
+    ExtendDiskRequest => "extend_disk";
+    ConvertDiskRequest => "convert_disk";
+}
+
 impl CoordService {
     /// Serve `coord`.
     pub fn new(coord: Arc<Coordinator>) -> CoordService {
@@ -79,20 +123,18 @@ impl CoordService {
     /// target, and is tried once on placeholders), then its domains are
     /// resolved, the spec checked again with them (a move to the disk's own
     /// domain) and the job submitted.
-    async fn submit<Req: Message>(
+    async fn submit<Req: JobRequest>(
         &self,
-        (who, method): (&Caller, &str),
-        request_id: &str,
-        req: &Req,
-        domain: &str,
-        target: &str,
-        build: impl Fn(uuid::Uuid, Option<uuid::Uuid>) -> Result<JobSpec, CoordError>,
+        r: Request<Req>,
+        build: impl Fn(&Req, uuid::Uuid, Option<uuid::Uuid>) -> Result<JobSpec, CoordError>,
     ) -> Result<Response<pb::Job>, Status> {
+        let (who, req) = (Caller::of(&r)?, r.into_inner());
+        let (request_id, domain, target) = (req.request_id(), req.domain(), req.target());
         let go = async {
             check_request_id(request_id)?;
             // Placeholders for a domain and a target that differ.
             let placeholder = (!target.is_empty()).then_some(uuid::Uuid::from_u128(1));
-            let kind = build(uuid::Uuid::nil(), placeholder)?;
+            let kind = build(&req, uuid::Uuid::nil(), placeholder)?;
             kind.validate()?;
             // What the job does and who asks are part of the request: one
             // id, one request (another caller's id is never its job).
@@ -111,7 +153,7 @@ impl CoordService {
                 "" => None,
                 t => Some(self.coord.domain(t).await?.id),
             };
-            let spec = build(d, t)?;
+            let spec = build(&req, d, t)?;
             spec.validate()?;
             if let Some(tag) = spec.disk() {
                 self.authorize(&who.id, &spec.domain(), &tag).await?;
@@ -119,7 +161,7 @@ impl CoordService {
             self.coord.submit(request_id, fp, spec, &who.id.name).await
         };
         let r = go.await;
-        audit(&who.peer, method, request_id, &outcome(&r));
+        audit(&who.peer, Req::METHOD, request_id, &outcome(&r));
         let rec = r.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
     }
@@ -255,187 +297,123 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "create_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::Create(Create {
-                    domain,
-                    name: r.name.clone(),
-                    format: required_format(r.format)?,
-                    allocation: allocation_of(r.allocation)?,
-                    size: r.size,
-                    description: r.description.clone(),
-                    wipe_after_delete: r.wipe_after_delete,
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::Create(Create {
+                domain,
+                name: r.name.clone(),
+                format: required_format(r.format)?,
+                allocation: allocation_of(r.allocation)?,
+                size: r.size,
+                description: r.description.clone(),
+                wipe_after_delete: r.wipe_after_delete,
+            }))
+        })
         .await
     }
 
     async fn snapshot_disk(&self, r: Request<pb::SnapshotDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "snapshot_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::Snapshot(Snapshot {
-                    domain,
-                    disk: disk_id("disk_id", &r.disk_id)?,
-                    description: r.description.clone(),
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::Snapshot(Snapshot {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                description: r.description.clone(),
+            }))
+        })
         .await
     }
 
     async fn clone_disk(&self, r: Request<pb::CloneDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "clone_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                let (format, allocation) = (format_of(r.format)?, allocation_of(r.allocation)?);
-                if !r.full && (format.is_some() || allocation == Allocation::Preallocated) {
-                    return Err(CoordError::invalid(
-                        "full",
-                        "format and allocation apply to full clones only",
-                    ));
-                }
-                let source = disk_id("source_id", &r.source_id)?;
-                let name = r.name.clone();
-                Ok(if r.full {
-                    JobSpec::FullClone(FullClone {
-                        domain,
-                        source,
-                        name,
-                        format,
-                        allocation,
-                        description: String::new(),
-                    })
-                } else {
-                    JobSpec::Clone(ThinClone {
-                        domain,
-                        source,
-                        name,
-                        description: String::new(),
-                    })
+        self.submit(r, |r, domain, _| {
+            let (format, allocation) = (format_of(r.format)?, allocation_of(r.allocation)?);
+            if !r.full && (format.is_some() || allocation == Allocation::Preallocated) {
+                return Err(CoordError::invalid(
+                    "full",
+                    "format and allocation apply to full clones only",
+                ));
+            }
+            let source = disk_id("source_id", &r.source_id)?;
+            let name = r.name.clone();
+            Ok(if r.full {
+                JobSpec::FullClone(FullClone {
+                    domain,
+                    source,
+                    name,
+                    format,
+                    allocation,
+                    description: String::new(),
                 })
-            },
-        )
+            } else {
+                JobSpec::Clone(ThinClone {
+                    domain,
+                    source,
+                    name,
+                    description: String::new(),
+                })
+            })
+        })
         .await
     }
 
     async fn delete_snapshot(&self, r: Request<pb::DeleteSnapshotRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "delete_snapshot"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::DeleteSnapshot(DeleteSnapshot {
-                    domain,
-                    snapshot: disk_id("snapshot_id", &r.snapshot_id)?,
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::DeleteSnapshot(DeleteSnapshot {
+                domain,
+                snapshot: disk_id("snapshot_id", &r.snapshot_id)?,
+            }))
+        })
         .await
     }
 
     async fn delete_disk(&self, r: Request<pb::DeleteDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "delete_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::Delete(Delete {
-                    domain,
-                    disk: disk_id("disk_id", &r.disk_id)?,
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::Delete(Delete {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+            }))
+        })
         .await
     }
 
     async fn copy_disk(&self, r: Request<pb::CopyDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "copy_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            &r.target_domain,
-            |domain, target| {
-                let to = CopyTo {
-                    domain,
-                    disk: disk_id("disk_id", &r.disk_id)?,
-                    target: target
-                        .ok_or_else(|| CoordError::invalid("target_domain", "is required"))?,
-                    format: format_of(r.format)?,
-                    allocation: allocation_of(r.allocation)?,
-                };
-                Ok(if r.r#move {
-                    JobSpec::Move(Move(to))
-                } else {
-                    JobSpec::Copy(to)
-                })
-            },
-        )
+        self.submit(r, |r, domain, target| {
+            let to = CopyTo {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                target: target
+                    .ok_or_else(|| CoordError::invalid("target_domain", "is required"))?,
+                format: format_of(r.format)?,
+                allocation: allocation_of(r.allocation)?,
+            };
+            Ok(if r.r#move {
+                JobSpec::Move(Move(to))
+            } else {
+                JobSpec::Copy(to)
+            })
+        })
         .await
     }
 
     async fn extend_disk(&self, r: Request<pb::ExtendDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "extend_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::Extend(Extend {
-                    domain,
-                    disk: disk_id("disk_id", &r.disk_id)?,
-                    size: r.size,
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::Extend(Extend {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                size: r.size,
+            }))
+        })
         .await
     }
 
     async fn convert_disk(&self, r: Request<pb::ConvertDiskRequest>) -> R<pb::Job> {
-        let (who, r) = (Caller::of(&r)?, r.into_inner());
-        self.submit(
-            (&who, "convert_disk"),
-            &r.request_id,
-            &r,
-            &r.domain,
-            "",
-            |domain, _| {
-                Ok(JobSpec::Convert(Convert {
-                    domain,
-                    disk: disk_id("disk_id", &r.disk_id)?,
-                    format: required_format(r.format)?,
-                    allocation: allocation_of(r.allocation)?,
-                    flatten: r.flatten,
-                }))
-            },
-        )
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::Convert(Convert {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                format: required_format(r.format)?,
+                allocation: allocation_of(r.allocation)?,
+                flatten: r.flatten,
+            }))
+        })
         .await
     }
 
