@@ -433,3 +433,145 @@ fn uuid_of_missing_volume(id: &str) -> String {
     b[..4].copy_from_slice(&999u32.to_be_bytes());
     uuid::Uuid::from_bytes(b).to_string()
 }
+
+/// Bytes through the API: written into a raw volume being made under the
+/// caller's lock, read back once it is legal; refused for anything else.
+#[test]
+fn agent_writes_and_reads_a_raw_volume_s_bytes_through_the_api() {
+    use std::os::unix::fs::FileExt;
+    use tonic::Code;
+    let (_dir, dom, agent) = AgentFixture::new(1).parts();
+    // 20 MiB less 100 bytes of a pattern no chunk boundary lines up with.
+    let len = (20 << 20) - 100;
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    let want_sha = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
+    let write = |first: pb::WriteVolumeDataRequest, rest: Vec<Vec<u8>>| {
+        let msgs =
+            std::iter::once(first).chain(rest.into_iter().map(|data| pb::WriteVolumeDataRequest {
+                data,
+                ..Default::default()
+            }));
+        tokio_stream::iter(msgs.collect::<Vec<_>>())
+    };
+    rt().block_on(async {
+        let mut c = agent.client().await;
+        let r = c
+            .create_volume(pb::CreateVolumeRequest {
+                request_id: "up".into(),
+                format: pb::VolumeFormat::Raw as i32,
+                capacity: 20 << 20,
+                keep_locked: true,
+                ..Default::default()
+            })
+            .await
+            .answer();
+        let (vol, lock) = (r.volume.unwrap(), r.lock_id);
+        let open = |offset, lock: &str, data: Vec<u8>| pb::WriteVolumeDataRequest {
+            volume_id: vol.id.clone(),
+            lock_id: lock.into(),
+            offset,
+            data,
+            ..Default::default()
+        };
+        // A legal volume takes no bytes.
+        let e = c
+            .write_volume_data(write(open(0, &lock, vec![1; 512]), vec![]))
+            .await
+            .refused(Code::FailedPrecondition, "is legal");
+        assert!(!e.message().is_empty());
+        let set = |legality: pb::Legality| pb::UpdateVolumeRequest {
+            volume_id: vol.id.clone(),
+            legality: legality as i32,
+            lock_id: lock.clone(),
+            ..Default::default()
+        };
+        c.update_volume(set(pb::Legality::Illegal)).await.answer();
+        // Without the lock, with another lock, at an odd offset, past the end.
+        c.write_volume_data(write(open(0, "", vec![1; 512]), vec![]))
+            .await
+            .refused(Code::InvalidArgument, "needs the volume's lock");
+        c.write_volume_data(write(open(0, "no-such-lock", vec![1; 512]), vec![]))
+            .await
+            .refused(Code::NotFound, "no-such-lock");
+        c.write_volume_data(write(open(100, &lock, vec![1; 512]), vec![]))
+            .await
+            .refused(Code::InvalidArgument, "not a multiple");
+        c.write_volume_data(write(open(20 << 20, &lock, vec![1; 512]), vec![]))
+            .await
+            .refused(Code::InvalidArgument, "beyond");
+        // Not readable while it is being made.
+        let read = |offset, length| pb::ReadVolumeDataRequest {
+            volume_id: vol.id.clone(),
+            offset,
+            length,
+            ..Default::default()
+        };
+        c.read_volume_data(read(0, 0))
+            .await
+            .refused(Code::FailedPrecondition, "being made");
+        // The bytes in uneven messages, the first one empty.
+        let sizes = [3 << 20, 1, 4095, (4 << 20) - 64, 12345];
+        let mut rest = Vec::new();
+        let mut at = 0;
+        for s in sizes.iter().cycle() {
+            if at == data.len() {
+                break;
+            }
+            let n = (*s).min(data.len() - at);
+            rest.push(data[at..at + n].to_vec());
+            at += n;
+        }
+        let r = c
+            .write_volume_data(write(open(0, &lock, vec![]), rest))
+            .await
+            .answer();
+        assert_eq!(
+            (r.bytes_written, r.sha256.as_str()),
+            (len as u64, want_sha.as_str())
+        );
+        c.update_volume(set(pb::Legality::Legal)).await.answer();
+        // Read back whole: the bytes, then the zeros that padded the tail.
+        let mut s = c.read_volume_data(read(0, 0)).await.answer();
+        let mut back = Vec::new();
+        while let Some(chunk) = s.message().await.unwrap() {
+            assert_eq!(chunk.offset, back.len() as u64);
+            back.extend_from_slice(&chunk.data);
+        }
+        assert_eq!(back.len(), 20 << 20);
+        assert!(back[..len] == data[..], "the bytes read back differ");
+        assert!(back[len..].iter().all(|b| *b == 0));
+        // A range, and one past the end.
+        let mut s = c.read_volume_data(read(4096, 8192)).await.answer();
+        let chunk = s.message().await.unwrap().unwrap();
+        assert_eq!(
+            (chunk.offset, &chunk.data[..]),
+            (4096, &data[4096..4096 + 8192])
+        );
+        assert!(s.message().await.unwrap().is_none());
+        c.read_volume_data(read(4096, 20 << 20))
+            .await
+            .refused(Code::InvalidArgument, "beyond");
+        // The bytes are in the volume's run on the domain, nowhere else.
+        let v = c.volume_of(&vol.id).await;
+        let dev = cairn_domain::io::FileDev::open(&dom, false).unwrap();
+        let (g, _) = cairn_domain::engine::read_superblocks(&dev).unwrap();
+        let f = std::fs::File::open(&dom).unwrap();
+        let mut on_disk = vec![0u8; len];
+        f.read_exact_at(&mut on_disk, g.extent_off(v.extent_start))
+            .unwrap();
+        assert!(on_disk == data, "the run does not hold the bytes");
+        // qcow2 volumes are not bytes.
+        let q = c.new_disk("q", pb::VolumeFormat::Qcow2, 16).await.0;
+        c.read_volume_data(pb::ReadVolumeDataRequest {
+            volume_id: q.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .refused(Code::FailedPrecondition, "only raw volumes");
+    });
+    drop(agent);
+    domain_clean(&dom);
+}

@@ -9,6 +9,7 @@
 //! agent removes such volumes of its own host slot when it starts.
 
 mod activate;
+pub mod data;
 mod locks;
 mod snapshot;
 mod startup;

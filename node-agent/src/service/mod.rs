@@ -7,6 +7,7 @@
 //! statuses in [`status`]; generated types go no further than this module.
 
 mod convert;
+mod data;
 mod fault;
 mod handlers;
 mod request_log;
@@ -150,16 +151,7 @@ impl AgentService {
         let peer = cairn_proto::peer::Peer::of(&r);
         let id = r.get_ref().request_id().to_string();
         let answer = self.mutate_once(method, r.into_inner(), f).await;
-        let outcome = match &answer {
-            Ok(_) => "ok".to_string(),
-            Err(s) => {
-                use tonic_types::StatusExt;
-                s.get_details_error_info()
-                    .map(|i| i.reason)
-                    .unwrap_or_else(|| format!("{:?}", s.code()).to_lowercase())
-            }
-        };
-        cairn_proto::peer::audit(&peer, method, &id, &outcome);
+        cairn_proto::peer::audit(&peer, method, &id, &outcome(&answer));
         answer
     }
 
@@ -208,6 +200,19 @@ impl AgentService {
     }
 }
 
+/// What an audit line says of an answer: "ok", or the refusal's reason.
+fn outcome<T>(answer: &Result<T, Status>) -> String {
+    match answer {
+        Ok(_) => "ok".to_string(),
+        Err(s) => {
+            use tonic_types::StatusExt;
+            s.get_details_error_info()
+                .map(|i| i.reason)
+                .unwrap_or_else(|| format!("{:?}", s.code()).to_lowercase())
+        }
+    }
+}
+
 /// The service's RPCs, each one line: its envelope and its handler.
 macro_rules! rpcs {
     ($($kind:ident $name:ident($req:ident) -> $resp:ident;)+) => {
@@ -216,6 +221,24 @@ macro_rules! rpcs {
             type WatchJobStream = std::pin::Pin<
                 Box<dyn tokio_stream::Stream<Item = Result<pb::Job, Status>> + Send + 'static>,
             >;
+            type ReadVolumeDataStream = data::DataStream;
+
+            async fn write_volume_data(
+                &self,
+                r: Request<tonic::Streaming<pb::WriteVolumeDataRequest>>,
+            ) -> Result<Response<pb::WriteVolumeDataResponse>, Status> {
+                let peer = cairn_proto::peer::Peer::of(&r);
+                let answer = self.write_data(r.into_inner()).await;
+                cairn_proto::peer::audit(&peer, "write_volume_data", "", &outcome(&answer));
+                answer.map(Response::new)
+            }
+
+            async fn read_volume_data(
+                &self,
+                r: Request<pb::ReadVolumeDataRequest>,
+            ) -> Result<Response<Self::ReadVolumeDataStream>, Status> {
+                self.read_data(r.into_inner()).await.map(Response::new)
+            }
 
             $(async fn $name(&self, r: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
                 self.$kind(stringify!($name), r, handlers::$name).await

@@ -1,0 +1,89 @@
+//! The streaming data calls: bytes into a volume being made, and out of a
+//! legal one. Device I/O runs on blocking threads, one chunk at a time.
+
+use cairn_domain::io::AlignedBuf;
+use cairn_proto::convert::volume_id;
+use tonic::Streaming;
+
+use super::*;
+use crate::agent::data::{read_chunk, CHUNK};
+
+/// The stream `ReadVolumeData` answers with.
+pub type DataStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::VolumeDataChunk, Status>> + Send + 'static>,
+>;
+
+impl AgentService {
+    /// `WriteVolumeData`: the first message opens the writer, every
+    /// message's data follows in order, the end makes it durable.
+    pub(super) async fn write_data(
+        &self,
+        mut s: Streaming<pb::WriteVolumeDataRequest>,
+    ) -> Result<pb::WriteVolumeDataResponse, Status> {
+        let first = s.message().await?.ok_or_else(|| {
+            to_status(&AgentError::invalid(
+                "volume_id",
+                "the stream ended before its first message named the volume",
+            ))
+        })?;
+        let mut w = self
+            .run("write_volume_data", move |a| {
+                let o = a.domain(&first.domain)?;
+                let id = volume_id("volume_id", &first.volume_id)?;
+                let mut w = a.volume_writer(&o, &id, &first.lock_id, first.offset)?;
+                w.write(&first.data)?;
+                Ok(w)
+            })
+            .await?;
+        while let Some(m) = s.message().await? {
+            w = self
+                .run("write_volume_data", move |_| {
+                    w.write(&m.data)?;
+                    Ok(w)
+                })
+                .await?;
+        }
+        let (bytes_written, sha256) = self.run("write_volume_data", move |_| w.finish()).await?;
+        Ok(pb::WriteVolumeDataResponse {
+            bytes_written,
+            sha256,
+        })
+    }
+
+    /// `ReadVolumeData`: checked at once (a refusal is the call's status),
+    /// then read chunk by chunk as the client takes them.
+    pub(super) async fn read_data(
+        &self,
+        r: pb::ReadVolumeDataRequest,
+    ) -> Result<DataStream, Status> {
+        let offset = r.offset;
+        let (file, start, length, sector) = self
+            .run("read_volume_data", move |a| {
+                let o = a.domain(&r.domain)?;
+                let id = volume_id("volume_id", &r.volume_id)?;
+                let (f, start, len) = a.volume_reader(&o, &id, r.offset, r.length)?;
+                Ok((f, start, len, o.domain.geometry().sector_size as usize))
+            })
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = AlignedBuf::zeroed(CHUNK);
+            let mut done = 0u64;
+            while done < length {
+                let n = (length - done).min(CHUNK as u64) as usize;
+                let chunk = read_chunk(&file, start + done, &mut buf, n, sector)
+                    .map(|()| pb::VolumeDataChunk {
+                        offset: offset + done,
+                        data: buf[..n].to_vec(),
+                    })
+                    .map_err(|e| to_status(&e));
+                let failed = chunk.is_err();
+                if tx.blocking_send(chunk).is_err() || failed {
+                    return; // the client went away, or it has the error
+                }
+                done += n as u64;
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
