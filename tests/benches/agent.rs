@@ -578,6 +578,93 @@ fn main() {
         qemu[0] / native[0],
         qemu[1] / native[1]
     );
+
+    // ---- upload through the API ----------------------------------------------------------
+    // The bytes of a file streamed into a new raw volume (WriteVolumeData,
+    // 1 MiB messages, SHA-256 on), against dd of the same file into the
+    // same domain with direct I/O.
+    let up = dir.join("io/upload.raw");
+    make_file(&up, copy_len, 10);
+    let bytes = std::fs::read(&up).unwrap();
+    let (mut api, mut dd) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        rt.block_on(async {
+            let r =
+                b.c.create_volume(pb::CreateVolumeRequest {
+                    format: pb::VolumeFormat::Raw as i32,
+                    capacity: copy_len,
+                    keep_locked: true,
+                    ..Default::default()
+                })
+                .await
+                .answer();
+            let (v, lock) = (r.volume.unwrap(), r.lock_id);
+            let legality = |l: pb::Legality| pb::UpdateVolumeRequest {
+                volume_id: v.id.clone(),
+                legality: l as i32,
+                lock_id: lock.clone(),
+                ..Default::default()
+            };
+            b.c.update_volume(legality(pb::Legality::Illegal))
+                .await
+                .answer();
+            let mut msgs: Vec<pb::WriteVolumeDataRequest> = bytes
+                .chunks(1 << 20)
+                .map(|c| pb::WriteVolumeDataRequest {
+                    data: c.to_vec(),
+                    ..Default::default()
+                })
+                .collect();
+            msgs[0].volume_id = v.id.clone();
+            msgs[0].lock_id = lock.clone();
+            let t = Instant::now();
+            let w =
+                b.c.write_volume_data(tokio_stream::iter(msgs))
+                    .await
+                    .answer();
+            api.push(t.elapsed().as_secs_f64());
+            assert_eq!(w.bytes_written, copy_len);
+            b.c.update_volume(legality(pb::Legality::Legal))
+                .await
+                .answer();
+            b.c.delete_volume(pb::DeleteVolumeRequest {
+                volume_id: v.id.clone(),
+                lock_id: lock.clone(),
+                ..Default::default()
+            })
+            .await
+            .answer();
+            let dst = b.create(pb::VolumeFormat::Raw, copy_len, false).await;
+            let dst = dst.volume.unwrap();
+            let d = time_cmd(
+                Command::new("dd")
+                    .arg(format!("if={}", up.display()))
+                    .arg(format!("of={}", b.domain.display()))
+                    .args(["bs=4M", "oflag=direct,seek_bytes", "conv=notrunc,fsync"])
+                    .arg("status=none")
+                    .arg(format!("seek={}", b.offset(&dst))),
+            );
+            dd.push(d.as_secs_f64());
+            b.delete(&dst).await;
+        });
+    }
+    std::fs::remove_file(&up).unwrap();
+    let (api, dd) = (median(api), median(dd));
+    println!(
+        "\nupload of {} MiB (random), median of {runs}",
+        copy_len >> 20
+    );
+    println!(
+        "{:<38} {api:>8.2} s {:>7.0} MB/s",
+        "cairn WriteVolumeData (SHA-256)",
+        mbps(api)
+    );
+    println!(
+        "{:<38} {dd:>8.2} s {:>7.0} MB/s",
+        "baseline: dd oflag=direct",
+        mbps(dd)
+    );
+    println!("upload throughput / dd: x{:.2}", dd / api);
     let _ = stop_tx.send(());
     rt.block_on(server).unwrap().unwrap();
 }

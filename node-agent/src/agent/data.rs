@@ -23,7 +23,6 @@ pub struct VolumeWriter {
     buf: AlignedBuf,
     fill: usize,
     guard: Arc<LockGuard>,
-    sha: ring::digest::Context,
     written: u64,
 }
 
@@ -64,7 +63,6 @@ impl Agent {
             buf: AlignedBuf::zeroed(CHUNK),
             fill: 0,
             guard,
-            sha: ring::digest::Context::new(&ring::digest::SHA256),
             written: 0,
         })
     }
@@ -144,7 +142,6 @@ impl VolumeWriter {
                 format!("{end} bytes go beyond the volume's {} bytes", self.capacity),
             ));
         }
-        self.sha.update(data);
         self.written += data.len() as u64;
         while !data.is_empty() {
             let n = data.len().min(CHUNK - self.fill);
@@ -159,8 +156,8 @@ impl VolumeWriter {
     }
 
     /// Write what is buffered (the tail padded with zeros to a whole
-    /// sector) and make it durable: the bytes written and their SHA-256.
-    pub fn finish(mut self) -> Result<(u64, String)> {
+    /// sector) and make it durable: the bytes written.
+    pub fn finish(mut self) -> Result<u64> {
         if self.fill > 0 {
             let len = self.fill.div_ceil(self.sector) * self.sector;
             self.buf[self.fill..len].fill(0);
@@ -169,9 +166,7 @@ impl VolumeWriter {
         self.file
             .sync_data()
             .map_err(AgentError::io("flushing volume data"))?;
-        let sum = self.sha.finish();
-        let hex: String = sum.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Ok((self.written, hex))
+        Ok(self.written)
     }
 
     fn flush_buf(&mut self, len: usize) -> Result<()> {

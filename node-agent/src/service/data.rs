@@ -26,7 +26,10 @@ impl AgentService {
                 "the stream ended before its first message named the volume",
             ))
         })?;
-        let mut w = self
+        // The checksum is taken here, beside the writes, as the bytes pass.
+        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+        sha.update(&first.data);
+        let w = self
             .run("write_volume_data", move |a| {
                 let o = a.domain(&first.domain)?;
                 let id = volume_id("volume_id", &first.volume_id)?;
@@ -35,15 +38,28 @@ impl AgentService {
                 Ok(w)
             })
             .await?;
-        while let Some(m) = s.message().await? {
-            w = self
-                .run("write_volume_data", move |_| {
-                    w.write(&m.data)?;
-                    Ok(w)
-                })
-                .await?;
-        }
-        let (bytes_written, sha256) = self.run("write_volume_data", move |_| w.finish()).await?;
+        // One thread writes while the next messages arrive; it stops at the
+        // first refusal, which is the call's answer.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let writer = self.run("write_volume_data", move |_| {
+            let mut w = w;
+            while let Some(data) = rx.blocking_recv() {
+                w.write(&data)?;
+            }
+            w.finish()
+        });
+        let feed = async move {
+            while let Some(m) = s.message().await? {
+                sha.update(&m.data);
+                if tx.send(m.data).await.is_err() {
+                    break; // the writer refused: its error is the answer
+                }
+            }
+            Ok::<_, Status>(sha.finish())
+        };
+        let (fed, written) = tokio::join!(feed, writer);
+        let bytes_written = written?;
+        let sha256 = fed?.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Ok(pb::WriteVolumeDataResponse {
             bytes_written,
             sha256,
