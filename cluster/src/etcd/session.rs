@@ -58,6 +58,9 @@ impl Inner {
     pub(super) async fn keep_alive_loop(self: Arc<Self>) {
         let ttl = self.cfg.ttl.as_secs().max(2) as i64;
         let every = self.cfg.ttl / 3;
+        // Registrations that did not reach etcd when the session started:
+        // put again at every confirmed keep-alive until they do.
+        let mut unregistered = false;
         loop {
             let mut c = self.client.clone();
             let cur = *self.session.lock().expect("poisoned");
@@ -65,9 +68,12 @@ impl Inner {
                 Some(s) => s,
                 None => {
                     let sent = self.since_start();
-                    let granted = c.lease_grant(ttl, None).await;
+                    // No call here may wait longer than a lease lives: an
+                    // etcd that restarts can leave a call unanswered.
+                    let granted =
+                        tokio::time::timeout(self.cfg.ttl, c.lease_grant(ttl, None)).await;
                     match granted {
-                        Ok(r) => {
+                        Ok(Ok(r)) => {
                             let epoch = self.epochs.fetch_add(1, Ordering::SeqCst) + 1;
                             let s = Session {
                                 lease: r.id(),
@@ -77,36 +83,61 @@ impl Inner {
                             // The grant confirms the lease from when it was asked.
                             self.confirmed_ms.store(sent.max(1), Ordering::SeqCst);
                             tracing::info!(lease = r.id(), epoch, "etcd session started");
-                            self.put_registrations(s.lease).await;
+                            unregistered = !self.put_registrations(s.lease).await;
                             s
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             tracing::warn!(error = %e, "etcd lease grant failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                        Err(_) => {
+                            tracing::warn!("etcd lease grant unanswered; retrying");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                             continue;
                         }
                     }
                 }
             };
-            let (mut keeper, mut stream) = match c.lease_keep_alive(s.lease).await {
-                Ok(k) => k,
-                Err(e) => {
+            let opened = tokio::time::timeout(self.cfg.ttl, c.lease_keep_alive(s.lease)).await;
+            let (mut keeper, mut stream) = match opened {
+                Ok(Ok(k)) => k,
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e == "lease not found" => {
+                    // etcd says the lease is gone (it expired, or etcd lost
+                    // its data): a new session at once, not after a TTL.
+                    tracing::warn!(lease = s.lease, "etcd lease not found; new session");
+                    self.drop_session(s);
+                    continue;
+                }
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "etcd keep-alive stream failed; retrying");
                     self.expire_if_stale(s);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
+                Err(_) => {
+                    tracing::warn!("etcd keep-alive stream unanswered; retrying");
+                    self.expire_if_stale(s);
+                    continue;
+                }
             };
             loop {
                 let sent = self.since_start();
-                if keeper.keep_alive().await.is_err() {
-                    break;
+                match tokio::time::timeout(every, keeper.keep_alive()).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        self.expire_if_stale(s);
+                        break;
+                    }
                 }
                 match tokio::time::timeout(every.max(Duration::from_millis(200)), stream.message())
                     .await
                 {
                     Ok(Ok(Some(r))) if r.ttl() > 0 => {
                         self.confirmed_ms.fetch_max(sent.max(1), Ordering::SeqCst);
+                        if unregistered {
+                            unregistered = !self.put_registrations(s.lease).await;
+                        }
                     }
                     Ok(Ok(Some(_))) => {
                         // TTL 0: the lease expired on the server.
@@ -125,18 +156,21 @@ impl Inner {
         }
     }
 
-    /// Put every registration under `lease`.
-    pub(super) async fn put_registrations(&self, lease: i64) {
+    /// Put every registration under `lease`; whether all of them went in.
+    pub(super) async fn put_registrations(&self, lease: i64) -> bool {
         let regs = self.registrations.lock().expect("poisoned").clone();
         let mut c = self.client.clone();
+        let mut all = true;
         for (k, v) in regs {
-            if let Err(e) = c
-                .put(k.clone(), v, Some(PutOptions::new().with_lease(lease)))
-                .await
-            {
-                tracing::warn!(key = %k, error = %e, "could not register in etcd");
+            let put = c.put(k.clone(), v, Some(PutOptions::new().with_lease(lease)));
+            match tokio::time::timeout(self.cfg.ttl, put).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => tracing::warn!(key = %k, error = %e, "could not register in etcd"),
+                Err(_) => tracing::warn!(key = %k, "registering in etcd went unanswered"),
             }
+            all = false;
         }
+        all
     }
 
     /// When etcd has not confirmed the lease for a whole TTL, it may have
