@@ -192,7 +192,8 @@ pub fn new_token() -> String {
     format!("cairn_{}", hex(&b))
 }
 
-fn hex(b: &[u8]) -> String {
+/// Bytes as lower-case hex digits, as tokens and digests are shown.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

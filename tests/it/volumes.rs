@@ -446,7 +446,7 @@ fn agent_writes_and_reads_a_raw_volume_s_bytes_through_the_api() {
     let data: Vec<u8> = (0..len as u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
-    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    let hex = cairn_proto::auth::hex;
     let want_sha = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
     let write = |first: pb::WriteVolumeDataRequest, rest: Vec<Vec<u8>>| {
         let msgs =

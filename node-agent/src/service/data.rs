@@ -1,5 +1,6 @@
 //! The streaming data calls: bytes into a volume being made, and out of a
-//! legal one. Device I/O runs on blocking threads, one chunk at a time.
+//! legal one. Device I/O runs on blocking threads: one writes while the next
+//! messages arrive, one reads a chunk ahead of the client.
 
 use cairn_domain::io::AlignedBuf;
 use cairn_proto::convert::volume_id;
@@ -59,7 +60,7 @@ impl AgentService {
         };
         let (fed, written) = tokio::join!(feed, writer);
         let bytes_written = written?;
-        let sha256 = fed?.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = cairn_proto::auth::hex(fed?.as_ref());
         Ok(pb::WriteVolumeDataResponse {
             bytes_written,
             sha256,
