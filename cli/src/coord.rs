@@ -24,6 +24,9 @@ pub enum CoordCmd {
     /// The coordinator's jobs.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Files on a domain: what images are registered from.
+    #[command(subcommand)]
+    File(crate::file::FileCmd),
     /// The agents the coordinator uses.
     Agents,
     /// Who the coordinator takes you for: the name your disks record as
@@ -171,6 +174,7 @@ async fn run_async(
             Ok(ExitCode::SUCCESS)
         }
         CoordCmd::Job(cmd) => job(&mut c, cmd, out).await,
+        CoordCmd::File(cmd) => crate::file::run(&mut c, cmd, out).await,
         CoordCmd::Disk(cmd) => crate::disk::run(&mut c, &d, cmd, out).await,
     }
 }

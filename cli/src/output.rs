@@ -122,6 +122,31 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC); empty for 0.
+pub fn utc(secs: u64) -> String {
+    if secs == 0 {
+        return String::new();
+    }
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// A progress bar for a job of `total` bytes (on standard error).
 pub fn progress_bar(total: u64, msg: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(total.max(1));
@@ -159,5 +184,8 @@ mod tests {
         assert_eq!(String::from_utf8(buf).unwrap(), "{\n  \"k\": 1\n}\n");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(utc(0), "");
+        assert_eq!(utc(1_371_628_822), "2013-06-19 08:00:22");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
     }
 }

@@ -25,6 +25,9 @@ pub enum CoordError {
     /// The operation does not fit the state of things.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this.
+    #[error("permission denied: {0}")]
+    Denied(String),
     /// A request id came back with a different request.
     #[error("request id {0:?} was already used for a different request")]
     RequestIdReused(String),
@@ -59,6 +62,10 @@ pub enum CoordError {
     /// nor died in time).
     #[error("outcome unknown: {0}")]
     Unsettled(String),
+    /// Bytes did not arrive as they were said to be (a size or checksum
+    /// that does not match).
+    #[error("data loss: {0}")]
+    DataLoss(String),
     /// A bug or an impossible answer.
     #[error("internal error: {0}")]
     Internal(String),
@@ -71,6 +78,7 @@ impl CoordError {
             CoordError::InvalidArgument { .. } => "invalid_argument",
             CoordError::NotFound { .. } => "not_found",
             CoordError::FailedPrecondition(_) => "failed_precondition",
+            CoordError::Denied(_) => "permission_denied",
             CoordError::RequestIdReused(_) => "request_id_reused",
             CoordError::NoAgent(_) => "no_agent",
             CoordError::Agent { .. } => "agent_error",
@@ -80,6 +88,7 @@ impl CoordError {
             CoordError::Cancelled => "cancelled",
             CoordError::TooLate(_) => "too_late_to_cancel",
             CoordError::Unsettled(_) => "outcome_unknown",
+            CoordError::DataLoss(_) => "data_loss",
             CoordError::Internal(_) => "internal",
         }
     }
@@ -92,6 +101,7 @@ impl CoordError {
             CoordError::InvalidArgument { .. } => Code::InvalidArgument,
             CoordError::NotFound { .. } => Code::NotFound,
             CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordError::Denied(_) => Code::PermissionDenied,
             CoordError::RequestIdReused(_) => Code::InvalidArgument,
             CoordError::NoAgent(_) => Code::Unavailable,
             CoordError::Agent { status, .. } => status.code(),
@@ -101,6 +111,7 @@ impl CoordError {
             CoordError::Cancelled => Code::Cancelled,
             CoordError::TooLate(_) => Code::FailedPrecondition,
             CoordError::Unsettled(_) => Code::Unavailable,
+            CoordError::DataLoss(_) => Code::DataLoss,
             CoordError::Internal(_) => Code::Internal,
         }
     }

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod agents;
+pub mod catalog;
 pub mod coordinator;
 pub mod error;
 pub mod exec;

@@ -214,7 +214,7 @@ pub fn disk_view(
 ) -> Result<DiskView> {
     let t = tags
         .iter()
-        .find(|t| t.id == *disk && t.tag_type == TagType::Strong)
+        .find(|t| t.id == *disk && t.tag_type == TagType::Strong && !in_catalog(t))
         .ok_or_else(|| CoordError::NotFound {
             kind: "disk",
             id: disk.to_string(),
@@ -279,15 +279,22 @@ pub fn disk_view(
 pub fn disks(domain: &DomainRef, tags: &[TagInfo], vols: &[VolumeInfo]) -> Vec<DiskView> {
     tags.iter()
         .filter(|t| t.tag_type == TagType::Strong && t.option(CONVERT_KEY).is_none())
+        .filter(|t| !in_catalog(t))
         .filter_map(|t| disk_view(domain, &t.id, tags, vols).ok())
         .collect()
+}
+
+/// Whether a tag is the catalog's (a file version or a domain's anchor):
+/// not a disk or snapshot, changed only through the catalog's calls.
+pub fn in_catalog(t: &TagInfo) -> bool {
+    t.option(cairn_domain::catalog::KIND).is_some()
 }
 
 /// Who owns tag `id`, from every tag of its domain: a disk's owner is its
 /// `cairn.owner`, a snapshot's the owner of the disk it is of (none when
 /// that disk is gone or has no owner; an unknown tag has none).
 pub fn owner_of<'a>(id: &TagId, tags: &'a [TagInfo]) -> Option<&'a str> {
-    let t = tags.iter().find(|t| t.id == *id)?;
+    let t = tags.iter().find(|t| t.id == *id && !in_catalog(t))?;
     match t.tag_type {
         TagType::Strong => t.option(OWNER_KEY),
         TagType::Weak => {

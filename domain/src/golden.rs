@@ -435,6 +435,7 @@ fn fuzz_seeds_are_the_golden_structures() {
         encode_volume(&SALT, &sample_volume()),
         encode_tag(&SALT, &sample_tag()),
     );
+    let head = crate::catalog::CatalogHead { generation: 1377 }.encode(&[0x5a; 16]);
     let seeds: Vec<(&str, &str, Vec<u8>)> = vec![
         ("superblock", "golden", with(0, &[sb.as_bytes()])),
         ("superblock", "golden-repair", with(1, &[sb.as_bytes()])),
@@ -483,6 +484,8 @@ fn fuzz_seeds_are_the_golden_structures() {
             "blob-repair",
             with(1, &[&encode_user_data(&tid(1), &items)]),
         ),
+        ("catalog_head", "head", with(0, &[&head])),
+        ("catalog_head", "head-repair", with(1, &[&head])),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
     let bless = std::env::var_os("CAIRN_BLESS").is_some();

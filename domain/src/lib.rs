@@ -23,6 +23,7 @@
 
 pub mod alloc;
 pub mod api;
+pub mod catalog;
 pub mod check;
 pub mod engine;
 pub mod error;

@@ -369,6 +369,14 @@ impl TagMeta {
 }
 
 impl Tag {
+    /// An option's value.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// This tag's metadata in the form callers set it.
     pub fn meta(&self) -> TagMeta {
         TagMeta {

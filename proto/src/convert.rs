@@ -464,6 +464,45 @@ impl TryFrom<&agent::DomainInfo> for DomainInfo {
     }
 }
 
+impl From<&cairn_domain::catalog::FileVersion> for agent::FileVersion {
+    fn from(f: &cairn_domain::catalog::FileVersion) -> agent::FileVersion {
+        agent::FileVersion {
+            tag_id: f.tag.to_string(),
+            volume_id: f.volume.to_string(),
+            path: f.path.clone(),
+            version: f.version,
+            size: f.size,
+            sha256: f.sha256.clone(),
+            owner: f.owner.clone(),
+            created: f.created,
+            directory: f.directory,
+            inline: f.inline,
+            image: f.image.clone().unwrap_or_default(),
+            request_id: f.request.clone(),
+        }
+    }
+}
+
+impl TryFrom<&agent::FileVersion> for cairn_domain::catalog::FileVersion {
+    type Error = ConvertError;
+    fn try_from(f: &agent::FileVersion) -> Result<Self, ConvertError> {
+        Ok(cairn_domain::catalog::FileVersion {
+            tag: tag_id("file.tag_id", &f.tag_id)?,
+            volume: volume_id("file.volume_id", &f.volume_id)?,
+            path: f.path.clone(),
+            version: f.version,
+            size: f.size,
+            sha256: f.sha256.clone(),
+            owner: f.owner.clone(),
+            created: f.created,
+            directory: f.directory,
+            inline: f.inline,
+            image: (!f.image.is_empty()).then(|| f.image.clone()),
+            request: f.request_id.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,6 +159,9 @@ fn ops() -> Vec<(&'static str, OpFn)> {
             .commit()
             .map(|_| ())
         }),
+        ("catalog: make the anchor", |d, _| {
+            d.ensure_anchor().map(|_| ())
+        }),
         ("grouped: delete a chain", |d, f| {
             d.tx("delete leaf")
                 .delete_tag(f.leaf_tag)
@@ -232,9 +235,126 @@ fn recover_and_check(
 
 #[test]
 fn crash_at_every_boundary_of_every_operation() {
+    let rollbacks = crash_every(ops(), setup);
+    assert!(rollbacks > 0, "no crash point exercised a rollback");
+}
+
+/// A domain's catalog: its anchor, a small file, a file in a volume, and
+/// an illegal raw volume with bytes written, to commit as a file.
+struct Catalog {
+    anchor: catalog::Anchor,
+    small: TagId,
+    large: TagId,
+    written: VolumeId,
+}
+
+fn catalog_setup(d: &Domain) -> Catalog {
+    use catalog::{FileBytes, NewFile};
+    let anchor = d.ensure_anchor().unwrap();
+    let file = |path: &str| NewFile {
+        path: path.into(),
+        owner: "alice".into(),
+        directory: false,
+        request: String::new(),
+    };
+    let small = d
+        .commit_file(
+            &anchor,
+            &file("a.meta"),
+            FileBytes::Inline(b"{}"),
+            None,
+            [1; 16],
+        )
+        .unwrap();
+    let illegal = |n: u8| {
+        let (v, g) = d.create_volume(raw(1)).unwrap();
+        let mut m = v.meta();
+        m.legality = Legality::Illegal;
+        d.write_volume_meta(&v.id, m, &[&g]).unwrap();
+        let mut b = cairn_domain::io::AlignedBuf::zeroed(4096);
+        b.fill(n);
+        d.device()
+            .write_at(&b, d.geometry().extent_off(v.extent_start))
+            .unwrap();
+        (v.id, g)
+    };
+    let (lv, lg) = illegal(1);
+    let bytes = FileBytes::Volume {
+        id: lv,
+        guard: &lg,
+        size: 4096,
+        sha256: "ab".repeat(32),
+    };
+    let large = d
+        .commit_file(&anchor, &file("disk.raw"), bytes, None, [2; 16])
+        .unwrap();
+    let (written, _) = illegal(2);
+    Catalog {
+        anchor,
+        small: small.tag,
+        large: large.tag,
+        written,
+    }
+}
+
+/// Named operations on a domain a setup prepared with `F`.
+type Ops<F> = Vec<(&'static str, fn(&Domain, &F) -> Result<()>)>;
+
+fn catalog_ops() -> Ops<Catalog> {
+    use catalog::{FileBytes, NewFile};
+    vec![
+        ("catalog: commit a small file", |d, f| {
+            let nf = NewFile {
+                path: "a.meta".into(),
+                owner: "alice".into(),
+                directory: false,
+                request: "r".into(),
+            };
+            d.commit_file(
+                &f.anchor,
+                &nf,
+                FileBytes::Inline(b"{\"v\":2}"),
+                Some(2),
+                [3; 16],
+            )
+            .map(|_| ())
+        }),
+        ("catalog: commit a file in a volume", |d, f| {
+            let g = d.lock_volume(&f.written)?;
+            let nf = NewFile {
+                path: "images/b.raw".into(),
+                owner: "alice".into(),
+                directory: false,
+                request: "r".into(),
+            };
+            let bytes = FileBytes::Volume {
+                id: f.written,
+                guard: &g,
+                size: 4000,
+                sha256: "cd".repeat(32),
+            };
+            d.commit_file(&f.anchor, &nf, bytes, Some(2), [4; 16])
+                .map(|_| ())
+        }),
+        ("catalog: delete files", |d, f| {
+            d.delete_files(&f.anchor, &[f.small, f.large], Some(2), [5; 16])
+                .map(|_| ())
+        }),
+    ]
+}
+
+#[test]
+fn crash_at_every_boundary_of_the_catalog_operations() {
+    crash_every(catalog_ops(), catalog_setup);
+}
+
+/// Crash every operation of `ops` on a domain `setup` prepared, at every
+/// write and flush boundary, with each [`KEEPS`] set of unflushed writes
+/// surviving; recover and check. The intents rolled back.
+fn crash_every<F>(ops: Ops<F>, setup: fn(&Domain) -> F) -> u64 {
     let mut total_points = 0u64;
     let mut rollbacks = 0u64;
-    for (name, op) in ops() {
+    for (name, op) in ops {
         // A clean domain with the fixture, closed cleanly.
         let dev = mem_domain(12 << 20, &params());
         let d = open_on(dev.clone()).unwrap();
@@ -305,5 +425,5 @@ fn crash_at_every_boundary_of_every_operation() {
         total_points += points;
     }
     println!("crash points covered: {total_points}; intents rolled back: {rollbacks}");
-    assert!(rollbacks > 0, "no crash point exercised a rollback");
+    rollbacks
 }

@@ -15,6 +15,7 @@ mod crash;
 mod datapath;
 mod etcd;
 mod failover;
+mod files;
 mod kill_loop;
 mod multiprocess;
 mod python;

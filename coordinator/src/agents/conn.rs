@@ -80,11 +80,11 @@ fn need<T>(host: &str, v: Option<T>, what: &str) -> Result<T> {
 }
 
 impl AgentConn {
-    fn c(&self) -> AgentClient<Transport> {
+    pub(super) fn c(&self) -> AgentClient<Transport> {
         self.client.clone()
     }
 
-    fn err(&self) -> impl Fn(tonic::Status) -> CoordError + '_ {
+    pub(super) fn err(&self) -> impl Fn(tonic::Status) -> CoordError + '_ {
         agent_err(&self.host)
     }
 

@@ -5,8 +5,10 @@
 //! ([`conn`]). The agent's generated types stop here.
 
 mod conn;
+mod files;
 
 pub use conn::{AgentConn, AgentJob, NewDisk};
+pub use files::{Chunks, Commit, FileVolume};
 
 use cairn_proto::auth::Bearer;
 use cairn_proto::tls::ClientTlsArgs;

@@ -4,11 +4,13 @@
 //! [`to_status`]) in [`convert`]. Generated types stop here.
 
 mod convert;
+mod files;
 #[cfg(test)]
 mod tests;
 
 use convert::{allocation_of, disk_id, format_of, required_format};
 pub use convert::{pb_disk, pb_job, to_status};
+pub use files::pb_file;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,8 +168,9 @@ impl CoordService {
         Ok(Response::new(pb_job(&rec, None)))
     }
 
-    /// Refuse a `user` acting on a disk or snapshot it does not own, as if
-    /// it did not exist (admin and service identities act on every one).
+    /// Refuse a `user` acting on a disk or snapshot it does not own, and
+    /// anyone acting on a catalog tag through a disk call, as if it did
+    /// not exist (admin and service identities act on every disk).
     async fn authorize(
         &self,
         who: &Identity,
@@ -175,7 +178,13 @@ impl CoordService {
         tag: &TagId,
     ) -> Result<(), CoordError> {
         if who.role != Role::User {
-            return Ok(());
+            // The catalog's tags are changed through its calls only.
+            return match self.coord.tag(domain, tag).await {
+                Ok(t) if crate::plan::in_catalog(&t) => {
+                    Err(hidden("disk or snapshot", &tag.to_string()))
+                }
+                _ => Ok(()),
+            };
         }
         let d = crate::plan::DomainRef {
             id: *domain,
@@ -448,6 +457,34 @@ impl pb::coordinator_server::Coordinator for CoordService {
         audit(&who.peer, "cancel_job", &r.job_id, &outcome(&done));
         let rec = done.map_err(|e| to_status(&e))?;
         Ok(Response::new(pb_job(&rec, None)))
+    }
+
+    type ReadFileStream = files::FileStream;
+
+    async fn upload_file(
+        &self,
+        r: Request<tonic::Streaming<pb::UploadFileRequest>>,
+    ) -> R<pb::UploadFileResponse> {
+        self.upload(r).await
+    }
+
+    async fn list_files(&self, r: Request<pb::ListFilesRequest>) -> R<pb::ListFilesResponse> {
+        let who = Identity::of(&r)?;
+        self.files_under(&who, &r.into_inner().location).await
+    }
+
+    async fn file_versions(&self, r: Request<pb::FileVersionsRequest>) -> R<pb::ListFilesResponse> {
+        let who = Identity::of(&r)?;
+        self.versions(&who, &r.into_inner().location).await
+    }
+
+    async fn read_file(&self, r: Request<pb::ReadFileRequest>) -> R<Self::ReadFileStream> {
+        let who = Identity::of(&r)?;
+        self.read(&who, r.into_inner()).await
+    }
+
+    async fn delete_file(&self, r: Request<pb::DeleteFileRequest>) -> R<pb::DeleteFileResponse> {
+        self.delete(r).await
     }
 
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {

@@ -182,6 +182,13 @@ impl Domain {
             .acquire(&self.resource(ResourceKind::Volume(*id)), self.lock_timeout)
     }
 
+    /// Take a named lock (waits up to the lock timeout). Named locks are
+    /// cluster-wide: the name should say which domain it is about.
+    pub fn lock_named(&self, name: String) -> Result<LockGuard> {
+        self.locks
+            .acquire(&self.resource(ResourceKind::Named(name)), self.lock_timeout)
+    }
+
     /// Take a tag's lock (waits up to the lock timeout).
     pub fn lock_tag(&self, id: &TagId) -> Result<LockGuard> {
         self.check_tag_id(id)?;

@@ -70,6 +70,7 @@ impl Agent {
 
     /// Give back a client lock; false if it was not held.
     pub fn unlock(&self, lock_id: &str) -> bool {
+        self.written.lock().expect("poisoned").remove(lock_id);
         let mut m = self.client_locks.lock().expect("poisoned");
         Self::reap_locks(&mut m);
         m.remove(lock_id).is_some()

@@ -10,6 +10,8 @@
 
 mod activate;
 pub mod data;
+mod files;
+pub use files::FileRead;
 mod locks;
 mod snapshot;
 mod startup;
@@ -67,6 +69,8 @@ pub struct Opened {
     pub path: PathBuf,
     /// Its run directory.
     pub run: RunDir,
+    /// Its catalog anchor, once found or made (it never goes away).
+    pub anchor: std::sync::OnceLock<cairn_domain::catalog::Anchor>,
 }
 
 impl Opened {
@@ -230,6 +234,9 @@ pub struct Agent {
     /// Serialises changes to activations.
     act: Mutex<()>,
     client_locks: Mutex<HashMap<String, ClientLock>>,
+    /// What WriteVolumeData wrote from offset 0 under a client lock, by
+    /// lock id: bytes and their SHA-256 (hex), for CommitFile.
+    written: Mutex<HashMap<String, (u64, String)>>,
     pub(crate) jobs: crate::jobs::Jobs,
     pub(crate) io: crate::iodir::IoDirs,
     pub(crate) gc_quarantine: Duration,
@@ -347,7 +354,12 @@ impl Agent {
                 path = %path.display(),
                 "domain open"
             );
-            domains.push(Arc::new(Opened { domain, path, run }));
+            domains.push(Arc::new(Opened {
+                domain,
+                path,
+                run,
+                anchor: Default::default(),
+            }));
         }
         let io = crate::iodir::IoDirs::open(&cfg.io_dirs)?;
         let agent = Agent {
@@ -356,6 +368,7 @@ impl Agent {
             loops,
             act: Mutex::new(()),
             client_locks: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
             jobs: crate::jobs::Jobs::new(clock.clone()),
             io,
             gc_quarantine: cfg.gc_quarantine,

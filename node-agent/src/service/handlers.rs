@@ -475,3 +475,60 @@ pub(super) fn list_jobs(a: &A, _: pb::ListJobsRequest) -> Result<pb::ListJobsRes
 pub(super) fn cancel_job(a: &A, r: pb::CancelJobRequest) -> Result<pb::Job> {
     Ok(convert::job(a.cancel_job(&r.job_id)?.as_ref()))
 }
+
+// ---- catalog files ----------------------------------------------------------------------
+
+pub(super) fn commit_file(
+    a: &A,
+    r: pb::CommitFileRequest,
+    rid: [u8; 16],
+) -> Result<pb::CommitFileResponse> {
+    let o = a.domain(&r.domain)?;
+    let f = cairn_domain::catalog::NewFile {
+        path: r.path,
+        owner: r.owner,
+        directory: r.directory,
+        request: r.request_id.clone(),
+    };
+    let volume = if r.volume_id.is_empty() {
+        None
+    } else {
+        Some((volume_id("volume_id", &r.volume_id)?, r.lock_id.as_str()))
+    };
+    let v = a.commit_file(&o, &f, &r.data, volume, r.expect_generation, rid)?;
+    Ok(pb::CommitFileResponse {
+        generation: v.version,
+        file: Some((&v).into()),
+        created: true,
+    })
+}
+
+pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFilesResponse> {
+    let o = a.domain(&r.domain)?;
+    let l = a.list_files(&o)?;
+    Ok(pb::ListFilesResponse {
+        files: l.files.iter().map(Into::into).collect(),
+        generation: l.generation,
+    })
+}
+
+pub(super) fn delete_files(
+    a: &A,
+    r: pb::DeleteFilesRequest,
+    rid: [u8; 16],
+) -> Result<pb::DeleteFilesResponse> {
+    let o = a.domain(&r.domain)?;
+    let tags = r
+        .tag_ids
+        .iter()
+        .map(|t| tag_id("tag_ids", t))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if tags.is_empty() {
+        return Err(AgentError::invalid("tag_ids", "no file version named"));
+    }
+    let generation = a.delete_files(&o, &tags, r.expect_generation, rid)?;
+    Ok(pb::DeleteFilesResponse {
+        generation,
+        deleted: true,
+    })
+}

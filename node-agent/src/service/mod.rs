@@ -81,6 +81,8 @@ mutating! {
     ExportVolumeRequest -> Job;
     MergeSnapshotRequest -> Job;
     SwapDiskRequest -> SwapDiskResponse, changed;
+    CommitFileRequest -> CommitFileResponse, created;
+    DeleteFilesRequest -> DeleteFilesResponse, deleted;
 }
 
 /// A handler of a mutating request: the agent, the request and its id as
@@ -222,6 +224,14 @@ macro_rules! rpcs {
                 Box<dyn tokio_stream::Stream<Item = Result<pb::Job, Status>> + Send + 'static>,
             >;
             type ReadVolumeDataStream = data::DataStream;
+            type ReadFileStream = data::DataStream;
+
+            async fn read_file(
+                &self,
+                r: Request<pb::ReadFileRequest>,
+            ) -> Result<Response<Self::ReadFileStream>, Status> {
+                self.read_file(r.into_inner()).await.map(Response::new)
+            }
 
             async fn write_volume_data(
                 &self,
@@ -322,4 +332,7 @@ rpcs! {
     mutate merge_snapshot(MergeSnapshotRequest) -> Job;
     mutate swap_disk(SwapDiskRequest) -> SwapDiskResponse;
     query recover_domain(RecoverDomainRequest) -> RecoverDomainResponse;
+    mutate commit_file(CommitFileRequest) -> CommitFileResponse;
+    query list_files(ListFilesRequest) -> ListFilesResponse;
+    mutate delete_files(DeleteFilesRequest) -> DeleteFilesResponse;
 }

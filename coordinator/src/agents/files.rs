@@ -1,0 +1,238 @@
+//! One agent's catalog file calls, in the coordinator's own types: list,
+//! commit, delete and read file versions, and the volume a large file's
+//! bytes are streamed into.
+
+use cairn_domain::catalog::{FileVersion, Listing};
+use cairn_domain::{Format, TagId, VolumeId};
+use cairn_proto::agent as pb;
+use cairn_proto::convert as wire;
+
+use super::AgentConn;
+use crate::error::{CoordError, Result};
+
+/// A large file's volume being written: its id and the lock it is held by.
+#[derive(Debug, Clone)]
+pub struct FileVolume {
+    /// The volume.
+    pub id: VolumeId,
+    /// The agent's client lock of it.
+    pub lock_id: String,
+}
+
+/// A file version to commit, as the coordinator asks for it.
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    /// The agent request id (also kept on the version).
+    pub rid: String,
+    /// The path.
+    pub path: &'a str,
+    /// The owner.
+    pub owner: &'a str,
+    /// A directory marker.
+    pub directory: bool,
+    /// Inline bytes (when `volume` is `None`).
+    pub data: &'a [u8],
+    /// The written volume holding the bytes.
+    pub volume: Option<&'a FileVolume>,
+    /// The generation the commit was planned at.
+    pub expect: u64,
+}
+
+/// The stream of a file's bytes from an agent.
+pub type Chunks = tonic::Streaming<pb::VolumeDataChunk>;
+
+fn file_of(host: &str, f: &pb::FileVersion) -> Result<FileVersion> {
+    FileVersion::try_from(f)
+        .map_err(|e| CoordError::Internal(format!("agent {host} answered a bad file: {e}")))
+}
+
+impl AgentConn {
+    /// Every file version of a domain and the generation it was read at.
+    pub async fn list_files(&self, domain: &uuid::Uuid) -> Result<Listing> {
+        let r = self
+            .c()
+            .list_files(pb::ListFilesRequest {
+                domain: domain.to_string(),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        Ok(Listing {
+            generation: r.generation,
+            files: r
+                .files
+                .iter()
+                .map(|f| file_of(&self.host, f))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Commit a file version (ABORTED from the agent when the catalog
+    /// moved past `expect`).
+    pub async fn commit_file(&self, domain: &uuid::Uuid, c: &Commit<'_>) -> Result<FileVersion> {
+        let r = self
+            .c()
+            .commit_file(pb::CommitFileRequest {
+                request_id: c.rid.clone(),
+                domain: domain.to_string(),
+                path: c.path.into(),
+                owner: c.owner.into(),
+                directory: c.directory,
+                data: c.data.to_vec(),
+                volume_id: c.volume.map(|v| v.id.to_string()).unwrap_or_default(),
+                lock_id: c.volume.map(|v| v.lock_id.clone()).unwrap_or_default(),
+                expect_generation: Some(c.expect),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        let f = r.file.ok_or_else(|| {
+            CoordError::Internal(format!("agent {} committed no file", self.host))
+        })?;
+        file_of(&self.host, &f)
+    }
+
+    /// Delete file versions planned at generation `expect`; the new
+    /// generation.
+    pub async fn delete_files(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        tags: &[TagId],
+        expect: u64,
+    ) -> Result<u64> {
+        let r = self
+            .c()
+            .delete_files(pb::DeleteFilesRequest {
+                request_id: rid.into(),
+                domain: domain.to_string(),
+                tag_ids: tags.iter().map(|t| t.to_string()).collect(),
+                expect_generation: Some(expect),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        Ok(r.generation)
+    }
+
+    /// A file version's bytes, in chunks.
+    pub async fn read_file(&self, domain: &uuid::Uuid, tag: &TagId) -> Result<Chunks> {
+        Ok(self
+            .c()
+            .read_file(pb::ReadFileRequest {
+                domain: domain.to_string(),
+                tag_id: tag.to_string(),
+                offset: 0,
+                length: 0,
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner())
+    }
+
+    /// A raw volume of `capacity` bytes, locked and illegal, to stream a
+    /// large file's bytes into.
+    pub async fn file_volume(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        capacity: u64,
+    ) -> Result<FileVolume> {
+        let r = self
+            .c()
+            .create_volume(pb::CreateVolumeRequest {
+                request_id: rid.into(),
+                domain: domain.to_string(),
+                format: wire::volume_format_code(Format::Raw),
+                capacity,
+                description: "catalog file".into(),
+                keep_locked: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        let v = r
+            .volume
+            .ok_or_else(|| CoordError::Internal(format!("agent {} made no volume", self.host)))?;
+        let id = wire::volume_id("volume.id", &v.id)?;
+        let fv = FileVolume {
+            id,
+            lock_id: r.lock_id,
+        };
+        let illegal = self
+            .c()
+            .update_volume(pb::UpdateVolumeRequest {
+                domain: domain.to_string(),
+                volume_id: id.to_string(),
+                legality: pb::Legality::Illegal as i32,
+                lock_id: fv.lock_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(self.err());
+        if let Err(e) = illegal {
+            self.drop_file_volume(domain, &fv).await;
+            return Err(e);
+        }
+        Ok(fv)
+    }
+
+    /// Stream bytes into a file volume from offset 0: the bytes written
+    /// and their SHA-256 (hex), as the agent counted them.
+    pub async fn write_file_volume(
+        &self,
+        domain: &uuid::Uuid,
+        v: &FileVolume,
+        data: impl tokio_stream::Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<(u64, String)> {
+        use tokio_stream::StreamExt;
+        let first = pb::WriteVolumeDataRequest {
+            domain: domain.to_string(),
+            volume_id: v.id.to_string(),
+            lock_id: v.lock_id.clone(),
+            ..Default::default()
+        };
+        let rest = data.map(|data| pb::WriteVolumeDataRequest {
+            data,
+            ..Default::default()
+        });
+        let msgs = tokio_stream::once(first).chain(rest);
+        let r = self
+            .c()
+            .write_volume_data(msgs)
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        Ok((r.bytes_written, r.sha256))
+    }
+
+    /// Give back a committed file volume's lock.
+    pub async fn unlock(&self, v: &FileVolume) -> Result<()> {
+        self.c()
+            .unlock_volume(pb::UnlockVolumeRequest {
+                lock_id: v.lock_id.clone(),
+            })
+            .await
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Delete a file volume that will not be committed, and give back its
+    /// lock (best effort: what is left is half-made and collected later).
+    pub async fn drop_file_volume(&self, domain: &uuid::Uuid, v: &FileVolume) {
+        let del = self
+            .c()
+            .delete_volume(pb::DeleteVolumeRequest {
+                request_id: String::new(),
+                domain: domain.to_string(),
+                volume_id: v.id.to_string(),
+                lock_id: v.lock_id.clone(),
+            })
+            .await;
+        if let Err(e) = del {
+            tracing::warn!(volume = %v.id, error = %e.message(), "an uncommitted file volume stays");
+        }
+        let _ = self.unlock(v).await;
+    }
+}

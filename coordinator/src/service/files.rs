@@ -1,0 +1,148 @@
+//! The catalog's file calls: messages in, domain types to the
+//! coordinator, messages out; every change audited.
+
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{outcome, Caller, CoordService, R};
+use crate::catalog::files::Upload;
+use crate::catalog::Location;
+use crate::error::CoordError;
+use crate::pb;
+use crate::plan::DomainRef;
+use cairn_domain::catalog::FileVersion;
+use cairn_proto::auth::Identity;
+use cairn_proto::peer::audit;
+
+use super::to_status;
+
+/// The stream `ReadFile` answers with.
+pub type FileStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
+
+/// A file version as a message; its location names the domain by name.
+pub fn pb_file(d: &DomainRef, f: &FileVersion) -> pb::File {
+    let domain = if d.name.is_empty() {
+        d.id.to_string()
+    } else {
+        d.name.clone()
+    };
+    pb::File {
+        location: Location::full(&f.owner, &domain, &f.path),
+        domain,
+        path: f.path.clone(),
+        owner: f.owner.clone(),
+        version: f.version,
+        size: f.size,
+        sha256: f.sha256.clone(),
+        created: f.created,
+        directory: f.directory,
+        image: f.image.clone().unwrap_or_default(),
+    }
+}
+
+fn listed(d: &DomainRef, generation: u64, files: &[FileVersion]) -> pb::ListFilesResponse {
+    pb::ListFilesResponse {
+        files: files.iter().map(|f| pb_file(d, f)).collect(),
+        generation,
+    }
+}
+
+impl CoordService {
+    pub(super) async fn upload(
+        &self,
+        r: Request<Streaming<pb::UploadFileRequest>>,
+    ) -> R<pb::UploadFileResponse> {
+        let who = Caller::of(&r)?;
+        let mut s = r.into_inner();
+        let first = s.message().await?.unwrap_or_default();
+        let Some(h) = first.header else {
+            let e = CoordError::invalid("header", "the first message carries it");
+            return Err(to_status(&e));
+        };
+        let up = Upload {
+            request_id: h.request_id,
+            location: h.location,
+            size: h.size,
+            sha256: h.sha256,
+            directory: h.directory,
+        };
+        let rest = s.map(|m| match m {
+            Ok(m) if m.header.is_some() => Err(CoordError::invalid(
+                "header",
+                "only the first message carries it",
+            )),
+            Ok(m) => Ok(m.data),
+            Err(e) => Err(CoordError::invalid(
+                "data",
+                format!("the upload stream failed: {}", e.message()),
+            )),
+        });
+        let data = Box::pin(tokio_stream::once(Ok(first.data)).chain(rest));
+        let done = self.coord.upload_file(&who.id, &up, data).await;
+        audit(&who.peer, "upload_file", &up.request_id, &outcome(&done));
+        let (d, f, created) = done.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UploadFileResponse {
+            file: Some(pb_file(&d, &f)),
+            created,
+        }))
+    }
+
+    pub(super) async fn files_under(
+        &self,
+        who: &Identity,
+        location: &str,
+    ) -> R<pb::ListFilesResponse> {
+        let (d, g, files) = self
+            .coord
+            .list_files(who, location)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(listed(&d, g, &files)))
+    }
+
+    pub(super) async fn versions(
+        &self,
+        who: &Identity,
+        location: &str,
+    ) -> R<pb::ListFilesResponse> {
+        let (d, g, files) = self
+            .coord
+            .file_versions(who, location)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(listed(&d, g, &files)))
+    }
+
+    pub(super) async fn read(&self, who: &Identity, r: pb::ReadFileRequest) -> R<FileStream> {
+        let (_, _, chunks) = self
+            .coord
+            .read_file(who, &r.location, r.version)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let out = chunks.map(|c| {
+            c.map(|c| pb::FileChunk {
+                offset: c.offset,
+                data: c.data,
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    pub(super) async fn delete(
+        &self,
+        r: Request<pb::DeleteFileRequest>,
+    ) -> R<pb::DeleteFileResponse> {
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let done = self
+            .coord
+            .delete_file(&who.id, &r.request_id, &r.location, r.version)
+            .await;
+        audit(&who.peer, "delete_file", &r.request_id, &outcome(&done));
+        let versions = done.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::DeleteFileResponse {
+            deleted: !versions.is_empty(),
+            versions,
+        }))
+    }
+}
