@@ -27,6 +27,9 @@ pub enum CoordCmd {
     /// Files on a domain: what images are registered from.
     #[command(subcommand)]
     File(crate::file::FileCmd),
+    /// Images registered from files.
+    #[command(subcommand)]
+    Image(crate::image::ImageCmd),
     /// The agents the coordinator uses.
     Agents,
     /// Who the coordinator takes you for: the name your disks record as
@@ -175,6 +178,7 @@ async fn run_async(
         }
         CoordCmd::Job(cmd) => job(&mut c, cmd, out).await,
         CoordCmd::File(cmd) => crate::file::run(&mut c, cmd, out).await,
+        CoordCmd::Image(cmd) => crate::image::run(&mut c, cmd, out).await,
         CoordCmd::Disk(cmd) => crate::disk::run(&mut c, &d, cmd, out).await,
     }
 }

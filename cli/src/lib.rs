@@ -3,7 +3,7 @@
 //! writer it is given (errors go to standard error, or into the JSON with
 //! `--json`). One module per command family: [`domain`] (offline tools),
 //! [`volume`], [`tag`] and [`agent`] (the local agent), [`disk`] and
-//! [`coord`] (the coordinator), [`file`] (the catalog's files), [`token`] (the token file), [`up`];
+//! [`coord`] (the coordinator), [`file`] and [`image`] (the catalog), [`token`] (the token file), [`up`];
 //! [`output`], [`connect`] and
 //! [`args`] are what they share.
 //!
@@ -21,6 +21,7 @@ pub mod coord;
 pub mod disk;
 pub mod domain;
 pub mod file;
+pub mod image;
 pub mod output;
 pub mod tag;
 pub mod token;

@@ -176,19 +176,24 @@ impl Coordinator {
         plan::disk_view(&d, &id, &tags, &vols)
     }
 
+    /// Every domain some agent sees, by id.
+    pub async fn all_domains(&self) -> Result<Vec<DomainRef>> {
+        let mut all: Vec<DomainRef> = self
+            .agents
+            .list()
+            .await?
+            .into_iter()
+            .flat_map(|a| a.domains)
+            .collect();
+        all.sort_by_key(|d| d.id);
+        all.dedup_by_key(|d| d.id);
+        Ok(all)
+    }
+
     /// Every disk of a domain, or of every domain.
     pub async fn disks(&self, domain: &str) -> Result<Vec<DiskView>> {
         let doms = if domain.is_empty() {
-            let mut all: Vec<DomainRef> = self
-                .agents
-                .list()
-                .await?
-                .into_iter()
-                .flat_map(|a| a.domains)
-                .collect();
-            all.sort_by_key(|d| d.id);
-            all.dedup_by_key(|d| d.id);
-            all
+            self.all_domains().await?
         } else {
             vec![self.domain(domain).await?]
         };

@@ -479,6 +479,7 @@ impl From<&cairn_domain::catalog::FileVersion> for agent::FileVersion {
             inline: f.inline,
             image: f.image.clone().unwrap_or_default(),
             request_id: f.request.clone(),
+            image_record: Vec::new(),
         }
     }
 }

@@ -246,6 +246,7 @@ struct Catalog {
     small: TagId,
     large: TagId,
     written: VolumeId,
+    registered: TagId,
 }
 
 fn catalog_setup(d: &Domain) -> Catalog {
@@ -289,11 +290,30 @@ fn catalog_setup(d: &Domain) -> Catalog {
         .commit_file(&anchor, &file("disk.raw"), bytes, None, [2; 16])
         .unwrap();
     let (written, _) = illegal(2);
+    let reg = d
+        .commit_file(
+            &anchor,
+            &file("reg.raw"),
+            FileBytes::Inline(b"r"),
+            None,
+            [3; 16],
+        )
+        .unwrap();
+    d.set_file_image(
+        &anchor,
+        &reg.tag,
+        Some(("img-r", b"{}")),
+        None,
+        None,
+        [4; 16],
+    )
+    .unwrap();
     Catalog {
         anchor,
         small: small.tag,
         large: large.tag,
         written,
+        registered: reg.tag,
     }
 }
 
@@ -314,7 +334,7 @@ fn catalog_ops() -> Ops<Catalog> {
                 &f.anchor,
                 &nf,
                 FileBytes::Inline(b"{\"v\":2}"),
-                Some(2),
+                Some(4),
                 [3; 16],
             )
             .map(|_| ())
@@ -333,11 +353,33 @@ fn catalog_ops() -> Ops<Catalog> {
                 size: 4000,
                 sha256: "cd".repeat(32),
             };
-            d.commit_file(&f.anchor, &nf, bytes, Some(2), [4; 16])
+            d.commit_file(&f.anchor, &nf, bytes, Some(4), [4; 16])
+                .map(|_| ())
+        }),
+        ("catalog: register an image with its metafile", |d, f| {
+            let m = NewFile {
+                path: "disk.raw.meta".into(),
+                owner: "alice".into(),
+                directory: false,
+                request: "r".into(),
+            };
+            let image = Some(("img-1", &b"{\"name\":\"x\"}"[..]));
+            d.set_file_image(
+                &f.anchor,
+                &f.large,
+                image,
+                Some((&m, b"{}")),
+                Some(4),
+                [6; 16],
+            )
+            .map(|_| ())
+        }),
+        ("catalog: unregister an image", |d, f| {
+            d.set_file_image(&f.anchor, &f.registered, None, None, Some(4), [7; 16])
                 .map(|_| ())
         }),
         ("catalog: delete files", |d, f| {
-            d.delete_files(&f.anchor, &[f.small, f.large], Some(2), [5; 16])
+            d.delete_files(&f.anchor, &[f.small, f.large], Some(4), [5; 16])
                 .map(|_| ())
         }),
     ]

@@ -256,14 +256,14 @@ fn agent_commits_lists_reads_and_deletes_file_versions() {
 
 /// The `cairn` CLI against a coordinator, as `who` (a token; `None`: the
 /// local administrator, by the socket's peer uid).
-struct Cli<'a> {
-    coord: &'a Path,
-    token: Option<&'a str>,
-    cwd: &'a Path,
+pub(crate) struct Cli<'a> {
+    pub(crate) coord: &'a Path,
+    pub(crate) token: Option<&'a str>,
+    pub(crate) cwd: &'a Path,
 }
 
 impl Cli<'_> {
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         let mut c = Command::new(cairn_bin());
         c.env("CAIRN_COORDINATOR", self.coord)
             .env_remove("CAIRN_TOKEN")
@@ -277,7 +277,7 @@ impl Cli<'_> {
 
     /// Standard output of a command that must succeed.
     #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
         assert!(
             o.status.success(),
@@ -290,7 +290,7 @@ impl Cli<'_> {
     /// Standard error of a command that must be refused (exit 1) saying
     /// `text`.
     #[track_caller]
-    fn refused(&self, args: &[&str], text: &str) -> String {
+    pub(crate) fn refused(&self, args: &[&str], text: &str) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(1), "cairn {args:?}: {err}");
@@ -302,7 +302,64 @@ impl Cli<'_> {
     }
 }
 
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
+/// A domain, its agent and a coordinator that knows users alice and bob
+/// by token, and a working directory for the CLI.
+pub(crate) struct TwoUsers {
+    pub(crate) tokens: Tokens,
+    pub(crate) coord: CoordProc,
+    pub(crate) agent: AgentProc,
+    pub(crate) dom: std::path::PathBuf,
+    pub(crate) cwd: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoUsers {
+    pub(crate) fn start() -> TwoUsers {
+        let (dir, dom, plain) = AgentFixture::new(1).parts();
+        let home = plain.dir.clone();
+        drop(plain);
+        let tokens = Tokens::make(
+            &dir.path().join("tokens"),
+            &[("alice", Role::User), ("bob", Role::User)],
+        );
+        let agent = AgentProc::start(&dom, &home);
+        let mut extra = vec!["--agent".to_string(), agent.socket.display().to_string()];
+        extra.extend(tokens.server_args());
+        let coord = CoordProc::start(&dir.path().join("coord"), &extra);
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let cwd = std::fs::canonicalize(&work).unwrap();
+        TwoUsers {
+            tokens,
+            coord,
+            agent,
+            dom,
+            cwd,
+            _dir: dir,
+        }
+    }
+
+    /// The CLI as `user` (`None`: the local administrator).
+    pub(crate) fn cli(&self, user: Option<&str>) -> Cli<'_> {
+        Cli {
+            coord: &self.coord.socket,
+            token: user.map(|u| self.tokens.of(u)),
+            cwd: &self.cwd,
+        }
+    }
+
+    /// Stop the servers and check the domain.
+    pub(crate) fn stop_and_check(self) {
+        let TwoUsers {
+            coord, agent, dom, ..
+        } = self;
+        drop(coord);
+        drop(agent);
+        domain_clean(&dom);
+    }
+}
+
+pub(crate) fn pattern(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 24) as u8)
         .collect()
@@ -314,33 +371,12 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 /// refused with no change, deletes.
 #[test]
 fn cairn_file_commands_upload_list_version_read_and_delete_as_two_users() {
-    let (dir, dom, plain) = AgentFixture::new(1).parts();
-    let home = plain.dir.clone();
-    drop(plain);
-    let tokens = Tokens::make(
-        &dir.path().join("tokens"),
-        &[("alice", Role::User), ("bob", Role::User)],
-    );
-    let agent = AgentProc::start(&dom, &home);
-    let mut extra = vec!["--agent".to_string(), agent.socket.display().to_string()];
-    extra.extend(tokens.server_args());
-    let coord = CoordProc::start(&dir.path().join("coord"), &extra);
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(work.join("images/sub")).unwrap();
-    let cwd = std::fs::canonicalize(&work).unwrap();
-    let alice = Cli {
-        coord: &coord.socket,
-        token: Some(tokens.of("alice")),
-        cwd: &cwd,
-    };
-    let bob = Cli {
-        token: Some(tokens.of("bob")),
-        ..alice
-    };
-    let admin = Cli {
-        token: None,
-        ..alice
-    };
+    let h = TwoUsers::start();
+    std::fs::create_dir_all(h.cwd.join("images/sub")).unwrap();
+    let (dom, cwd) = (&h.dom, h.cwd.clone());
+    let alice = h.cli(Some("alice"));
+    let bob = h.cli(Some("bob"));
+    let admin = h.cli(None);
     assert_eq!(alice.ok(&["whoami"]).trim(), "alice (user)");
 
     // 5.1: upload to a bare domain takes the local name.
@@ -464,7 +500,7 @@ fn cairn_file_commands_upload_list_version_read_and_delete_as_two_users() {
     );
 
     // Bad input: refused, naming what was wrong, with no change at all.
-    let before = domain_state(&dom);
+    let before = domain_state(dom);
     for (loc, why) in [
         ("it:../x", "'..'"),
         ("it:a//b", "empty"),
@@ -484,7 +520,7 @@ fn cairn_file_commands_upload_list_version_read_and_delete_as_two_users() {
         &["file", "cat", "--object-version", "1", "it:debian.raw.meta"],
         "not_found",
     );
-    assert!(before == domain_state(&dom), "bad input changed the domain");
+    assert!(before == domain_state(dom), "bad input changed the domain");
 
     // Deletes: one version, then a whole file with its volume.
     alice.ok(&[
@@ -503,9 +539,7 @@ fn cairn_file_commands_upload_list_version_read_and_delete_as_two_users() {
     assert!(!alice.ok(&["file", "list", "it:"]).contains("debian.raw\n"));
     // Catalog tags are no disks, for anyone.
     assert_eq!(admin.ok(&["--json", "disk", "list"]).trim(), "[]");
-    drop(coord);
-    drop(agent);
-    domain_clean(&dom);
+    h.stop_and_check();
 }
 
 /// Uploads through the coordinator's API: a retry answers the first

@@ -16,6 +16,7 @@ mod datapath;
 mod etcd;
 mod failover;
 mod files;
+mod images;
 mod kill_loop;
 mod multiprocess;
 mod python;

@@ -53,6 +53,7 @@ impl AgentConn {
             .c()
             .list_files(pb::ListFilesRequest {
                 domain: domain.to_string(),
+                with_images: false,
             })
             .await
             .map_err(self.err())?
@@ -65,6 +66,68 @@ impl AgentConn {
                 .map(|f| file_of(&self.host, f))
                 .collect::<Result<_>>()?,
         })
+    }
+
+    /// Every file version of a domain with the records of the images
+    /// registered from them, and the generation they were read at.
+    pub async fn list_images(
+        &self,
+        domain: &uuid::Uuid,
+    ) -> Result<(u64, Vec<(FileVersion, Vec<u8>)>)> {
+        let r = self
+            .c()
+            .list_files(pb::ListFilesRequest {
+                domain: domain.to_string(),
+                with_images: true,
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        let mut out = Vec::with_capacity(r.files.len());
+        for f in r.files {
+            out.push((file_of(&self.host, &f)?, f.image_record));
+        }
+        Ok((r.generation, out))
+    }
+
+    /// Register (`image`: id and record) or unregister an image from file
+    /// version `tag`, with an optional metafile (path, owner, bytes), in
+    /// one transaction planned at generation `expect`.
+    pub async fn set_file_image(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        tag: &TagId,
+        image: Option<(&str, &[u8])>,
+        metafile: Option<(&str, &str, &[u8])>,
+        expect: u64,
+    ) -> Result<(FileVersion, Option<FileVersion>)> {
+        let (image_id, record) = image.unwrap_or_default();
+        let (metafile_path, metafile_owner, metafile_data) = metafile.unwrap_or_default();
+        let r = self
+            .c()
+            .set_file_image(pb::SetFileImageRequest {
+                request_id: rid.into(),
+                domain: domain.to_string(),
+                tag_id: tag.to_string(),
+                image_id: image_id.into(),
+                record: record.to_vec(),
+                metafile_path: metafile_path.into(),
+                metafile_owner: metafile_owner.into(),
+                metafile_data: metafile_data.to_vec(),
+                expect_generation: Some(expect),
+            })
+            .await
+            .map_err(self.err())?
+            .into_inner();
+        let f = r
+            .file
+            .ok_or_else(|| CoordError::Internal(format!("agent {} answered no file", self.host)))?;
+        let m = match &r.metafile {
+            Some(m) => Some(file_of(&self.host, m)?),
+            None => None,
+        };
+        Ok((file_of(&self.host, &f)?, m))
     }
 
     /// Commit a file version (ABORTED from the agent when the catalog

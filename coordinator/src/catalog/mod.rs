@@ -10,6 +10,8 @@
 //! against a fresh listing, so checks made here hold at the commit.
 
 pub mod files;
+pub mod image_ops;
+pub mod images;
 
 use std::collections::BTreeMap;
 

@@ -201,3 +201,206 @@ fn deletes_take_one_version_or_all() {
     let e = plan_delete(&who("bob", Role::User), &loc("local:a"), 0, &files).unwrap_err();
     assert!(matches!(e, CoordError::Denied(_)), "{e}");
 }
+
+mod image_rules {
+    use super::*;
+    use crate::catalog::images::visible as image_visible;
+    use crate::catalog::images::*;
+
+    fn dom() -> uuid::Uuid {
+        uuid::Uuid::from_u128(7)
+    }
+
+    fn reg(name: &str, props: &[(&str, &str)], template: &str) -> Register {
+        Register {
+            name: name.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            template: template.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn registered(r: &Register) -> Result<ImageRecord> {
+        let f = file(1, "debian.raw", "alice", 1352);
+        plan_register(&alice(), &f, "cairn://alice/it/debian.raw", &dom(), r, 99)
+    }
+
+    #[test]
+    fn ids_follow_the_file_and_properties_are_upper_case() {
+        assert_eq!(image_id(&dom(), "a"), image_id(&dom(), "a"));
+        assert_ne!(image_id(&dom(), "a"), image_id(&dom(), "b"));
+        assert_ne!(image_id(&dom(), "a"), image_id(&uuid::Uuid::nil(), "a"));
+        let r = registered(&reg("Alpha", &[("OS", "Linux"), ("user", "someuser")], "")).unwrap();
+        assert_eq!(r.id, image_id(&dom(), "debian.raw"));
+        let props: Vec<_> = r
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(props, [("OS", "Linux"), ("USER", "someuser")]);
+        assert_eq!(
+            (
+                r.owner.as_str(),
+                r.status.as_str(),
+                r.created_at,
+                r.updated_at
+            ),
+            ("alice", "available", 0, 99)
+        );
+        assert_eq!(
+            (r.disk_format.as_str(), r.container_format.as_str()),
+            ("raw", "bare")
+        );
+        assert_eq!(r.checksum, "0".repeat(64));
+    }
+
+    #[test]
+    fn a_metafile_is_a_template_that_the_command_line_overrides() {
+        let t = r#"{"name": "Debian Base Gama", "properties": {"OS": "Linux", "USER": "root"},
+                    "disk-format": "diskdump", "is-public": "False", "id": "ignored",
+                    "owner": "mallory"}"#;
+        // An explicit name wins; -p wins over the template's property.
+        let r = registered(&reg("Debian Base Delta", &[("user", "admin")], t)).unwrap();
+        assert_eq!(r.name, "Debian Base Delta");
+        assert_eq!(r.properties["OS"], "Linux");
+        assert_eq!(r.properties["USER"], "admin");
+        assert_eq!(
+            (r.disk_format.as_str(), r.owner.as_str()),
+            ("diskdump", "alice")
+        );
+        // No name given: the template's.
+        assert_eq!(
+            registered(&reg("", &[], t)).unwrap().name,
+            "Debian Base Gama"
+        );
+        assert!(registered(&reg("", &[], "{}")).is_err(), "no name at all");
+        // Re-registration is an override: nothing of an earlier record.
+        let again = registered(&reg("Other", &[], "")).unwrap();
+        assert!(again.properties.is_empty());
+        for (bad, why) in [
+            ("{\"name\": ", "not valid JSON"),
+            ("[1]", "not a JSON object"),
+            ("{\"properties\": []}", "not an object"),
+            ("{\"name\": 3}", "not a string"),
+            ("{\"is-public\": \"maybe\"}", "True or False"),
+        ] {
+            let e = registered(&reg("n", &[], bad)).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    CoordError::InvalidArgument {
+                        field: "metafile",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        // Huge properties do not fit a metafile.
+        let huge: Vec<(String, String)> = (0..8)
+            .map(|i| (format!("k{i}"), "v".repeat(1000)))
+            .collect();
+        let props: Vec<(&str, &str)> = huge.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let e = registered(&reg("n", &props, "")).unwrap_err();
+        assert!(e.to_string().contains("at most 4096"), "{e}");
+        let e = registered(&reg("n", &[("a=b", "x")], "")).unwrap_err();
+        assert!(e.to_string().contains("'='"), "{e}");
+    }
+
+    #[test]
+    fn only_the_owner_registers_and_changes_and_private_ones_are_hidden() {
+        let f = file(1, "debian.raw", "alice", 1);
+        let bob = who("bob", Role::User);
+        let e = plan_register(&bob, &f, "l", &dom(), &reg("n", &[], ""), 1).unwrap_err();
+        assert!(matches!(e, CoordError::Denied(_)), "{e}");
+        let mut r = registered(&reg("n", &[], "")).unwrap();
+        assert!(!image_visible(&bob, &r) && image_visible(&alice(), &r));
+        assert!(matches!(
+            may_change(&bob, &r),
+            Err(CoordError::NotFound { .. })
+        ));
+        r.is_public = true;
+        assert!(image_visible(&bob, &r));
+        assert!(matches!(may_change(&bob, &r), Err(CoordError::Denied(_))));
+        assert!(may_change(&who("root", Role::Admin), &r).is_ok());
+    }
+
+    #[test]
+    fn changes_follow_the_seed_and_immutable_fields_are_refused() {
+        let r = registered(&reg("Gama", &[("OS", "Linux"), ("USER", "root")], "")).unwrap();
+        let set = |pairs: &[(&str, &str)]| Change {
+            set: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let n = plan_change(&r, &set(&[("name", "Changed Name")]), 200).unwrap();
+        assert_eq!((n.name.as_str(), n.updated_at), ("Changed Name", 200));
+        let mut publish = set(&[("name", "Debian Base Gama")]);
+        publish.public = Some(true);
+        let n = plan_change(&n, &publish, 201).unwrap();
+        assert!(n.is_public);
+        assert_eq!(n.name, "Debian Base Gama");
+        let clear = Change {
+            clear: vec!["status".into()],
+            ..Default::default()
+        };
+        assert_eq!(plan_change(&n, &clear, 202).unwrap().status, "");
+        let props = Change {
+            set_properties: [("greet".to_string(), "Hi there".to_string())].into(),
+            ..Default::default()
+        };
+        let n = plan_change(&n, &props, 203).unwrap();
+        assert_eq!(n.properties["GREET"], "Hi there");
+        let rm = Change {
+            remove_properties: vec!["greet".into()],
+            ..Default::default()
+        };
+        let n = plan_change(&n, &rm, 204).unwrap();
+        assert!(!n.properties.contains_key("GREET"));
+        assert!(matches!(
+            plan_change(&n, &rm, 205),
+            Err(CoordError::NotFound { .. })
+        ));
+        for field in ["id", "owner", "location", "checksum", "created-at", "size"] {
+            let e = plan_change(&n, &set(&[(field, "x")]), 1).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("field {field} cannot be changed")),
+                "{e}"
+            );
+            let clear = Change {
+                clear: vec![field.into()],
+                ..Default::default()
+            };
+            assert!(plan_change(&n, &clear, 1).is_err(), "{field}");
+        }
+        let e = plan_change(&n, &set(&[("colour", "x")]), 1).unwrap_err();
+        assert!(e.to_string().contains("unknown field colour"), "{e}");
+    }
+
+    #[test]
+    fn the_metafile_has_kamaki_s_fields_and_round_trips_as_a_template() {
+        let mut r = registered(&reg("Gama", &[("OS", "Linux")], "")).unwrap();
+        r.created_at = 1_371_628_822;
+        let m: serde_json::Value = serde_json::from_slice(&metafile(&r)).unwrap();
+        assert_eq!(m["created-at"], "2013-06-19 08:00:22");
+        assert_eq!(m["is-public"], "False");
+        assert_eq!(m["size"], "1");
+        assert_eq!(m["deleted-at"], "");
+        assert_eq!(m["properties"]["OS"], "Linux");
+        let keys: Vec<&str> = m.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 14, "{keys:?}");
+        let back = registered(&reg("", &[], std::str::from_utf8(&metafile(&r)).unwrap())).unwrap();
+        assert_eq!(
+            (back.name, back.properties),
+            (r.name.clone(), r.properties.clone())
+        );
+        assert_eq!(decode(&encode(&r)).unwrap(), r);
+    }
+}

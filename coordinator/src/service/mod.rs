@@ -5,12 +5,14 @@
 
 mod convert;
 mod files;
+mod images;
 #[cfg(test)]
 mod tests;
 
 use convert::{allocation_of, disk_id, format_of, required_format};
 pub use convert::{pb_disk, pb_job, to_status};
 pub use files::pb_file;
+pub use images::pb_image;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -485,6 +487,34 @@ impl pb::coordinator_server::Coordinator for CoordService {
 
     async fn delete_file(&self, r: Request<pb::DeleteFileRequest>) -> R<pb::DeleteFileResponse> {
         self.delete(r).await
+    }
+
+    async fn register_image(
+        &self,
+        r: Request<pb::RegisterImageRequest>,
+    ) -> R<pb::RegisterImageResponse> {
+        self.register(r).await
+    }
+
+    async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> R<pb::ListImagesResponse> {
+        let who = Identity::of(&r)?;
+        self.images(&who, &r.into_inner().owner).await
+    }
+
+    async fn get_image(&self, r: Request<pb::GetImageRequest>) -> R<pb::Image> {
+        let who = Identity::of(&r)?;
+        self.image(&who, &r.into_inner().image_id).await
+    }
+
+    async fn update_image(&self, r: Request<pb::UpdateImageRequest>) -> R<pb::Image> {
+        self.change_image(r).await
+    }
+
+    async fn unregister_image(
+        &self,
+        r: Request<pb::UnregisterImageRequest>,
+    ) -> R<pb::UnregisterImageResponse> {
+        self.unregister(r).await
     }
 
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::engine::Domain;
+use crate::engine::{Domain, Transaction};
 use crate::error::{DomainError, Result};
 use crate::layout::DecodeError;
 use crate::limits::{quote, MAX_OPTIONS};
@@ -473,7 +473,30 @@ impl Domain {
                 (id, size, sha256, None)
             }
         };
-        let options = file_options(f, next, size, &sha, now);
+        tx = self.new_file_ops(tx, f, volume, (size, &sha, inline), next, now)?;
+        let out = tx
+            .set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
+            .held(&[&g])
+            .commit()?;
+        let t = &out.tags[0];
+        let path = f.path.clone();
+        FileVersion::of_tag(t, Some(a.volume), || Ok(Some(path)))?
+            .ok_or_else(|| DomainError::FailedPrecondition("the new tag is not a file".into()))
+    }
+
+    /// Add a new file version's tag (the transaction's first new tag) and
+    /// its user data to `tx`: on `volume`, of `size` bytes with SHA-256
+    /// `sha`, its bytes inline when given.
+    pub(crate) fn new_file_ops<'a>(
+        &self,
+        mut tx: Transaction<'a>,
+        f: &NewFile,
+        volume: VolumeId,
+        (size, sha, inline): (u64, &str, Option<&[u8]>),
+        next: u64,
+        now: u64,
+    ) -> Result<Transaction<'a>> {
+        let options = file_options(f, next, size, sha, now);
         let long = options.iter().all(|(k, _)| k != PATH);
         let cap = self.read_volume(&volume)?.capacity;
         let mut meta = TagMeta::disk(VolumeRef::Existing(volume), cap, options);
@@ -485,14 +508,7 @@ impl Domain {
         if let Some(b) = inline {
             tx = tx.set_user_data(TagRef::New(0), DATA_ITEM, b.to_vec());
         }
-        let out = tx
-            .set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
-            .held(&[&g])
-            .commit()?;
-        let t = &out.tags[0];
-        let path = f.path.clone();
-        FileVersion::of_tag(t, Some(a.volume), || Ok(Some(path)))?
-            .ok_or_else(|| DomainError::FailedPrecondition("the new tag is not a file".into()))
+        Ok(tx)
     }
 
     /// Delete file versions (their tags, and the volumes of those not
@@ -596,6 +612,9 @@ pub fn latest(files: &[FileVersion]) -> BTreeMap<&str, &FileVersion> {
     }
     m
 }
+
+mod images;
+pub use images::{check_image_id, IMAGE_ITEM};
 
 #[cfg(test)]
 mod tests;

@@ -232,6 +232,89 @@ fn a_version_an_image_is_registered_from_is_not_deleted() {
     assert_eq!(d.catalog_generation(&a).unwrap(), 1);
 }
 
+#[test]
+fn images_are_registered_replaced_and_unregistered_with_their_metafile() {
+    let (dev, d) = domain();
+    let a = d.ensure_anchor().unwrap();
+    // A path that only just fits the options: registering pushes it into
+    // user data, unregistering brings it back.
+    let long = format!("images/{}", "p".repeat(140));
+    let mut nf = file(&long);
+    nf.request = "file-0123456789abcdef0123456789abcdef0123".into();
+    let f = d
+        .commit_file(&a, &nf, FileBytes::Inline(b"disk"), None, [1; 16])
+        .unwrap();
+    assert!(d.read_tag(&f.tag).unwrap().option(PATH).is_some());
+    let meta = file(&format!("{long}.meta"));
+    let (r, m) = d
+        .set_file_image(
+            &a,
+            &f.tag,
+            Some(("img-1", b"{\"name\":\"A\"}")),
+            Some((&meta, b"{\"name\":\"A\"}")),
+            Some(1),
+            [2; 16],
+        )
+        .unwrap();
+    assert_eq!(r.image.as_deref(), Some("img-1"));
+    assert_eq!((r.path.as_str(), r.version), (long.as_str(), 1));
+    let m = m.expect("the metafile");
+    assert_eq!((m.path, m.version, m.size), (format!("{long}.meta"), 2, 12));
+    assert_eq!(d.image_record(&r).unwrap().unwrap(), b"{\"name\":\"A\"}");
+    let listed = d.list_files(Some(&a)).unwrap();
+    assert_eq!(listed.generation, 2);
+    let again = listed.files.iter().find(|x| x.tag == f.tag).unwrap();
+    assert_eq!(
+        (again.path.as_str(), again.image.as_deref()),
+        (long.as_str(), Some("img-1"))
+    );
+    // Planned at an old generation: refused, unchanged.
+    let e = d
+        .set_file_image(&a, &f.tag, None, None, Some(1), [3; 16])
+        .unwrap_err();
+    assert_eq!(e.code(), crate::ErrorCode::Changed);
+    // Replaced, then unregistered; a second unregister is refused.
+    let (r, _) = d
+        .set_file_image(&a, &f.tag, Some(("img-1", b"{}")), None, None, [4; 16])
+        .unwrap();
+    assert_eq!(d.image_record(&r).unwrap().unwrap(), b"{}");
+    let (r, _) = d
+        .set_file_image(&a, &f.tag, None, None, None, [5; 16])
+        .unwrap();
+    assert_eq!((r.image.clone(), d.image_record(&r).unwrap()), (None, None));
+    assert!(!d.read_user_data(&f.tag).unwrap().contains_key(IMAGE_ITEM));
+    assert_eq!(
+        d.read_tag(&f.tag).unwrap().option(PATH),
+        Some(long.as_str())
+    );
+    let e = d
+        .set_file_image(&a, &f.tag, None, None, None, [6; 16])
+        .unwrap_err();
+    assert!(e.to_string().contains("no image is registered"), "{e}");
+    // Bad ids and huge metafiles change nothing.
+    let g = d.catalog_generation(&a).unwrap();
+    for bad in ["", "a/b", &"x".repeat(65)] {
+        let e = d
+            .set_file_image(&a, &f.tag, Some((bad, b"{}")), None, None, [7; 16])
+            .unwrap_err();
+        assert_eq!(e.code(), crate::ErrorCode::InvalidArgument, "{bad:?}");
+    }
+    let big = vec![b' '; 5000];
+    let e = d
+        .set_file_image(
+            &a,
+            &f.tag,
+            Some(("i", b"{}")),
+            Some((&meta, &big)),
+            None,
+            [8; 16],
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
+    assert_eq!(d.catalog_generation(&a).unwrap(), g);
+    crate::testing::assert_clean(dev.as_ref());
+}
+
 proptest! {
     #[test]
     fn the_head_round_trips(generation in any::<u64>(), salt in any::<[u8; 16]>()) {

@@ -111,6 +111,24 @@ impl Agent {
         Ok(o.domain.delete_files(&a, tags, expect, request_id)?)
     }
 
+    /// Register or unregister an image from file version `tag`, with an
+    /// optional metafile (see `Domain::set_file_image`).
+    pub fn set_file_image(
+        &self,
+        o: &Opened,
+        tag: &TagId,
+        image: Option<(&str, &[u8])>,
+        metafile: Option<(&NewFile, &[u8])>,
+        expect: Option<u64>,
+        request_id: [u8; 16],
+    ) -> Result<(FileVersion, Option<FileVersion>)> {
+        let Some(a) = self.anchor(o, false)? else {
+            return Err(AgentError::not_found("file version", tag.to_string()));
+        };
+        Ok(o.domain
+            .set_file_image(&a, tag, image, metafile, expect, request_id)?)
+    }
+
     /// Where to read `length` bytes (0: to the end) of file version `tag`
     /// from `offset`.
     pub fn file_reader(

@@ -506,9 +506,40 @@ pub(super) fn commit_file(
 pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFilesResponse> {
     let o = a.domain(&r.domain)?;
     let l = a.list_files(&o)?;
+    let mut files = Vec::with_capacity(l.files.len());
+    for f in &l.files {
+        let mut m: pb::FileVersion = f.into();
+        if r.with_images {
+            m.image_record = o.domain.image_record(f)?.unwrap_or_default();
+        }
+        files.push(m);
+    }
     Ok(pb::ListFilesResponse {
-        files: l.files.iter().map(Into::into).collect(),
+        files,
         generation: l.generation,
+    })
+}
+
+pub(super) fn set_file_image(
+    a: &A,
+    r: pb::SetFileImageRequest,
+    rid: [u8; 16],
+) -> Result<pb::SetFileImageResponse> {
+    let o = a.domain(&r.domain)?;
+    let tag = tag_id("tag_id", &r.tag_id)?;
+    let image = (!r.image_id.is_empty()).then_some((r.image_id.as_str(), r.record.as_slice()));
+    let meta = cairn_domain::catalog::NewFile {
+        path: r.metafile_path.clone(),
+        owner: r.metafile_owner.clone(),
+        directory: false,
+        request: r.request_id.clone(),
+    };
+    let metafile = (!r.metafile_path.is_empty()).then_some((&meta, r.metafile_data.as_slice()));
+    let (f, m) = a.set_file_image(&o, &tag, image, metafile, r.expect_generation, rid)?;
+    Ok(pb::SetFileImageResponse {
+        file: Some((&f).into()),
+        metafile: m.as_ref().map(Into::into),
+        changed: true,
     })
 }
 

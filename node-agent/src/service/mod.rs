@@ -83,6 +83,7 @@ mutating! {
     SwapDiskRequest -> SwapDiskResponse, changed;
     CommitFileRequest -> CommitFileResponse, created;
     DeleteFilesRequest -> DeleteFilesResponse, deleted;
+    SetFileImageRequest -> SetFileImageResponse, changed;
 }
 
 /// A handler of a mutating request: the agent, the request and its id as
@@ -335,4 +336,5 @@ rpcs! {
     mutate commit_file(CommitFileRequest) -> CommitFileResponse;
     query list_files(ListFilesRequest) -> ListFilesResponse;
     mutate delete_files(DeleteFilesRequest) -> DeleteFilesResponse;
+    mutate set_file_image(SetFileImageRequest) -> SetFileImageResponse;
 }

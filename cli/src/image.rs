@@ -1,0 +1,323 @@
+//! `cairn image`: images registered from files, as kamaki's `image`
+//! commands work on Plankton (seed 001): the same fields, the same output.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use cairn_coordinator::catalog::images::date;
+use cairn_proto::coordinator as pb;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::args::rid;
+use crate::connect::{Ask, Coord, Refused};
+use crate::output::Out;
+
+/// Image commands.
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Register an image from a file (`DOMAIN:PATH`), writing its metafile
+    /// `PATH.meta` beside it.
+    Register(RegisterArgs),
+    /// The images you may see: yours, and the public ones.
+    List {
+        /// Only this owner's.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Every field of an image.
+    Info {
+        /// The image id.
+        id: String,
+    },
+    /// Unregister an image (its file stays).
+    Unregister {
+        /// The image id.
+        id: String,
+    },
+    /// Change an image's metadata or properties.
+    #[command(subcommand)]
+    Meta(MetaCmd),
+}
+
+/// `image register`.
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// The image's name.
+    pub name: String,
+    /// Where its file is: `DOMAIN:PATH` or `cairn://OWNER/DOMAIN/PATH`.
+    pub location: String,
+    /// A property, KEY=VALUE (keys are case-insensitive).
+    #[arg(short = 'p', long = "property", value_parser = key_value)]
+    pub properties: Vec<(String, String)>,
+    /// A metafile to use as a template (the name and -p win over it).
+    #[arg(long)]
+    pub metafile: Option<PathBuf>,
+    /// Overwrite an existing metafile (a new version of it).
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Write no metafile.
+    #[arg(long)]
+    pub no_metafile_upload: bool,
+    /// Publish the image.
+    #[arg(long)]
+    pub public: bool,
+    /// Upload this local file to LOCATION first.
+    #[arg(long)]
+    pub upload_image_file: Option<PathBuf>,
+    /// The disk format (default: the metafile's, else raw).
+    #[arg(long, default_value = "")]
+    pub disk_format: String,
+    /// The container format (default: the metafile's, else bare).
+    #[arg(long, default_value = "")]
+    pub container_format: String,
+}
+
+/// `image meta`.
+#[derive(Subcommand, Debug)]
+pub enum MetaCmd {
+    /// Set metadata fields and properties.
+    Set {
+        /// The image id.
+        id: String,
+        /// A new name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Make it public.
+        #[arg(long, conflicts_with = "unpublish")]
+        publish: bool,
+        /// Make it private.
+        #[arg(long)]
+        unpublish: bool,
+        /// A new disk format.
+        #[arg(long)]
+        disk_format: Option<String>,
+        /// A new container format.
+        #[arg(long)]
+        container_format: Option<String>,
+        /// A new status.
+        #[arg(long)]
+        status: Option<String>,
+        /// A property, KEY=VALUE.
+        #[arg(short = 'p', long = "property", value_parser = key_value)]
+        properties: Vec<(String, String)>,
+    },
+    /// Set metadata fields to "" and remove properties.
+    Delete {
+        /// The image id.
+        id: String,
+        /// Fields to empty (e.g. status).
+        fields: Vec<String>,
+        /// A property to remove.
+        #[arg(short = 'p', long = "property")]
+        properties: Vec<String>,
+    },
+}
+
+fn key_value(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// A refusal of another's image as kamaki shows it: `(403) FORBIDDEN`.
+fn forbidden(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<Refused>() {
+        Ok(mut r) if r.code == tonic::Code::PermissionDenied => {
+            r.message = format!("(403) FORBIDDEN {}", r.message);
+            r.into()
+        }
+        Ok(r) => r.into(),
+        Err(e) => e,
+    }
+}
+
+fn image_json(i: &pb::Image) -> Value {
+    let props: std::collections::BTreeMap<_, _> = i.properties.iter().collect();
+    json!({
+        "checksum": i.checksum, "container-format": i.container_format,
+        "created-at": date(i.created_at), "deleted-at": "",
+        "disk-format": i.disk_format, "id": i.id,
+        "is-public": if i.is_public { "True" } else { "False" },
+        "location": i.location, "name": i.name, "owner": i.owner,
+        "properties": props, "size": i.size, "status": i.status,
+        "updated-at": date(i.updated_at),
+    })
+}
+
+/// Every field, as kamaki prints an image.
+fn show(out: &mut Out<'_>, i: &pb::Image) -> Result<()> {
+    if out.json_mode() {
+        return out.json(&image_json(i));
+    }
+    let line = |out: &mut Out<'_>, k: &str, v: &str| {
+        let s = format!("{:<18}{v}", format!("{k}:"));
+        writeln!(out, "{}", s.trim_end())
+    };
+    line(out, "checksum", &i.checksum)?;
+    line(out, "container-format", &i.container_format)?;
+    line(out, "created-at", &date(i.created_at))?;
+    line(out, "deleted-at", "")?;
+    line(out, "disk-format", &i.disk_format)?;
+    line(out, "id", &i.id)?;
+    line(out, "is-public", if i.is_public { "True" } else { "False" })?;
+    line(out, "location", &i.location)?;
+    line(out, "name", &i.name)?;
+    line(out, "owner", &i.owner)?;
+    line(out, "properties", "")?;
+    let mut props: Vec<_> = i.properties.iter().collect();
+    props.sort();
+    for (k, v) in props {
+        writeln!(out, "        {:<8}{v}", format!("{k}:"))?;
+    }
+    line(out, "size", &i.size.to_string())?;
+    line(out, "status", &i.status)?;
+    line(out, "updated-at", &date(i.updated_at))?;
+    Ok(())
+}
+
+/// Run an image command.
+pub async fn run(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<ExitCode> {
+    go(c, cmd, out).await.map_err(forbidden)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
+    match cmd {
+        ImageCmd::Register(a) => register(c, a, out).await,
+        ImageCmd::List { owner } => {
+            let r = c
+                .list_images(pb::ListImagesRequest {
+                    owner: owner.clone().unwrap_or_default(),
+                })
+                .await
+                .ask()?;
+            if out.json_mode() {
+                return out.json(&r.images.iter().map(image_json).collect::<Vec<_>>());
+            }
+            for i in &r.images {
+                writeln!(out, "{} {}", i.id, i.name)?;
+                writeln!(out, "    container_format: {}", i.container_format)?;
+                writeln!(out, "    disk_format:      {}", i.disk_format)?;
+                writeln!(out, "    size:             {}", i.size)?;
+                writeln!(out, "    status:           {}", i.status)?;
+            }
+            Ok(())
+        }
+        ImageCmd::Info { id } => {
+            let i = c
+                .get_image(pb::GetImageRequest {
+                    image_id: id.clone(),
+                })
+                .await
+                .ask()?;
+            show(out, &i)
+        }
+        ImageCmd::Unregister { id } => {
+            c.unregister_image(pb::UnregisterImageRequest {
+                request_id: rid(),
+                image_id: id.clone(),
+            })
+            .await
+            .ask()?;
+            Ok(())
+        }
+        ImageCmd::Meta(m) => meta(c, m, out).await,
+    }
+}
+
+async fn register(c: &mut Coord, a: &RegisterArgs, out: &mut Out<'_>) -> Result<()> {
+    let template = match &a.metafile {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => Vec::new(),
+    };
+    if let Some(local) = &a.upload_image_file {
+        let abs = std::path::absolute(local)?;
+        crate::file::upload_one(c, &abs, &a.location, out).await?;
+    }
+    let r = c
+        .register_image(pb::RegisterImageRequest {
+            request_id: rid(),
+            name: a.name.clone(),
+            location: a.location.clone(),
+            properties: a.properties.iter().cloned().collect::<HashMap<_, _>>(),
+            metafile: template,
+            force: a.force,
+            no_metafile_upload: a.no_metafile_upload,
+            public: a.public,
+            disk_format: a.disk_format.clone(),
+            container_format: a.container_format.clone(),
+        })
+        .await
+        .ask()?;
+    let i = r
+        .image
+        .context("the coordinator answered without the image")?;
+    show(out, &i)?;
+    if !r.metafile_location.is_empty() && !out.json_mode() {
+        writeln!(
+            out,
+            "Metadata file uploaded as {} (version {})",
+            r.metafile_location, r.metafile_version
+        )?;
+    }
+    Ok(())
+}
+
+async fn meta(c: &mut Coord, m: &MetaCmd, out: &mut Out<'_>) -> Result<()> {
+    let req = match m {
+        MetaCmd::Set {
+            id,
+            name,
+            publish,
+            unpublish,
+            disk_format,
+            container_format,
+            status,
+            properties,
+        } => {
+            let mut set = HashMap::new();
+            for (k, v) in [
+                ("name", name),
+                ("disk_format", disk_format),
+                ("container_format", container_format),
+                ("status", status),
+            ] {
+                if let Some(v) = v {
+                    set.insert(k.to_string(), v.clone());
+                }
+            }
+            pb::UpdateImageRequest {
+                request_id: rid(),
+                image_id: id.clone(),
+                set,
+                set_properties: properties.iter().cloned().collect(),
+                public: match (publish, unpublish) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                ..Default::default()
+            }
+        }
+        MetaCmd::Delete {
+            id,
+            fields,
+            properties,
+        } => pb::UpdateImageRequest {
+            request_id: rid(),
+            image_id: id.clone(),
+            clear: fields.clone(),
+            remove_properties: properties.clone(),
+            ..Default::default()
+        },
+    };
+    let i = c.update_image(req).await.ask()?;
+    if out.json_mode() {
+        out.json(&image_json(&i))?;
+    }
+    Ok(())
+}

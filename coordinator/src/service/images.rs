@@ -1,0 +1,139 @@
+//! The image calls: messages in, domain types to the coordinator,
+//! messages out; every change audited.
+
+use tonic::{Request, Response};
+
+use super::{outcome, to_status, Caller, CoordService, R};
+use crate::catalog::image_ops::Found;
+use crate::catalog::images::{Change, Register};
+use crate::pb;
+use cairn_proto::auth::Identity;
+use cairn_proto::peer::audit;
+
+/// An image as a message.
+pub fn pb_image(i: &Found) -> pb::Image {
+    let r = &i.record;
+    pb::Image {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        owner: r.owner.clone(),
+        location: r.location.clone(),
+        checksum: r.checksum.clone(),
+        container_format: r.container_format.clone(),
+        disk_format: r.disk_format.clone(),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        is_public: r.is_public,
+        properties: r.properties.clone().into_iter().collect(),
+        size: r.size,
+        status: r.status.clone(),
+        domain: if i.domain.name.is_empty() {
+            i.domain.id.to_string()
+        } else {
+            i.domain.name.clone()
+        },
+        path: i.file.path.clone(),
+        file_version: i.file.version,
+    }
+}
+
+impl CoordService {
+    pub(super) async fn register(
+        &self,
+        r: Request<pb::RegisterImageRequest>,
+    ) -> R<pb::RegisterImageResponse> {
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let req = Register {
+            name: r.name.clone(),
+            properties: r.properties.clone().into_iter().collect(),
+            template: r.metafile.clone(),
+            public: r.public,
+            disk_format: r.disk_format.clone(),
+            container_format: r.container_format.clone(),
+        };
+        let done = self
+            .coord
+            .register_image(
+                &who.id,
+                &r.request_id,
+                &r.location,
+                &req,
+                r.force,
+                r.no_metafile_upload,
+            )
+            .await;
+        audit(&who.peer, "register_image", &r.request_id, &outcome(&done));
+        let reg = done.map_err(|e| to_status(&e))?;
+        let (metafile_location, metafile_version) = match &reg.metafile {
+            Some(m) => (
+                format!("{}:{}", pb_image(&reg.image).domain, m.path),
+                m.version,
+            ),
+            None => (String::new(), 0),
+        };
+        Ok(Response::new(pb::RegisterImageResponse {
+            image: Some(pb_image(&reg.image)),
+            metafile_location,
+            metafile_version,
+        }))
+    }
+
+    pub(super) async fn images(&self, who: &Identity, owner: &str) -> R<pb::ListImagesResponse> {
+        let v = self
+            .coord
+            .list_images(who, owner)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: v.iter().map(pb_image).collect(),
+        }))
+    }
+
+    pub(super) async fn image(&self, who: &Identity, id: &str) -> R<pb::Image> {
+        let i = self
+            .coord
+            .get_image(who, id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb_image(&i)))
+    }
+
+    pub(super) async fn change_image(&self, r: Request<pb::UpdateImageRequest>) -> R<pb::Image> {
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let c = Change {
+            set: r.set.clone().into_iter().collect(),
+            clear: r.clear.clone(),
+            set_properties: r.set_properties.clone().into_iter().collect(),
+            remove_properties: r.remove_properties.clone(),
+            public: r.public,
+        };
+        let done = self
+            .coord
+            .update_image(&who.id, &r.request_id, &r.image_id, &c)
+            .await;
+        audit(&who.peer, "update_image", &r.request_id, &outcome(&done));
+        let i = done.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb_image(&i)))
+    }
+
+    pub(super) async fn unregister(
+        &self,
+        r: Request<pb::UnregisterImageRequest>,
+    ) -> R<pb::UnregisterImageResponse> {
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let done = self
+            .coord
+            .unregister_image(&who.id, &r.request_id, &r.image_id)
+            .await;
+        audit(
+            &who.peer,
+            "unregister_image",
+            &r.request_id,
+            &outcome(&done),
+        );
+        done.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UnregisterImageResponse {
+            unregistered: true,
+        }))
+    }
+}
