@@ -151,8 +151,9 @@ impl Coordinator {
         let c = self.catalog_agent(&d).await?;
         let base = base_rid(who, request_id);
         for attempt in 0..TRIES {
-            let (generation, files) = c.list_images(&d.id).await?;
-            let all: Vec<FileVersion> = files.iter().map(|(f, _)| f.clone()).collect();
+            // Planning needs the files, not the other images' records.
+            let l = c.list_files(&d.id).await?;
+            let (generation, all) = (l.generation, l.files);
             // A retry of a registration that wrote its metafile: its answer.
             if let Some(m) = all.iter().find(|f| made_by(&f.request, &base)) {
                 let (_, found) = self.images_on(&c, &d).await?;
