@@ -187,7 +187,7 @@ pub async fn run(c: &mut Coord, cmd: &FileCmd, out: &mut Out<'_>) -> Result<Exit
             object_version,
             location,
         } => {
-            read(c, location, object_version.unwrap_or(0), out).await?;
+            read_into(c, location, object_version.unwrap_or(0), out).await?;
             Ok(ExitCode::SUCCESS)
         }
         FileCmd::Download {
@@ -250,11 +250,8 @@ pub async fn run(c: &mut Coord, cmd: &FileCmd, out: &mut Out<'_>) -> Result<Exit
     }
 }
 
-/// A file's bytes to the output.
-async fn read(c: &mut Coord, location: &str, version: u64, out: &mut Out<'_>) -> Result<()> {
-    read_into(c, location, version, out).await
-}
-
+/// A file's bytes (the latest version for 0) into `w`, checked to come in
+/// order.
 async fn read_into(c: &mut Coord, location: &str, version: u64, w: &mut dyn Write) -> Result<()> {
     let mut s = c
         .read_file(pb::ReadFileRequest {

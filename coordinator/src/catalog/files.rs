@@ -6,15 +6,14 @@ use cairn_domain::catalog::{FileVersion, Listing, MAX_INLINE};
 use cairn_proto::auth::Identity;
 use tokio_stream::{Stream, StreamExt};
 
-use super::{pick_version, plan_delete, plan_upload, Location, UploadPlan};
+use super::{
+    base_rid, busy, moved, pick_version, plan_delete, plan_upload, Location, UploadPlan, TRIES,
+};
 use crate::agents::{AgentConn, Chunks, Commit, FileVolume, Pick};
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
 use crate::plan::DomainRef;
-use crate::runner::{check_request_id, job_id};
-
-/// How often a change is planned again when others keep coming first.
-const TRIES: usize = 8;
+use crate::runner::check_request_id;
 
 /// An upload as the service hands it over.
 #[derive(Debug, Clone, Default)]
@@ -31,40 +30,7 @@ pub struct Upload {
     pub directory: bool,
 }
 
-/// The agent request id base of a caller's request: one per caller and
-/// request id (random without one). Attempts add `.N`.
-fn base_rid(who: &Identity, rid: &str) -> String {
-    if rid.is_empty() {
-        return format!("file-{}", uuid::Uuid::new_v4());
-    }
-    format!("file-{}", job_id(&format!("{}\0{rid}", who.name)))
-}
-
-/// Whether a version's stored request id is an attempt of `base`.
-pub fn made_by(stored: &str, base: &str) -> bool {
-    stored
-        .strip_prefix(base)
-        .is_some_and(|r| r.is_empty() || r.starts_with('.'))
-}
-
-/// Whether an agent refused because the catalog moved (or its lock was
-/// busy): plan again.
-fn moved(e: &CoordError) -> bool {
-    matches!(e, CoordError::Agent { status, .. } if status.code() == tonic::Code::Aborted)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl Coordinator {
-    /// An agent that sees domain `d` (the calls of one request go to it).
-    async fn file_agent(&self, d: &DomainRef) -> Result<AgentConn> {
-        self.agents
-            .with_agent(Pick::on(&d.id), |c| async move { Ok(c) })
-            .await
-    }
-
     /// A location, its domain, and the domain's listing.
     async fn listing_at(&self, location: &str) -> Result<(Location, DomainRef, Listing)> {
         let loc = Location::parse(location)?;
@@ -117,7 +83,7 @@ impl Coordinator {
     ) -> Result<(DomainRef, FileVersion, Chunks)> {
         let loc = Location::parse(location)?;
         let d = self.domain(&loc.domain).await?;
-        let c = self.file_agent(&d).await?;
+        let c = self.catalog_agent(&d).await?;
         let l = c.list_files(&d.id).await?;
         let f = pick_version(who, &loc, version, &l.files)?.clone();
         let chunks = c.read_file(&d.id, &f.tag).await?;
@@ -137,8 +103,8 @@ impl Coordinator {
         let loc = Location::parse(location)?;
         loc.file_path()?;
         let d = self.domain(&loc.domain).await?;
-        let c = self.file_agent(&d).await?;
-        let base = base_rid(who, request_id);
+        let c = self.catalog_agent(&d).await?;
+        let base = base_rid("file", who, request_id);
         for attempt in 0..TRIES {
             let l = c.list_files(&d.id).await?;
             let doomed = plan_delete(who, &loc, version, &l.files)?;
@@ -150,7 +116,7 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        Err(busy(&loc))
+        Err(busy(&format!("domain {}", loc.domain)))
     }
 
     /// Upload a file version: `data` yields its bytes. Its domain, the
@@ -196,8 +162,8 @@ impl Coordinator {
         S: Stream<Item = Result<Vec<u8>>> + Send + Unpin + 'static,
     {
         let path = loc.path.clone();
-        let c = self.file_agent(d).await?;
-        let base = base_rid(who, &up.request_id);
+        let c = self.catalog_agent(d).await?;
+        let base = base_rid("file", who, &up.request_id);
         let l = c.list_files(&d.id).await?;
         let owner = match plan_upload(who, loc, &base, &l.files)? {
             UploadPlan::Done(f) => return Ok((f, false)),
@@ -215,7 +181,9 @@ impl Coordinator {
         };
         if up.size <= MAX_INLINE {
             let bytes = collect(data, up.size).await?;
-            let sha = hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+            let sha = cairn_proto::auth::hex(
+                ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+            );
             if !want_sha.is_empty() && sha != want_sha {
                 return Err(mismatch(&sha, &want_sha));
             }
@@ -324,12 +292,8 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        Err(busy(loc))
+        Err(busy(&format!("domain {}", loc.domain)))
     }
-}
-
-fn busy(loc: &Location) -> CoordError {
-    CoordError::Busy(format!("the catalog of domain {}", loc.domain))
 }
 
 fn mismatch(got: &str, want: &str) -> CoordError {

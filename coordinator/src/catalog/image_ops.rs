@@ -5,17 +5,15 @@
 use cairn_domain::catalog::{check_path, FileVersion};
 use cairn_proto::auth::Identity;
 
-use super::files::made_by;
 use super::images::{self, Change, ImageRecord, Register};
-use super::{file_versions, versions_of, Location};
-use crate::agents::{AgentConn, Pick};
+use super::{
+    base_rid, busy, domain_name, file_versions, made_by, moved, versions_of, Location, TRIES,
+};
+use crate::agents::AgentConn;
 use crate::coordinator::{now, Coordinator};
 use crate::error::{CoordError, Result};
 use crate::plan::DomainRef;
-use crate::runner::{check_request_id, job_id};
-
-/// How often a change is planned again when others keep coming first.
-const TRIES: usize = 8;
+use crate::runner::check_request_id;
 
 /// An image where it was found.
 #[derive(Debug, Clone)]
@@ -40,37 +38,7 @@ pub struct Registered {
     pub metafile: Option<FileVersion>,
 }
 
-fn base_rid(who: &Identity, rid: &str) -> String {
-    if rid.is_empty() {
-        return format!("img-{}", uuid::Uuid::new_v4());
-    }
-    format!("img-{}", job_id(&format!("{}\0{rid}", who.name)))
-}
-
-fn moved(e: &CoordError) -> bool {
-    matches!(e, CoordError::Agent { status, .. } if status.code() == tonic::Code::Aborted)
-}
-
-fn busy(what: &str) -> CoordError {
-    CoordError::Busy(format!("the catalog of {what}"))
-}
-
-/// A domain's name for locations (its id when it has none).
-fn domain_name(d: &DomainRef) -> String {
-    if d.name.is_empty() {
-        d.id.to_string()
-    } else {
-        d.name.clone()
-    }
-}
-
 impl Coordinator {
-    async fn catalog_agent(&self, d: &DomainRef) -> Result<AgentConn> {
-        self.agents
-            .with_agent(Pick::on(&d.id), |c| async move { Ok(c) })
-            .await
-    }
-
     /// The images of domain `d`, read through `c`.
     async fn images_on(&self, c: &AgentConn, d: &DomainRef) -> Result<(u64, Vec<Found>)> {
         let (generation, files) = c.list_images(&d.id).await?;
@@ -149,7 +117,7 @@ impl Coordinator {
         let d = self.domain(&loc.domain).await?;
         let dname = domain_name(&d);
         let c = self.catalog_agent(&d).await?;
-        let base = base_rid(who, request_id);
+        let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             // Planning needs the files, not the other images' records.
             let l = c.list_files(&d.id).await?;
@@ -230,7 +198,7 @@ impl Coordinator {
         change: &Change,
     ) -> Result<Found> {
         check_request_id(request_id)?;
-        let base = base_rid(who, request_id);
+        let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;
@@ -261,7 +229,7 @@ impl Coordinator {
     /// Unregister image `id`; its file stays.
     pub async fn unregister_image(&self, who: &Identity, request_id: &str, id: &str) -> Result<()> {
         check_request_id(request_id)?;
-        let base = base_rid(who, request_id);
+        let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;

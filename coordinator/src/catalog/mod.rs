@@ -18,7 +18,59 @@ use std::collections::BTreeMap;
 use cairn_domain::catalog::{check_path, FileVersion};
 use cairn_proto::auth::Identity;
 
+use crate::agents::{AgentConn, Pick};
+use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
+use crate::plan::DomainRef;
+use crate::runner::job_id;
+
+/// How often a change is planned again when others keep coming first.
+const TRIES: usize = 8;
+
+/// The agent request id base of a caller's request, `KIND-…`: one per
+/// caller and request id (random without one). Attempts add `.N`.
+fn base_rid(kind: &str, who: &Identity, rid: &str) -> String {
+    if rid.is_empty() {
+        return format!("{kind}-{}", uuid::Uuid::new_v4());
+    }
+    format!("{kind}-{}", job_id(&format!("{}\0{rid}", who.name)))
+}
+
+/// Whether a version's stored request id is an attempt of `base`.
+pub fn made_by(stored: &str, base: &str) -> bool {
+    stored
+        .strip_prefix(base)
+        .is_some_and(|r| r.is_empty() || r.starts_with('.'))
+}
+
+/// Whether an agent refused because the catalog moved (or its lock was
+/// busy): plan again.
+fn moved(e: &CoordError) -> bool {
+    matches!(e, CoordError::Agent { status, .. } if status.code() == tonic::Code::Aborted)
+}
+
+/// Others kept changing the catalog of `what` for [`TRIES`] plans.
+fn busy(what: &str) -> CoordError {
+    CoordError::Busy(format!("the catalog of {what}"))
+}
+
+/// A domain's name for locations (its id when it has none).
+pub fn domain_name(d: &DomainRef) -> String {
+    if d.name.is_empty() {
+        d.id.to_string()
+    } else {
+        d.name.clone()
+    }
+}
+
+impl Coordinator {
+    /// An agent that sees domain `d` (the calls of one request go to it).
+    async fn catalog_agent(&self, d: &DomainRef) -> Result<AgentConn> {
+        self.agents
+            .with_agent(Pick::on(&d.id), |c| async move { Ok(c) })
+            .await
+    }
+}
 
 /// Where a file is, as a caller names it: `DOMAIN:PATH` or
 /// `cairn://OWNER/DOMAIN/PATH`.
@@ -193,7 +245,7 @@ pub fn plan_upload(
     files: &[FileVersion],
 ) -> Result<UploadPlan> {
     let path = loc.file_path()?;
-    if let Some(f) = files.iter().find(|f| files::made_by(&f.request, rid)) {
+    if let Some(f) = files.iter().find(|f| made_by(&f.request, rid)) {
         if f.path != path {
             return Err(CoordError::RequestIdReused(rid.to_string()));
         }

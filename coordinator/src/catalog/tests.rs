@@ -1,6 +1,5 @@
 //! The catalog's decisions, without I/O.
 
-use super::files::made_by;
 use super::*;
 use cairn_domain::{TagId, VolumeId};
 use cairn_proto::auth::Role;

@@ -22,11 +22,7 @@ pub type FileStream =
 
 /// A file version as a message; its location names the domain by name.
 pub fn pb_file(d: &DomainRef, f: &FileVersion) -> pb::File {
-    let domain = if d.name.is_empty() {
-        d.id.to_string()
-    } else {
-        d.name.clone()
-    };
+    let domain = crate::catalog::domain_name(d);
     pb::File {
         location: Location::full(&f.owner, &domain, &f.path),
         domain,
@@ -41,11 +37,15 @@ pub fn pb_file(d: &DomainRef, f: &FileVersion) -> pb::File {
     }
 }
 
-fn listed(d: &DomainRef, generation: u64, files: &[FileVersion]) -> pb::ListFilesResponse {
-    pb::ListFilesResponse {
-        files: files.iter().map(|f| pb_file(d, f)).collect(),
+/// A listing's answer (ListFiles, FileVersions).
+pub(super) fn listed(
+    r: Result<(DomainRef, u64, Vec<FileVersion>), CoordError>,
+) -> R<pb::ListFilesResponse> {
+    let (d, generation, files) = r.map_err(|e| to_status(&e))?;
+    Ok(Response::new(pb::ListFilesResponse {
+        files: files.iter().map(|f| pb_file(&d, f)).collect(),
         generation,
-    }
+    }))
 }
 
 impl CoordService {
@@ -86,32 +86,6 @@ impl CoordService {
             file: Some(pb_file(&d, &f)),
             created,
         }))
-    }
-
-    pub(super) async fn files_under(
-        &self,
-        who: &Identity,
-        location: &str,
-    ) -> R<pb::ListFilesResponse> {
-        let (d, g, files) = self
-            .coord
-            .list_files(who, location)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(listed(&d, g, &files)))
-    }
-
-    pub(super) async fn versions(
-        &self,
-        who: &Identity,
-        location: &str,
-    ) -> R<pb::ListFilesResponse> {
-        let (d, g, files) = self
-            .coord
-            .file_versions(who, location)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(listed(&d, g, &files)))
     }
 
     pub(super) async fn read(&self, who: &Identity, r: pb::ReadFileRequest) -> R<FileStream> {

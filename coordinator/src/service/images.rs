@@ -27,11 +27,7 @@ pub fn pb_image(i: &Found) -> pb::Image {
         properties: r.properties.clone().into_iter().collect(),
         size: r.size,
         status: r.status.clone(),
-        domain: if i.domain.name.is_empty() {
-            i.domain.id.to_string()
-        } else {
-            i.domain.name.clone()
-        },
+        domain: crate::catalog::domain_name(&i.domain),
         path: i.file.path.clone(),
         file_version: i.file.version,
     }

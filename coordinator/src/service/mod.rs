@@ -472,12 +472,16 @@ impl pb::coordinator_server::Coordinator for CoordService {
 
     async fn list_files(&self, r: Request<pb::ListFilesRequest>) -> R<pb::ListFilesResponse> {
         let who = Identity::of(&r)?;
-        self.files_under(&who, &r.into_inner().location).await
+        files::listed(self.coord.list_files(&who, &r.into_inner().location).await)
     }
 
     async fn file_versions(&self, r: Request<pb::FileVersionsRequest>) -> R<pb::ListFilesResponse> {
         let who = Identity::of(&r)?;
-        self.versions(&who, &r.into_inner().location).await
+        files::listed(
+            self.coord
+                .file_versions(&who, &r.into_inner().location)
+                .await,
+        )
     }
 
     async fn read_file(&self, r: Request<pb::ReadFileRequest>) -> R<Self::ReadFileStream> {

@@ -125,10 +125,11 @@ impl Domain {
             .set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
             .held(&[&g])
             .commit()?;
-        let path = f.path.clone();
-        let t = self.read_tag(tag)?;
-        let file = FileVersion::of_tag(&t, Some(a.volume), || Ok(Some(path)))?
-            .ok_or_else(|| DomainError::FailedPrecondition("the tag is no file".into()))?;
+        // The version as committed: only its options changed.
+        let file = FileVersion {
+            image: image.map(|(id, _)| id.to_string()),
+            ..f
+        };
         let meta = match (metafile, out.tags.first()) {
             (Some((m, _)), Some(t)) => {
                 let p = m.path.clone();
