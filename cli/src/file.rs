@@ -334,7 +334,7 @@ pub async fn upload_one(
     loc: &str,
     out: &mut Out<'_>,
 ) -> Result<pb::File> {
-    let mut f =
+    let f =
         std::fs::File::open(local).with_context(|| format!("cannot open {}", local.display()))?;
     let size = f.metadata()?.len();
     if !out.json_mode() {
@@ -347,33 +347,15 @@ pub async fn upload_one(
         ..Default::default()
     };
     let bar = crate::output::progress_bar(size, "upload");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let progress = bar.clone();
-    // A thread reads and hashes; the runtime sends.
-    let reader = tokio::task::spawn_blocking(move || -> Result<String> {
-        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut first = Some(header);
-        let mut left = size;
-        loop {
-            let mut buf = vec![0u8; CHUNK.min(left as usize)];
-            f.read_exact(&mut buf)?;
-            sha.update(&buf);
-            left -= buf.len() as u64;
-            progress.inc(buf.len() as u64);
-            let msg = pb::UploadFileRequest {
-                header: first.take(),
-                data: buf,
-            };
-            if tx.blocking_send(msg).is_err() || left == 0 {
-                break;
-            }
-        }
-        Ok(cairn_proto::auth::hex(sha.finish().as_ref()))
-    });
-    let sent = c
-        .upload_file(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .ask();
+    let (rx, reader) = send_hashed(
+        f,
+        size,
+        header,
+        move |n| progress.inc(n),
+        |header, data| pb::UploadFileRequest { header, data },
+    );
+    let sent = c.upload_file(rx).await.ask();
     bar.finish_and_clear();
     let sha = reader.await??;
     let r = sent?;
@@ -393,6 +375,44 @@ pub async fn upload_one(
         out.json(&file_json(&file))?;
     }
     Ok(file)
+}
+
+/// The messages that carry `size` bytes of `src` (the first with
+/// `header`), made by `msg`, and the SHA-256 of the bytes once read: a
+/// thread reads and hashes, the runtime sends; `progress` hears of each
+/// chunk.
+pub fn send_hashed<H, M>(
+    mut src: impl Read + Send + 'static,
+    size: u64,
+    header: H,
+    progress: impl Fn(u64) + Send + 'static,
+    msg: impl Fn(Option<H>, Vec<u8>) -> M + Send + 'static,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<M>,
+    tokio::task::JoinHandle<Result<String>>,
+)
+where
+    H: Send + 'static,
+    M: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::task::spawn_blocking(move || -> Result<String> {
+        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut first = Some(header);
+        let mut left = size;
+        loop {
+            let mut buf = vec![0u8; CHUNK.min(left as usize)];
+            src.read_exact(&mut buf)?;
+            sha.update(&buf);
+            left -= buf.len() as u64;
+            progress(buf.len() as u64);
+            if tx.blocking_send(msg(first.take(), buf)).is_err() || left == 0 {
+                break;
+            }
+        }
+        Ok(cairn_proto::auth::hex(sha.finish().as_ref()))
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), reader)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::args::rid;
 use crate::connect::{Ask, Coord, Refused};
+use crate::image_store::{DataCmd, FlagCmd, NamesCmd};
 use crate::output::Out;
 
 /// Image commands.
@@ -41,6 +42,31 @@ pub enum ImageCmd {
     /// Change an image's metadata or properties.
     #[command(subcommand)]
     Meta(MetaCmd),
+    /// An image's names: aliases unique in the catalog.
+    #[command(subcommand)]
+    Names(NamesCmd),
+    /// An image's named data items.
+    #[command(subcommand)]
+    Data(DataCmd),
+    /// An image's flags.
+    #[command(subcommand)]
+    Flag(FlagCmd),
+    /// Set an image's metadata string.
+    Metadata {
+        /// The image.
+        image: String,
+        /// The new metadata.
+        value: String,
+    },
+    /// Unregister every image (admin only); no file is deleted.
+    Wipe {
+        /// Only this domain's images.
+        #[arg(long, default_value = "")]
+        domain: String,
+        /// Say so: every image goes.
+        #[arg(long, required = true)]
+        yes: bool,
+    },
 }
 
 /// `image register`.
@@ -74,6 +100,15 @@ pub struct RegisterArgs {
     /// The container format (default: the metafile's, else bare).
     #[arg(long, default_value = "")]
     pub container_format: String,
+    /// The image's id (default: the one its file gives).
+    #[arg(long, default_value = "")]
+    pub id: String,
+    /// A name unique in the catalog (repeatable).
+    #[arg(long = "alias")]
+    pub names: Vec<String>,
+    /// The image's metadata string.
+    #[arg(long, default_value = "")]
+    pub metadata: String,
 }
 
 /// `image meta`.
@@ -144,7 +179,9 @@ fn image_json(i: &pb::Image) -> Value {
         "is-public": if i.is_public { "True" } else { "False" },
         "location": i.location, "name": i.name, "owner": i.owner,
         "properties": props, "size": i.size, "status": i.status,
-        "updated-at": date(i.updated_at),
+        "updated-at": date(i.updated_at), "names": i.names,
+        "metadata": i.metadata, "flags": i.flags,
+        "data": i.data.iter().map(|d| json!({"key": d.key, "size": d.size, "sha256": d.sha256})).collect::<Vec<_>>(),
     })
 }
 
@@ -176,6 +213,27 @@ fn show(out: &mut Out<'_>, i: &pb::Image) -> Result<()> {
     line(out, "size", &i.size.to_string())?;
     line(out, "status", &i.status)?;
     line(out, "updated-at", &date(i.updated_at))?;
+    // The image store's fields (seed 004), when there are any.
+    if !i.names.is_empty() {
+        line(out, "names", &i.names.join(" "))?;
+    }
+    if !i.metadata.is_empty() {
+        line(out, "metadata", &i.metadata)?;
+    }
+    let mut flags: Vec<_> = i.flags.iter().collect();
+    flags.sort();
+    if !flags.is_empty() {
+        line(out, "flags", "")?;
+    }
+    for (k, v) in flags {
+        writeln!(out, "        {k}: {v}")?;
+    }
+    if !i.data.is_empty() {
+        line(out, "data", "")?;
+    }
+    for d in &i.data {
+        writeln!(out, "        {} {} {}", d.key, d.size, d.sha256)?;
+    }
     Ok(())
 }
 
@@ -195,6 +253,9 @@ async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
                 })
                 .await
                 .ask()?;
+            for p in &r.problems {
+                eprintln!("warning: {p}");
+            }
             if out.json_mode() {
                 return out.json(&r.images.iter().map(image_json).collect::<Vec<_>>());
             }
@@ -226,6 +287,11 @@ async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
             Ok(())
         }
         ImageCmd::Meta(m) => meta(c, m, out).await,
+        ImageCmd::Names(n) => crate::image_store::names(c, n, out).await,
+        ImageCmd::Data(d) => crate::image_store::data(c, d, out).await,
+        ImageCmd::Flag(f) => crate::image_store::flag(c, f).await,
+        ImageCmd::Metadata { image, value } => crate::image_store::metadata(c, image, value).await,
+        ImageCmd::Wipe { domain, .. } => crate::image_store::wipe(c, domain, out).await,
     }
 }
 
@@ -250,6 +316,9 @@ async fn register(c: &mut Coord, a: &RegisterArgs, out: &mut Out<'_>) -> Result<
             public: a.public,
             disk_format: a.disk_format.clone(),
             container_format: a.container_format.clone(),
+            image_id: a.id.clone(),
+            names: a.names.clone(),
+            metadata: a.metadata.clone(),
         })
         .await
         .ask()?;

@@ -22,6 +22,7 @@ pub mod disk;
 pub mod domain;
 pub mod file;
 pub mod image;
+pub mod image_store;
 pub mod output;
 pub mod tag;
 pub mod token;
@@ -164,6 +165,21 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    // Regression: a positional named `key` collided with the global
+    // `--key` (a path), and parsing panicked.
+    #[test]
+    fn image_data_commands_parse_beside_the_global_tls_options() {
+        use clap::Parser;
+        for args in [
+            &["cairn", "image", "data", "set", "i", "k", "f"][..],
+            &["cairn", "image", "data", "get", "i", "k"],
+            &["cairn", "image", "data", "remove", "i", "k"],
+            &["cairn", "--key", "/k.pem", "image", "data", "get", "i", "k"],
+        ] {
+            Cli::try_parse_from(args).unwrap();
+        }
     }
 
     #[test]

@@ -199,6 +199,7 @@ pub fn up(a: &UpArgs, socket: &Path, coordinator: &Path, lock_dir: &Path) -> Res
         lock_wait: Duration::from_secs(60),
         job_retention: Duration::from_secs(24 * 3600),
         orphan_quarantine: Duration::from_secs(3600),
+        read_only: false,
     };
     let (name, run_dir) = (a.name.clone(), a.run_dir.clone());
     rt.block_on(async move {

@@ -31,6 +31,8 @@ pub struct CoordConfig {
     /// How long a volume that no tag reaches stays, unchanged, before the
     /// leader reclaims it.
     pub orphan_quarantine: Duration,
+    /// Serve the catalog's reads and refuse its changes.
+    pub read_only: bool,
 }
 
 impl CoordConfig {
@@ -42,6 +44,7 @@ impl CoordConfig {
             poll: Duration::from_millis(100),
             job_retention: Duration::from_secs(24 * 3600),
             orphan_quarantine: Duration::from_secs(3600),
+            read_only: false,
         }
     }
 }

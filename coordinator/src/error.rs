@@ -25,6 +25,9 @@ pub enum CoordError {
     /// The operation does not fit the state of things.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Something with this id or name is there already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The caller may not do this.
     #[error("permission denied: {0}")]
     Denied(String),
@@ -78,6 +81,7 @@ impl CoordError {
             CoordError::InvalidArgument { .. } => "invalid_argument",
             CoordError::NotFound { .. } => "not_found",
             CoordError::FailedPrecondition(_) => "failed_precondition",
+            CoordError::AlreadyExists(_) => "already_exists",
             CoordError::Denied(_) => "permission_denied",
             CoordError::RequestIdReused(_) => "request_id_reused",
             CoordError::NoAgent(_) => "no_agent",
@@ -101,6 +105,7 @@ impl CoordError {
             CoordError::InvalidArgument { .. } => Code::InvalidArgument,
             CoordError::NotFound { .. } => Code::NotFound,
             CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CoordError::AlreadyExists(_) => Code::AlreadyExists,
             CoordError::Denied(_) => Code::PermissionDenied,
             CoordError::RequestIdReused(_) => Code::InvalidArgument,
             CoordError::NoAgent(_) => Code::Unavailable,

@@ -59,6 +59,10 @@ struct Args {
     /// This replica's id (default: a new UUID per start).
     #[arg(long)]
     id: Option<String>,
+    /// Serve the image catalog read-only: every read, no change
+    /// (FAILED_PRECONDITION "catalog is read-only").
+    #[arg(long)]
+    read_only: bool,
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -104,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         lock_wait: Duration::from_secs(a.lock_wait),
         job_retention: Duration::from_secs(a.job_retention),
         orphan_quarantine: Duration::from_secs(a.orphan_quarantine),
+        read_only: a.read_only,
     };
     let ready = |b: &Bound| {
         println!(

@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub job_retention: Duration,
     /// How long a volume no tag reaches stays before the leader reclaims it.
     pub orphan_quarantine: Duration,
+    /// Serve the catalog's reads and refuse its changes.
+    pub read_only: bool,
 }
 
 /// Serve until `shutdown` resolves; `ready` gets the bound addresses.
@@ -87,6 +89,7 @@ pub async fn serve(
     cfg.lock_wait = opts.lock_wait;
     cfg.job_retention = opts.job_retention;
     cfg.orphan_quarantine = opts.orphan_quarantine;
+    cfg.read_only = opts.read_only;
     let coord = Arc::new(Coordinator::new(
         cfg,
         kv.clone(),

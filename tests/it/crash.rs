@@ -250,7 +250,7 @@ struct Catalog {
 }
 
 fn catalog_setup(d: &Domain) -> Catalog {
-    use catalog::{FileBytes, NewFile};
+    use catalog::{FileBytes, ImageChange, NewFile};
     let anchor = d.ensure_anchor().unwrap();
     let file = |path: &str| NewFile {
         path: path.into(),
@@ -302,8 +302,10 @@ fn catalog_setup(d: &Domain) -> Catalog {
     d.set_file_image(
         &anchor,
         &reg.tag,
-        Some(("img-r", b"{}")),
-        None,
+        ImageChange {
+            image: Some(("img-r", b"{}")),
+            ..Default::default()
+        },
         None,
         [4; 16],
     )
@@ -321,7 +323,7 @@ fn catalog_setup(d: &Domain) -> Catalog {
 type Ops<F> = Vec<(&'static str, fn(&Domain, &F) -> Result<()>)>;
 
 fn catalog_ops() -> Ops<Catalog> {
-    use catalog::{FileBytes, NewFile};
+    use catalog::{FileBytes, ImageChange, NewFile};
     vec![
         ("catalog: commit a small file", |d, f| {
             let nf = NewFile {
@@ -367,17 +369,32 @@ fn catalog_ops() -> Ops<Catalog> {
             d.set_file_image(
                 &f.anchor,
                 &f.large,
-                image,
-                Some((&m, b"{}")),
+                ImageChange {
+                    image,
+                    metafile: Some((&m, b"{}")),
+                    ..Default::default()
+                },
                 Some(4),
                 [6; 16],
             )
             .map(|_| ())
         }),
-        ("catalog: unregister an image", |d, f| {
-            d.set_file_image(&f.anchor, &f.registered, None, None, Some(4), [7; 16])
+        (
+            "catalog: unregister an image with its data items",
+            |d, f| {
+                d.set_file_image(
+                    &f.anchor,
+                    &f.registered,
+                    ImageChange {
+                        drop: &[f.small, f.large],
+                        ..Default::default()
+                    },
+                    Some(4),
+                    [7; 16],
+                )
                 .map(|_| ())
-        }),
+            },
+        ),
         ("catalog: delete files", |d, f| {
             d.delete_files(&f.anchor, &[f.small, f.large], Some(4), [5; 16])
                 .map(|_| ())

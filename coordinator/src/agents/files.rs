@@ -19,6 +19,19 @@ pub struct FileVolume {
     pub lock_id: String,
 }
 
+/// What one image transaction does (see `Domain::set_file_image`):
+/// register (id and record) or unregister (`None`), a metafile (path,
+/// owner, bytes), and file versions to delete.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImageSet<'a> {
+    /// The image's id and record; `None`: unregister.
+    pub image: Option<(&'a str, &'a [u8])>,
+    /// A metafile's path, owner and bytes.
+    pub metafile: Option<(&'a str, &'a str, &'a [u8])>,
+    /// File versions deleted with it.
+    pub drop: &'a [TagId],
+}
+
 /// A file version to commit, as the coordinator asks for it.
 #[derive(Debug, Clone)]
 pub struct Commit<'a> {
@@ -90,18 +103,21 @@ impl AgentConn {
         Ok((r.generation, out))
     }
 
-    /// Register (`image`: id and record) or unregister an image from file
-    /// version `tag`, with an optional metafile (path, owner, bytes), in
-    /// one transaction planned at generation `expect`.
+    /// Apply `change` to file version `tag` in one transaction planned at
+    /// generation `expect`.
     pub async fn set_file_image(
         &self,
         rid: &str,
         domain: &uuid::Uuid,
         tag: &TagId,
-        image: Option<(&str, &[u8])>,
-        metafile: Option<(&str, &str, &[u8])>,
+        change: &ImageSet<'_>,
         expect: u64,
     ) -> Result<(FileVersion, Option<FileVersion>)> {
+        let ImageSet {
+            image,
+            metafile,
+            drop,
+        } = *change;
         let (image_id, record) = image.unwrap_or_default();
         let (metafile_path, metafile_owner, metafile_data) = metafile.unwrap_or_default();
         let r = self
@@ -116,6 +132,7 @@ impl AgentConn {
                 metafile_owner: metafile_owner.into(),
                 metafile_data: metafile_data.to_vec(),
                 expect_generation: Some(expect),
+                drop_tag_ids: drop.iter().map(ToString::to_string).collect(),
             })
             .await
             .map_err(self.err())?

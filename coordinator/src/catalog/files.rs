@@ -100,8 +100,9 @@ impl Coordinator {
         version: u64,
     ) -> Result<Vec<u64>> {
         check_request_id(request_id)?;
+        self.catalog_writable()?;
         let loc = Location::parse(location)?;
-        loc.file_path()?;
+        super::store::check_not_reserved(loc.file_path()?)?;
         let d = self.domain(&loc.domain).await?;
         let c = self.catalog_agent(&d).await?;
         let base = base_rid("file", who, request_id);
@@ -132,25 +133,23 @@ impl Coordinator {
         S: Stream<Item = Result<Vec<u8>>> + Send + Unpin + 'static,
     {
         check_request_id(&up.request_id)?;
+        self.catalog_writable()?;
         let loc = Location::parse(&up.location)?;
-        loc.file_path()?;
+        super::store::check_not_reserved(loc.file_path()?)?;
         if up.directory && up.size != 0 {
             return Err(CoordError::invalid(
                 "size",
                 "a directory marker has no bytes",
             ));
         }
-        if !up.sha256.is_empty()
-            && (up.sha256.len() != 64 || !up.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            return Err(CoordError::invalid("sha256", "is not 64 hex digits"));
-        }
+        check_sha(&up.sha256)?;
         let d = self.domain(&loc.domain).await?;
         let (f, created) = self.upload_to(who, up, &loc, &d, data).await?;
         Ok((d, f, created))
     }
 
-    async fn upload_to<S>(
+    /// Upload to `loc` on `d`, `loc` checked (see [`Self::upload_file`]).
+    pub(super) async fn upload_to<S>(
         &self,
         who: &Identity,
         up: &Upload,
@@ -294,6 +293,14 @@ impl Coordinator {
         }
         Err(busy(&format!("domain {}", loc.domain)))
     }
+}
+
+/// Refuse a SHA-256 that is neither empty nor 64 hex digits.
+pub(super) fn check_sha(sha: &str) -> Result<()> {
+    if !sha.is_empty() && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(CoordError::invalid("sha256", "is not 64 hex digits"));
+    }
+    Ok(())
 }
 
 fn mismatch(got: &str, want: &str) -> CoordError {

@@ -3,13 +3,15 @@
 //! expecting the listing's generation (planned again when it moved).
 
 use cairn_domain::catalog::{check_path, FileVersion};
+use cairn_domain::TagId;
 use cairn_proto::auth::Identity;
 
 use super::images::{self, Change, ImageRecord, Register};
+use super::store::{self, DataItem};
 use super::{
     base_rid, busy, domain_name, file_versions, made_by, moved, versions_of, Location, TRIES,
 };
-use crate::agents::AgentConn;
+use crate::agents::{AgentConn, ImageSet};
 use crate::coordinator::{now, Coordinator};
 use crate::error::{CoordError, Result};
 use crate::plan::DomainRef;
@@ -26,6 +28,10 @@ pub struct Found {
     pub file: FileVersion,
     /// Its record.
     pub record: ImageRecord,
+    /// Its data items, by key.
+    pub data: Vec<DataItem>,
+    /// Every file version under its data directory.
+    pub data_files: Vec<FileVersion>,
 }
 
 /// What a registration made: the image, and its metafile if one was
@@ -39,60 +45,186 @@ pub struct Registered {
 }
 
 impl Coordinator {
+    /// Refuse a change to a read-only catalog.
+    pub(crate) fn catalog_writable(&self) -> Result<()> {
+        if self.cfg.read_only {
+            return Err(CoordError::FailedPrecondition(
+                "catalog is read-only".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The images of domain `d`, read through `c`.
-    async fn images_on(&self, c: &AgentConn, d: &DomainRef) -> Result<(u64, Vec<Found>)> {
+    pub(super) async fn images_on(&self, c: &AgentConn, d: &DomainRef) -> Result<Vec<Found>> {
         let (generation, files) = c.list_images(&d.id).await?;
+        let all: Vec<FileVersion> = files.iter().map(|(f, _)| f.clone()).collect();
         let mut out = Vec::new();
         for (f, rec) in files {
             if f.image.is_none() || rec.is_empty() {
                 continue;
             }
+            let record = images::decode(&rec)?;
             out.push(Found {
                 domain: d.clone(),
                 generation,
-                record: images::decode(&rec)?,
+                data: store::data_items(&all, &record.id),
+                data_files: store::data_versions(&all, &record.id),
+                record,
                 file: f,
             });
-        }
-        Ok((generation, out))
-    }
-
-    /// Every image of every domain.
-    async fn all_images(&self) -> Result<Vec<Found>> {
-        let mut out = Vec::new();
-        for d in self.all_domains().await? {
-            let c = self.catalog_agent(&d).await?;
-            out.extend(self.images_on(&c, &d).await?.1);
         }
         Ok(out)
     }
 
-    /// The images `who` may see (of `owner` only, when given), by name.
-    pub async fn list_images(&self, who: &Identity, owner: &str) -> Result<Vec<Found>> {
-        let mut v: Vec<Found> = self
-            .all_images()
-            .await?
+    /// Every image of every domain, and the names given twice that were
+    /// not repaired (a read-only catalog reports them; a writable one
+    /// takes each name from all but the image that changed last).
+    pub(super) async fn all_images(&self) -> Result<(Vec<Found>, Vec<String>)> {
+        for _ in 0..TRIES {
+            let mut out = Vec::new();
+            for d in self.all_domains().await? {
+                let c = self.catalog_agent(&d).await?;
+                out.extend(self.images_on(&c, &d).await?);
+            }
+            let records: Vec<&ImageRecord> = out.iter().map(|i| &i.record).collect();
+            let dups = store::duplicates(&records);
+            if dups.is_empty() {
+                return Ok((out, Vec::new()));
+            }
+            if self.cfg.read_only {
+                let problems = dups
+                    .iter()
+                    .map(|(n, h)| {
+                        let ids: Vec<&str> = h.iter().map(|&i| out[i].record.id.as_str()).collect();
+                        format!("name {n:?} is given to images {}", ids.join(", "))
+                    })
+                    .collect();
+                return Ok((out, problems));
+            }
+            let fixes: Vec<(Found, Vec<String>)> = store::repairs(&records)
+                .into_iter()
+                .map(|(i, names)| (out[i].clone(), names))
+                .collect();
+            for (i, names) in fixes {
+                tracing::warn!(image = %i.record.id, kept = ?names, "repairing a name given to two images");
+                let rec = ImageRecord {
+                    names,
+                    ..i.record.clone()
+                };
+                match self
+                    .put_record(&i, &rec, &format!("repair-{}", uuid::Uuid::new_v4()))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if moved(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(busy("every domain"))
+    }
+
+    /// Write `rec` as image `i`'s record (planned at `i.generation`).
+    pub(super) async fn put_record(
+        &self,
+        i: &Found,
+        rec: &ImageRecord,
+        rid: &str,
+    ) -> Result<FileVersion> {
+        let c = self.catalog_agent(&i.domain).await?;
+        let record = images::encode(rec);
+        let set = ImageSet {
+            image: Some((rec.id.as_str(), &record[..])),
+            ..Default::default()
+        };
+        let (file, _) = c
+            .set_file_image(rid, &i.domain.id, &i.file.tag, &set, i.generation)
+            .await?;
+        Ok(file)
+    }
+
+    /// The images `who` may see (of `owner` only, when given), by name,
+    /// and what a read-only catalog could not repair.
+    pub async fn list_images(
+        &self,
+        who: &Identity,
+        owner: &str,
+    ) -> Result<(Vec<Found>, Vec<String>)> {
+        let (all, problems) = self.all_images().await?;
+        let mut v: Vec<Found> = all
             .into_iter()
             .filter(|i| images::visible(who, &i.record))
             .filter(|i| owner.is_empty() || i.record.owner == owner)
             .collect();
         v.sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
-        Ok(v)
+        Ok((v, problems))
     }
 
-    /// Image `id`, if `who` may see it.
-    pub async fn get_image(&self, who: &Identity, id: &str) -> Result<Found> {
-        if id.is_empty() {
-            return Err(CoordError::invalid("image_id", "is required"));
+    /// The image `key` (an id, a name, or an id prefix) names among those
+    /// `who` may see, and every image.
+    pub(super) async fn find_image(
+        &self,
+        who: &Identity,
+        key: &str,
+    ) -> Result<(Found, Vec<Found>)> {
+        let (all, _) = self.all_images().await?;
+        let seen: Vec<&Found> = all
+            .iter()
+            .filter(|i| images::visible(who, &i.record))
+            .collect();
+        let records: Vec<&ImageRecord> = seen.iter().map(|i| &i.record).collect();
+        let found = seen[store::resolve(&records, key)?].clone();
+        Ok((found, all))
+    }
+
+    /// Image `key` (an id, a name, or an id prefix), if `who` may see it.
+    pub async fn get_image(&self, who: &Identity, key: &str) -> Result<Found> {
+        Ok(self.find_image(who, key).await?.0)
+    }
+
+    /// Refuse record `rec` (to be registered from file version `latest`
+    /// on domain `d`, whose listing is `files`) when another image has its
+    /// id or one of its names.
+    async fn check_unique(
+        &self,
+        d: &DomainRef,
+        files: &[FileVersion],
+        latest: &FileVersion,
+        rec: &ImageRecord,
+    ) -> Result<()> {
+        let taken = |f: &FileVersion| f.image.as_deref() == Some(&rec.id) && f.tag != latest.tag;
+        let dup_id = || CoordError::AlreadyExists(format!("image id {} is taken", rec.id));
+        if files.iter().any(taken) {
+            return Err(dup_id());
         }
-        self.all_images()
+        if !rec.names.is_empty() {
+            let (all, _) = self.all_images().await?;
+            if all
+                .iter()
+                .any(|i| i.domain.id != d.id && i.record.id == rec.id)
+            {
+                return Err(dup_id());
+            }
+            let records: Vec<&ImageRecord> = all
+                .iter()
+                .filter(|i| i.file.tag != latest.tag || i.domain.id != d.id)
+                .map(|i| &i.record)
+                .collect();
+            return store::check_names_free(&records, &rec.id, &rec.names);
+        }
+        for other in self
+            .all_domains()
             .await?
             .into_iter()
-            .find(|i| i.record.id == id && images::visible(who, &i.record))
-            .ok_or_else(|| CoordError::NotFound {
-                kind: "image",
-                id: id.to_string(),
-            })
+            .filter(|o| o.id != d.id)
+        {
+            let c = self.catalog_agent(&other).await?;
+            if c.list_files(&other.id).await?.files.iter().any(taken) {
+                return Err(dup_id());
+            }
+        }
+        Ok(())
     }
 
     /// Register an image from the latest version of the file at
@@ -108,8 +240,13 @@ impl Coordinator {
         no_metafile: bool,
     ) -> Result<Registered> {
         check_request_id(request_id)?;
+        self.catalog_writable()?;
         let loc = Location::parse(location)?;
         let path = loc.file_path()?.to_string();
+        store::check_not_reserved(&path)?;
+        if !req.id.is_empty() {
+            store::check_given_id(&req.id)?;
+        }
         let meta_path = format!("{path}.meta");
         if !no_metafile {
             check_path(&meta_path)?;
@@ -124,7 +261,7 @@ impl Coordinator {
             let (generation, all) = (l.generation, l.files);
             // A retry of a registration that wrote its metafile: its answer.
             if let Some(m) = all.iter().find(|f| made_by(&f.request, &base)) {
-                let (_, found) = self.images_on(&c, &d).await?;
+                let found = self.images_on(&c, &d).await?;
                 if let Some(i) = found.into_iter().find(|i| i.file.path == path) {
                     return Ok(Registered {
                         image: i,
@@ -136,6 +273,7 @@ impl Coordinator {
             let latest = versions.last().copied().expect("one version at least");
             let full = Location::full(&latest.owner, &dname, &path);
             let rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
+            self.check_unique(&d, &all, latest, &rec).await?;
             let body = images::metafile(&rec);
             if !no_metafile {
                 let existing = versions_of(&all, &meta_path);
@@ -157,30 +295,40 @@ impl Coordinator {
                     }
                 }
             }
-            let meta = (!no_metafile).then(|| (meta_path.as_str(), rec.owner.as_str(), &body[..]));
+            // A registration under another id leaves the old id's data.
+            let drop = match &latest.image {
+                Some(old) if *old != rec.id => store::tags(&store::data_versions(&all, old)),
+                _ => Vec::new(),
+            };
             let record = images::encode(&rec);
+            let set = ImageSet {
+                image: Some((&rec.id, &record)),
+                metafile: (!no_metafile)
+                    .then(|| (meta_path.as_str(), rec.owner.as_str(), &body[..])),
+                drop: &drop,
+            };
             let rid = format!("{base}.{attempt}");
-            let done = c
-                .set_file_image(
-                    &rid,
-                    &d.id,
-                    &latest.tag,
-                    Some((&rec.id, &record)),
-                    meta,
-                    generation,
-                )
-                .await;
-            match done {
+            match c
+                .set_file_image(&rid, &d.id, &latest.tag, &set, generation)
+                .await
+            {
                 Ok((file, metafile)) => {
+                    let kept = |t: &TagId| !drop.contains(t);
+                    let data = store::data_items(&all, &rec.id);
                     return Ok(Registered {
                         image: Found {
                             domain: d.clone(),
                             generation: generation + 1,
                             file,
+                            data: data.into_iter().filter(|x| kept(&x.file.tag)).collect(),
+                            data_files: store::data_versions(&all, &rec.id)
+                                .into_iter()
+                                .filter(|f| kept(&f.tag))
+                                .collect(),
                             record: rec,
                         },
                         metafile,
-                    })
+                    });
                 }
                 Err(e) if moved(&e) => continue,
                 Err(e) => return Err(e),
@@ -198,20 +346,17 @@ impl Coordinator {
         change: &Change,
     ) -> Result<Found> {
         check_request_id(request_id)?;
+        self.catalog_writable()?;
         let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;
             let rec = images::plan_change(&i.record, change, now())?;
-            let c = self.catalog_agent(&i.domain).await?;
-            let record = images::encode(&rec);
-            let rid = format!("{base}.{attempt}");
-            let image = Some((rec.id.as_str(), &record[..]));
-            match c
-                .set_file_image(&rid, &i.domain.id, &i.file.tag, image, None, i.generation)
+            match self
+                .put_record(&i, &rec, &format!("{base}.{attempt}"))
                 .await
             {
-                Ok((file, _)) => {
+                Ok(file) => {
                     return Ok(Found {
                         generation: i.generation + 1,
                         file,
@@ -226,20 +371,29 @@ impl Coordinator {
         Err(busy(&format!("image {id}")))
     }
 
-    /// Unregister image `id`; its file stays.
+    /// Unregister image `i` (its data items go with it; its file stays).
+    pub(super) async fn drop_image(&self, i: &Found, rid: &str) -> Result<()> {
+        let c = self.catalog_agent(&i.domain).await?;
+        let drop = store::tags(&i.data_files);
+        let set = ImageSet {
+            drop: &drop,
+            ..Default::default()
+        };
+        c.set_file_image(rid, &i.domain.id, &i.file.tag, &set, i.generation)
+            .await?;
+        Ok(())
+    }
+
+    /// Unregister image `id`; its file stays, its data items do not.
     pub async fn unregister_image(&self, who: &Identity, request_id: &str, id: &str) -> Result<()> {
         check_request_id(request_id)?;
+        self.catalog_writable()?;
         let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;
-            let c = self.catalog_agent(&i.domain).await?;
-            let rid = format!("{base}.{attempt}");
-            match c
-                .set_file_image(&rid, &i.domain.id, &i.file.tag, None, None, i.generation)
-                .await
-            {
-                Ok(_) => return Ok(()),
+            match self.drop_image(&i, &format!("{base}.{attempt}")).await {
+                Ok(()) => return Ok(()),
                 Err(e) if moved(&e) => continue,
                 Err(e) => return Err(e),
             }

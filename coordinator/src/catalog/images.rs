@@ -41,6 +41,15 @@ pub struct ImageRecord {
     pub size: u64,
     /// `available` when registered; set freely after.
     pub status: String,
+    /// Aliases, unique in the catalog (seed 004).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Kept for the caller (seed 004).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metadata: String,
+    /// Flags (seed 004).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub flags: BTreeMap<String, String>,
 }
 
 /// Longest property key and value, in bytes.
@@ -116,6 +125,13 @@ pub struct Register {
     pub disk_format: String,
     /// Empty: the template's, else `bare`.
     pub container_format: String,
+    /// A given id (empty: the one already registered from the file, else
+    /// the file's own, [`image_id`]).
+    pub id: String,
+    /// Aliases (checked for uniqueness by the caller).
+    pub names: Vec<String>,
+    /// The metadata string.
+    pub metadata: String,
 }
 
 /// What a metafile template gives.
@@ -247,8 +263,14 @@ pub fn plan_register(
                 .unwrap_or_else(|| default.to_string())
         }
     };
+    let id = if !req.id.is_empty() {
+        cairn_domain::catalog::check_image_id(&req.id)?;
+        req.id.clone()
+    } else {
+        f.image.clone().unwrap_or_else(|| image_id(domain, &f.path))
+    };
     let r = ImageRecord {
-        id: image_id(domain, &f.path),
+        id,
         name,
         owner: f.owner.clone(),
         location: location.to_string(),
@@ -261,12 +283,16 @@ pub fn plan_register(
         properties,
         size: f.size,
         status: "available".into(),
+        names: super::store::check_names(&req.names)?,
+        metadata: super::store::check_metadata(&req.metadata)?,
+        flags: BTreeMap::new(),
     };
     check_size(&r)?;
     Ok(r)
 }
 
-/// Refuse a record whose metafile would not fit a small file.
+/// Refuse a record whose metafile would not fit a small file, or that
+/// is larger than [`MAX_RECORD`] as stored.
 fn check_size(r: &ImageRecord) -> Result<()> {
     let n = metafile(r).len();
     if n > MAX_METAFILE {
@@ -275,8 +301,18 @@ fn check_size(r: &ImageRecord) -> Result<()> {
             format!("the image's metadata is {n} bytes; at most {MAX_METAFILE}"),
         ));
     }
+    let n = encode(r).len();
+    if n > MAX_RECORD {
+        return Err(CoordError::invalid(
+            "image",
+            format!("the image's record is {n} bytes; at most {MAX_RECORD}"),
+        ));
+    }
     Ok(())
 }
+
+/// The largest record kept, as stored.
+const MAX_RECORD: usize = 64 << 10;
 
 /// A change to an image's record.
 #[derive(Debug, Clone, Default)]
@@ -291,6 +327,10 @@ pub struct Change {
     pub remove_properties: Vec<String>,
     /// Publish (true) or unpublish (false).
     pub public: Option<bool>,
+    /// Flags to set.
+    pub set_flags: BTreeMap<String, String>,
+    /// Flags to clear.
+    pub clear_flags: Vec<String>,
 }
 
 /// A field name as the API and the CLI accept it (`disk-format` or
@@ -321,6 +361,7 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
             "disk_format" => n.disk_format = v,
             "container_format" => n.container_format = v,
             "status" => n.status = v,
+            "metadata" => n.metadata = super::store::check_metadata(&v)?,
             "is_public" => {
                 n.is_public = match v.to_ascii_lowercase().as_str() {
                     "true" => true,
@@ -336,7 +377,9 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
             _ => {
                 return Err(CoordError::invalid(
                     "set",
-                    format!("unknown field {k} (name, disk_format, container_format, status)"),
+                    format!(
+                        "unknown field {k} (name, disk_format, container_format, status, metadata)"
+                    ),
                 ))
             }
         }
@@ -358,6 +401,14 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
     if let Some(p) = c.public {
         n.is_public = p;
     }
+    for (k, v) in &c.set_flags {
+        super::store::check_flag(k, v)?;
+        n.flags.insert(k.clone(), v.clone());
+    }
+    for k in &c.clear_flags {
+        n.flags.remove(k);
+    }
+    super::store::check_flag_count(&n)?;
     n.updated_at = now;
     check_size(&n)?;
     Ok(n)

@@ -12,6 +12,8 @@
 pub mod files;
 pub mod image_ops;
 pub mod images;
+pub mod store;
+pub mod store_ops;
 
 use std::collections::BTreeMap;
 
@@ -179,7 +181,12 @@ pub fn listing<'a>(
         f.path.starts_with(&loc.path)
             || (f.directory && loc.path.strip_suffix('/') == Some(f.path.as_str()))
     };
-    for f in files.iter().filter(|f| under(f) && visible(who, loc, f)) {
+    // The images' data items are listed only when asked for.
+    let hidden = |f: &FileVersion| store::reserved(&f.path) && !store::reserved(&loc.path);
+    for f in files
+        .iter()
+        .filter(|f| under(f) && !hidden(f) && visible(who, loc, f))
+    {
         let e = out.entry(f.path.as_str()).or_insert(f);
         if f.version > e.version {
             *e = f;
@@ -245,6 +252,19 @@ pub fn plan_upload(
     files: &[FileVersion],
 ) -> Result<UploadPlan> {
     let path = loc.file_path()?;
+    // A data item's file is kept only beside its image.
+    if let Some(rest) = path
+        .strip_prefix(store::DATA_DIR)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        let id = rest.split('/').next().unwrap_or_default();
+        if !files.iter().any(|f| f.image.as_deref() == Some(id)) {
+            return Err(CoordError::NotFound {
+                kind: "image",
+                id: id.to_string(),
+            });
+        }
+    }
     if let Some(f) = files.iter().find(|f| made_by(&f.request, rid)) {
         if f.path != path {
             return Err(CoordError::RequestIdReused(rid.to_string()));

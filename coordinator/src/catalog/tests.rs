@@ -403,3 +403,158 @@ mod image_rules {
         assert_eq!(decode(&encode(&r)).unwrap(), r);
     }
 }
+
+// The image store's rules (seed 004).
+
+fn image(id: &str, names: &[&str], updated_at: u64) -> images::ImageRecord {
+    images::ImageRecord {
+        id: id.into(),
+        name: id.into(),
+        owner: "alice".into(),
+        location: String::new(),
+        checksum: String::new(),
+        container_format: "bare".into(),
+        disk_format: "raw".into(),
+        created_at: 0,
+        updated_at,
+        is_public: false,
+        properties: BTreeMap::new(),
+        size: 0,
+        status: "available".into(),
+        names: names.iter().map(|s| s.to_string()).collect(),
+        metadata: String::new(),
+        flags: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn images_are_found_by_id_then_name_then_unambiguous_prefix() {
+    let (a, b, c) = (
+        image("3f12aa", &["debian"], 1),
+        image("3f9abb", &["3f12aa-old"], 1),
+        image("77cc", &["3f"], 1),
+    );
+    let all = [&a, &b, &c];
+    assert_eq!(store::resolve(&all, "3f9abb").unwrap(), 1);
+    assert_eq!(store::resolve(&all, "debian").unwrap(), 0);
+    // A name wins over a prefix; an id over a name.
+    assert_eq!(store::resolve(&all, "3f").unwrap(), 2);
+    assert_eq!(store::resolve(&all, "3f12").unwrap(), 0);
+    assert_eq!(store::resolve(&all, "7").unwrap(), 2);
+    let e = store::resolve(&[&a, &b], "3f").unwrap_err();
+    assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument);
+    assert!(e.to_string().contains("3f12aa, 3f9abb"), "{e}");
+    let e = store::resolve(&all, "nothing").unwrap_err();
+    assert_eq!(e.grpc_code(), tonic::Code::NotFound);
+    assert!(store::resolve(&all, "").is_err());
+}
+
+#[test]
+fn names_are_taken_from_the_images_that_had_them() {
+    let (a, b, c) = (
+        image("a", &["x", "y"], 1),
+        image("b", &["z"], 1),
+        image("c", &[], 1),
+    );
+    let all = [&a, &b, &c];
+    let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let (names, losers) = store::plan_names(&all, 2, &want(&["y", "z", "y"])).unwrap();
+    assert_eq!(names, want(&["y", "z"]));
+    assert_eq!(losers, vec![(0, want(&["x"])), (1, want(&[]))]);
+    // The image's own names are not taken from itself.
+    let (_, losers) = store::plan_names(&all, 0, &want(&["x"])).unwrap();
+    assert!(losers.is_empty());
+    assert!(store::check_names_free(&all, "c", &want(&["z"])).is_err());
+    assert!(store::check_names_free(&all, "b", &want(&["z", "w"])).is_ok());
+    for bad in ["", ".hidden", "a b", "tab\t", &"n".repeat(129)] {
+        let e = store::check_names(&want(&[bad])).unwrap_err();
+        assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    let many: Vec<String> = (0..33).map(|i| format!("n{i}")).collect();
+    assert!(store::check_names(&many).is_err());
+    assert!(store::check_names(&want(&["docker.io/library/debian:12", "a@b+c"])).is_ok());
+}
+
+#[test]
+fn a_name_given_twice_stays_with_the_image_changed_last() {
+    let (a, b, c) = (
+        image("a", &["x", "y"], 5),
+        image("b", &["x"], 9),
+        image("c", &["y", "w"], 5),
+    );
+    let all = [&a, &b, &c];
+    let d = store::duplicates(&all);
+    assert_eq!(d.len(), 2);
+    assert_eq!(d["x"], vec![0, 1]);
+    let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // x stays with b (changed last); y with c (same time, larger id).
+    assert_eq!(store::repairs(&all), vec![(0, want(&[]))]);
+    assert!(store::repairs(&[&a, &image("b", &["z"], 1)]).is_empty());
+}
+
+#[test]
+fn data_items_are_the_latest_files_under_the_images_directory() {
+    let mut files = vec![
+        file(1, ".images/i1/manifest", "alice", 3),
+        file(2, ".images/i1/manifest", "alice", 7),
+        file(3, ".images/i1/sig", "alice", 4),
+        file(4, ".images/i10/other", "alice", 5),
+        file(5, ".images/i1/deep/x", "alice", 6),
+    ];
+    files[1].size = 42;
+    let items = store::data_items(&files, "i1");
+    let keys: Vec<(&str, u64)> = items.iter().map(|d| (d.key.as_str(), d.size)).collect();
+    assert_eq!(keys, vec![("manifest", 42), ("sig", 1)]);
+    let all = store::data_versions(&files, "i1");
+    assert_eq!(all.len(), 4);
+    assert!(store::reserved(".images") && store::reserved(".images/a"));
+    assert!(!store::reserved(".imagesx/a") && !store::reserved("images/.images"));
+    assert!(store::check_key("manifest-sha256:ab12").is_ok());
+    for bad in ["", ".x", "a/b", "a b", &"k".repeat(129)] {
+        assert!(store::check_key(bad).is_err(), "{bad:?}");
+    }
+    assert!(store::check_given_id("..").is_err());
+    assert!(store::check_given_id("abc-1").is_ok());
+}
+
+#[test]
+fn a_data_item_is_uploaded_only_beside_its_image() {
+    let mut img = file(1, "images/a.raw", "alice", 1);
+    img.image = Some("i1".into());
+    let files = vec![img];
+    let e = plan_upload(&alice(), &loc("local:.images/i2/k"), "r", &files).unwrap_err();
+    assert_eq!(e.grpc_code(), tonic::Code::NotFound);
+    assert!(matches!(
+        plan_upload(&alice(), &loc("local:.images/i1/k"), "r", &files).unwrap(),
+        UploadPlan::Commit { .. }
+    ));
+    // Hidden from listings unless asked for.
+    let mut files = files;
+    files.push(file(2, ".images/i1/k", "alice", 2));
+    assert_eq!(listing(&alice(), &loc("local:"), &files).len(), 1);
+    assert_eq!(listing(&alice(), &loc("local:.images/"), &files).len(), 1);
+}
+
+#[test]
+fn metadata_and_flags_change_through_a_change() {
+    let r = image("a", &[], 1);
+    let mut c = images::Change::default();
+    c.set.insert("metadata".into(), "{\"k\":1}".into());
+    c.set_flags.insert("readonly".into(), "true".into());
+    let n = images::plan_change(&r, &c, 5).unwrap();
+    assert_eq!(
+        (n.metadata.as_str(), n.flags["readonly"].as_str()),
+        ("{\"k\":1}", "true")
+    );
+    let c = images::Change {
+        clear_flags: vec!["readonly".into(), "absent".into()],
+        ..Default::default()
+    };
+    assert!(images::plan_change(&n, &c, 6).unwrap().flags.is_empty());
+    let mut c = images::Change::default();
+    c.set.insert("metadata".into(), "m".repeat(16 << 10 | 1));
+    assert!(images::plan_change(&r, &c, 5).is_err());
+    let mut c = images::Change::default();
+    c.set_flags.insert("bad flag".into(), "v".into());
+    assert!(images::plan_change(&r, &c, 5).is_err());
+}

@@ -48,18 +48,62 @@ pub(super) fn listed(
     }))
 }
 
+/// A client stream whose first message carries a header and every
+/// message bytes.
+pub(super) trait Headed: Default + Send + 'static {
+    /// The header.
+    type Header;
+    /// The header (first message only) and the bytes.
+    fn split(self) -> (Option<Self::Header>, Vec<u8>);
+}
+
+impl Headed for pb::UploadFileRequest {
+    type Header = pb::UploadHeader;
+    fn split(self) -> (Option<pb::UploadHeader>, Vec<u8>) {
+        (self.header, self.data)
+    }
+}
+
+impl Headed for pb::SetImageDataRequest {
+    type Header = pb::ImageDataHeader;
+    fn split(self) -> (Option<pb::ImageDataHeader>, Vec<u8>) {
+        (self.header, self.data)
+    }
+}
+
+/// The bytes of a client stream, as the coordinator takes them.
+pub(super) type Bytes =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Vec<u8>, CoordError>> + Send>>;
+
+/// The header of stream `s` and its bytes (the first message's too); a
+/// header later on, or the stream failing, ends the bytes with an error.
+pub(super) async fn headed<M: Headed>(mut s: Streaming<M>) -> Result<(M::Header, Bytes), Status> {
+    let (h, first) = s.message().await?.unwrap_or_default().split();
+    let Some(h) = h else {
+        let e = CoordError::invalid("header", "the first message carries it");
+        return Err(to_status(&e));
+    };
+    let rest = s.map(|m| match m.map(M::split) {
+        Ok((Some(_), _)) => Err(CoordError::invalid(
+            "header",
+            "only the first message carries it",
+        )),
+        Ok((None, data)) => Ok(data),
+        Err(e) => Err(CoordError::invalid(
+            "data",
+            format!("the stream failed: {}", e.message()),
+        )),
+    });
+    Ok((h, Box::pin(tokio_stream::once(Ok(first)).chain(rest))))
+}
+
 impl CoordService {
     pub(super) async fn upload(
         &self,
         r: Request<Streaming<pb::UploadFileRequest>>,
     ) -> R<pb::UploadFileResponse> {
         let who = Caller::of(&r)?;
-        let mut s = r.into_inner();
-        let first = s.message().await?.unwrap_or_default();
-        let Some(h) = first.header else {
-            let e = CoordError::invalid("header", "the first message carries it");
-            return Err(to_status(&e));
-        };
+        let (h, data) = headed(r.into_inner()).await?;
         let up = Upload {
             request_id: h.request_id,
             location: h.location,
@@ -67,18 +111,6 @@ impl CoordService {
             sha256: h.sha256,
             directory: h.directory,
         };
-        let rest = s.map(|m| match m {
-            Ok(m) if m.header.is_some() => Err(CoordError::invalid(
-                "header",
-                "only the first message carries it",
-            )),
-            Ok(m) => Ok(m.data),
-            Err(e) => Err(CoordError::invalid(
-                "data",
-                format!("the upload stream failed: {}", e.message()),
-            )),
-        });
-        let data = Box::pin(tokio_stream::once(Ok(first.data)).chain(rest));
         let done = self.coord.upload_file(&who.id, &up, data).await;
         audit(&who.peer, "upload_file", &up.request_id, &outcome(&done));
         let (d, f, created) = done.map_err(|e| to_status(&e))?;

@@ -6,6 +6,7 @@ use tonic::{Request, Response};
 use super::{outcome, to_status, Caller, CoordService, R};
 use crate::catalog::image_ops::Found;
 use crate::catalog::images::{Change, Register};
+use crate::catalog::store::DataItem;
 use crate::pb;
 use cairn_proto::auth::Identity;
 use cairn_proto::peer::audit;
@@ -30,6 +31,19 @@ pub fn pb_image(i: &Found) -> pb::Image {
         domain: crate::catalog::domain_name(&i.domain),
         path: i.file.path.clone(),
         file_version: i.file.version,
+        names: r.names.clone(),
+        metadata: r.metadata.clone(),
+        flags: r.flags.clone().into_iter().collect(),
+        data: i.data.iter().map(pb_data).collect(),
+    }
+}
+
+/// A data item as a message.
+pub fn pb_data(d: &DataItem) -> pb::ImageData {
+    pb::ImageData {
+        key: d.key.clone(),
+        size: d.size,
+        sha256: d.sha256.clone(),
     }
 }
 
@@ -46,6 +60,9 @@ impl CoordService {
             public: r.public,
             disk_format: r.disk_format.clone(),
             container_format: r.container_format.clone(),
+            id: r.image_id.clone(),
+            names: r.names.clone(),
+            metadata: r.metadata.clone(),
         };
         let done = self
             .coord
@@ -75,13 +92,14 @@ impl CoordService {
     }
 
     pub(super) async fn images(&self, who: &Identity, owner: &str) -> R<pb::ListImagesResponse> {
-        let v = self
+        let (v, problems) = self
             .coord
             .list_images(who, owner)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListImagesResponse {
             images: v.iter().map(pb_image).collect(),
+            problems,
         }))
     }
 
@@ -102,6 +120,8 @@ impl CoordService {
             set_properties: r.set_properties.clone().into_iter().collect(),
             remove_properties: r.remove_properties.clone(),
             public: r.public,
+            set_flags: r.set_flags.clone().into_iter().collect(),
+            clear_flags: r.clear_flags.clone(),
         };
         let done = self
             .coord

@@ -6,6 +6,7 @@
 mod convert;
 mod files;
 mod images;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -519,6 +520,38 @@ impl pb::coordinator_server::Coordinator for CoordService {
         r: Request<pb::UnregisterImageRequest>,
     ) -> R<pb::UnregisterImageResponse> {
         self.unregister(r).await
+    }
+
+    async fn set_image_names(&self, r: Request<pb::SetImageNamesRequest>) -> R<pb::Image> {
+        self.names(r).await
+    }
+
+    async fn set_image_data(
+        &self,
+        r: Request<tonic::Streaming<pb::SetImageDataRequest>>,
+    ) -> R<pb::SetImageDataResponse> {
+        self.put_data(r).await
+    }
+
+    type GetImageDataStream = files::FileStream;
+
+    async fn get_image_data(
+        &self,
+        r: Request<pb::GetImageDataRequest>,
+    ) -> R<Self::GetImageDataStream> {
+        let who = Identity::of(&r)?;
+        self.data(&who, r.into_inner()).await
+    }
+
+    async fn remove_image_data(
+        &self,
+        r: Request<pb::RemoveImageDataRequest>,
+    ) -> R<pb::RemoveImageDataResponse> {
+        self.remove_data(r).await
+    }
+
+    async fn wipe_images(&self, r: Request<pb::WipeImagesRequest>) -> R<pb::WipeImagesResponse> {
+        self.wipe(r).await
     }
 
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {

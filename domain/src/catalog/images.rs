@@ -33,20 +33,42 @@ pub fn check_image_id(id: &str) -> Result<()> {
     }
 }
 
+/// What one image transaction does to a file version: register (an
+/// image's id and record; one already there is replaced) or unregister
+/// (`None`), commit a metafile beside it, and delete file versions that
+/// belong to the image (its data items).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImageChange<'a> {
+    /// The image's id and record; `None`: unregister.
+    pub image: Option<(&'a str, &'a [u8])>,
+    /// A small file to commit in the same transaction.
+    pub metafile: Option<(&'a NewFile, &'a [u8])>,
+    /// File versions to delete in the same transaction.
+    pub drop: &'a [TagId],
+}
+
 impl Domain {
-    /// Register an image from file version `tag` (`image`: its id and
-    /// record; an image already there is replaced) or unregister it
-    /// (`None`), and with `metafile` also commit that small file, in one
-    /// catalog transaction. Returns the file version and the metafile's.
+    /// Apply `change` to file version `tag` in one catalog transaction.
+    /// Returns the file version and the metafile's.
     pub fn set_file_image(
         &self,
         a: &Anchor,
         tag: &TagId,
-        image: Option<(&str, &[u8])>,
-        metafile: Option<(&NewFile, &[u8])>,
+        change: ImageChange<'_>,
         expect: Option<u64>,
         request_id: [u8; 16],
     ) -> Result<(FileVersion, Option<FileVersion>)> {
+        let ImageChange {
+            image,
+            metafile,
+            drop,
+        } = change;
+        if drop.contains(tag) {
+            return Err(DomainError::invalid(
+                "drop",
+                "names the image's own file version",
+            ));
+        }
         if let Some((id, _)) = image {
             check_image_id(id)?;
         }
@@ -115,6 +137,9 @@ impl Domain {
             None if items.contains_key(IMAGE_ITEM) => tx.remove_user_data(*tag, IMAGE_ITEM),
             None => tx,
         };
+        for id in drop {
+            tx = self.drop_file_ops(tx, a, id)?;
+        }
         if let Some((m, b)) = metafile {
             let sha = hex(ring_sha256(b).as_ref());
             let now = self.clock.now();

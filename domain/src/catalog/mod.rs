@@ -525,22 +525,7 @@ impl Domain {
         let salt = *self.geometry().domain_id.as_bytes();
         let mut tx = self.tx("delete files").request_id(request_id);
         for id in tags {
-            let t = self.read_tag(id)?;
-            let f = FileVersion::of_tag(&t, Some(a.volume), || Ok(Some(String::new())))?
-                .ok_or_else(|| DomainError::NotFound {
-                    kind: "file version",
-                    id: id.to_string(),
-                })?;
-            if let Some(image) = &f.image {
-                return Err(DomainError::FailedPrecondition(format!(
-                    "file version {} holds registered image {image}; unregister it first",
-                    f.version
-                )));
-            }
-            tx = tx.delete_tag(*id);
-            if !f.inline {
-                tx = tx.delete_volume(f.volume);
-            }
+            tx = self.drop_file_ops(tx, a, id)?;
         }
         tx.set_user_data(
             TagRef::Existing(a.tag),
@@ -550,6 +535,36 @@ impl Domain {
         .held(&[&g])
         .commit()?;
         Ok(next)
+    }
+
+    /// Add the deletion of file version `id` (its tag, and its volume
+    /// unless inline) to `tx`; a version an image is registered from is
+    /// refused, naming the image.
+    pub(crate) fn drop_file_ops<'a>(
+        &self,
+        tx: Transaction<'a>,
+        a: &Anchor,
+        id: &TagId,
+    ) -> Result<Transaction<'a>> {
+        let t = self.read_tag(id)?;
+        let f = FileVersion::of_tag(&t, Some(a.volume), || Ok(Some(String::new())))?.ok_or_else(
+            || DomainError::NotFound {
+                kind: "file version",
+                id: id.to_string(),
+            },
+        )?;
+        if let Some(image) = &f.image {
+            return Err(DomainError::FailedPrecondition(format!(
+                "file version {} holds registered image {image}; unregister it first",
+                f.version
+            )));
+        }
+        let tx = tx.delete_tag(*id);
+        Ok(if f.inline {
+            tx
+        } else {
+            tx.delete_volume(f.volume)
+        })
     }
 
     /// Every file version, and the generation they were read at (read
@@ -614,7 +629,7 @@ pub fn latest(files: &[FileVersion]) -> BTreeMap<&str, &FileVersion> {
 }
 
 mod images;
-pub use images::{check_image_id, IMAGE_ITEM};
+pub use images::{check_image_id, ImageChange, IMAGE_ITEM};
 
 #[cfg(test)]
 mod tests;

@@ -250,8 +250,11 @@ fn images_are_registered_replaced_and_unregistered_with_their_metafile() {
         .set_file_image(
             &a,
             &f.tag,
-            Some(("img-1", b"{\"name\":\"A\"}")),
-            Some((&meta, b"{\"name\":\"A\"}")),
+            ImageChange {
+                image: Some(("img-1", b"{\"name\":\"A\"}")),
+                metafile: Some((&meta, b"{\"name\":\"A\"}")),
+                ..Default::default()
+            },
             Some(1),
             [2; 16],
         )
@@ -270,16 +273,41 @@ fn images_are_registered_replaced_and_unregistered_with_their_metafile() {
     );
     // Planned at an old generation: refused, unchanged.
     let e = d
-        .set_file_image(&a, &f.tag, None, None, Some(1), [3; 16])
+        .set_file_image(
+            &a,
+            &f.tag,
+            ImageChange {
+                ..Default::default()
+            },
+            Some(1),
+            [3; 16],
+        )
         .unwrap_err();
     assert_eq!(e.code(), crate::ErrorCode::Changed);
     // Replaced, then unregistered; a second unregister is refused.
     let (r, _) = d
-        .set_file_image(&a, &f.tag, Some(("img-1", b"{}")), None, None, [4; 16])
+        .set_file_image(
+            &a,
+            &f.tag,
+            ImageChange {
+                image: Some(("img-1", b"{}")),
+                ..Default::default()
+            },
+            None,
+            [4; 16],
+        )
         .unwrap();
     assert_eq!(d.image_record(&r).unwrap().unwrap(), b"{}");
     let (r, _) = d
-        .set_file_image(&a, &f.tag, None, None, None, [5; 16])
+        .set_file_image(
+            &a,
+            &f.tag,
+            ImageChange {
+                ..Default::default()
+            },
+            None,
+            [5; 16],
+        )
         .unwrap();
     assert_eq!((r.image.clone(), d.image_record(&r).unwrap()), (None, None));
     assert!(!d.read_user_data(&f.tag).unwrap().contains_key(IMAGE_ITEM));
@@ -288,14 +316,31 @@ fn images_are_registered_replaced_and_unregistered_with_their_metafile() {
         Some(long.as_str())
     );
     let e = d
-        .set_file_image(&a, &f.tag, None, None, None, [6; 16])
+        .set_file_image(
+            &a,
+            &f.tag,
+            ImageChange {
+                ..Default::default()
+            },
+            None,
+            [6; 16],
+        )
         .unwrap_err();
     assert!(e.to_string().contains("no image is registered"), "{e}");
     // Bad ids and huge metafiles change nothing.
     let g = d.catalog_generation(&a).unwrap();
     for bad in ["", "a/b", &"x".repeat(65)] {
         let e = d
-            .set_file_image(&a, &f.tag, Some((bad, b"{}")), None, None, [7; 16])
+            .set_file_image(
+                &a,
+                &f.tag,
+                ImageChange {
+                    image: Some((bad, b"{}")),
+                    ..Default::default()
+                },
+                None,
+                [7; 16],
+            )
             .unwrap_err();
         assert_eq!(e.code(), crate::ErrorCode::InvalidArgument, "{bad:?}");
     }
@@ -304,14 +349,55 @@ fn images_are_registered_replaced_and_unregistered_with_their_metafile() {
         .set_file_image(
             &a,
             &f.tag,
-            Some(("i", b"{}")),
-            Some((&meta, &big)),
+            ImageChange {
+                image: Some(("i", b"{}")),
+                metafile: Some((&meta, &big)),
+                ..Default::default()
+            },
             None,
             [8; 16],
         )
         .unwrap_err();
     assert_eq!(e.code(), crate::ErrorCode::InvalidArgument);
     assert_eq!(d.catalog_generation(&a).unwrap(), g);
+    // Data items go with the image in one transaction; a version that
+    // holds an image, or the image's own, is refused with no change.
+    let item = d
+        .commit_file(&a, &file("data/k"), FileBytes::Inline(b"v"), None, [9; 16])
+        .unwrap();
+    let other = d
+        .commit_file(&a, &file("other"), FileBytes::Inline(b"o"), None, [10; 16])
+        .unwrap();
+    let reg = |tag: &TagId, id: &'static str, rid: u8| {
+        let image = Some((id, &b"{}"[..]));
+        let change = ImageChange {
+            image,
+            ..Default::default()
+        };
+        d.set_file_image(&a, tag, change, None, [rid; 16]).unwrap()
+    };
+    reg(&f.tag, "img-1", 11);
+    reg(&other.tag, "img-2", 12);
+    let g = d.catalog_generation(&a).unwrap();
+    for drop in [&[item.tag, other.tag][..], &[f.tag]] {
+        let change = ImageChange {
+            drop,
+            ..Default::default()
+        };
+        assert!(d
+            .set_file_image(&a, &f.tag, change, None, [13; 16])
+            .is_err());
+    }
+    assert_eq!(d.catalog_generation(&a).unwrap(), g);
+    let change = ImageChange {
+        drop: &[item.tag],
+        ..Default::default()
+    };
+    d.set_file_image(&a, &f.tag, change, None, [14; 16])
+        .unwrap();
+    let left = d.list_files(Some(&a)).unwrap().files;
+    assert!(left.iter().all(|x| x.tag != item.tag));
+    assert_eq!(d.catalog_generation(&a).unwrap(), g + 1);
     crate::testing::assert_clean(dev.as_ref());
 }
 

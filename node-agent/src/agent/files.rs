@@ -4,7 +4,7 @@
 
 use std::fs::File;
 
-use cairn_domain::catalog::{Anchor, FileBytes, FileVersion, Listing, NewFile};
+use cairn_domain::catalog::{Anchor, FileBytes, FileVersion, ImageChange, Listing, NewFile};
 
 use super::*;
 use crate::jobs::open_direct;
@@ -111,14 +111,13 @@ impl Agent {
         Ok(o.domain.delete_files(&a, tags, expect, request_id)?)
     }
 
-    /// Register or unregister an image from file version `tag`, with an
-    /// optional metafile (see `Domain::set_file_image`).
+    /// Register or unregister an image from file version `tag` (see
+    /// `Domain::set_file_image`).
     pub fn set_file_image(
         &self,
         o: &Opened,
         tag: &TagId,
-        image: Option<(&str, &[u8])>,
-        metafile: Option<(&NewFile, &[u8])>,
+        change: ImageChange<'_>,
         expect: Option<u64>,
         request_id: [u8; 16],
     ) -> Result<(FileVersion, Option<FileVersion>)> {
@@ -126,7 +125,7 @@ impl Agent {
             return Err(AgentError::not_found("file version", tag.to_string()));
         };
         Ok(o.domain
-            .set_file_image(&a, tag, image, metafile, expect, request_id)?)
+            .set_file_image(&a, tag, change, expect, request_id)?)
     }
 
     /// Where to read `length` bytes (0: to the end) of file version `tag`

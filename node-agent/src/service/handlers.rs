@@ -535,7 +535,17 @@ pub(super) fn set_file_image(
         request: r.request_id.clone(),
     };
     let metafile = (!r.metafile_path.is_empty()).then_some((&meta, r.metafile_data.as_slice()));
-    let (f, m) = a.set_file_image(&o, &tag, image, metafile, r.expect_generation, rid)?;
+    let drop = r
+        .drop_tag_ids
+        .iter()
+        .map(|t| tag_id("drop_tag_ids", t))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let change = cairn_domain::catalog::ImageChange {
+        image,
+        metafile,
+        drop: &drop,
+    };
+    let (f, m) = a.set_file_image(&o, &tag, change, r.expect_generation, rid)?;
     Ok(pb::SetFileImageResponse {
         file: Some((&f).into()),
         metafile: m.as_ref().map(Into::into),
