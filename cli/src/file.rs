@@ -260,6 +260,14 @@ async fn read_into(c: &mut Coord, location: &str, version: u64, w: &mut dyn Writ
         })
         .await
         .ask()?;
+    write_chunks(&mut s, w).await
+}
+
+/// The chunks of `s` into `w`, checked to come in order.
+pub async fn write_chunks(
+    s: &mut tonic::Streaming<pb::FileChunk>,
+    w: &mut dyn Write,
+) -> Result<()> {
     let mut at = 0u64;
     while let Some(chunk) = s.message().await.map_err(refused)? {
         if chunk.offset != at {

@@ -11,7 +11,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::args::rid;
-use crate::connect::{refused, Ask, Coord};
+use crate::connect::{Ask, Coord};
 use crate::output::Out;
 
 /// `image names`.
@@ -159,17 +159,7 @@ pub async fn data(c: &mut Coord, cmd: &DataCmd, out: &mut Out<'_>) -> Result<()>
                 ),
                 None => Box::new(std::io::stdout().lock()),
             };
-            let mut at = 0u64;
-            while let Some(chunk) = s.message().await.map_err(refused)? {
-                if chunk.offset != at {
-                    bail!(
-                        "the coordinator sent bytes at {} where {at} was due",
-                        chunk.offset
-                    );
-                }
-                w.write_all(&chunk.data)?;
-                at += chunk.data.len() as u64;
-            }
+            crate::file::write_chunks(&mut s, &mut w).await?;
             w.flush()?;
             Ok(())
         }

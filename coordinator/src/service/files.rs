@@ -20,6 +20,16 @@ use super::to_status;
 pub type FileStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
 
+/// A file's chunks as `ReadFile` answers them.
+pub(super) fn file_stream(chunks: crate::agents::Chunks) -> FileStream {
+    Box::pin(chunks.map(|c| {
+        c.map(|c| pb::FileChunk {
+            offset: c.offset,
+            data: c.data,
+        })
+    }))
+}
+
 /// A file version as a message; its location names the domain by name.
 pub fn pb_file(d: &DomainRef, f: &FileVersion) -> pb::File {
     let domain = crate::catalog::domain_name(d);
@@ -126,13 +136,7 @@ impl CoordService {
             .read_file(who, &r.location, r.version)
             .await
             .map_err(|e| to_status(&e))?;
-        let out = chunks.map(|c| {
-            c.map(|c| pb::FileChunk {
-                offset: c.offset,
-                data: c.data,
-            })
-        });
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(file_stream(chunks)))
     }
 
     pub(super) async fn delete(

@@ -1,10 +1,9 @@
 //! The image store's calls (seed 004): messages in, domain types to the
 //! coordinator, messages out; every change audited.
 
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Streaming};
 
-use super::files::{headed, FileStream};
+use super::files::{file_stream, headed, FileStream};
 use super::images::{pb_data, pb_image};
 use super::{outcome, to_status, Caller, CoordService, R};
 use crate::catalog::store_ops::DataUpload;
@@ -52,13 +51,7 @@ impl CoordService {
             .get_image_data(who, &r.image_id, &r.key)
             .await
             .map_err(|e| to_status(&e))?;
-        let out = chunks.map(|c| {
-            c.map(|c| pb::FileChunk {
-                offset: c.offset,
-                data: c.data,
-            })
-        });
-        Ok(Response::new(Box::pin(out)))
+        Ok(Response::new(file_stream(chunks)))
     }
 
     pub(super) async fn remove_data(
