@@ -197,13 +197,23 @@ impl AgentConn {
 
     /// A file version's bytes, in chunks.
     pub async fn read_file(&self, domain: &uuid::Uuid, tag: &TagId) -> Result<Chunks> {
+        self.read_file_part(domain, tag, 0).await
+    }
+
+    /// The first `length` bytes of a file version (0: all of them).
+    pub async fn read_file_part(
+        &self,
+        domain: &uuid::Uuid,
+        tag: &TagId,
+        length: u64,
+    ) -> Result<Chunks> {
         Ok(self
             .c()
             .read_file(pb::ReadFileRequest {
                 domain: domain.to_string(),
                 tag_id: tag.to_string(),
                 offset: 0,
-                length: 0,
+                length,
             })
             .await
             .map_err(self.err())?

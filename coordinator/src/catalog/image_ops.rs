@@ -6,6 +6,7 @@ use cairn_domain::catalog::{check_path, FileVersion};
 use cairn_domain::TagId;
 use cairn_proto::auth::Identity;
 
+use super::glance;
 use super::images::{self, Change, ImageRecord, Register};
 use super::store::{self, DataItem};
 use super::{
@@ -154,7 +155,7 @@ impl Coordinator {
         let (all, problems) = self.all_images().await?;
         let mut v: Vec<Found> = all
             .into_iter()
-            .filter(|i| images::visible(who, &i.record))
+            .filter(|i| glance::listed(who, &i.record))
             .filter(|i| owner.is_empty() || i.record.owner == owner)
             .collect();
         v.sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
@@ -227,6 +228,31 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The virtual size of the disk image in file version `f`, from its
+    /// first bytes ([`glance::virtual_size`]).
+    async fn virtual_size(
+        &self,
+        c: &AgentConn,
+        d: &DomainRef,
+        f: &FileVersion,
+        disk_format: &str,
+    ) -> Result<u64> {
+        let mut head = Vec::new();
+        if f.size >= 32 && !f.directory {
+            let mut s = c
+                .read_file_part(&d.id, &f.tag, glance::HEAD.min(f.size))
+                .await?;
+            let failed = |status| CoordError::Agent {
+                host: c.host.clone(),
+                status,
+            };
+            while let Some(chunk) = s.message().await.map_err(failed)? {
+                head.extend_from_slice(&chunk.data);
+            }
+        }
+        Ok(glance::virtual_size(&head, f.size, disk_format))
+    }
+
     /// Register an image from the latest version of the file at
     /// `location`, writing its metafile beside it unless `no_metafile`
     /// (refused when one exists, unless `force`).
@@ -272,8 +298,16 @@ impl Coordinator {
             let versions = file_versions(who, &loc, &all)?;
             let latest = versions.last().copied().expect("one version at least");
             let full = Location::full(&latest.owner, &dname, &path);
-            let rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
+            let mut rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
             self.check_unique(&d, &all, latest, &rec).await?;
+            if latest.image.is_some() {
+                // Registering over a protected image would clear it.
+                let found = self.images_on(&c, &d).await?;
+                if let Some(old) = found.iter().find(|i| i.file.tag == latest.tag) {
+                    glance::check_unprotected(&old.record)?;
+                }
+            }
+            rec.virtual_size = self.virtual_size(&c, &d, latest, &rec.disk_format).await?;
             let body = images::metafile(&rec);
             if !no_metafile {
                 let existing = versions_of(&all, &meta_path);
@@ -392,6 +426,7 @@ impl Coordinator {
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;
+            glance::check_unprotected(&i.record)?;
             match self.drop_image(&i, &format!("{base}.{attempt}")).await {
                 Ok(()) => return Ok(()),
                 Err(e) if moved(&e) => continue,

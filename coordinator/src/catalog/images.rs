@@ -50,6 +50,29 @@ pub struct ImageRecord {
     /// Flags (seed 004).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub flags: BTreeMap<String, String>,
+    /// Seen by its members (Glance's `shared`; `is_public` wins).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// Members of a shared image and their answer: `pending`,
+    /// `accepted` or `rejected`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, String>,
+    /// Not unregistered, nor registered over, while set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
+    /// Glance's tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// GiB a disk made from it needs at least.
+    #[serde(default)]
+    pub min_disk: u64,
+    /// MiB of memory a machine booting it needs at least.
+    #[serde(default)]
+    pub min_ram: u64,
+    /// The size of the disk it holds, read from its header at
+    /// registration (0: not known).
+    #[serde(default)]
+    pub virtual_size: u64,
 }
 
 /// Longest property key and value, in bytes.
@@ -59,7 +82,7 @@ const MAX_VALUE: usize = 1024;
 const MAX_METAFILE: usize = cairn_domain::catalog::MAX_INLINE as usize;
 
 /// Fields set by the system, never by a caller.
-const IMMUTABLE: [&str; 8] = [
+const IMMUTABLE: [&str; 11] = [
     "id",
     "owner",
     "location",
@@ -68,6 +91,9 @@ const IMMUTABLE: [&str; 8] = [
     "created_at",
     "updated_at",
     "deleted_at",
+    "virtual_size",
+    "os_hash_algo",
+    "os_hash_value",
 ];
 
 /// The image id of the file at `path` on domain `domain`: the same for
@@ -196,7 +222,7 @@ fn template(b: &[u8]) -> Result<Template> {
 
 /// Whether `who` may see image `r`.
 pub fn visible(who: &Identity, r: &ImageRecord) -> bool {
-    r.is_public || who.may_act_on(Some(&r.owner))
+    r.is_public || who.may_act_on(Some(&r.owner)) || super::glance::member(who, r)
 }
 
 /// Refuse `who` changing image `r`: PERMISSION_DENIED when it may see
@@ -286,6 +312,13 @@ pub fn plan_register(
         names: super::store::check_names(&req.names)?,
         metadata: super::store::check_metadata(&req.metadata)?,
         flags: BTreeMap::new(),
+        shared: false,
+        members: BTreeMap::new(),
+        protected: false,
+        tags: Vec::new(),
+        min_disk: 0,
+        min_ram: 0,
+        virtual_size: 0,
     };
     check_size(&r)?;
     Ok(r)
@@ -331,6 +364,14 @@ pub struct Change {
     pub set_flags: BTreeMap<String, String>,
     /// Flags to clear.
     pub clear_flags: Vec<String>,
+    /// Tags to add.
+    pub add_tags: Vec<String>,
+    /// Tags to remove.
+    pub remove_tags: Vec<String>,
+    /// Members to add (`pending`).
+    pub add_members: Vec<String>,
+    /// Members to remove.
+    pub remove_members: Vec<String>,
 }
 
 /// A field name as the API and the CLI accept it (`disk-format` or
@@ -363,6 +404,7 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
             "status" => n.status = v,
             "metadata" => n.metadata = super::store::check_metadata(&v)?,
             "is_public" => {
+                n.shared = false;
                 n.is_public = match v.to_ascii_lowercase().as_str() {
                     "true" => true,
                     "false" => false,
@@ -374,13 +416,16 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
                     }
                 }
             }
-            _ => {
-                return Err(CoordError::invalid(
-                    "set",
-                    format!(
-                        "unknown field {k} (name, disk_format, container_format, status, metadata)"
-                    ),
-                ))
+            other => {
+                if !super::glance::set_field(&mut n, other, &v)? {
+                    return Err(CoordError::invalid(
+                        "set",
+                        format!(
+                            "unknown field {k} (name, disk_format, container_format, status, \
+                             metadata, visibility, protected, min_disk, min_ram)"
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -399,8 +444,11 @@ pub fn plan_change(r: &ImageRecord, c: &Change, now: u64) -> Result<ImageRecord>
         }
     }
     if let Some(p) = c.public {
-        n.is_public = p;
+        let v = if p { "public" } else { "private" };
+        super::glance::set_visibility(&mut n, v)?;
     }
+    super::glance::change_tags(&mut n, &c.add_tags, &c.remove_tags)?;
+    super::glance::change_members(&mut n, &c.add_members, &c.remove_members)?;
     for (k, v) in &c.set_flags {
         super::store::check_flag(k, v)?;
         n.flags.insert(k.clone(), v.clone());

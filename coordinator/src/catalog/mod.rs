@@ -10,6 +10,7 @@
 //! against a fresh listing, so checks made here hold at the commit.
 
 pub mod files;
+pub mod glance;
 pub mod image_ops;
 pub mod images;
 pub mod store;

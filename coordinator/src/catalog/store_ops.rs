@@ -270,3 +270,47 @@ fn item_of(i: &Found, key: &str) -> Result<DataItem> {
             id: format!("{key} of image {}", i.record.id),
         })
 }
+
+impl Coordinator {
+    /// Member `who` of shared image `key` answers `status`.
+    pub async fn set_member_status(
+        &self,
+        who: &Identity,
+        request_id: &str,
+        key: &str,
+        status: &str,
+    ) -> Result<Found> {
+        check_request_id(request_id)?;
+        self.catalog_writable()?;
+        super::glance::check_status(status)?;
+        let base = base_rid("member", who, request_id);
+        for attempt in 0..TRIES {
+            let i = self.get_image(who, key).await?;
+            if !super::glance::member(who, &i.record) {
+                return Err(CoordError::FailedPrecondition(format!(
+                    "{} is not a member of image {}",
+                    who.name, i.record.id
+                )));
+            }
+            let mut rec = i.record.clone();
+            rec.members.insert(who.name.clone(), status.to_string());
+            rec.updated_at = now();
+            match self
+                .put_record(&i, &rec, &format!("{base}.{attempt}"))
+                .await
+            {
+                Ok(file) => {
+                    return Ok(Found {
+                        generation: i.generation + 1,
+                        file,
+                        record: rec,
+                        ..i
+                    })
+                }
+                Err(e) if moved(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(busy(&format!("image {key}")))
+    }
+}

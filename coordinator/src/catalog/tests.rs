@@ -424,6 +424,13 @@ fn image(id: &str, names: &[&str], updated_at: u64) -> images::ImageRecord {
         names: names.iter().map(|s| s.to_string()).collect(),
         metadata: String::new(),
         flags: BTreeMap::new(),
+        shared: false,
+        members: BTreeMap::new(),
+        protected: false,
+        tags: Vec::new(),
+        min_disk: 0,
+        min_ram: 0,
+        virtual_size: 0,
     }
 }
 
@@ -557,4 +564,98 @@ fn metadata_and_flags_change_through_a_change() {
     let mut c = images::Change::default();
     c.set_flags.insert("bad flag".into(), "v".into());
     assert!(images::plan_change(&r, &c, 5).is_err());
+}
+
+// Glance v2's additions.
+
+#[test]
+fn shared_images_are_seen_by_members_and_listed_once_accepted() {
+    let bob = who("bob", Role::User);
+    let mut r = image("s", &[], 1);
+    assert!(!images::visible(&bob, &r));
+    let add = |r: &images::ImageRecord, m: &[&str]| {
+        let c = images::Change {
+            add_members: m.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        images::plan_change(r, &c, 2)
+    };
+    let e = add(&r, &["bob"]).unwrap_err();
+    assert_eq!(e.grpc_code(), tonic::Code::FailedPrecondition);
+    let mut c = images::Change::default();
+    c.set.insert("visibility".into(), "shared".into());
+    r = images::plan_change(&r, &c, 2).unwrap();
+    assert_eq!(glance::visibility(&r), "shared");
+    assert!(add(&r, &["alice"]).is_err(), "the owner is no member");
+    r = add(&r, &["bob"]).unwrap();
+    assert_eq!(r.members["bob"], "pending");
+    assert!(images::visible(&bob, &r) && !glance::listed(&bob, &r));
+    r.members.insert("bob".into(), "accepted".into());
+    assert!(glance::listed(&bob, &r));
+    // A member does not change the image.
+    assert!(images::may_change(&bob, &r).is_err());
+    // Publishing makes it public; unpublishing private, not shared.
+    let c = images::Change {
+        public: Some(true),
+        ..Default::default()
+    };
+    r = images::plan_change(&r, &c, 3).unwrap();
+    assert_eq!(glance::visibility(&r), "public");
+    let c = images::Change {
+        public: Some(false),
+        ..Default::default()
+    };
+    r = images::plan_change(&r, &c, 4).unwrap();
+    assert_eq!(glance::visibility(&r), "private");
+    assert!(!images::visible(&bob, &r));
+    assert!(glance::check_status("accepted").is_ok() && glance::check_status("maybe").is_err());
+}
+
+#[test]
+fn protected_tags_and_minimums_change_and_the_header_gives_the_virtual_size() {
+    let mut r = image("p", &[], 1);
+    let mut c = images::Change::default();
+    c.set.insert("protected".into(), "true".into());
+    c.set.insert("min_disk".into(), "20".into());
+    c.set.insert("min-ram".into(), "2048".into());
+    c.add_tags = vec!["lts".into(), "x86".into(), "lts".into()];
+    r = images::plan_change(&r, &c, 2).unwrap();
+    assert!(r.protected);
+    assert_eq!((r.min_disk, r.min_ram), (20, 2048));
+    assert_eq!(r.tags, vec!["lts".to_string(), "x86".to_string()]);
+    assert_eq!(
+        glance::check_unprotected(&r).unwrap_err().grpc_code(),
+        tonic::Code::FailedPrecondition
+    );
+    let c = images::Change {
+        remove_tags: vec!["lts".into()],
+        clear: vec!["protected".into(), "min_disk".into()],
+        ..Default::default()
+    };
+    r = images::plan_change(&r, &c, 3).unwrap();
+    assert!(!r.protected && r.min_disk == 0 && r.tags == vec!["x86".to_string()]);
+    for (k, v) in [
+        ("min_disk", "lots"),
+        ("protected", "maybe"),
+        ("visibility", "community"),
+    ] {
+        let mut c = images::Change::default();
+        c.set.insert(k.into(), v.into());
+        assert!(images::plan_change(&r, &c, 4).is_err(), "{k}={v}");
+    }
+    for f in ["virtual_size", "os_hash_value"] {
+        let mut c = images::Change::default();
+        c.set.insert(f.into(), "1".into());
+        assert!(images::plan_change(&r, &c, 4)
+            .unwrap_err()
+            .to_string()
+            .contains(f));
+    }
+    let mut head = vec![0u8; 512];
+    head[..4].copy_from_slice(b"QFI\xfb");
+    head[24..32].copy_from_slice(&(10u64 << 30).to_be_bytes());
+    assert_eq!(glance::virtual_size(&head, 200_000, "qcow2"), 10 << 30);
+    assert_eq!(glance::virtual_size(&[0; 512], 4 << 20, "raw"), 4 << 20);
+    assert_eq!(glance::virtual_size(&[0; 512], 4 << 20, "vmdk"), 0);
+    assert_eq!(glance::virtual_size(b"QFI", 3, "raw"), 3);
 }

@@ -4,6 +4,7 @@
 use tonic::{Request, Response};
 
 use super::{outcome, to_status, Caller, CoordService, R};
+use crate::catalog::glance;
 use crate::catalog::image_ops::Found;
 use crate::catalog::images::{Change, Register};
 use crate::catalog::store::DataItem;
@@ -35,6 +36,22 @@ pub fn pb_image(i: &Found) -> pb::Image {
         metadata: r.metadata.clone(),
         flags: r.flags.clone().into_iter().collect(),
         data: i.data.iter().map(pb_data).collect(),
+        visibility: glance::visibility(r).into(),
+        members: r
+            .members
+            .iter()
+            .map(|(m, s)| pb::ImageMember {
+                member: m.clone(),
+                status: s.clone(),
+            })
+            .collect(),
+        protected: r.protected,
+        tags: r.tags.clone(),
+        min_disk: r.min_disk,
+        min_ram: r.min_ram,
+        virtual_size: r.virtual_size,
+        os_hash_algo: glance::OS_HASH_ALGO.into(),
+        os_hash_value: r.checksum.clone(),
     }
 }
 
@@ -122,6 +139,10 @@ impl CoordService {
             public: r.public,
             set_flags: r.set_flags.clone().into_iter().collect(),
             clear_flags: r.clear_flags.clone(),
+            add_tags: r.add_tags.clone(),
+            remove_tags: r.remove_tags.clone(),
+            add_members: r.add_members.clone(),
+            remove_members: r.remove_members.clone(),
         };
         let done = self
             .coord

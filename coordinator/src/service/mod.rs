@@ -554,6 +554,13 @@ impl pb::coordinator_server::Coordinator for CoordService {
         self.wipe(r).await
     }
 
+    async fn set_image_member_status(
+        &self,
+        r: Request<pb::SetImageMemberStatusRequest>,
+    ) -> R<pb::Image> {
+        self.member_status(r).await
+    }
+
     async fn who_am_i(&self, r: Request<pb::WhoAmIRequest>) -> R<pb::WhoAmIResponse> {
         let who = Identity::of(&r)?;
         Ok(Response::new(pb::WhoAmIResponse {

@@ -73,6 +73,25 @@ impl CoordService {
         Ok(Response::new(pb::RemoveImageDataResponse { removed: true }))
     }
 
+    pub(super) async fn member_status(
+        &self,
+        r: Request<pb::SetImageMemberStatusRequest>,
+    ) -> R<pb::Image> {
+        let (who, r) = (Caller::of(&r)?, r.into_inner());
+        let done = self
+            .coord
+            .set_member_status(&who.id, &r.request_id, &r.image_id, &r.status)
+            .await;
+        audit(
+            &who.peer,
+            "set_image_member_status",
+            &r.request_id,
+            &outcome(&done),
+        );
+        let i = done.map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb_image(&i)))
+    }
+
     pub(super) async fn wipe(
         &self,
         r: Request<pb::WipeImagesRequest>,
