@@ -382,10 +382,26 @@ impl Coordinator {
         check_request_id(request_id)?;
         self.catalog_writable()?;
         let base = base_rid("img", who, request_id);
+        self.rewrite_image(who, &base, id, |r| {
+            images::may_change(who, r)?;
+            images::plan_change(r, change, now())
+        })
+        .await
+    }
+
+    /// Write the record `plan` makes of image `key`'s (as `who` sees
+    /// it), planned again when the catalog moved; agent request ids are
+    /// `base.ATTEMPT`.
+    pub(super) async fn rewrite_image(
+        &self,
+        who: &Identity,
+        base: &str,
+        key: &str,
+        plan: impl Fn(&ImageRecord) -> Result<ImageRecord>,
+    ) -> Result<Found> {
         for attempt in 0..TRIES {
-            let i = self.get_image(who, id).await?;
-            images::may_change(who, &i.record)?;
-            let rec = images::plan_change(&i.record, change, now())?;
+            let i = self.get_image(who, key).await?;
+            let rec = plan(&i.record)?;
             match self
                 .put_record(&i, &rec, &format!("{base}.{attempt}"))
                 .await
@@ -402,7 +418,7 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        Err(busy(&format!("image {id}")))
+        Err(busy(&format!("image {key}")))
     }
 
     /// Unregister image `i` (its data items go with it; its file stays).

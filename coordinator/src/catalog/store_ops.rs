@@ -284,33 +284,18 @@ impl Coordinator {
         self.catalog_writable()?;
         super::glance::check_status(status)?;
         let base = base_rid("member", who, request_id);
-        for attempt in 0..TRIES {
-            let i = self.get_image(who, key).await?;
-            if !super::glance::member(who, &i.record) {
+        self.rewrite_image(who, &base, key, |r| {
+            if !super::glance::member(who, r) {
                 return Err(CoordError::FailedPrecondition(format!(
                     "{} is not a member of image {}",
-                    who.name, i.record.id
+                    who.name, r.id
                 )));
             }
-            let mut rec = i.record.clone();
+            let mut rec = r.clone();
             rec.members.insert(who.name.clone(), status.to_string());
             rec.updated_at = now();
-            match self
-                .put_record(&i, &rec, &format!("{base}.{attempt}"))
-                .await
-            {
-                Ok(file) => {
-                    return Ok(Found {
-                        generation: i.generation + 1,
-                        file,
-                        record: rec,
-                        ..i
-                    })
-                }
-                Err(e) if moved(&e) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(busy(&format!("image {key}")))
+            Ok(rec)
+        })
+        .await
     }
 }
