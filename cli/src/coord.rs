@@ -29,7 +29,7 @@ pub enum CoordCmd {
     File(crate::file::FileCmd),
     /// Images registered from files.
     #[command(subcommand)]
-    Image(crate::image::ImageCmd),
+    Image(Box<crate::image::ImageCmd>),
     /// The agents the coordinator uses.
     Agents,
     /// Who the coordinator takes you for: the name your disks record as

@@ -138,9 +138,15 @@ pub async fn run(c: &mut Coord, cmd: &FileCmd, out: &mut Out<'_>) -> Result<Exit
                 if !recursive {
                     bail!("{} is a directory (upload it with -R)", local.display());
                 }
-                upload_tree(c, &abs, &target, out).await?;
+                let files = upload_tree(c, &abs, &target, out).await?;
+                if out.json_mode() {
+                    out.json(&files.iter().map(file_json).collect::<Vec<_>>())?;
+                }
             } else {
-                upload_one(c, &abs, &target, out).await?;
+                let file = upload_one(c, &abs, &target, out).await?;
+                if out.json_mode() {
+                    out.json(&file_json(&file))?;
+                }
             }
             if !out.json_mode() {
                 writeln!(out, "Done")?;
@@ -283,11 +289,18 @@ pub async fn write_chunks(
 }
 
 /// Upload a directory tree: a directory marker for each directory, then
-/// its files, in name order. Symbolic links are skipped.
-async fn upload_tree(c: &mut Coord, dir: &Path, target: &str, out: &mut Out<'_>) -> Result<()> {
+/// its files, in name order; what was made, in that order. Symbolic links
+/// are skipped.
+async fn upload_tree(
+    c: &mut Coord,
+    dir: &Path,
+    target: &str,
+    out: &mut Out<'_>,
+) -> Result<Vec<pb::File>> {
+    let mut made = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), target.to_string())];
     while let Some((d, loc)) = stack.pop() {
-        mkdir(c, &loc, out).await?;
+        made.push(mkdir(c, &loc, out).await?);
         let mut entries: Vec<_> = std::fs::read_dir(&d)
             .with_context(|| format!("cannot list {}", d.display()))?
             .collect::<std::io::Result<_>>()?;
@@ -305,15 +318,15 @@ async fn upload_tree(c: &mut Coord, dir: &Path, target: &str, out: &mut Out<'_>)
             } else if t.is_dir() {
                 dirs.push((e.path(), below(&loc, name)));
             } else if t.is_file() {
-                upload_one(c, &e.path(), &below(&loc, name), out).await?;
+                made.push(upload_one(c, &e.path(), &below(&loc, name), out).await?);
             }
         }
         stack.extend(dirs.into_iter().rev());
     }
-    Ok(())
+    Ok(made)
 }
 
-async fn mkdir(c: &mut Coord, loc: &str, out: &mut Out<'_>) -> Result<()> {
+async fn mkdir(c: &mut Coord, loc: &str, out: &mut Out<'_>) -> Result<pb::File> {
     if !out.json_mode() {
         writeln!(out, "mkdir {loc}")?;
     }
@@ -328,14 +341,13 @@ async fn mkdir(c: &mut Coord, loc: &str, out: &mut Out<'_>) -> Result<()> {
         data: Vec::new(),
     };
     let r = c.upload_file(tokio_stream::iter([msg])).await.ask()?;
-    if out.json_mode() {
-        out.json(&r.file.as_ref().map(file_json))?;
-    }
-    Ok(())
+    r.file
+        .context("the coordinator answered without the directory")
 }
 
 /// Upload one local file, its SHA-256 taken as the bytes pass and checked
-/// against what the domain recorded.
+/// against what the domain recorded. In JSON mode it prints nothing: the
+/// caller prints one document for the whole command.
 pub async fn upload_one(
     c: &mut Coord,
     local: &Path,
@@ -378,9 +390,6 @@ pub async fn upload_one(
             file.sha256,
             size
         );
-    }
-    if out.json_mode() {
-        out.json(&file_json(&file))?;
     }
     Ok(file)
 }

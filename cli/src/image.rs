@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::args::rid;
 use crate::connect::{Ask, Coord, Refused};
-use crate::image_store::{DataCmd, FlagCmd, NamesCmd};
+use crate::image_store::{DataCmd, FlagCmd, MembersCmd, NamesCmd};
 use crate::output::Out;
 
 /// Image commands.
@@ -51,6 +51,9 @@ pub enum ImageCmd {
     /// An image's flags.
     #[command(subcommand)]
     Flag(FlagCmd),
+    /// Who a shared image is shared with, and their answers.
+    #[command(subcommand)]
+    Members(MembersCmd),
     /// Set an image's metadata string.
     Metadata {
         /// The image.
@@ -139,6 +142,21 @@ pub enum MetaCmd {
         /// A property, KEY=VALUE.
         #[arg(short = 'p', long = "property", value_parser = key_value)]
         properties: Vec<(String, String)>,
+        /// Glance's visibility: private, public or shared.
+        #[arg(long, conflicts_with_all = ["publish", "unpublish"])]
+        visibility: Option<String>,
+        /// No unregistering while true.
+        #[arg(long)]
+        protected: Option<String>,
+        /// The smallest disk it needs, GiB.
+        #[arg(long)]
+        min_disk: Option<String>,
+        /// The least memory it needs, MiB.
+        #[arg(long)]
+        min_ram: Option<String>,
+        /// Add a tag (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Set metadata fields to "" and remove properties.
     Delete {
@@ -149,6 +167,9 @@ pub enum MetaCmd {
         /// A property to remove.
         #[arg(short = 'p', long = "property")]
         properties: Vec<String>,
+        /// A tag to remove (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
 }
 
@@ -182,6 +203,10 @@ fn image_json(i: &pb::Image) -> Value {
         "updated-at": date(i.updated_at), "names": i.names,
         "metadata": i.metadata, "flags": i.flags,
         "data": i.data.iter().map(|d| json!({"key": d.key, "size": d.size, "sha256": d.sha256})).collect::<Vec<_>>(),
+        "visibility": i.visibility, "protected": i.protected, "tags": i.tags,
+        "members": i.members.iter().map(|m| json!({"member": m.member, "status": m.status})).collect::<Vec<_>>(),
+        "min-disk": i.min_disk, "min-ram": i.min_ram, "virtual-size": i.virtual_size,
+        "os-hash-algo": i.os_hash_algo, "os-hash-value": i.os_hash_value,
     })
 }
 
@@ -233,6 +258,36 @@ fn show(out: &mut Out<'_>, i: &pb::Image) -> Result<()> {
     }
     for d in &i.data {
         writeln!(out, "        {} {} {}", d.key, d.size, d.sha256)?;
+    }
+    glance_lines(out, i)
+}
+
+/// Glance's fields, each only when it is not its default, so that a
+/// Plankton image prints as kamaki shows it (a shared image's visibility
+/// is shown, private and public are `is-public`; the virtual size when it
+/// is not the file's size).
+fn glance_lines(out: &mut Out<'_>, i: &pb::Image) -> Result<()> {
+    let line = |out: &mut Out<'_>, k: &str, v: &str| writeln!(out, "{:<18}{v}", format!("{k}:"));
+    if i.visibility == "shared" {
+        line(out, "visibility", "shared")?;
+        for m in &i.members {
+            writeln!(out, "        {}: {}", m.member, m.status)?;
+        }
+    }
+    if i.protected {
+        line(out, "protected", "True")?;
+    }
+    if !i.tags.is_empty() {
+        line(out, "tags", &i.tags.join(" "))?;
+    }
+    if i.min_disk != 0 {
+        line(out, "min-disk", &i.min_disk.to_string())?;
+    }
+    if i.min_ram != 0 {
+        line(out, "min-ram", &i.min_ram.to_string())?;
+    }
+    if i.virtual_size != 0 && i.virtual_size != i.size {
+        line(out, "virtual-size", &i.virtual_size.to_string())?;
     }
     Ok(())
 }
@@ -290,6 +345,7 @@ async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
         ImageCmd::Names(n) => crate::image_store::names(c, n, out).await,
         ImageCmd::Data(d) => crate::image_store::data(c, d, out).await,
         ImageCmd::Flag(f) => crate::image_store::flag(c, f).await,
+        ImageCmd::Members(m) => crate::image_store::members(c, m, out).await,
         ImageCmd::Metadata { image, value } => crate::image_store::metadata(c, image, value).await,
         ImageCmd::Wipe { domain, .. } => crate::image_store::wipe(c, domain, out).await,
     }
@@ -347,6 +403,11 @@ async fn meta(c: &mut Coord, m: &MetaCmd, out: &mut Out<'_>) -> Result<()> {
             container_format,
             status,
             properties,
+            visibility,
+            protected,
+            min_disk,
+            min_ram,
+            tags,
         } => {
             let mut set = HashMap::new();
             for (k, v) in [
@@ -354,6 +415,10 @@ async fn meta(c: &mut Coord, m: &MetaCmd, out: &mut Out<'_>) -> Result<()> {
                 ("disk_format", disk_format),
                 ("container_format", container_format),
                 ("status", status),
+                ("visibility", visibility),
+                ("protected", protected),
+                ("min_disk", min_disk),
+                ("min_ram", min_ram),
             ] {
                 if let Some(v) = v {
                     set.insert(k.to_string(), v.clone());
@@ -369,6 +434,7 @@ async fn meta(c: &mut Coord, m: &MetaCmd, out: &mut Out<'_>) -> Result<()> {
                     (_, true) => Some(false),
                     _ => None,
                 },
+                add_tags: tags.clone(),
                 ..Default::default()
             }
         }
@@ -376,11 +442,13 @@ async fn meta(c: &mut Coord, m: &MetaCmd, out: &mut Out<'_>) -> Result<()> {
             id,
             fields,
             properties,
+            tags,
         } => pb::UpdateImageRequest {
             request_id: rid(),
             image_id: id.clone(),
             clear: fields.clone(),
             remove_properties: properties.clone(),
+            remove_tags: tags.clone(),
             ..Default::default()
         },
     };

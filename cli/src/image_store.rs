@@ -87,6 +87,101 @@ pub enum FlagCmd {
     },
 }
 
+/// `image members`: Glance's sharing. The owner adds and removes members
+/// of a shared image; a member accepts (the image is then listed for it)
+/// or rejects.
+#[derive(Subcommand, Debug)]
+pub enum MembersCmd {
+    /// Share the image with these users (as pending).
+    Add {
+        /// The image.
+        image: String,
+        /// The users.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Stop sharing the image with these users.
+    Remove {
+        /// The image.
+        image: String,
+        /// The users.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Accept an image shared with you.
+    Accept {
+        /// The image.
+        image: String,
+    },
+    /// Reject an image shared with you.
+    Reject {
+        /// The image.
+        image: String,
+    },
+    /// The image's members and their answers.
+    List {
+        /// The image.
+        image: String,
+    },
+}
+
+/// `image members`.
+pub async fn members(c: &mut Coord, cmd: &MembersCmd, out: &mut Out<'_>) -> Result<()> {
+    let i = match cmd {
+        MembersCmd::Add { image, users } => c
+            .update_image(pb::UpdateImageRequest {
+                request_id: rid(),
+                image_id: image.clone(),
+                add_members: users.clone(),
+                ..Default::default()
+            })
+            .await
+            .ask()?,
+        MembersCmd::Remove { image, users } => c
+            .update_image(pb::UpdateImageRequest {
+                request_id: rid(),
+                image_id: image.clone(),
+                remove_members: users.clone(),
+                ..Default::default()
+            })
+            .await
+            .ask()?,
+        MembersCmd::Accept { image } | MembersCmd::Reject { image } => c
+            .set_image_member_status(pb::SetImageMemberStatusRequest {
+                request_id: rid(),
+                image_id: image.clone(),
+                status: if matches!(cmd, MembersCmd::Accept { .. }) {
+                    "accepted"
+                } else {
+                    "rejected"
+                }
+                .into(),
+            })
+            .await
+            .ask()?,
+        MembersCmd::List { image } => c
+            .get_image(pb::GetImageRequest {
+                image_id: image.clone(),
+            })
+            .await
+            .ask()?,
+    };
+    if out.json_mode() {
+        let v: Vec<_> = i
+            .members
+            .iter()
+            .map(|m| json!({"member": m.member, "status": m.status}))
+            .collect();
+        return out.json(&v);
+    }
+    if matches!(cmd, MembersCmd::List { .. }) {
+        for m in &i.members {
+            writeln!(out, "{} {}", m.member, m.status)?;
+        }
+    }
+    Ok(())
+}
+
 /// `image names set`.
 pub async fn names(c: &mut Coord, cmd: &NamesCmd, out: &mut Out<'_>) -> Result<()> {
     let NamesCmd::Set { image, names } = cmd;

@@ -16,6 +16,7 @@ mod datapath;
 mod etcd;
 mod failover;
 mod files;
+mod glance;
 mod image_store;
 mod images;
 mod kill_loop;
