@@ -60,6 +60,8 @@ pub struct Coordinator {
     pub(crate) running: Mutex<HashSet<String>>,
     /// Volumes the leader saw that nothing reaches, and since when.
     pub(crate) unreached: Mutex<crate::plan::Unreached>,
+    /// Each domain's catalog as last read.
+    pub(crate) catalogs: crate::catalog::index::Indexes,
 }
 
 /// Seconds since the epoch.
@@ -101,6 +103,7 @@ impl Coordinator {
             agents,
             running: Mutex::new(HashSet::new()),
             unreached: Mutex::new(Default::default()),
+            catalogs: Default::default(),
         }
     }
 

@@ -436,6 +436,11 @@ fn fuzz_seeds_are_the_golden_structures() {
         encode_tag(&SALT, &sample_tag()),
     );
     let head = crate::catalog::CatalogHead { generation: 1377 }.encode(&[0x5a; 16]);
+    let log = crate::catalog::CatalogLog {
+        since: 1370,
+        entries: vec![(1371, tid(1)), (1371, tid(2)), (1377, tid(1))],
+    }
+    .encode(&[0x5a; 16]);
     let seeds: Vec<(&str, &str, Vec<u8>)> = vec![
         ("superblock", "golden", with(0, &[sb.as_bytes()])),
         ("superblock", "golden-repair", with(1, &[sb.as_bytes()])),
@@ -486,6 +491,8 @@ fn fuzz_seeds_are_the_golden_structures() {
         ),
         ("catalog_head", "head", with(0, &[&head])),
         ("catalog_head", "head-repair", with(1, &[&head])),
+        ("catalog_log", "log", with(0, &[&log])),
+        ("catalog_log", "log-repair", with(1, &[&log])),
     ];
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
     let bless = std::env::var_os("CAIRN_BLESS").is_some();

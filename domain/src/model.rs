@@ -64,6 +64,10 @@ macro_rules! id_type {
             pub fn from_bytes(b: [u8; 16]) -> Option<Self> {
                 (b != [0; 16]).then_some($name(b))
             }
+            /// From stored bytes that must be an id of this kind.
+            pub fn from_stored(b: [u8; 16]) -> Option<Self> {
+                (b[4] == $kind && b[6] >> 4 == 8).then_some($name(b))
+            }
             /// Parse, naming the field in the error.
             pub fn parse(field: &'static str, s: &str) -> Result<Self> {
                 parse_id($kind, field, s).map($name)

@@ -52,12 +52,25 @@ fn state(d: &Domain) -> State {
             t.options,
             t.child_refs,
             t.generation,
-            d.read_user_data(&t.id).unwrap()
+            user_data(d, &t.id)
         ));
     }
     let u = d.usage().unwrap();
     s.push(format!("usage {} {} {}", u.extents_used, u.volumes, u.tags));
     State(s)
+}
+
+/// A tag's user data as text; the catalog's change log by slots, since
+/// the ids of the tags it names are random in every run.
+fn user_data(d: &Domain, t: &cairn_domain::TagId) -> String {
+    use cairn_domain::catalog::{CatalogLog, LOG_ITEM};
+    let mut items = d.read_user_data(t).unwrap();
+    let log = items.remove(LOG_ITEM).map(|b| {
+        let l = CatalogLog::decode(d.geometry().domain_id.as_bytes(), &b).unwrap();
+        let e: Vec<_> = l.entries.iter().map(|(g, t)| (g, t.slot())).collect();
+        format!("log since {} {e:?}", l.since)
+    });
+    format!("{items:?} {log:?}")
 }
 
 /// Objects the setup made, for the operation under test.

@@ -215,6 +215,7 @@ fn cairn_read_only_catalog_serves_reads_and_reports_names_given_twice() {
             .list_files(apb::ListFilesRequest {
                 domain: dom.clone(),
                 with_images: true,
+                since: None,
             })
             .await
             .unwrap()

@@ -2,7 +2,7 @@
 //! commit, delete and read file versions, and the volume a large file's
 //! bytes are streamed into.
 
-use cairn_domain::catalog::{FileVersion, Listing};
+use cairn_domain::catalog::FileVersion;
 use cairn_domain::{Format, TagId, VolumeId};
 use cairn_proto::agent as pb;
 use cairn_proto::convert as wire;
@@ -54,53 +54,60 @@ pub struct Commit<'a> {
 /// The stream of a file's bytes from an agent.
 pub type Chunks = tonic::Streaming<pb::VolumeDataChunk>;
 
+/// What changed in a domain's catalog (see [`AgentConn::file_delta`]).
+#[derive(Debug, Clone)]
+pub struct FileDelta {
+    /// The generation now.
+    pub generation: u64,
+    /// `files` and `removed` are the changes since the generation asked
+    /// about; false: `files` is every version.
+    pub changes: bool,
+    /// Versions, each with its image's record (empty: none).
+    pub files: Vec<(FileVersion, Vec<u8>)>,
+    /// Versions deleted.
+    pub removed: Vec<TagId>,
+}
+
+fn parse_tag(field: &'static str, s: &str) -> Result<TagId> {
+    TagId::parse(field, s).map_err(|e| CoordError::Internal(format!("an agent answered {e}")))
+}
+
 fn file_of(host: &str, f: &pb::FileVersion) -> Result<FileVersion> {
     FileVersion::try_from(f)
         .map_err(|e| CoordError::Internal(format!("agent {host} answered a bad file: {e}")))
 }
 
 impl AgentConn {
-    /// Every file version of a domain and the generation it was read at.
-    pub async fn list_files(&self, domain: &uuid::Uuid) -> Result<Listing> {
-        let r = self
-            .c()
-            .list_files(pb::ListFilesRequest {
-                domain: domain.to_string(),
-                with_images: false,
-            })
-            .await
-            .map_err(self.err())?
-            .into_inner();
-        Ok(Listing {
-            generation: r.generation,
-            files: r
-                .files
-                .iter()
-                .map(|f| file_of(&self.host, f))
-                .collect::<Result<_>>()?,
-        })
-    }
-
-    /// Every file version of a domain with the records of the images
-    /// registered from them, and the generation they were read at.
-    pub async fn list_images(
-        &self,
-        domain: &uuid::Uuid,
-    ) -> Result<(u64, Vec<(FileVersion, Vec<u8>)>)> {
+    /// What changed in domain `domain`'s catalog after generation
+    /// `since`, with the records of the images registered from changed
+    /// versions; the whole catalog when `since` is `None` or the domain's
+    /// log does not reach back to it (`changes` false).
+    pub async fn file_delta(&self, domain: &uuid::Uuid, since: Option<u64>) -> Result<FileDelta> {
         let r = self
             .c()
             .list_files(pb::ListFilesRequest {
                 domain: domain.to_string(),
                 with_images: true,
+                since,
             })
             .await
             .map_err(self.err())?
             .into_inner();
-        let mut out = Vec::with_capacity(r.files.len());
+        let mut files = Vec::with_capacity(r.files.len());
         for f in r.files {
-            out.push((file_of(&self.host, &f)?, f.image_record));
+            files.push((file_of(&self.host, &f)?, f.image_record));
         }
-        Ok((r.generation, out))
+        let removed = r
+            .removed_tag_ids
+            .iter()
+            .map(|t| parse_tag("removed_tag_ids", t))
+            .collect::<Result<_>>()?;
+        Ok(FileDelta {
+            generation: r.generation,
+            changes: r.changes && since.is_some(),
+            files,
+            removed,
+        })
     }
 
     /// Apply `change` to file version `tag` in one transaction planned at

@@ -8,7 +8,7 @@ mod conn;
 mod files;
 
 pub use conn::{AgentConn, AgentJob, NewDisk};
-pub use files::{Chunks, Commit, FileVolume, ImageSet};
+pub use files::{Chunks, Commit, FileDelta, FileVolume, ImageSet};
 
 use cairn_proto::auth::Bearer;
 use cairn_proto::tls::ClientTlsArgs;

@@ -2,10 +2,13 @@
 //! plan with the functions of [`super`], commit expecting the listing's
 //! generation, and plan again when another change came first.
 
-use cairn_domain::catalog::{FileVersion, Listing, MAX_INLINE};
+use cairn_domain::catalog::{FileVersion, MAX_INLINE};
+use std::sync::Arc;
+
 use cairn_proto::auth::Identity;
 use tokio_stream::{Stream, StreamExt};
 
+use super::index::DomainCatalog;
 use super::{
     base_rid, busy, moved, pick_version, plan_delete, plan_upload, Location, UploadPlan, TRIES,
 };
@@ -32,14 +35,18 @@ pub struct Upload {
 
 impl Coordinator {
     /// A location, its domain, and the domain's listing.
-    async fn listing_at(&self, location: &str) -> Result<(Location, DomainRef, Listing)> {
+    async fn listing_at(
+        &self,
+        location: &str,
+    ) -> Result<(Location, DomainRef, Arc<DomainCatalog>)> {
         let loc = Location::parse(location)?;
         let d = self.domain(&loc.domain).await?;
+        let dd = &d;
         let l = self
             .agents
             .with_agent(
                 Pick::on(&d.id),
-                |c| async move { c.list_files(&d.id).await },
+                |c| async move { self.catalog_of(&c, dd).await },
             )
             .await?;
         Ok((loc, d, l))
@@ -84,7 +91,7 @@ impl Coordinator {
         let loc = Location::parse(location)?;
         let d = self.domain(&loc.domain).await?;
         let c = self.catalog_agent(&d).await?;
-        let l = c.list_files(&d.id).await?;
+        let l = self.catalog_of(&c, &d).await?;
         let f = pick_version(who, &loc, version, &l.files)?.clone();
         let chunks = c.read_file(&d.id, &f.tag).await?;
         Ok((d, f, chunks))
@@ -107,7 +114,7 @@ impl Coordinator {
         let c = self.catalog_agent(&d).await?;
         let base = base_rid("file", who, request_id);
         for attempt in 0..TRIES {
-            let l = c.list_files(&d.id).await?;
+            let l = self.catalog_of(&c, &d).await?;
             let doomed = plan_delete(who, &loc, version, &l.files)?;
             let tags: Vec<_> = doomed.iter().map(|f| f.tag).collect();
             let rid = format!("{base}.{attempt}");
@@ -163,7 +170,7 @@ impl Coordinator {
         let path = loc.path.clone();
         let c = self.catalog_agent(d).await?;
         let base = base_rid("file", who, &up.request_id);
-        let l = c.list_files(&d.id).await?;
+        let l = self.catalog_of(&c, d).await?;
         let owner = match plan_upload(who, loc, &base, &l.files)? {
             UploadPlan::Done(f) => return Ok((f, false)),
             UploadPlan::Commit { owner } => owner,
@@ -282,7 +289,7 @@ impl Coordinator {
             match c.commit_file(&d.id, &commit).await {
                 Ok(f) => return Ok((f, true)),
                 Err(e) if moved(&e) => {
-                    let l = c.list_files(&d.id).await?;
+                    let l = self.catalog_of(c, d).await?;
                     match plan_upload(who, loc, base, &l.files)? {
                         UploadPlan::Done(f) => return Ok((f, false)),
                         UploadPlan::Commit { .. } => commit.expect = l.generation,

@@ -58,24 +58,7 @@ impl Coordinator {
 
     /// The images of domain `d`, read through `c`.
     pub(super) async fn images_on(&self, c: &AgentConn, d: &DomainRef) -> Result<Vec<Found>> {
-        let (generation, files) = c.list_images(&d.id).await?;
-        let all: Vec<FileVersion> = files.iter().map(|(f, _)| f.clone()).collect();
-        let mut out = Vec::new();
-        for (f, rec) in files {
-            if f.image.is_none() || rec.is_empty() {
-                continue;
-            }
-            let record = images::decode(&rec)?;
-            out.push(Found {
-                domain: d.clone(),
-                generation,
-                data: store::data_items(&all, &record.id),
-                data_files: store::data_versions(&all, &record.id),
-                record,
-                file: f,
-            });
-        }
-        Ok(out)
+        Ok(self.catalog_of(c, d).await?.images.clone())
     }
 
     /// Every image of every domain, and the names given twice that were
@@ -221,7 +204,7 @@ impl Coordinator {
             .filter(|o| o.id != d.id)
         {
             let c = self.catalog_agent(&other).await?;
-            if c.list_files(&other.id).await?.files.iter().any(taken) {
+            if self.catalog_of(&c, &other).await?.files.iter().any(taken) {
                 return Err(dup_id());
             }
         }
@@ -283,8 +266,8 @@ impl Coordinator {
         let base = base_rid("img", who, request_id);
         for attempt in 0..TRIES {
             // Planning needs the files, not the other images' records.
-            let l = c.list_files(&d.id).await?;
-            let (generation, all) = (l.generation, l.files);
+            let l = self.catalog_of(&c, &d).await?;
+            let (generation, all) = (l.generation, &l.files[..]);
             // A retry of a registration that wrote its metafile: its answer.
             if let Some(m) = all.iter().find(|f| made_by(&f.request, &base)) {
                 let found = self.images_on(&c, &d).await?;
@@ -295,11 +278,11 @@ impl Coordinator {
                     });
                 }
             }
-            let versions = file_versions(who, &loc, &all)?;
+            let versions = file_versions(who, &loc, all)?;
             let latest = versions.last().copied().expect("one version at least");
             let full = Location::full(&latest.owner, &dname, &path);
             let mut rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
-            self.check_unique(&d, &all, latest, &rec).await?;
+            self.check_unique(&d, all, latest, &rec).await?;
             if latest.image.is_some() {
                 // Registering over a protected image would clear it.
                 let found = self.images_on(&c, &d).await?;
@@ -310,7 +293,7 @@ impl Coordinator {
             rec.virtual_size = self.virtual_size(&c, &d, latest, &rec.disk_format).await?;
             let body = images::metafile(&rec);
             if !no_metafile {
-                let existing = versions_of(&all, &meta_path);
+                let existing = versions_of(all, &meta_path);
                 if let Some(m) = existing.last() {
                     if !force {
                         return Err(CoordError::FailedPrecondition(format!(
@@ -331,7 +314,7 @@ impl Coordinator {
             }
             // A registration under another id leaves the old id's data.
             let drop = match &latest.image {
-                Some(old) if *old != rec.id => store::tags(&store::data_versions(&all, old)),
+                Some(old) if *old != rec.id => store::tags(&store::data_versions(all, old)),
                 _ => Vec::new(),
             };
             let record = images::encode(&rec);
@@ -348,14 +331,14 @@ impl Coordinator {
             {
                 Ok((file, metafile)) => {
                     let kept = |t: &TagId| !drop.contains(t);
-                    let data = store::data_items(&all, &rec.id);
+                    let data = store::data_items(all, &rec.id);
                     return Ok(Registered {
                         image: Found {
                             domain: d.clone(),
                             generation: generation + 1,
                             file,
                             data: data.into_iter().filter(|x| kept(&x.file.tag)).collect(),
-                            data_files: store::data_versions(&all, &rec.id)
+                            data_files: store::data_versions(all, &rec.id)
                                 .into_iter()
                                 .filter(|f| kept(&f.tag))
                                 .collect(),

@@ -13,6 +13,7 @@ pub mod files;
 pub mod glance;
 pub mod image_ops;
 pub mod images;
+pub mod index;
 pub mod store;
 pub mod store_ops;
 

@@ -659,3 +659,57 @@ fn protected_tags_and_minimums_change_and_the_header_gives_the_virtual_size() {
     assert_eq!(glance::virtual_size(&[0; 512], 4 << 20, "vmdk"), 0);
     assert_eq!(glance::virtual_size(b"QFI", 3, "raw"), 3);
 }
+
+#[test]
+fn a_kept_catalog_takes_changes_and_groups_data_items_by_image() {
+    use index::DomainCatalog;
+    let d = crate::plan::DomainRef {
+        id: uuid::Uuid::new_v4(),
+        name: "it".into(),
+    };
+    let with_image = |mut f: FileVersion, id: &str| {
+        f.image = Some(id.into());
+        f
+    };
+    let a = with_image(file(1, "a.raw", "alice", 1), "A");
+    let item = file(2, ".images/A/k", "alice", 2);
+    let other = file(3, ".images/B/k", "alice", 3);
+    let b = file(4, "b.raw", "alice", 4);
+    let rec = |id: &str| images::encode(&image(id, &[], 0));
+    let full = crate::agents::FileDelta {
+        generation: 4,
+        changes: false,
+        files: vec![
+            (b.clone(), Vec::new()),
+            (a.clone(), rec("A")),
+            (item.clone(), Vec::new()),
+            (other.clone(), Vec::new()),
+        ],
+        removed: Vec::new(),
+    };
+    let cat = DomainCatalog::default().apply(&d, full).unwrap();
+    assert_eq!(cat.generation, 4);
+    assert_eq!(cat.files.len(), 4);
+    assert_eq!(cat.images.len(), 1);
+    let keys: Vec<_> = cat.images[0].data.iter().map(|x| x.key.as_str()).collect();
+    assert_eq!(keys, ["k"]);
+    assert_eq!(cat.images[0].data[0].file.tag, item.tag);
+    // Unregister A, register B, delete A's item: only those are sent.
+    let mut a2 = a.clone();
+    a2.image = None;
+    let delta = crate::agents::FileDelta {
+        generation: 7,
+        changes: true,
+        files: vec![(a2, Vec::new()), (with_image(b.clone(), "B"), rec("B"))],
+        removed: vec![item.tag],
+    };
+    let next = cat.apply(&d, delta).unwrap();
+    assert_eq!(next.generation, 7);
+    assert_eq!(next.files.len(), 3);
+    let ids: Vec<_> = next.images.iter().map(|i| i.record.id.as_str()).collect();
+    assert_eq!(ids, ["B"]);
+    assert_eq!(next.images[0].data[0].file.tag, other.tag);
+    assert_eq!(next.images[0].generation, 7);
+    // The kept one is unchanged.
+    assert_eq!(cat.images[0].record.id, "A");
+}

@@ -76,7 +76,8 @@ impl Domain {
             check_path(&m.path)?;
             check_inline(b.len())?;
         }
-        let (g, next) = self.catalog_turn(a, expect)?;
+        let turn = self.catalog_turn(a, expect)?;
+        let next = turn.next;
         let t = self.read_tag(tag)?;
         let items = self.read_user_data(tag)?;
         let long = || {
@@ -145,11 +146,12 @@ impl Domain {
             let now = self.clock.now();
             tx = self.new_file_ops(tx, m, a.volume, (b.len() as u64, &sha, Some(b)), next, now)?;
         }
-        let head = CatalogHead { generation: next }.encode(self.geometry().domain_id.as_bytes());
-        let out = tx
-            .set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
-            .held(&[&g])
-            .commit()?;
+        let mut touched = vec![TagRef::Existing(*tag)];
+        touched.extend(drop.iter().map(|t| TagRef::Existing(*t)));
+        if metafile.is_some() {
+            touched.push(TagRef::New(0));
+        }
+        let out = self.close_turn(tx, a, &turn, &touched).commit()?;
         // The version as committed: only its options changed.
         let file = FileVersion {
             image: image.map(|(id, _)| id.to_string()),

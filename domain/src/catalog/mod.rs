@@ -306,6 +306,33 @@ pub struct Anchor {
     pub volume: VolumeId,
 }
 
+/// A catalog turn: the anchor's lock, the generation the change makes,
+/// and the change log before it.
+struct Turn {
+    guard: LockGuard,
+    next: u64,
+    log: CatalogLog,
+}
+
+/// What [`Domain::catalog_changes`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The catalog's generation.
+    pub generation: u64,
+    /// The file versions changed since, or `None`: the log does not reach
+    /// back that far.
+    pub files: Option<Vec<FileChange>>,
+}
+
+/// One changed file version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileChange {
+    /// As it is now (new or changed).
+    Now(FileVersion),
+    /// Deleted.
+    Gone(TagId),
+}
+
 /// Every file version of a domain, and the generation they were read at.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
@@ -389,6 +416,11 @@ impl Domain {
             .create_volume(spec)
             .create_tag(tag)
             .set_user_data(TagRef::New(0), HEAD_ITEM, head)
+            .set_user_data(
+                TagRef::New(0),
+                LOG_ITEM,
+                CatalogLog::starting_at(0).encode(self.geometry().domain_id.as_bytes()),
+            )
             .commit()?;
         Ok(Anchor {
             tag: out.tags[0].id,
@@ -417,11 +449,35 @@ impl Domain {
         })
     }
 
-    /// Lock the anchor and check the generation is `expect` (when given):
-    /// the guard, and the generation the next change makes.
-    fn catalog_turn(&self, a: &Anchor, expect: Option<u64>) -> Result<(LockGuard, u64)> {
-        let g = self.lock_tag(&a.tag)?;
-        let now = self.catalog_generation(a)?;
+    /// The head and change log of the anchor's user data `items` (a log
+    /// that is not there yet covers nothing before the head).
+    fn head_and_log(&self, a: &Anchor, items: &UserData) -> Result<(CatalogHead, CatalogLog)> {
+        let head = self.head_of(a, items)?;
+        let corrupt = |detail: String| DomainError::Corrupt {
+            what: format!("catalog change log of anchor {}", a.tag),
+            offset: 0,
+            detail,
+        };
+        let log = match items.get(LOG_ITEM) {
+            None => CatalogLog::starting_at(head.generation),
+            Some(b) => CatalogLog::decode(self.geometry().domain_id.as_bytes(), b)
+                .map_err(|e| corrupt(e.to_string()))?,
+        };
+        if log.newest() > head.generation {
+            return Err(corrupt(format!(
+                "it reaches generation {}, the head is at {}",
+                log.newest(),
+                head.generation
+            )));
+        }
+        Ok((head, log))
+    }
+
+    /// Lock the anchor and check the generation is `expect` (when given).
+    fn catalog_turn(&self, a: &Anchor, expect: Option<u64>) -> Result<Turn> {
+        let guard = self.lock_tag(&a.tag)?;
+        let (head, log) = self.head_and_log(a, &self.read_user_data(&a.tag)?)?;
+        let now = head.generation;
         if let Some(e) = expect {
             if e != now {
                 return Err(DomainError::Changed(format!(
@@ -429,7 +485,78 @@ impl Domain {
                 )));
             }
         }
-        Ok((g, now + 1))
+        Ok(Turn {
+            guard,
+            next: now + 1,
+            log,
+        })
+    }
+
+    /// End `tx`, a catalog change that touched `tags`: the raised head and
+    /// the change log that names them, under the turn's lock.
+    fn close_turn<'a>(
+        &self,
+        tx: Transaction<'a>,
+        a: &Anchor,
+        turn: &'a Turn,
+        tags: &[TagRef],
+    ) -> Transaction<'a> {
+        let head = CatalogHead {
+            generation: turn.next,
+        }
+        .encode(self.geometry().domain_id.as_bytes());
+        tx.set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
+            .set_user_data_naming(
+                TagRef::Existing(a.tag),
+                LOG_ITEM,
+                turn.log.next(turn.next, tags),
+            )
+            .held(&[&turn.guard])
+    }
+
+    /// What changed after generation `since`: the generation now, and the
+    /// file versions changed since (`Gone` for those deleted), or `None`
+    /// when the change log does not reach back that far (list every file).
+    pub fn catalog_changes(&self, a: &Anchor, since: u64) -> Result<Changes> {
+        for _ in 0..8 {
+            let (head, log) = self.head_and_log(a, &self.read_user_data(&a.tag)?)?;
+            let Some(tags) = log.changed_since(since) else {
+                return Ok(Changes {
+                    generation: head.generation,
+                    files: None,
+                });
+            };
+            let mut files = Vec::with_capacity(tags.len());
+            for id in tags {
+                let t = match self.read_tag(&id) {
+                    Ok(t) => t,
+                    Err(DomainError::NotFound { .. }) => {
+                        files.push(FileChange::Gone(id));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let long = || {
+                    let items = self.read_user_data(&t.id)?;
+                    Ok(items
+                        .get(PATH_ITEM)
+                        .map(|b| String::from_utf8_lossy(b).into_owned()))
+                };
+                files.push(match FileVersion::of_tag(&t, Some(a.volume), long)? {
+                    Some(f) => FileChange::Now(f),
+                    None => FileChange::Gone(id),
+                });
+            }
+            if self.catalog_generation(a)? == head.generation {
+                return Ok(Changes {
+                    generation: head.generation,
+                    files: Some(files),
+                });
+            }
+        }
+        Err(DomainError::Changed(
+            "the catalog kept changing while it was read".into(),
+        ))
     }
 
     /// Commit a new version of a file: its tag (and, for a small file, its
@@ -444,10 +571,9 @@ impl Domain {
         request_id: [u8; 16],
     ) -> Result<FileVersion> {
         check_path(&f.path)?;
-        let (g, next) = self.catalog_turn(a, expect)?;
+        let turn = self.catalog_turn(a, expect)?;
+        let next = turn.next;
         let now = self.clock.now();
-        let salt = *self.geometry().domain_id.as_bytes();
-        let head = CatalogHead { generation: next }.encode(&salt);
         let mut tx = self.tx("commit file").request_id(request_id);
         let (volume, size, sha, inline) = match bytes {
             FileBytes::Inline(b) => {
@@ -474,10 +600,7 @@ impl Domain {
             }
         };
         tx = self.new_file_ops(tx, f, volume, (size, &sha, inline), next, now)?;
-        let out = tx
-            .set_user_data(TagRef::Existing(a.tag), HEAD_ITEM, head)
-            .held(&[&g])
-            .commit()?;
+        let out = self.close_turn(tx, a, &turn, &[TagRef::New(0)]).commit()?;
         let t = &out.tags[0];
         let path = f.path.clone();
         FileVersion::of_tag(t, Some(a.volume), || Ok(Some(path)))?
@@ -521,20 +644,14 @@ impl Domain {
         expect: Option<u64>,
         request_id: [u8; 16],
     ) -> Result<u64> {
-        let (g, next) = self.catalog_turn(a, expect)?;
-        let salt = *self.geometry().domain_id.as_bytes();
+        let turn = self.catalog_turn(a, expect)?;
         let mut tx = self.tx("delete files").request_id(request_id);
         for id in tags {
             tx = self.drop_file_ops(tx, a, id)?;
         }
-        tx.set_user_data(
-            TagRef::Existing(a.tag),
-            HEAD_ITEM,
-            CatalogHead { generation: next }.encode(&salt),
-        )
-        .held(&[&g])
-        .commit()?;
-        Ok(next)
+        let touched: Vec<TagRef> = tags.iter().map(|t| TagRef::Existing(*t)).collect();
+        self.close_turn(tx, a, &turn, &touched).commit()?;
+        Ok(turn.next)
     }
 
     /// Add the deletion of file version `id` (its tag, and its volume
@@ -629,7 +746,14 @@ pub fn latest(files: &[FileVersion]) -> BTreeMap<&str, &FileVersion> {
 }
 
 mod images;
+mod log;
 pub use images::{check_image_id, ImageChange, IMAGE_ITEM};
+pub use log::{
+    seal as log_seal, CatalogLog, CatalogLogRaw, LogEntryRaw, LOG_ITEM, LOG_MAGIC, LOG_VERSION,
+    MAX_LOG,
+};
 
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;

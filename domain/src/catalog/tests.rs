@@ -87,7 +87,7 @@ fn latest_keeps_the_highest_version_of_each_path() {
     assert_eq!(l["b"].version, 2);
 }
 
-fn domain() -> (std::sync::Arc<crate::io::MemDev>, Domain) {
+pub(super) fn domain() -> (std::sync::Arc<crate::io::MemDev>, Domain) {
     let dev = crate::testing::mem_domain(64 << 20, &crate::tests::params());
     let locks = std::sync::Arc::new(crate::lock::MemLockService::new());
     let mut o = crate::engine::OpenOptions::new(crate::testing::host(1));
@@ -95,7 +95,7 @@ fn domain() -> (std::sync::Arc<crate::io::MemDev>, Domain) {
     (dev.clone(), Domain::open(dev, locks, o).expect("open"))
 }
 
-fn file(path: &str) -> NewFile {
+pub(super) fn file(path: &str) -> NewFile {
     NewFile {
         path: path.into(),
         owner: "alice".into(),

@@ -36,7 +36,7 @@ use crate::model::*;
 use crate::records::*;
 
 pub use superblock::{format, read_superblocks, SuperblockStatus};
-pub use tx::{Op, Outcome, Transaction};
+pub use tx::{Naming, Op, Outcome, Transaction};
 
 /// Who this host is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

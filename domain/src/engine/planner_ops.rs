@@ -221,6 +221,22 @@ impl Planner<'_> {
                 items.insert(name.clone(), data.clone());
                 self.store_items(&id, items)?;
             }
+            Op::SetUserDataNaming(r, name, n) => {
+                crate::limits::check_name("user_data_name", "", name, MAX_ITEM_NAME)?;
+                let id = self.resolve_tag(*r)?;
+                let mut bytes = n.bytes.clone();
+                for (off, t) in &n.ids {
+                    let named = self.resolve_tag(*t)?;
+                    let room = bytes.get_mut(*off..*off + 16).ok_or_else(|| {
+                        DomainError::invalid("user_data", format!("no room for a tag id at {off}"))
+                    })?;
+                    room.copy_from_slice(named.as_bytes());
+                }
+                (n.seal)(&self.d.salt(), &mut bytes);
+                let mut items = self.items_of(&id)?;
+                items.insert(name.clone(), bytes);
+                self.store_items(&id, items)?;
+            }
             Op::RemoveUserData(id, name) => {
                 let mut items = self.items_of(id)?;
                 if items.remove(name).is_none() {

@@ -141,6 +141,9 @@ pub enum Op {
     ChangeTag(TagId, TagMeta),
     /// Set a user data item.
     SetUserData(TagRef, String, Vec<u8>),
+    /// Set a user data item whose bytes name tags, some of them created
+    /// by this transaction (see [`Naming`]).
+    SetUserDataNaming(TagRef, String, Naming),
     /// Remove a user data item.
     RemoveUserData(TagId, String),
     /// Initialise the start of a volume created by this transaction:
@@ -159,6 +162,20 @@ pub enum Op {
     /// it since the caller read it without its lock (else `Changed`). Lets
     /// a caller plan from an unlocked read and take every lock in one go.
     ExpectTag(TagId, u64),
+}
+
+/// User data bytes that hold tag ids, some not known before planning: at
+/// each offset, the 16 bytes of the tag a [`TagRef`] names are written,
+/// then `seal` (given the domain's salt) finishes the bytes, e.g. with a
+/// checksum over them.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    /// The bytes, with room at each offset.
+    pub bytes: Vec<u8>,
+    /// Where each tag's id goes.
+    pub ids: Vec<(usize, TagRef)>,
+    /// Called once every id is in place.
+    pub seal: fn(&[u8; 16], &mut [u8]),
 }
 
 /// A set of low-level operations that happen atomically under one intent.
@@ -214,6 +231,10 @@ impl<'a> Transaction<'a> {
     /// Set a user data item.
     pub fn set_user_data(self, tag: TagRef, name: &str, data: Vec<u8>) -> Self {
         self.op(Op::SetUserData(tag, name.to_string(), data))
+    }
+    /// Set a user data item whose bytes name tags ([`Naming`]).
+    pub fn set_user_data_naming(self, tag: TagRef, name: &str, naming: Naming) -> Self {
+        self.op(Op::SetUserDataNaming(tag, name.to_string(), naming))
     }
     /// Remove a user data item.
     pub fn remove_user_data(self, tag: TagId, name: &str) -> Self {
@@ -318,10 +339,12 @@ impl<'a> Transaction<'a> {
                 Op::ChangeTag(id, _) | Op::RemoveUserData(id, _) | Op::ExpectTag(id, _) => {
                     v.push(d.resource(ResourceKind::Tag(*id)))
                 }
-                Op::SetUserData(TagRef::Existing(id), _, _) => {
+                Op::SetUserData(TagRef::Existing(id), _, _)
+                | Op::SetUserDataNaming(TagRef::Existing(id), _, _) => {
                     v.push(d.resource(ResourceKind::Tag(*id)))
                 }
-                Op::SetUserData(TagRef::New(_), _, _) => {}
+                Op::SetUserData(TagRef::New(_), _, _)
+                | Op::SetUserDataNaming(TagRef::New(_), _, _) => {}
                 Op::InitVolumeData { .. } => {}
             }
         }

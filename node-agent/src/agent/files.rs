@@ -4,7 +4,9 @@
 
 use std::fs::File;
 
-use cairn_domain::catalog::{Anchor, FileBytes, FileVersion, ImageChange, Listing, NewFile};
+use cairn_domain::catalog::{
+    Anchor, Changes, FileBytes, FileVersion, ImageChange, Listing, NewFile,
+};
 
 use super::*;
 use crate::jobs::open_direct;
@@ -94,6 +96,18 @@ impl Agent {
     pub fn list_files(&self, o: &Opened) -> Result<Listing> {
         let a = self.anchor(o, false)?;
         Ok(o.domain.list_files(a.as_ref())?)
+    }
+
+    /// What changed in the catalog after generation `since` (see
+    /// `Domain::catalog_changes`); a domain without a catalog has none.
+    pub fn file_changes(&self, o: &Opened, since: u64) -> Result<Changes> {
+        match self.anchor(o, false)? {
+            Some(a) => Ok(o.domain.catalog_changes(&a, since)?),
+            None => Ok(Changes {
+                generation: 0,
+                files: (since == 0).then(Vec::new),
+            }),
+        }
     }
 
     /// Delete file versions; the new generation.

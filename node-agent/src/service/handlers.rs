@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use cairn_domain::api::TagSpec;
+use cairn_domain::catalog::{FileChange, Listing};
 use cairn_domain::{DomainError, Format};
 use cairn_proto::agent as pb;
 use cairn_proto::convert::{self as wire, optional_tag_id, required, tag_id, volume_id};
@@ -505,7 +506,25 @@ pub(super) fn commit_file(
 
 pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFilesResponse> {
     let o = a.domain(&r.domain)?;
-    let l = a.list_files(&o)?;
+    let mut removed_tag_ids = Vec::new();
+    let mut changes = false;
+    let l = match r.since.map(|g| a.file_changes(&o, g)).transpose()? {
+        Some(c) if c.files.is_some() => {
+            changes = true;
+            let mut files = Vec::new();
+            for f in c.files.into_iter().flatten() {
+                match f {
+                    FileChange::Now(f) => files.push(f),
+                    FileChange::Gone(t) => removed_tag_ids.push(t.to_string()),
+                }
+            }
+            Listing {
+                generation: c.generation,
+                files,
+            }
+        }
+        _ => a.list_files(&o)?,
+    };
     let mut files = Vec::with_capacity(l.files.len());
     for f in &l.files {
         let mut m: pb::FileVersion = f.into();
@@ -517,6 +536,8 @@ pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFiles
     Ok(pb::ListFilesResponse {
         files,
         generation: l.generation,
+        changes,
+        removed_tag_ids,
     })
 }
 
