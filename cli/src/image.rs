@@ -28,6 +28,10 @@ pub enum ImageCmd {
         /// Only this owner's.
         #[arg(long)]
         owner: Option<String>,
+        /// DOMAIN=GENERATION from an earlier answer: of that domain, only
+        /// what changed since (repeatable). Prints the generations.
+        #[arg(long, value_parser = key_value)]
+        since: Vec<(String, String)>,
     },
     /// Every field of an image.
     Info {
@@ -301,15 +305,26 @@ pub async fn run(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<Exi
 async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
     match cmd {
         ImageCmd::Register(a) => register(c, a, out).await,
-        ImageCmd::List { owner } => {
+        ImageCmd::List { owner, since } => {
+            let mut asked = HashMap::new();
+            for (d, g) in since {
+                let g: u64 = g
+                    .parse()
+                    .with_context(|| format!("--since {d}={g}: not a generation"))?;
+                asked.insert(d.clone(), g);
+            }
             let r = c
                 .list_images(pb::ListImagesRequest {
                     owner: owner.clone().unwrap_or_default(),
+                    since: asked,
                 })
                 .await
                 .ask()?;
             for p in &r.problems {
                 eprintln!("warning: {p}");
+            }
+            if !since.is_empty() {
+                return changes(out, &r);
             }
             if out.json_mode() {
                 return out.json(&r.images.iter().map(image_json).collect::<Vec<_>>());
@@ -349,6 +364,34 @@ async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
         ImageCmd::Metadata { image, value } => crate::image_store::metadata(c, image, value).await,
         ImageCmd::Wipe { domain, .. } => crate::image_store::wipe(c, domain, out).await,
     }
+}
+
+/// `image list --since`: the images changed, those removed, and each
+/// domain's generation (with `changes` false, all of its images).
+fn changes(out: &mut Out<'_>, r: &pb::ListImagesResponse) -> Result<()> {
+    let gens: Vec<Value> = r
+        .generations
+        .iter()
+        .map(|g| json!({"domain": g.domain, "domain-id": g.domain_id, "generation": g.generation, "changes": g.changes}))
+        .collect();
+    if out.json_mode() {
+        return out.json(&json!({
+            "images": r.images.iter().map(image_json).collect::<Vec<_>>(),
+            "removed": r.removed_image_ids,
+            "generations": gens,
+        }));
+    }
+    for i in &r.images {
+        writeln!(out, "changed {} {}", i.id, i.name)?;
+    }
+    for id in &r.removed_image_ids {
+        writeln!(out, "removed {id}")?;
+    }
+    for g in &r.generations {
+        let what = if g.changes { "changes" } else { "all" };
+        writeln!(out, "generation {}={} ({what})", g.domain, g.generation)?;
+    }
+    Ok(())
 }
 
 async fn register(c: &mut Coord, a: &RegisterArgs, out: &mut Out<'_>) -> Result<()> {

@@ -310,3 +310,104 @@ fn cairn_read_only_catalog_serves_reads_and_reports_names_given_twice() {
     assert_ne!(again["id"], "one");
     h.stop_and_check();
 }
+
+/// `image list --since` as `c`: (changed ids, removed ids, the domain's
+/// generation, whether only changes were given).
+fn since(c: &Cli<'_>, g: u64) -> (Vec<String>, Vec<String>, u64, bool) {
+    let v: Value =
+        serde_json::from_str(&c.ok(&["--json", "image", "list", "--since", &format!("it={g}")]))
+            .unwrap();
+    let ids = |k: &str, f: &dyn Fn(&Value) -> String| -> Vec<String> {
+        let mut v: Vec<String> = v[k].as_array().unwrap().iter().map(f).collect();
+        v.sort();
+        v
+    };
+    let changed = ids("images", &|i| i["id"].as_str().unwrap().to_string());
+    let removed = ids("removed", &|i| i.as_str().unwrap().to_string());
+    let g = &v["generations"][0];
+    assert_eq!(g["domain"], "it");
+    (
+        changed,
+        removed,
+        g["generation"].as_u64().unwrap(),
+        g["changes"].as_bool().unwrap(),
+    )
+}
+
+#[test]
+fn cairn_image_list_since_a_generation_gives_changes_and_a_second_coordinator_follows() {
+    let h = TwoUsers::start();
+    let (alice, bob) = (h.cli(Some("alice")), h.cli(Some("bob")));
+    files(&alice, &h.cwd, "a", 3);
+    for (i, id) in ["one", "two"].iter().enumerate() {
+        let loc = format!("it:a{i}.raw");
+        alice.ok(&["image", "register", id, &loc, "--id", id, "--public"]);
+    }
+    // This coordinator followed the domain from its start: since 0, the
+    // changes are every image.
+    let (all, removed, g1, _) = since(&alice, 0);
+    assert_eq!((all, removed), (vec!["one".into(), "two".into()], vec![]));
+    assert_eq!(since(&alice, g1), (vec![], vec![], g1, true));
+
+    alice.ok(&["image", "register", "three", "it:a2.raw", "--id", "three"]);
+    alice.ok(&["image", "meta", "set", "one", "-p", "os=debian"]);
+    alice.ok(&["image", "unregister", "two"]);
+    let (changed, removed, g2, changes) = since(&alice, g1);
+    assert!(changes && g2 > g1);
+    assert_eq!(changed, ["one", "three"]);
+    assert_eq!(removed, ["two"]);
+    // Bob could list two (public) and cannot list three (private).
+    assert_eq!(
+        since(&bob, g1),
+        (vec!["one".into()], vec!["two".into()], g2, true)
+    );
+    // A data item is a change of its image.
+    std::fs::write(h.cwd.join("item"), b"abc").unwrap();
+    alice.ok(&["image", "data", "set", "three", "k", "item"]);
+    let (changed, _, g3, _) = since(&alice, g2);
+    assert_eq!((changed, g3), (vec!["three".into()], g2 + 1));
+    // Unpublishing one: bob is told it went; alice that it changed.
+    alice.ok(&["image", "meta", "set", "one", "--unpublish"]);
+    assert_eq!(since(&bob, g3).1, ["one"]);
+    assert_eq!(since(&alice, g3).0, ["one"]);
+
+    // A second coordinator on the same domain follows the first's
+    // changes from the domain's change log.
+    let mut extra = vec!["--agent".to_string(), h.agent.socket.display().to_string()];
+    extra.extend(h.tokens.server_args());
+    let other = CoordProc::start(&h.cwd.parent().unwrap().join("coord-2"), &extra);
+    let alice2 = Cli {
+        coord: &other.socket,
+        token: Some(h.tokens.of("alice")),
+        cwd: &h.cwd,
+    };
+    let (all, _, g4, changes) = since(&alice2, 0);
+    assert_eq!((all.len(), changes), (2, false));
+    alice.ok(&["image", "flag", "set", "three", "ro"]);
+    alice.ok(&["image", "unregister", "one"]);
+    let (changed, removed, g5, changes) = since(&alice2, g4);
+    assert_eq!(
+        (changed, removed, changes),
+        (vec!["three".into()], vec!["one".into()], true)
+    );
+    assert_eq!(g5, g4 + 2);
+    assert_eq!(info(&alice2, "three")["flags"]["ro"], "true");
+    // And the first follows the second's.
+    alice2.ok(&["image", "metadata", "three", "from the second"]);
+    assert_eq!(since(&alice, g5).0, ["three"]);
+    assert_eq!(info(&alice, "three")["metadata"], "from the second");
+
+    // Bad input names what was wrong.
+    alice.refused(
+        &["image", "list", "--since", "nowhere=1"],
+        "no domain \"nowhere\"",
+    );
+    let o = alice.run(&["image", "list", "--since", "it=soon"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a generation"),
+        "{err}"
+    );
+    drop(other);
+    h.stop_and_check();
+}

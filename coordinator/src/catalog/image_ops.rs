@@ -2,6 +2,8 @@
 //! decide with [`super::images`], and commit on the image's domain
 //! expecting the listing's generation (planned again when it moved).
 
+use std::collections::HashMap;
+
 use cairn_domain::catalog::{check_path, FileVersion};
 use cairn_domain::TagId;
 use cairn_proto::auth::Identity;
@@ -35,6 +37,23 @@ pub struct Found {
     pub data_files: Vec<FileVersion>,
 }
 
+/// Every domain with its catalog.
+pub type Catalogs = Vec<(DomainRef, std::sync::Arc<super::index::DomainCatalog>)>;
+
+/// What [`Coordinator::list_images`] answers.
+#[derive(Debug, Clone, Default)]
+pub struct ImageListing {
+    /// The images, by name.
+    pub images: Vec<Found>,
+    /// What a read-only catalog could not repair.
+    pub problems: Vec<String>,
+    /// Every domain, its generation, and whether only its changes are
+    /// listed.
+    pub domains: Vec<(DomainRef, u64, bool)>,
+    /// Images removed since, of the domains whose changes are listed.
+    pub removed: Vec<String>,
+}
+
 /// What a registration made: the image, and its metafile if one was
 /// written.
 #[derive(Debug, Clone)]
@@ -58,23 +77,35 @@ impl Coordinator {
 
     /// The images of domain `d`, read through `c`.
     pub(super) async fn images_on(&self, c: &AgentConn, d: &DomainRef) -> Result<Vec<Found>> {
-        Ok(self.catalog_of(c, d).await?.images.clone())
+        Ok(self.catalog_of(c, d).await?.images())
     }
 
     /// Every image of every domain, and the names given twice that were
-    /// not repaired (a read-only catalog reports them; a writable one
-    /// takes each name from all but the image that changed last).
+    /// not repaired (see [`Coordinator::catalogs`]).
     pub(super) async fn all_images(&self) -> Result<(Vec<Found>, Vec<String>)> {
+        let (cats, problems) = self.catalogs().await?;
+        Ok((
+            cats.iter().flat_map(|(_, c)| c.images()).collect(),
+            problems,
+        ))
+    }
+
+    /// Every domain's catalog, and the names given twice that were not
+    /// repaired (a read-only catalog reports them; a writable one takes
+    /// each name from all but the image that changed last).
+    pub(super) async fn catalogs(&self) -> Result<(Catalogs, Vec<String>)> {
         for _ in 0..TRIES {
-            let mut out = Vec::new();
+            let mut cats = Vec::new();
             for d in self.all_domains().await? {
                 let c = self.catalog_agent(&d).await?;
-                out.extend(self.images_on(&c, &d).await?);
+                let cat = self.catalog_of(&c, &d).await?;
+                cats.push((d, cat));
             }
+            let out: Vec<Found> = cats.iter().flat_map(|(_, c)| c.images()).collect();
             let records: Vec<&ImageRecord> = out.iter().map(|i| &i.record).collect();
             let dups = store::duplicates(&records);
             if dups.is_empty() {
-                return Ok((out, Vec::new()));
+                return Ok((cats, Vec::new()));
             }
             if self.cfg.read_only {
                 let problems = dups
@@ -84,7 +115,7 @@ impl Coordinator {
                         format!("name {n:?} is given to images {}", ids.join(", "))
                     })
                     .collect();
-                return Ok((out, problems));
+                return Ok((cats, problems));
             }
             let fixes: Vec<(Found, Vec<String>)> = store::repairs(&records)
                 .into_iter()
@@ -128,21 +159,53 @@ impl Coordinator {
         Ok(file)
     }
 
-    /// The images `who` may see (of `owner` only, when given), by name,
-    /// and what a read-only catalog could not repair.
+    /// The images `who` may list (of `owner` only, when given), by name:
+    /// of a domain named in `since` (by id or name) whose kept catalog
+    /// knows back that far, only those changed after that generation, and
+    /// the ids of those removed.
     pub async fn list_images(
         &self,
         who: &Identity,
         owner: &str,
-    ) -> Result<(Vec<Found>, Vec<String>)> {
-        let (all, problems) = self.all_images().await?;
-        let mut v: Vec<Found> = all
-            .into_iter()
-            .filter(|i| glance::listed(who, &i.record))
-            .filter(|i| owner.is_empty() || i.record.owner == owner)
-            .collect();
-        v.sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
-        Ok((v, problems))
+        since: &HashMap<String, u64>,
+    ) -> Result<ImageListing> {
+        let (cats, problems) = self.catalogs().await?;
+        for k in since.keys() {
+            if !cats
+                .iter()
+                .any(|(d, _)| d.id.to_string() == *k || d.name == *k)
+            {
+                return Err(CoordError::invalid(
+                    "since",
+                    format!("no domain {}", cairn_domain::limits::quote(k)),
+                ));
+            }
+        }
+        let mut out = ImageListing {
+            problems,
+            ..Default::default()
+        };
+        let mine = |i: &Found| owner.is_empty() || i.record.owner == owner;
+        for (d, cat) in cats {
+            let asked = since.get(&d.id.to_string()).or(since.get(&d.name));
+            let part = asked.and_then(|&g| cat.since(who, g));
+            out.domains.push((d, cat.generation, part.is_some()));
+            match part {
+                Some(s) => {
+                    out.images.extend(s.changed.into_iter().filter(mine));
+                    out.removed.extend(s.removed);
+                }
+                None => out.images.extend(
+                    cat.images()
+                        .into_iter()
+                        .filter(|i| glance::listed(who, &i.record))
+                        .filter(mine),
+                ),
+            }
+        }
+        out.images
+            .sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
+        Ok(out)
     }
 
     /// The image `key` (an id, a name, or an id prefix) names among those

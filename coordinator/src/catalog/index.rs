@@ -1,18 +1,25 @@
 //! What a coordinator keeps of each domain's catalog between requests:
 //! every file version and every image, at one generation, brought up to
-//! date from the domain's change log (only what changed is read again;
-//! a domain whose log does not reach back far enough is listed whole).
+//! date from the domain's change log (only what changed is read again and
+//! updated in place; a domain whose log does not reach back far enough is
+//! listed whole), and the images' recent changes, which answer "what
+//! changed since generation `g`".
 //!
-//! Invariant: a [`DomainCatalog`] is what the domain held at its
-//! `generation` (records may be newer: a record read just after a change
-//! is read again at the next refresh, the log naming its tag).
+//! Invariants:
+//! - a [`DomainCatalog`] is what the domain held at its `generation`
+//!   (records may be newer: a record read just after a change is read
+//!   again at the next refresh, the log naming its tag);
+//! - every image change after `floor` is in `events`, with the image as
+//!   it was before that change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use cairn_domain::catalog::FileVersion;
 use cairn_domain::TagId;
+use cairn_proto::auth::Identity;
 
+use super::glance;
 use super::image_ops::Found;
 use super::images::{self, ImageRecord};
 use super::store::{self, DATA_DIR};
@@ -21,89 +28,253 @@ use crate::coordinator::Coordinator;
 use crate::error::Result;
 use crate::plan::DomainRef;
 
+/// Most image changes a kept catalog remembers; a caller further behind
+/// is given everything.
+const MAX_EVENTS: usize = 16384;
+
+/// One image's change.
+#[derive(Debug, Clone)]
+struct Event {
+    generation: u64,
+    id: String,
+    /// The image before it (`None`: there was none).
+    before: Option<Arc<ImageRecord>>,
+}
+
 /// One domain's catalog at one generation.
 #[derive(Debug, Clone, Default)]
 pub struct DomainCatalog {
     /// The generation.
     pub generation: u64,
-    /// Every file version, by path then version.
+    /// Changes after this generation are known one by one.
+    pub floor: u64,
+    /// Every file version, in no order.
     pub files: Vec<FileVersion>,
-    /// Every image with its data items.
-    pub images: Vec<Found>,
-    /// The records as read, by tag (what a refresh keeps).
-    records: HashMap<TagId, Arc<ImageRecord>>,
+    file_at: HashMap<TagId, usize>,
+    /// Every image with its data items, in no order.
+    images: Vec<Found>,
+    image_at: HashMap<TagId, usize>,
+    /// Image id to the tag it is registered from.
+    by_id: HashMap<String, TagId>,
+    /// Image id to the file versions under its data directory.
+    data: HashMap<String, BTreeSet<TagId>>,
+    events: VecDeque<Event>,
+}
+
+/// The image id whose data directory `path` is in.
+fn data_owner(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix(DATA_DIR)?.strip_prefix('/')?;
+    rest.split_once('/').map(|(id, _)| id)
+}
+
+/// What changed for one caller since a generation.
+#[derive(Debug, Clone, Default)]
+pub struct Since {
+    /// Images changed since that the caller may list, as they are now.
+    pub changed: Vec<Found>,
+    /// Images the caller could list then and cannot now (unregistered,
+    /// or no longer visible to it).
+    pub removed: Vec<String>,
 }
 
 impl DomainCatalog {
-    /// Build it from every file version of domain `d` and the records of
-    /// the images registered from them.
-    pub fn build(
-        d: &DomainRef,
-        generation: u64,
-        files: Vec<FileVersion>,
-        records: HashMap<TagId, Arc<ImageRecord>>,
-    ) -> DomainCatalog {
-        let mut files = files;
-        files.sort_by(|a, b| (&a.path, a.version).cmp(&(&b.path, b.version)));
-        // Data items, grouped by image id once (not a pass per image).
-        let mut data: HashMap<&str, Vec<FileVersion>> = HashMap::new();
-        for f in &files {
-            let id = f
-                .path
-                .strip_prefix(DATA_DIR)
-                .and_then(|r| r.strip_prefix('/'))
-                .and_then(|r| r.split_once('/'))
-                .map(|(id, _)| id);
-            if let Some(id) = id {
-                data.entry(id).or_default().push(f.clone());
-            }
-        }
-        let mut out = Vec::with_capacity(records.len());
-        for f in &files {
-            let Some(rec) = records.get(&f.tag) else {
-                continue;
-            };
-            let group = data.get(rec.id.as_str()).map_or(&[][..], |v| &v[..]);
-            out.push(Found {
-                domain: d.clone(),
-                generation,
-                file: f.clone(),
-                record: (**rec).clone(),
-                data: store::data_items(group, &rec.id),
-                data_files: store::data_versions(group, &rec.id),
-            });
-        }
-        DomainCatalog {
-            generation,
-            files,
-            images: out,
-            records,
-        }
+    /// Every image, read at this catalog's generation.
+    pub fn images(&self) -> Vec<Found> {
+        self.images
+            .iter()
+            .map(|i| Found {
+                generation: self.generation,
+                ..i.clone()
+            })
+            .collect()
     }
 
-    /// This catalog with `delta` (changes since its generation) applied;
-    /// on an empty one, a whole listing.
-    pub fn apply(&self, d: &DomainRef, delta: FileDelta) -> Result<DomainCatalog> {
-        let mut files: BTreeMap<TagId, FileVersion> =
-            self.files.iter().map(|f| (f.tag, f.clone())).collect();
-        let mut records = self.records.clone();
-        for t in &delta.removed {
-            files.remove(t);
-            records.remove(t);
+    fn image_by_id(&self, id: &str) -> Option<&Found> {
+        let t = self.by_id.get(id)?;
+        self.image_at.get(t).map(|&i| &self.images[i])
+    }
+
+    /// What changed after generation `g` for `who`; `None` when this
+    /// catalog does not know back that far.
+    pub fn since(&self, who: &Identity, g: u64) -> Option<Since> {
+        if g < self.floor {
+            return None;
         }
-        for (f, rec) in delta.files {
-            records.remove(&f.tag);
-            if f.image.is_some() && !rec.is_empty() {
-                records.insert(f.tag, Arc::new(images::decode(&rec)?));
+        let mut before: HashMap<&str, Option<&ImageRecord>> = HashMap::new();
+        for e in self.events.iter().filter(|e| e.generation > g) {
+            before.entry(e.id.as_str()).or_insert(e.before.as_deref());
+        }
+        let mut out = Since::default();
+        for (id, was) in before {
+            let now = self.image_by_id(id);
+            match now {
+                Some(i) if glance::listed(who, &i.record) => out.changed.push(Found {
+                    generation: self.generation,
+                    ..i.clone()
+                }),
+                _ if was.is_some_and(|r| glance::listed(who, r)) => out.removed.push(id.into()),
+                _ => {}
             }
-            files.insert(f.tag, f);
         }
-        Ok(DomainCatalog::build(
-            d,
-            delta.generation,
-            files.into_values().collect(),
-            records,
-        ))
+        out.removed.sort();
+        Some(out)
+    }
+
+    fn remove_file(&mut self, t: &TagId) -> Option<FileVersion> {
+        let i = self.file_at.remove(t)?;
+        let f = self.files.swap_remove(i);
+        if let Some(moved) = self.files.get(i) {
+            self.file_at.insert(moved.tag, i);
+        }
+        if let Some(id) = data_owner(&f.path) {
+            if let Some(s) = self.data.get_mut(id) {
+                s.remove(t);
+            }
+        }
+        Some(f)
+    }
+
+    fn remove_image(&mut self, t: &TagId) -> Option<Found> {
+        let i = self.image_at.remove(t)?;
+        let f = self.images.swap_remove(i);
+        if let Some(moved) = self.images.get(i) {
+            self.image_at.insert(moved.file.tag, i);
+        }
+        if self.by_id.get(&f.record.id) == Some(t) {
+            self.by_id.remove(&f.record.id);
+        }
+        Some(f)
+    }
+
+    /// Image `id`'s data items and versions, from the files kept.
+    fn data_of(&self, id: &str) -> (Vec<store::DataItem>, Vec<FileVersion>) {
+        let group: Vec<FileVersion> = self
+            .data
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.file_at.get(t).map(|&i| self.files[i].clone()))
+            .collect();
+        (
+            store::data_items(&group, id),
+            store::data_versions(&group, id),
+        )
+    }
+
+    /// Apply `delta`: the changes since this catalog's generation, or
+    /// (`changes` false) every file version, which replaces all (nothing
+    /// before it is then known one by one).
+    pub fn apply(&mut self, d: &DomainRef, delta: FileDelta) -> Result<()> {
+        if !delta.changes {
+            *self = DomainCatalog::default();
+            self.load(d, delta.files, &mut BTreeSet::new())?;
+            self.generation = delta.generation;
+            self.floor = delta.generation;
+            return Ok(());
+        }
+        // The images the changed tags held or hold, and whose data
+        // directories they are in; each as it was.
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        let tags = delta
+            .removed
+            .iter()
+            .chain(delta.files.iter().map(|(f, _)| &f.tag));
+        for t in tags {
+            if let Some(&i) = self.image_at.get(t) {
+                touched.insert(self.images[i].record.id.clone());
+            }
+            if let Some(&i) = self.file_at.get(t) {
+                touched.extend(data_owner(&self.files[i].path).map(str::to_string));
+            }
+        }
+        for (f, _) in &delta.files {
+            touched.extend(data_owner(&f.path).map(str::to_string));
+        }
+        let mut before: HashMap<String, Arc<ImageRecord>> = touched
+            .iter()
+            .filter_map(|id| Some((id.clone(), Arc::new(self.image_by_id(id)?.record.clone()))))
+            .collect();
+        for t in delta
+            .removed
+            .iter()
+            .chain(delta.files.iter().map(|(f, _)| &f.tag))
+        {
+            self.remove_image(t);
+            self.remove_file(t);
+        }
+        let mut added = BTreeSet::new();
+        self.load(d, delta.files, &mut added)?;
+        for id in added {
+            if !touched.contains(&id) {
+                before.remove(&id);
+                touched.insert(id);
+            }
+        }
+        self.generation = delta.generation;
+        for id in &touched {
+            let (data, data_files) = self.data_of(id);
+            if let Some(t) = self.by_id.get(id).copied() {
+                let i = self.image_at[&t];
+                self.images[i].data = data;
+                self.images[i].data_files = data_files;
+            }
+            self.events.push_back(Event {
+                generation: delta.generation,
+                id: id.clone(),
+                before: before.get(id).cloned(),
+            });
+        }
+        // Forget the oldest generations whole.
+        while self.events.len() > MAX_EVENTS {
+            let e = self.events.pop_front().expect("not empty");
+            self.floor = self.floor.max(e.generation);
+        }
+        while self
+            .events
+            .front()
+            .is_some_and(|e| e.generation <= self.floor)
+        {
+            self.events.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Add file versions and their images; the ids of the images they
+    /// touch go in `touched`.
+    fn load(
+        &mut self,
+        d: &DomainRef,
+        files: Vec<(FileVersion, Vec<u8>)>,
+        touched: &mut BTreeSet<String>,
+    ) -> Result<()> {
+        let mut added = Vec::new();
+        for (f, rec) in files {
+            if let Some(id) = data_owner(&f.path) {
+                self.data.entry(id.to_string()).or_default().insert(f.tag);
+                touched.insert(id.to_string());
+            }
+            if f.image.is_some() && !rec.is_empty() {
+                added.push((f.tag, images::decode(&rec)?));
+            }
+            self.file_at.insert(f.tag, self.files.len());
+            self.files.push(f);
+        }
+        for (t, record) in added {
+            let file = self.files[self.file_at[&t]].clone();
+            let (data, data_files) = self.data_of(&record.id);
+            touched.insert(record.id.clone());
+            self.by_id.insert(record.id.clone(), t);
+            self.image_at.insert(t, self.images.len());
+            self.images.push(Found {
+                domain: d.clone(),
+                generation: 0,
+                file,
+                record,
+                data,
+                data_files,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -118,13 +289,39 @@ impl Indexes {
         self.by_domain.lock().expect("poisoned").get(d).cloned()
     }
 
+    /// Apply `delta`, read against the catalog at generation `at`, to the
+    /// one kept, in place unless a request holds it; `None` when the one
+    /// kept is no longer at `at`.
+    fn update(
+        &self,
+        d: &DomainRef,
+        at: Option<u64>,
+        delta: FileDelta,
+    ) -> Result<Option<Arc<DomainCatalog>>> {
+        let mut m = self.by_domain.lock().expect("poisoned");
+        let mut cat = match m.remove(&d.id) {
+            Some(k) if Some(k.generation) == at => k,
+            Some(k) if !delta.changes && k.generation <= delta.generation => {
+                Arc::new(DomainCatalog::default())
+            }
+            Some(k) => {
+                m.insert(d.id, k);
+                return Ok(None);
+            }
+            None if at.is_none() || !delta.changes => Arc::new(DomainCatalog::default()),
+            None => return Ok(None),
+        };
+        Arc::make_mut(&mut cat).apply(d, delta)?;
+        m.insert(d.id, cat.clone());
+        Ok(Some(cat))
+    }
+
     /// Keep `c` unless a newer one was kept meanwhile; the one kept.
-    fn put(&self, d: uuid::Uuid, c: DomainCatalog) -> Arc<DomainCatalog> {
+    fn put(&self, d: uuid::Uuid, c: Arc<DomainCatalog>) -> Arc<DomainCatalog> {
         let mut m = self.by_domain.lock().expect("poisoned");
         match m.get(&d) {
             Some(old) if old.generation > c.generation => old.clone(),
             _ => {
-                let c = Arc::new(c);
                 m.insert(d, c.clone());
                 c
             }
@@ -141,19 +338,23 @@ impl Coordinator {
         c: &AgentConn,
         d: &DomainRef,
     ) -> Result<Arc<DomainCatalog>> {
-        let kept = self.catalogs.get(&d.id);
-        let delta = c
-            .file_delta(&d.id, kept.as_ref().map(|k| k.generation))
-            .await?;
-        let next = match kept {
-            Some(k) if delta.changes => {
-                if delta.generation == k.generation {
+        for _ in 0..3 {
+            let kept = self.catalogs.get(&d.id);
+            let at = kept.as_ref().map(|k| k.generation);
+            let delta = c.file_delta(&d.id, at).await?;
+            if let Some(k) = kept {
+                if delta.changes && delta.generation == k.generation {
                     return Ok(k);
                 }
-                k.apply(d, delta)?
             }
-            _ => DomainCatalog::default().apply(d, delta)?,
-        };
-        Ok(self.catalogs.put(d.id, next))
+            if let Some(c) = self.catalogs.update(d, at, delta)? {
+                return Ok(c);
+            }
+        }
+        // Others kept changing it: one whole listing, kept if newest.
+        let delta = c.file_delta(&d.id, None).await?;
+        let mut fresh = DomainCatalog::default();
+        fresh.apply(d, delta)?;
+        Ok(self.catalogs.put(d.id, Arc::new(fresh)))
     }
 }

@@ -687,13 +687,19 @@ fn a_kept_catalog_takes_changes_and_groups_data_items_by_image() {
         ],
         removed: Vec::new(),
     };
-    let cat = DomainCatalog::default().apply(&d, full).unwrap();
-    assert_eq!(cat.generation, 4);
+    let mut cat = DomainCatalog::default();
+    cat.apply(&d, full).unwrap();
+    assert_eq!((cat.generation, cat.floor), (4, 4));
     assert_eq!(cat.files.len(), 4);
-    assert_eq!(cat.images.len(), 1);
-    let keys: Vec<_> = cat.images[0].data.iter().map(|x| x.key.as_str()).collect();
+    let imgs = cat.images();
+    assert_eq!(imgs.len(), 1);
+    let keys: Vec<_> = imgs[0].data.iter().map(|x| x.key.as_str()).collect();
     assert_eq!(keys, ["k"]);
-    assert_eq!(cat.images[0].data[0].file.tag, item.tag);
+    assert_eq!(imgs[0].data[0].file.tag, item.tag);
+    let bob = who("bob", Role::User);
+    assert!(cat.since(&alice(), 3).is_none(), "before the floor");
+    assert!(cat.since(&alice(), 4).unwrap().changed.is_empty());
+    let kept = cat.clone();
     // Unregister A, register B, delete A's item: only those are sent.
     let mut a2 = a.clone();
     a2.image = None;
@@ -703,13 +709,41 @@ fn a_kept_catalog_takes_changes_and_groups_data_items_by_image() {
         files: vec![(a2, Vec::new()), (with_image(b.clone(), "B"), rec("B"))],
         removed: vec![item.tag],
     };
-    let next = cat.apply(&d, delta).unwrap();
-    assert_eq!(next.generation, 7);
-    assert_eq!(next.files.len(), 3);
-    let ids: Vec<_> = next.images.iter().map(|i| i.record.id.as_str()).collect();
+    cat.apply(&d, delta).unwrap();
+    assert_eq!(cat.generation, 7);
+    assert_eq!(cat.files.len(), 3);
+    let imgs = cat.images();
+    let ids: Vec<_> = imgs.iter().map(|i| i.record.id.as_str()).collect();
     assert_eq!(ids, ["B"]);
-    assert_eq!(next.images[0].data[0].file.tag, other.tag);
-    assert_eq!(next.images[0].generation, 7);
-    // The kept one is unchanged.
-    assert_eq!(cat.images[0].record.id, "A");
+    assert_eq!(imgs[0].data[0].file.tag, other.tag);
+    assert_eq!(imgs[0].generation, 7);
+    // The copy taken before is unchanged.
+    assert_eq!(kept.images()[0].record.id, "A");
+    // Since 4: B is new, A is gone, for its owner; bob saw neither.
+    let s = cat.since(&alice(), 4).unwrap();
+    let changed: Vec<_> = s.changed.iter().map(|i| i.record.id.as_str()).collect();
+    assert_eq!((changed, s.removed), (vec!["B"], vec!["A".to_string()]));
+    let s = cat.since(&bob, 4).unwrap();
+    assert!(s.changed.is_empty() && s.removed.is_empty(), "{s:?}");
+    assert!(cat.since(&alice(), 7).unwrap().changed.is_empty());
+    // B made public: bob sees it change; made private again, bob is told
+    // it went (he could list it at 8), alice that it changed.
+    let mut public = image("B", &[], 1);
+    public.is_public = true;
+    let b_img = with_image(b.clone(), "B");
+    let step = |g: u64, r: &images::ImageRecord| crate::agents::FileDelta {
+        generation: g,
+        changes: true,
+        files: vec![(b_img.clone(), images::encode(r))],
+        removed: Vec::new(),
+    };
+    cat.apply(&d, step(8, &public)).unwrap();
+    assert_eq!(cat.since(&bob, 7).unwrap().changed.len(), 1);
+    cat.apply(&d, step(9, &image("B", &[], 2))).unwrap();
+    assert_eq!(cat.since(&bob, 8).unwrap().removed, ["B"]);
+    assert!(
+        cat.since(&bob, 7).unwrap().removed.is_empty(),
+        "private at 7"
+    );
+    assert_eq!(cat.since(&alice(), 8).unwrap().changed.len(), 1);
 }

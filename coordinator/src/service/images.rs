@@ -108,15 +108,31 @@ impl CoordService {
         }))
     }
 
-    pub(super) async fn images(&self, who: &Identity, owner: &str) -> R<pb::ListImagesResponse> {
-        let (v, problems) = self
+    pub(super) async fn images(
+        &self,
+        who: &Identity,
+        r: pb::ListImagesRequest,
+    ) -> R<pb::ListImagesResponse> {
+        let since = r.since;
+        let l = self
             .coord
-            .list_images(who, owner)
+            .list_images(who, &r.owner, &since)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListImagesResponse {
-            images: v.iter().map(pb_image).collect(),
-            problems,
+            images: l.images.iter().map(pb_image).collect(),
+            problems: l.problems,
+            generations: l
+                .domains
+                .iter()
+                .map(|(d, g, changes)| pb::CatalogGeneration {
+                    domain_id: d.id.to_string(),
+                    domain: d.name.clone(),
+                    generation: *g,
+                    changes: *changes,
+                })
+                .collect(),
+            removed_image_ids: l.removed,
         }))
     }
 

@@ -503,7 +503,7 @@ impl pb::coordinator_server::Coordinator for CoordService {
 
     async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> R<pb::ListImagesResponse> {
         let who = Identity::of(&r)?;
-        self.images(&who, &r.into_inner().owner).await
+        self.images(&who, r.into_inner()).await
     }
 
     async fn get_image(&self, r: Request<pb::GetImageRequest>) -> R<pb::Image> {
