@@ -47,7 +47,7 @@ pub enum CoordError {
         status: tonic::Status,
     },
     /// Another operation holds the disk for longer than we waited.
-    #[error("disk {0} is busy with another operation")]
+    #[error("{0} is busy with another operation")]
     Busy(String),
     /// The coordinator's etcd session is unconfirmed: it may not write.
     #[error("fenced: {0}")]

@@ -55,7 +55,7 @@ pub struct Commit<'a> {
 pub type Chunks = tonic::Streaming<pb::VolumeDataChunk>;
 
 /// What changed in a domain's catalog (see [`AgentConn::file_delta`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FileDelta {
     /// The generation now.
     pub generation: u64,

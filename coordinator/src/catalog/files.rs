@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cairn_proto::auth::Identity;
 use tokio_stream::{Stream, StreamExt};
 
-use super::index::DomainCatalog;
+use super::index::{data_owner, DomainCatalog};
 use super::{
     base_rid, busy, moved, pick_version, plan_delete, plan_upload, Location, UploadPlan, TRIES,
 };
@@ -74,7 +74,7 @@ impl Coordinator {
         location: &str,
     ) -> Result<(DomainRef, u64, Vec<FileVersion>)> {
         let (loc, d, l) = self.listing_at(location).await?;
-        let v = super::file_versions(who, &loc, &l.files)?
+        let v = super::file_versions(who, &loc, &l.about(&[&loc.path], None, None))?
             .into_iter()
             .cloned()
             .collect();
@@ -92,7 +92,7 @@ impl Coordinator {
         let d = self.domain(&loc.domain).await?;
         let c = self.catalog_agent(&d).await?;
         let l = self.catalog_of(&c, &d).await?;
-        let f = pick_version(who, &loc, version, &l.files)?.clone();
+        let f = pick_version(who, &loc, version, &l.about(&[&loc.path], None, None))?.clone();
         let chunks = c.read_file(&d.id, &f.tag).await?;
         Ok((d, f, chunks))
     }
@@ -113,9 +113,11 @@ impl Coordinator {
         let d = self.domain(&loc.domain).await?;
         let c = self.catalog_agent(&d).await?;
         let base = base_rid("file", who, request_id);
+        let _turn = self.catalogs.writer_turn(&d.id).await;
         for attempt in 0..TRIES {
             let l = self.catalog_of(&c, &d).await?;
-            let doomed = plan_delete(who, &loc, version, &l.files)?;
+            let about = l.about(&[&loc.path], None, None);
+            let doomed = plan_delete(who, &loc, version, &about)?;
             let tags: Vec<_> = doomed.iter().map(|f| f.tag).collect();
             let rid = format!("{base}.{attempt}");
             match c.delete_files(&rid, &d.id, &tags, l.generation).await {
@@ -171,7 +173,7 @@ impl Coordinator {
         let c = self.catalog_agent(d).await?;
         let base = base_rid("file", who, &up.request_id);
         let l = self.catalog_of(&c, d).await?;
-        let owner = match plan_upload(who, loc, &base, &l.files)? {
+        let owner = match plan_upload(who, loc, &base, &upload_about(&l, loc, &base))? {
             UploadPlan::Done(f) => return Ok((f, false)),
             UploadPlan::Commit { owner } => owner,
         };
@@ -284,13 +286,14 @@ impl Coordinator {
         base: &str,
         mut commit: Commit<'_>,
     ) -> Result<(FileVersion, bool)> {
+        let _turn = self.catalogs.writer_turn(&d.id).await;
         for attempt in 0..TRIES {
             commit.rid = format!("{base}.{attempt}");
             match c.commit_file(&d.id, &commit).await {
                 Ok(f) => return Ok((f, true)),
                 Err(e) if moved(&e) => {
                     let l = self.catalog_of(c, d).await?;
-                    match plan_upload(who, loc, base, &l.files)? {
+                    match plan_upload(who, loc, base, &upload_about(&l, loc, base))? {
                         UploadPlan::Done(f) => return Ok((f, false)),
                         UploadPlan::Commit { .. } => commit.expect = l.generation,
                     }
@@ -341,4 +344,10 @@ where
         ));
     }
     Ok(out)
+}
+
+/// The file versions [`plan_upload`] looks at: `loc`'s, those request
+/// `base` made, and the image whose data directory `loc` is in.
+fn upload_about(l: &DomainCatalog, loc: &Location, base: &str) -> Vec<FileVersion> {
+    l.about(&[&loc.path], Some(base), data_owner(&loc.path))
 }

@@ -11,9 +11,7 @@ use cairn_proto::auth::Identity;
 use super::glance;
 use super::images::{self, Change, ImageRecord, Register};
 use super::store::{self, DataItem};
-use super::{
-    base_rid, busy, domain_name, file_versions, made_by, moved, versions_of, Location, TRIES,
-};
+use super::{base_rid, busy, domain_name, file_versions, moved, versions_of, Location, TRIES};
 use crate::agents::{AgentConn, ImageSet};
 use crate::coordinator::{now, Coordinator};
 use crate::error::{CoordError, Result};
@@ -100,6 +98,9 @@ impl Coordinator {
                 let c = self.catalog_agent(&d).await?;
                 let cat = self.catalog_of(&c, &d).await?;
                 cats.push((d, cat));
+            }
+            if !names_given_twice(&cats) {
+                return Ok((cats, Vec::new()));
             }
             let out: Vec<Found> = cats.iter().flat_map(|(_, c)| c.images()).collect();
             let records: Vec<&ImageRecord> = out.iter().map(|i| &i.record).collect();
@@ -225,53 +226,65 @@ impl Coordinator {
         Ok((found, all))
     }
 
-    /// Image `key` (an id, a name, or an id prefix), if `who` may see it.
+    /// The writers' turn of the domain of image `key` (see
+    /// [`Indexes::writer_turn`](super::index::Indexes::writer_turn)).
+    pub(super) async fn image_writer_turn(
+        &self,
+        who: &Identity,
+        key: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+        let d = self.get_image(who, key).await?.domain.id;
+        Ok(self.catalogs.writer_turn(&d).await)
+    }
+
+    /// Image `key` (an id, a name, or an id prefix), if `who` may see it
+    /// (as [`Self::find_image`], from the kept catalogs' indexes).
     pub async fn get_image(&self, who: &Identity, key: &str) -> Result<Found> {
-        Ok(self.find_image(who, key).await?.0)
+        let (cats, _) = self.catalogs().await?;
+        let seen: Vec<Found> = cats
+            .iter()
+            .flat_map(|(_, c)| c.matching(key))
+            .filter(|i| images::visible(who, &i.record))
+            .collect();
+        let records: Vec<&ImageRecord> = seen.iter().map(|i| &i.record).collect();
+        let at = store::resolve(&records, key)?;
+        Ok(seen.into_iter().nth(at).expect("resolved among them"))
     }
 
     /// Refuse record `rec` (to be registered from file version `latest`
-    /// on domain `d`, whose listing is `files`) when another image has its
+    /// on domain `d`, whose catalog is `cat`) when another image has its
     /// id or one of its names.
     async fn check_unique(
         &self,
         d: &DomainRef,
-        files: &[FileVersion],
+        cat: &super::index::DomainCatalog,
         latest: &FileVersion,
         rec: &ImageRecord,
     ) -> Result<()> {
-        let taken = |f: &FileVersion| f.image.as_deref() == Some(&rec.id) && f.tag != latest.tag;
         let dup_id = || CoordError::AlreadyExists(format!("image id {} is taken", rec.id));
-        if files.iter().any(taken) {
+        if cat.image_files(&rec.id).iter().any(|f| f.tag != latest.tag) {
             return Err(dup_id());
         }
-        if !rec.names.is_empty() {
-            let (all, _) = self.all_images().await?;
-            if all
-                .iter()
-                .any(|i| i.domain.id != d.id && i.record.id == rec.id)
-            {
-                return Err(dup_id());
-            }
-            let records: Vec<&ImageRecord> = all
-                .iter()
-                .filter(|i| i.file.tag != latest.tag || i.domain.id != d.id)
-                .map(|i| &i.record)
-                .collect();
-            return store::check_names_free(&records, &rec.id, &rec.names);
-        }
-        for other in self
-            .all_domains()
+        let others: Vec<_> = self
+            .catalogs()
             .await?
+            .0
             .into_iter()
-            .filter(|o| o.id != d.id)
+            .filter(|(o, _)| o.id != d.id)
+            .collect();
+        if others
+            .iter()
+            .any(|(_, c)| !c.image_files(&rec.id).is_empty())
         {
-            let c = self.catalog_agent(&other).await?;
-            if self.catalog_of(&c, &other).await?.files.iter().any(taken) {
-                return Err(dup_id());
-            }
+            return Err(dup_id());
         }
-        Ok(())
+        let holders: Vec<Found> = std::iter::once(cat)
+            .chain(others.iter().map(|(_, c)| &**c))
+            .flat_map(|c| rec.names.iter().flat_map(|n| c.holders(n)))
+            .filter(|i| i.file.tag != latest.tag || i.domain.id != d.id)
+            .collect();
+        let records: Vec<&ImageRecord> = holders.iter().map(|i| &i.record).collect();
+        store::check_names_free(&records, &rec.id, &rec.names)
     }
 
     /// The virtual size of the disk image in file version `f`, from its
@@ -327,31 +340,34 @@ impl Coordinator {
         let dname = domain_name(&d);
         let c = self.catalog_agent(&d).await?;
         let base = base_rid("img", who, request_id);
+        let _turn = self.catalogs.writer_turn(&d.id).await;
         for attempt in 0..TRIES {
             // Planning needs the files, not the other images' records.
             let l = self.catalog_of(&c, &d).await?;
-            let (generation, all) = (l.generation, &l.files[..]);
+            let generation = l.generation;
             // A retry of a registration that wrote its metafile: its answer.
-            if let Some(m) = all.iter().find(|f| made_by(&f.request, &base)) {
-                let found = self.images_on(&c, &d).await?;
-                if let Some(i) = found.into_iter().find(|i| i.file.path == path) {
+            if let Some(m) = l.made_by(&base).first() {
+                let image = l
+                    .versions(&path)
+                    .iter()
+                    .find_map(|f| l.image_of_tag(&f.tag));
+                if let Some(i) = image {
                     return Ok(Registered {
                         image: i,
-                        metafile: Some(m.clone()),
+                        metafile: Some((*m).clone()),
                     });
                 }
             }
+            // The versions the plan looks at.
+            let all = &l.about(&[&path, &meta_path], None, None)[..];
             let versions = file_versions(who, &loc, all)?;
             let latest = versions.last().copied().expect("one version at least");
             let full = Location::full(&latest.owner, &dname, &path);
             let mut rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
-            self.check_unique(&d, all, latest, &rec).await?;
-            if latest.image.is_some() {
-                // Registering over a protected image would clear it.
-                let found = self.images_on(&c, &d).await?;
-                if let Some(old) = found.iter().find(|i| i.file.tag == latest.tag) {
-                    glance::check_unprotected(&old.record)?;
-                }
+            self.check_unique(&d, &l, latest, &rec).await?;
+            // Registering over a protected image would clear it.
+            if let Some(old) = l.image_of_tag(&latest.tag) {
+                glance::check_unprotected(&old.record)?;
             }
             rec.virtual_size = self.virtual_size(&c, &d, latest, &rec.disk_format).await?;
             let body = images::metafile(&rec);
@@ -377,7 +393,7 @@ impl Coordinator {
             }
             // A registration under another id leaves the old id's data.
             let drop = match &latest.image {
-                Some(old) if *old != rec.id => store::tags(&store::data_versions(all, old)),
+                Some(old) if *old != rec.id => store::tags(&l.data_of(old).1),
                 _ => Vec::new(),
             };
             let record = images::encode(&rec);
@@ -394,17 +410,14 @@ impl Coordinator {
             {
                 Ok((file, metafile)) => {
                     let kept = |t: &TagId| !drop.contains(t);
-                    let data = store::data_items(all, &rec.id);
+                    let (data, data_files) = l.data_of(&rec.id);
                     return Ok(Registered {
                         image: Found {
                             domain: d.clone(),
                             generation: generation + 1,
                             file,
                             data: data.into_iter().filter(|x| kept(&x.file.tag)).collect(),
-                            data_files: store::data_versions(all, &rec.id)
-                                .into_iter()
-                                .filter(|f| kept(&f.tag))
-                                .collect(),
+                            data_files: data_files.into_iter().filter(|f| kept(&f.tag)).collect(),
                             record: rec,
                         },
                         metafile,
@@ -445,6 +458,7 @@ impl Coordinator {
         key: &str,
         plan: impl Fn(&ImageRecord) -> Result<ImageRecord>,
     ) -> Result<Found> {
+        let _turn = self.image_writer_turn(who, key).await?;
         for attempt in 0..TRIES {
             let i = self.get_image(who, key).await?;
             let rec = plan(&i.record)?;
@@ -485,6 +499,7 @@ impl Coordinator {
         check_request_id(request_id)?;
         self.catalog_writable()?;
         let base = base_rid("img", who, request_id);
+        let _turn = self.image_writer_turn(who, id).await?;
         for attempt in 0..TRIES {
             let i = self.get_image(who, id).await?;
             images::may_change(who, &i.record)?;
@@ -497,4 +512,20 @@ impl Coordinator {
         }
         Err(busy(&format!("image {id}")))
     }
+}
+
+/// Whether a name is on more than one image of `cats` (from their names
+/// indexes: a look at every image only when one is).
+fn names_given_twice(cats: &Catalogs) -> bool {
+    let mut holders: HashMap<&str, usize> = HashMap::new();
+    for (_, c) in cats {
+        for (n, tags) in c.names() {
+            let k = holders.entry(n).or_default();
+            *k += tags.len();
+            if *k > 1 {
+                return true;
+            }
+        }
+    }
+    false
 }

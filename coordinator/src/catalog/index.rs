@@ -12,7 +12,7 @@
 //! - every image change after `floor` is in `events`, with the image as
 //!   it was before that change.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use cairn_domain::catalog::FileVersion;
@@ -54,17 +54,45 @@ pub struct DomainCatalog {
     /// Every image with its data items, in no order.
     images: Vec<Found>,
     image_at: HashMap<TagId, usize>,
-    /// Image id to the tag it is registered from.
-    by_id: HashMap<String, TagId>,
+    /// Image id to the tag it is registered from (ordered: prefixes).
+    by_id: BTreeMap<String, TagId>,
+    /// Path to its versions' tags.
+    by_path: HashMap<String, Vec<TagId>>,
+    /// Request id (before its `.ATTEMPT`) to the versions it made.
+    by_request: HashMap<String, Vec<TagId>>,
+    /// Image id to the versions that name it, with a record or not.
+    image_tags: HashMap<String, Vec<TagId>>,
+    /// Image name to the tags of the images that have it (once per
+    /// time a record lists it).
+    names: HashMap<String, Vec<TagId>>,
     /// Image id to the file versions under its data directory.
     data: HashMap<String, BTreeSet<TagId>>,
     events: VecDeque<Event>,
 }
 
 /// The image id whose data directory `path` is in.
-fn data_owner(path: &str) -> Option<&str> {
+pub(super) fn data_owner(path: &str) -> Option<&str> {
     let rest = path.strip_prefix(DATA_DIR)?.strip_prefix('/')?;
     rest.split_once('/').map(|(id, _)| id)
+}
+
+/// The part of a stored request id before its `.ATTEMPT`.
+fn request_key(r: &str) -> &str {
+    r.split_once('.').map_or(r, |(b, _)| b)
+}
+
+/// Take `t` from `m[k]`, and the entry when it is left empty.
+fn forget<K>(m: &mut HashMap<String, Vec<TagId>>, k: &K, t: &TagId)
+where
+    K: AsRef<str> + ?Sized,
+{
+    let k = k.as_ref();
+    if let Some(v) = m.get_mut(k) {
+        v.retain(|x| x != t);
+        if v.is_empty() {
+            m.remove(k);
+        }
+    }
 }
 
 /// What changed for one caller since a generation.
@@ -92,6 +120,123 @@ impl DomainCatalog {
     fn image_by_id(&self, id: &str) -> Option<&Found> {
         let t = self.by_id.get(id)?;
         self.image_at.get(t).map(|&i| &self.images[i])
+    }
+
+    fn stamped(&self, i: &Found) -> Found {
+        Found {
+            generation: self.generation,
+            ..i.clone()
+        }
+    }
+
+    fn file(&self, t: &TagId) -> Option<&FileVersion> {
+        self.file_at.get(t).map(|&i| &self.files[i])
+    }
+
+    /// The image registered from file version `t`.
+    pub fn image_of_tag(&self, t: &TagId) -> Option<Found> {
+        self.image_at.get(t).map(|&i| self.stamped(&self.images[i]))
+    }
+
+    /// The versions of `path`, oldest first.
+    pub fn versions(&self, path: &str) -> Vec<&FileVersion> {
+        let mut v: Vec<&FileVersion> = self
+            .by_path
+            .get(path)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.file(t))
+            .collect();
+        v.sort_by_key(|f| f.version);
+        v
+    }
+
+    /// The versions an attempt of request `base` made.
+    pub fn made_by(&self, base: &str) -> Vec<&FileVersion> {
+        self.by_request
+            .get(request_key(base))
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.file(t))
+            .filter(|f| super::made_by(&f.request, base))
+            .collect()
+    }
+
+    /// The file versions that name image `id` (registered or not).
+    pub fn image_files(&self, id: &str) -> Vec<&FileVersion> {
+        self.image_tags
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.file(t))
+            .collect()
+    }
+
+    /// Every file version a plan about `paths`, request `base` and image
+    /// `image` looks at: the plans of `super` given these instead of
+    /// every version answer the same.
+    pub fn about(
+        &self,
+        paths: &[&str],
+        base: Option<&str>,
+        image: Option<&str>,
+    ) -> Vec<FileVersion> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        let tags = paths
+            .iter()
+            .flat_map(|p| self.by_path.get(*p).into_iter().flatten())
+            .chain(
+                base.map(|b| self.made_by(b))
+                    .into_iter()
+                    .flatten()
+                    .map(|f| &f.tag),
+            )
+            .chain(
+                image
+                    .into_iter()
+                    .flat_map(|id| self.image_tags.get(id).into_iter().flatten()),
+            );
+        for t in tags {
+            if seen.insert(*t) {
+                out.extend(self.file(t).cloned());
+            }
+        }
+        out
+    }
+
+    /// The images `key` may name: with that id, that name, or an id it
+    /// prefixes (what [`store::resolve`] picks among).
+    pub fn matching(&self, key: &str) -> Vec<Found> {
+        let mut seen = BTreeSet::new();
+        let prefixed = self
+            .by_id
+            .range::<str, _>((std::ops::Bound::Included(key), std::ops::Bound::Unbounded))
+            .take_while(|(id, _)| id.starts_with(key))
+            .map(|(_, t)| t);
+        let named = self.names.get(key).into_iter().flatten();
+        prefixed
+            .chain(named)
+            .filter(|t| seen.insert(**t))
+            .filter_map(|t| self.image_of_tag(t))
+            .collect()
+    }
+
+    /// The images that have name `n`.
+    pub fn holders(&self, n: &str) -> Vec<Found> {
+        let mut seen = BTreeSet::new();
+        self.names
+            .get(n)
+            .into_iter()
+            .flatten()
+            .filter(|t| seen.insert(**t))
+            .filter_map(|t| self.image_of_tag(t))
+            .collect()
+    }
+
+    /// Every image name, with the tags of the images that have it.
+    pub fn names(&self) -> impl Iterator<Item = (&str, &[TagId])> {
+        self.names.iter().map(|(n, t)| (n.as_str(), &t[..]))
     }
 
     /// What changed after generation `g` for `who`; `None` when this
@@ -131,6 +276,11 @@ impl DomainCatalog {
                 s.remove(t);
             }
         }
+        forget(&mut self.by_path, &f.path, t);
+        forget(&mut self.by_request, request_key(&f.request), t);
+        if let Some(id) = &f.image {
+            forget(&mut self.image_tags, id, t);
+        }
         Some(f)
     }
 
@@ -143,11 +293,14 @@ impl DomainCatalog {
         if self.by_id.get(&f.record.id) == Some(t) {
             self.by_id.remove(&f.record.id);
         }
+        for n in &f.record.names {
+            forget(&mut self.names, n, t);
+        }
         Some(f)
     }
 
     /// Image `id`'s data items and versions, from the files kept.
-    fn data_of(&self, id: &str) -> (Vec<store::DataItem>, Vec<FileVersion>) {
+    pub fn data_of(&self, id: &str) -> (Vec<store::DataItem>, Vec<FileVersion>) {
         let group: Vec<FileVersion> = self
             .data
             .get(id)
@@ -256,6 +409,14 @@ impl DomainCatalog {
             if f.image.is_some() && !rec.is_empty() {
                 added.push((f.tag, images::decode(&rec)?));
             }
+            self.by_path.entry(f.path.clone()).or_default().push(f.tag);
+            if !f.request.is_empty() {
+                let k = request_key(&f.request).to_string();
+                self.by_request.entry(k).or_default().push(f.tag);
+            }
+            if let Some(id) = &f.image {
+                self.image_tags.entry(id.clone()).or_default().push(f.tag);
+            }
             self.file_at.insert(f.tag, self.files.len());
             self.files.push(f);
         }
@@ -264,6 +425,9 @@ impl DomainCatalog {
             let (data, data_files) = self.data_of(&record.id);
             touched.insert(record.id.clone());
             self.by_id.insert(record.id.clone(), t);
+            for n in &record.names {
+                self.names.entry(n.clone()).or_default().push(t);
+            }
             self.image_at.insert(t, self.images.len());
             self.images.push(Found {
                 domain: d.clone(),
@@ -278,13 +442,32 @@ impl DomainCatalog {
     }
 }
 
-/// Every domain's catalog this coordinator read, by domain id.
+/// Every domain's catalog this coordinator read, by domain id, and each
+/// domain's writers' queue.
 #[derive(Debug, Default)]
 pub struct Indexes {
     by_domain: Mutex<HashMap<uuid::Uuid, Arc<DomainCatalog>>>,
+    writers: Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Indexes {
+    /// Domain `d`'s writers' turn: the catalog changes one coordinator
+    /// makes on a domain are planned and committed one at a time, in the
+    /// order they asked (each commit raises the generation the others
+    /// planned against, so planning them at once only makes all but one
+    /// plan again). Changes from other coordinators still race, and are
+    /// planned again.
+    pub async fn writer_turn(&self, d: &uuid::Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+        let q = self
+            .writers
+            .lock()
+            .expect("poisoned")
+            .entry(*d)
+            .or_default()
+            .clone();
+        q.lock_owned().await
+    }
+
     fn get(&self, d: &uuid::Uuid) -> Option<Arc<DomainCatalog>> {
         self.by_domain.lock().expect("poisoned").get(d).cloned()
     }

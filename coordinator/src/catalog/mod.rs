@@ -267,10 +267,12 @@ pub fn plan_upload(
             });
         }
     }
-    if let Some(f) = files.iter().find(|f| made_by(&f.request, rid)) {
-        if f.path != path {
-            return Err(CoordError::RequestIdReused(rid.to_string()));
-        }
+    // What the request made before, whatever order the versions are in.
+    let made: Vec<_> = files.iter().filter(|f| made_by(&f.request, rid)).collect();
+    if made.iter().any(|f| f.path != path) {
+        return Err(CoordError::RequestIdReused(rid.to_string()));
+    }
+    if let Some(f) = made.into_iter().max_by_key(|f| f.version) {
         return Ok(UploadPlan::Done(f.clone()));
     }
     let v = versions_of(files, path);
@@ -343,5 +345,7 @@ pub fn pick_version<'a>(
     })
 }
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

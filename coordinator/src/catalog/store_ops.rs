@@ -47,6 +47,7 @@ impl Coordinator {
         check_request_id(request_id)?;
         self.catalog_writable()?;
         let base = base_rid("names", who, request_id);
+        let _turn = self.image_writer_turn(who, key).await?;
         'plan: for attempt in 0..TRIES {
             let (target, all) = self.find_image(who, key).await?;
             images::may_change(who, &target.record)?;
@@ -180,6 +181,7 @@ impl Coordinator {
         self.catalog_writable()?;
         store::check_key(key)?;
         let base = base_rid("data", who, request_id);
+        let _turn = self.image_writer_turn(who, image).await?;
         for attempt in 0..TRIES {
             let i = self.get_image(who, image).await?;
             images::may_change(who, &i.record)?;
@@ -230,6 +232,7 @@ impl Coordinator {
         let mut gone = Vec::new();
         for d in doms {
             let c = self.catalog_agent(&d).await?;
+            let _turn = self.catalogs.writer_turn(&d.id).await;
             let mut tries = 0;
             'domain: loop {
                 let found = self.images_on(&c, &d).await?;

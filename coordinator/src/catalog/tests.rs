@@ -4,7 +4,7 @@ use super::*;
 use cairn_domain::{TagId, VolumeId};
 use cairn_proto::auth::Role;
 
-fn who(name: &str, role: Role) -> Identity {
+pub(super) fn who(name: &str, role: Role) -> Identity {
     Identity {
         name: name.into(),
         role,
@@ -15,7 +15,7 @@ fn alice() -> Identity {
     who("alice", Role::User)
 }
 
-fn file(n: u32, path: &str, owner: &str, version: u64) -> FileVersion {
+pub(super) fn file(n: u32, path: &str, owner: &str, version: u64) -> FileVersion {
     FileVersion {
         tag: TagId::generate(n),
         volume: VolumeId::generate(n),
@@ -32,7 +32,7 @@ fn file(n: u32, path: &str, owner: &str, version: u64) -> FileVersion {
     }
 }
 
-fn loc(s: &str) -> Location {
+pub(super) fn loc(s: &str) -> Location {
     Location::parse(s).unwrap()
 }
 
@@ -406,7 +406,7 @@ mod image_rules {
 
 // The image store's rules (seed 004).
 
-fn image(id: &str, names: &[&str], updated_at: u64) -> images::ImageRecord {
+pub(super) fn image(id: &str, names: &[&str], updated_at: u64) -> images::ImageRecord {
     images::ImageRecord {
         id: id.into(),
         name: id.into(),
