@@ -108,13 +108,7 @@ pub struct Since {
 impl DomainCatalog {
     /// Every image, read at this catalog's generation.
     pub fn images(&self) -> Vec<Found> {
-        self.images
-            .iter()
-            .map(|i| Found {
-                generation: self.generation,
-                ..i.clone()
-            })
-            .collect()
+        self.images.iter().map(|i| self.stamped(i)).collect()
     }
 
     fn image_by_id(&self, id: &str) -> Option<&Found> {
@@ -253,10 +247,7 @@ impl DomainCatalog {
         for (id, was) in before {
             let now = self.image_by_id(id);
             match now {
-                Some(i) if glance::listed(who, &i.record) => out.changed.push(Found {
-                    generation: self.generation,
-                    ..i.clone()
-                }),
+                Some(i) if glance::listed(who, &i.record) => out.changed.push(self.stamped(i)),
                 _ if was.is_some_and(|r| glance::listed(who, r)) => out.removed.push(id.into()),
                 _ => {}
             }

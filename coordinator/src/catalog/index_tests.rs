@@ -33,11 +33,6 @@ const PATHS: [&str; 6] = [
 const IDS: [&str; 5] = ["ab1", "ab2", "b", "zz", "ab1x"];
 const NAMES: [&str; 4] = ["one", "two", "ab", "b"];
 
-/// Every image as `apply` keeps them, by a look at every one.
-fn all(cat: &DomainCatalog) -> Vec<super::image_ops::Found> {
-    cat.images()
-}
-
 /// One random change: new versions (some registered, some made by a
 /// request) and deleted ones.
 fn step(g: &mut Gen, cat: &DomainCatalog, n: &mut u32, generation: u64) -> FileDelta {
@@ -125,7 +120,7 @@ fn the_indexes_answer_as_a_look_at_everything() {
         for generation in 2..40 {
             let delta = step(&mut g, &cat, &mut n, generation);
             cat.apply(&d, delta).unwrap();
-            let images = all(&cat);
+            let images = cat.images();
             let files = cat.files.clone();
             // Lookups: every id, prefix and name, for every caller.
             let keys = IDS.iter().chain(&NAMES).chain(&["a", "z", "q", ""]);
