@@ -21,12 +21,19 @@ use crate::output::{human_bytes, Out};
 pub enum DiskCmd {
     /// Create a disk.
     Create {
-        /// Virtual size, e.g. 20G.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
-        #[arg(long, value_enum, default_value = "raw")]
+        /// Virtual size, e.g. 20G (with --from-image: at least the
+        /// image's, which is the default).
+        #[arg(long, value_parser = parse_size, required_unless_present = "from_image")]
+        size: Option<u64>,
+        #[arg(long, value_enum, default_value = "raw", conflicts_with = "from_image")]
         /// The format.
         format: FormatArg,
+        /// Make it from an image (an id, a name or an id prefix): a thin
+        /// qcow2 layer on the image, on the image's domain unless --domain
+        /// names another (the image is then copied there once, into the
+        /// domain's image cache).
+        #[arg(long, value_name = "IMAGE", conflicts_with = "preallocate")]
+        from_image: Option<String>,
         /// A name for people (not unique).
         #[arg(long, default_value = "")]
         name: String,
@@ -185,6 +192,7 @@ pub fn disk_json(d: &pb::Disk) -> Value {
         "owner": if d.owner.is_empty() { Value::Null } else { d.owner.clone().into() },
         "wipe_after_delete": d.wipe_after_delete,
         "parent_disk": if d.parent_disk.is_empty() { Value::Null } else { d.parent_disk.clone().into() },
+        "image": if d.image_id.is_empty() { Value::Null } else { d.image_id.clone().into() },
         "chain": d.chain.iter().map(|l| json!({
             "volume": l.volume_id, "format": fmt(l.format), "capacity": l.capacity,
             "size": l.size, "snapshot": if l.snapshot_id.is_empty() { Value::Null } else { l.snapshot_id.clone().into() },
@@ -205,6 +213,7 @@ pub async fn run(c: &mut Coord, d: &str, cmd: &DiskCmd, out: &mut Out<'_>) -> Re
         DiskCmd::Create {
             size,
             format,
+            from_image,
             name,
             preallocate,
             wipe_after_delete,
@@ -215,11 +224,16 @@ pub async fn run(c: &mut Coord, d: &str, cmd: &DiskCmd, out: &mut Out<'_>) -> Re
                 request_id: rid(),
                 domain: d,
                 name: name.clone(),
-                format: pf(Some(*format)),
-                size: *size,
+                format: if from_image.is_some() {
+                    0
+                } else {
+                    pf(Some(*format))
+                },
+                size: size.unwrap_or(0),
                 allocation: pa(*preallocate),
                 description: description.clone(),
                 wipe_after_delete: *wipe_after_delete,
+                from_image: from_image.clone().unwrap_or_default(),
             };
             let x = c.create_disk(req).await.ask()?;
             let id = x.disk.as_ref().map(|d| d.id.clone()).unwrap_or_default();
@@ -272,6 +286,9 @@ pub async fn run(c: &mut Coord, d: &str, cmd: &DiskCmd, out: &mut Out<'_>) -> Re
                     human_bytes(x.size),
                     fmt(x.format)
                 )?;
+                if !x.image_id.is_empty() {
+                    writeln!(out, "made from image {}", x.image_id)?;
+                }
                 out.table(
                     &["LAYER", "VOLUME", "FORMAT", "CAPACITY", "SNAPSHOT"],
                     x.chain

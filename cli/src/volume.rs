@@ -331,6 +331,7 @@ pub async fn run(c: &mut Agent, d: String, cmd: &VolumeCmd, out: &mut Out<'_>) -
                 volume_id: id.clone(),
                 target: Some(target(*format, *tag)),
                 target_domain: String::new(),
+                source_format: 0,
             };
             let job = c.copy_volume(req).await.ask()?;
             return job_result(c, job, wait, out).await;

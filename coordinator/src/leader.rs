@@ -11,6 +11,8 @@
 //!   unchanged, for the orphan quarantine (an hour by default): nothing
 //!   can reach such a volume again but a new tag on it, which restarts its
 //!   clock;
+//! - on the same rounds, removes image caches no disk uses whose image is
+//!   no longer registered from the file version they copy;
 //! - takes over the running jobs of coordinators that are gone.
 //!
 //! A leader that cannot confirm its lease stops leading before the lease
@@ -216,6 +218,12 @@ pub async fn duties(
         }
         if gc {
             round.reclaimed += reclaim_unreached(coord, &d).await;
+            match coord.reclaim_image_caches(&d).await {
+                Ok(n) => round.reclaimed += n,
+                Err(e) => {
+                    tracing::warn!(domain = %d.id, error = %e, "could not look for unused image caches")
+                }
+            }
         }
     }
     // Jobs whose owner no longer registers.

@@ -203,19 +203,31 @@ impl Agent {
     }
 
     /// Copy a volume's data (its chain, flattened) into a new volume, on
-    /// the same domain or on `to`.
+    /// the same domain or on `to`. With `read_as`, the source is a raw
+    /// volume without parents whose bytes are an untrusted image of that
+    /// format (a catalog file): its header is judged first, and qemu-img
+    /// reads it confined to the domains.
     pub fn start_copy(
         self: &Arc<Self>,
         o: Arc<Opened>,
         src: &VolumeId,
         to: Option<Arc<Opened>>,
+        read_as: Option<Format>,
         target: CopyTarget,
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
         let d = to.unwrap_or_else(|| o.clone());
         self.check_target(&target)?;
         let v = self.legal_chain(&o, src, "the source chain")?;
-        let format = target.format.unwrap_or(v.format);
+        let image = match read_as {
+            Some(Format::Qcow2) => Some(self.judge_image(&o, &v)?),
+            _ => None,
+        };
+        let format = target.format.unwrap_or(if image.is_some() {
+            Format::Qcow2
+        } else {
+            v.format
+        });
         let src_id = v.id;
         Ok(self.spawn_job("copy", move |a, p| {
             // The source keeps still (no delete, no metadata change) while
@@ -223,9 +235,14 @@ impl Agent {
             let _lock = o.domain.lock_volume(&src_id)?;
             let v = o.domain.read_volume(&src_id)?;
             let chain = a.volume_chain(&o, &v)?;
-            let (vol, guard) = a.begin_target(&d, format, v.capacity, &target, request_id)?;
+            let capacity = image.unwrap_or(v.capacity);
+            let (vol, guard) = a.begin_target(&d, format, capacity, &target, request_id)?;
             let r = fenced_while(&[&_lock, &guard], p, || {
-                if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
+                if let Some(size) = image {
+                    let (qemu, node) = a.image_node(&o, &d, &v)?;
+                    let src = format!("json:{node}");
+                    a.convert_into_volume(&*qemu, &src, &d, &vol, format, size, p)
+                } else if format == Format::Raw && chain.len() == 1 && v.format == Format::Raw {
                     let f = open_direct(&o.path, false)?;
                     let se = o.extent(&v);
                     let from = Region {
@@ -242,6 +259,67 @@ impl Agent {
             });
             a.end_target(&d, vol, guard, &target, request_id, r)
         }))
+    }
+
+    /// The virtual size of the qcow2 image raw volume `v` holds, judged
+    /// from its first bytes: it must stand alone (see
+    /// [`qcow2::inspect_untrusted`]).
+    fn judge_image(&self, o: &Opened, v: &Volume) -> Result<u64> {
+        if v.format != Format::Raw || v.parent.is_some() {
+            return Err(AgentError::invalid(
+                "source_format",
+                format!(
+                    "volume {} is not a raw volume without parents, so its bytes are no image",
+                    v.id
+                ),
+            ));
+        }
+        let f = File::open(&o.path).map_err(AgentError::io("opening the domain"))?;
+        let mut head = vec![0u8; (v.capacity as usize).min(qcow2::INSPECT_BYTES)];
+        f.read_exact_at(&mut head, o.extent(v).offset)
+            .map_err(AgentError::io("reading the image header"))?;
+        let size = qcow2::inspect_untrusted(&head).map_err(|why| {
+            AgentError::invalid("source_format", format!("volume {} {why}", v.id))
+        })?;
+        if size == 0 {
+            return Err(AgentError::invalid(
+                "source_format",
+                format!("volume {} holds an image of 0 bytes", v.id),
+            ));
+        }
+        Ok(size.div_ceil(512) * 512)
+    }
+
+    /// A qemu node reading raw volume `v` of `o` as a qcow2 image without
+    /// backing, and qemu-img confined (where the kernel has Landlock) to
+    /// the source domain and target domain `d`.
+    fn image_node<'a>(
+        &'a self,
+        o: &Opened,
+        d: &Opened,
+        v: &Volume,
+    ) -> Result<(Box<dyn QemuImg + 'a>, serde_json::Value)> {
+        let ext = o.extent(v);
+        let node = serde_json::json!({
+            "driver": "qcow2",
+            "file": {
+                "driver": "raw", "offset": ext.offset, "size": v.capacity,
+                "file": {"driver": "file", "filename": o.path, "locking": "off"},
+            },
+            "backing": serde_json::Value::Null,
+        });
+        let failed = || AgentError::io("confining qemu-img");
+        let Some(r) = Ruleset::for_untrusted_images().map_err(failed())? else {
+            tracing::warn!(
+                "the kernel has no Landlock: qemu-img reads an untrusted image unconfined"
+            );
+            return Ok((self.qemu.confined(None), node));
+        };
+        for p in [&o.path, &d.path] {
+            r.allow_path(p, confine::READ_FILE | confine::WRITE_FILE)
+                .map_err(failed())?;
+        }
+        Ok((self.qemu.confined(Some(r)), node))
     }
 
     /// Import a file of this host into a new volume.

@@ -22,3 +22,17 @@ pub const OWNER: &str = "cairn.owner";
 pub const WIPE_AFTER_DELETE: &str = "cairn.wipe-after-delete";
 /// On a snapshot's weak tag: the disk it is a snapshot of.
 pub const SNAPSHOT_OF: &str = "cairn.snapshot-of";
+/// On a disk made from an image: the image's id.
+pub const FROM_IMAGE: &str = "cairn.from-image";
+/// `cairn.kind` of a domain's copy of an image another domain holds, or
+/// of an image whose bytes are not a disk's (qcow2): the base its disks
+/// are thin layers on. It is no disk and no file.
+pub const KIND_IMAGE_CACHE: &str = "image-cache";
+/// On an image cache: the image's id.
+pub const CACHE_IMAGE: &str = "cairn.cache.image";
+/// On an image cache: the domain of the image's file.
+pub const CACHE_DOMAIN: &str = "cairn.cache.domain";
+/// On an image cache: the tag of the file version it is a copy of.
+pub const CACHE_BASE: &str = "cairn.cache.base";
+/// On an image cache: the coordinator job that made it.
+pub const CACHE_JOB: &str = "cairn.cache.job";

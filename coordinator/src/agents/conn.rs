@@ -145,12 +145,13 @@ impl AgentConn {
         rid: &str,
         domain: &uuid::Uuid,
         parent: &TagId,
+        size: u64,
         description: &str,
         options: &[(String, String)],
     ) -> Result<TagInfo> {
         let d = NewDisk {
             format: Format::Qcow2,
-            size: 0,
+            size,
             preallocated: false,
             description: description.into(),
             options: options.to_vec(),
@@ -286,26 +287,61 @@ impl AgentConn {
         description: &str,
         options: &[(String, String)],
     ) -> Result<String> {
+        let t = CopyTarget {
+            format,
+            allocation: allocation(preallocated),
+            description: description.into(),
+            tag: Some(TagSpec::disk(options.to_vec())),
+        };
+        self.copy_volume(rid, domain, volume, None, target, &t).await
+    }
+
+    /// Start copying file volume `volume` of `domain`, whose bytes are an
+    /// image of `read_as`, into a new volume of `format` on `target`
+    /// tagged `tag`. Returns the agent's job id.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn copy_image(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        volume: &VolumeId,
+        read_as: Format,
+        target: &uuid::Uuid,
+        format: Format,
+        tag: TagSpec,
+    ) -> Result<String> {
+        let t = CopyTarget {
+            format: Some(format),
+            allocation: Allocation::Sparse,
+            description: "image cache".into(),
+            tag: Some(tag),
+        };
+        self.copy_volume(rid, domain, volume, Some(read_as), target, &t)
+            .await
+    }
+
+    async fn copy_volume(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        volume: &VolumeId,
+        read_as: Option<Format>,
+        target: &uuid::Uuid,
+        t: &CopyTarget,
+    ) -> Result<String> {
         let j = self
             .c()
             .copy_volume(pb::CopyVolumeRequest {
                 request_id: rid.into(),
                 domain: domain.to_string(),
                 volume_id: volume.to_string(),
-                target: Some(
-                    (&CopyTarget {
-                        format,
-                        allocation: allocation(preallocated),
-                        description: description.into(),
-                        tag: Some(TagSpec::disk(options.to_vec())),
-                    })
-                        .into(),
-                ),
+                target: Some(t.into()),
                 target_domain: if target == domain {
                     String::new()
                 } else {
                     target.to_string()
                 },
+                source_format: read_as.map(wire::volume_format_code).unwrap_or(0),
             })
             .await
             .map_err(self.err())?

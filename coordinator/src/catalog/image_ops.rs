@@ -505,7 +505,11 @@ impl Coordinator {
             images::may_change(who, &i.record)?;
             glance::check_unprotected(&i.record)?;
             match self.drop_image(&i, &format!("{base}.{attempt}")).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    drop(_turn);
+                    self.reclaim_image_caches_everywhere().await;
+                    return Ok(());
+                }
                 Err(e) if moved(&e) => continue,
                 Err(e) => return Err(e),
             }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::error::{CoordError, Result};
 
 /// An image's record, as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// Derived from the file's domain and path ([`image_id`]).
     pub id: String,

@@ -168,7 +168,9 @@ impl Kind for ThinClone {
                 let (opts, desc, source) = (opts.clone(), desc.clone(), source.clone());
                 async move {
                     match source {
-                        CloneSource::Snapshot(s) => a.create_on(&rid, &dom, &s, &desc, &opts).await,
+                        CloneSource::Snapshot(s) => {
+                            a.create_on(&rid, &dom, &s, 0, &desc, &opts).await
+                        }
                         CloneSource::Disk(d) => {
                             let (_, clone) = a
                                 .snapshot(&rid, &dom, &d, "base of a clone", &[], Some(&opts))

@@ -43,6 +43,7 @@ macro_rules! facts {
 
 mod call;
 mod copy;
+pub(crate) mod image;
 mod merge;
 
 /// What every kind's module works with.
@@ -69,6 +70,7 @@ use crate::record::{JobRecord, Step};
 
 pub use call::{Create, Delete, Extend, Snapshot, ThinClone};
 pub use copy::{Convert, CopyTo, FullClone, Move};
+pub use image::FromImage;
 pub use merge::DeleteSnapshot;
 
 /// What a job was asked to do, with domains resolved to ids.
@@ -95,6 +97,8 @@ pub enum JobSpec {
     Extend(Extend),
     /// Rewrite in another format.
     Convert(Convert),
+    /// A disk made from an image.
+    FromImage(FromImage),
 }
 
 impl JobSpec {
@@ -111,6 +115,7 @@ impl JobSpec {
             JobSpec::Move(k) => k,
             JobSpec::Extend(k) => k,
             JobSpec::Convert(k) => k,
+            JobSpec::FromImage(k) => k,
         }
     }
 

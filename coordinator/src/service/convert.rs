@@ -103,6 +103,11 @@ pub fn pb_disk(v: &DiskView) -> pb::Disk {
             .unwrap_or_default()
             .to_string(),
         wipe_after_delete: v.tag.option(crate::plan::WIPE_KEY) == Some("true"),
+        image_id: v
+            .tag
+            .option(cairn_proto::keys::FROM_IMAGE)
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 

@@ -1,13 +1,17 @@
 //! The image calls: messages in, domain types to the coordinator,
 //! messages out; every change audited.
 
-use tonic::{Request, Response};
+use cairn_domain::{Allocation, Format};
+use tonic::{Request, Response, Status};
 
 use super::{outcome, to_status, Caller, CoordService, R};
 use crate::catalog::glance;
 use crate::catalog::image_ops::Found;
 use crate::catalog::images::{Change, Register};
 use crate::catalog::store::DataItem;
+use crate::error::CoordError;
+use crate::jobs::image::{plan_from_image, Ask};
+use crate::jobs::JobSpec;
 use crate::pb;
 use cairn_proto::auth::Identity;
 use cairn_proto::peer::audit;
@@ -188,5 +192,56 @@ impl CoordService {
         Ok(Response::new(pb::UnregisterImageResponse {
             unregistered: true,
         }))
+    }
+}
+
+impl CoordService {
+    /// A disk made from an image the caller may see (see
+    /// [`crate::jobs::FromImage`]): the image is resolved first, then the
+    /// job goes through [`CoordService::submit`] like any other.
+    pub(super) async fn create_from_image(
+        &self,
+        mut r: Request<pb::CreateDiskRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let who = Caller::of(&r)?;
+        let req = r.get_ref();
+        let early = || -> Result<(), CoordError> {
+            if !matches!(
+                super::convert::format_of(req.format)?,
+                None | Some(Format::Qcow2)
+            ) {
+                return Err(CoordError::invalid(
+                    "format",
+                    "a disk from an image is a qcow2 layer on it; leave format unset",
+                ));
+            }
+            if super::convert::allocation_of(req.allocation)? != Allocation::Sparse {
+                return Err(CoordError::invalid(
+                    "allocation",
+                    "a disk from an image is a thin layer on it; leave allocation unset",
+                ));
+            }
+            Ok(())
+        };
+        early().map_err(|e| to_status(&e))?;
+        let found = self
+            .coord
+            .get_image(&who.id, &req.from_image)
+            .await
+            .map_err(|e| to_status(&e))?;
+        if req.domain.is_empty() {
+            r.get_mut().domain = found.domain.id.to_string();
+        }
+        self.submit(r, move |r, domain, _| {
+            let ask = Ask {
+                size: r.size,
+                name: r.name.clone(),
+                description: r.description.clone(),
+                wipe_after_delete: r.wipe_after_delete,
+            };
+            let plan = plan_from_image(domain, found.domain.id, &found.record, &found.file, &ask)?;
+            Ok(JobSpec::FromImage(plan))
+        })
+        .await
     }
 }

@@ -309,6 +309,9 @@ impl pb::coordinator_server::Coordinator for CoordService {
     }
 
     async fn create_disk(&self, r: Request<pb::CreateDiskRequest>) -> R<pb::Job> {
+        if !r.get_ref().from_image.is_empty() {
+            return self.create_from_image(r).await;
+        }
         self.submit(r, |r, domain, _| {
             Ok(JobSpec::Create(Create {
                 domain,

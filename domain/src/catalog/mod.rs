@@ -676,6 +676,12 @@ impl Domain {
                 f.version
             )));
         }
+        if t.child_refs > 0 {
+            return Err(DomainError::FailedPrecondition(format!(
+                "file version {} is the base of {} disk layer(s) made from its image; delete those disks first",
+                f.version, t.child_refs
+            )));
+        }
         let tx = tx.delete_tag(*id);
         Ok(if f.inline {
             tx

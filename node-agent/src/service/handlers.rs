@@ -437,7 +437,8 @@ pub(super) fn copy_volume(a: &A, r: pb::CopyVolumeRequest, rid: [u8; 16]) -> Res
     } else {
         Some(a.domain(&r.target_domain)?)
     };
-    Ok(convert::job(&*a.start_copy(o, &id, to, t, rid)?))
+    let read_as = wire::volume_format("source_format", r.source_format)?;
+    Ok(convert::job(&*a.start_copy(o, &id, to, read_as, t, rid)?))
 }
 
 pub(super) fn import_volume(a: &A, r: pb::ImportVolumeRequest, rid: [u8; 16]) -> Result<pb::Job> {
