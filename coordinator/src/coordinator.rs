@@ -62,6 +62,8 @@ pub struct Coordinator {
     pub(crate) unreached: Mutex<crate::plan::Unreached>,
     /// Each domain's catalog as last read.
     pub(crate) catalogs: crate::catalog::index::Indexes,
+    /// Image caches found, by domain and base (checked at every use).
+    pub(crate) image_caches: Mutex<std::collections::HashMap<(uuid::Uuid, TagId), TagId>>,
 }
 
 /// Seconds since the epoch.
@@ -104,6 +106,7 @@ impl Coordinator {
             running: Mutex::new(HashSet::new()),
             unreached: Mutex::new(Default::default()),
             catalogs: Default::default(),
+            image_caches: Default::default(),
         }
     }
 

@@ -9,13 +9,16 @@
 //!   domain, each with its metafile): image registration p50 and p99
 //!   against the baseline of committing a small file through the same
 //!   API at the same size, `image list` of every image (and per image),
-//!   `image list --since` the last registrations, and `image info`.
+//!   `image list --since` the last registrations, and `image info`;
+//! - disks from a raw and a qcow2 image (p50, p99), against snapshots of
+//!   a disk through the same API.
 //!
 //! `cargo bench -p cairn-tests --bench catalog`. CAIRN_BENCH_UPLOAD_MIB:
 //! the upload's size (default 2048; 0 leaves it out); CAIRN_BENCH_SIZES:
 //! the catalog sizes (default `1000,10000,100000`); CAIRN_BENCH_N:
 //! registrations timed at each size (default 200); CAIRN_BENCH_RUNS:
-//! upload runs (default 3).
+//! upload runs (default 3); CAIRN_BENCH_FROM_IMAGE_N: disks from each
+//! image and snapshots (default 50; 0 leaves them out).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +30,9 @@ use cairn_proto::transport::{channel, Target};
 use cairn_tests::bins::{built_bin, spawn_ready, Profile};
 use cairn_tests::stats::{env_u64, median, ms, pct, Rng};
 use cairn_tests::Answer;
+
+#[path = "catalog/from_image.rs"]
+mod from_image;
 
 struct Proc(Child);
 
@@ -152,6 +158,19 @@ fn main() {
 
     if mib > 0 {
         upload_against_dd(&coord_sock, &domain, dir, mib, runs);
+    }
+    let fi = env_u64("CAIRN_BENCH_FROM_IMAGE_N", 50) as usize;
+    if fi > 0 {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut c = rt.block_on(async {
+            let ch = channel(&Target::Unix(coord_sock.clone())).await.unwrap();
+            CoordinatorClient::new(ch)
+        });
+        from_image::against_snapshot(&mut c, &rt, dir, fi);
     }
     scale(&coord_sock, &sizes, n);
 }

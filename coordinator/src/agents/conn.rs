@@ -293,7 +293,8 @@ impl AgentConn {
             description: description.into(),
             tag: Some(TagSpec::disk(options.to_vec())),
         };
-        self.copy_volume(rid, domain, volume, None, target, &t).await
+        self.copy_volume(rid, domain, volume, None, target, &t)
+            .await
     }
 
     /// Start copying file volume `volume` of `domain`, whose bytes are an

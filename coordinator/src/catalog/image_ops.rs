@@ -265,13 +265,15 @@ impl Coordinator {
         if cat.image_files(&rec.id).iter().any(|f| f.tag != latest.tag) {
             return Err(dup_id());
         }
-        let others: Vec<_> = self
-            .catalogs()
-            .await?
-            .0
-            .into_iter()
-            .filter(|(o, _)| o.id != d.id)
-            .collect();
+        // The other domains' catalogs, refreshed; this one's is `cat`.
+        let mut others = Vec::new();
+        for o in self.all_domains().await? {
+            if o.id != d.id {
+                let c = self.catalog_agent(&o).await?;
+                let oc = self.catalog_of(&c, &o).await?;
+                others.push((o, oc));
+            }
+        }
         if others
             .iter()
             .any(|(_, c)| !c.image_files(&rec.id).is_empty())

@@ -464,9 +464,11 @@ impl Indexes {
     }
 
     /// Apply `delta`, read against the catalog at generation `at`, to the
-    /// one kept, in place unless a request holds it; `None` when the one
-    /// kept is no longer at `at`.
-    fn update(
+    /// one kept, in place unless a request holds it. When another reader
+    /// already brought the one kept to the delta's generation or beyond,
+    /// that one is as fresh as this read: it is the answer. `None` when the
+    /// one kept moved elsewhere (read the changes again).
+    pub(super) fn update(
         &self,
         d: &DomainRef,
         at: Option<u64>,
@@ -475,6 +477,10 @@ impl Indexes {
         let mut m = self.by_domain.lock().expect("poisoned");
         let mut cat = match m.remove(&d.id) {
             Some(k) if Some(k.generation) == at => k,
+            Some(k) if delta.changes && k.generation >= delta.generation => {
+                m.insert(d.id, k.clone());
+                return Ok(Some(k));
+            }
             Some(k) if !delta.changes && k.generation <= delta.generation => {
                 Arc::new(DomainCatalog::default())
             }
@@ -512,7 +518,7 @@ impl Coordinator {
         c: &AgentConn,
         d: &DomainRef,
     ) -> Result<Arc<DomainCatalog>> {
-        for _ in 0..3 {
+        for _ in 0..8 {
             let kept = self.catalogs.get(&d.id);
             let at = kept.as_ref().map(|k| k.generation);
             let delta = c.file_delta(&d.id, at).await?;

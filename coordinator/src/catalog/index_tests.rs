@@ -204,3 +204,39 @@ fn the_indexes_answer_as_a_look_at_everything() {
         }
     }
 }
+
+/// Regression: two readers that read the same changes at once. The second
+/// found the kept catalog moved on (by the first) and read again, and
+/// under steady writes every reader ran out of tries and listed the whole
+/// domain, which itself never finished between writes at 10,000 images.
+#[test]
+fn a_reader_behind_another_takes_the_catalog_it_brought_up_to_date() {
+    let d = crate::plan::DomainRef {
+        id: uuid::Uuid::new_v4(),
+        name: "it".into(),
+    };
+    let idx = super::index::Indexes::default();
+    let full = FileDelta {
+        generation: 1,
+        ..Default::default()
+    };
+    assert!(idx.update(&d, None, full).unwrap().is_some());
+    let change = || FileDelta {
+        generation: 2,
+        changes: true,
+        files: vec![(file(1, "a.raw", "alice", 1), Vec::new())],
+        removed: Vec::new(),
+    };
+    let first = idx.update(&d, Some(1), change()).unwrap().unwrap();
+    assert_eq!((first.generation, first.files.len()), (2, 1));
+    let second = idx.update(&d, Some(1), change()).unwrap();
+    let second = second.expect("the catalog the first reader kept");
+    assert_eq!((second.generation, second.files.len()), (2, 1));
+    // One kept at another generation, older than what was read, is not
+    // the answer: the changes are read again.
+    let newer = FileDelta {
+        generation: 4,
+        ..change()
+    };
+    assert!(idx.update(&d, Some(1), newer).unwrap().is_none());
+}

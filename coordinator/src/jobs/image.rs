@@ -245,7 +245,11 @@ impl Kind for FromImage {
                     })
                     .await?;
                 match made {
-                    Some(Some(t)) => rec.made(dom, t.id),
+                    Some(Some(t)) => {
+                        let mut memo = c.image_caches.lock().expect("poisoned");
+                        memo.insert((dom, self.base), t.id);
+                        rec.made(dom, t.id)
+                    }
                     Some(None) => {
                         return Err(CoordError::Internal("an image copy without its tag".into()))
                     }
@@ -305,32 +309,54 @@ impl Kind for FromImage {
 }
 
 impl Coordinator {
-    /// The cache of file version `base` on domain `dom`, if there is one.
+    /// The cache of file version `base` on domain `dom`, if there is one:
+    /// the one found last time when its tag still says so (one tag read),
+    /// else looked for among every tag of the domain.
     pub(crate) async fn image_cache(
         &self,
         dom: &uuid::Uuid,
         base: &TagId,
     ) -> Result<Option<TagId>> {
+        let known = self
+            .image_caches
+            .lock()
+            .expect("poisoned")
+            .get(&(*dom, *base))
+            .copied();
+        if let Some(t) = known {
+            match self.tag(dom, &t).await {
+                Ok(t)
+                    if caches(std::slice::from_ref(&t)).first().map(|c| c.base) == Some(*base) =>
+                {
+                    return Ok(Some(t.id));
+                }
+                Ok(_) | Err(CoordError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let d = DomainRef {
             id: *dom,
             name: String::new(),
         };
         let (tags, _) = self.contents(&d).await?;
-        Ok(caches(&tags)
+        let found = caches(&tags)
             .into_iter()
             .find(|c| c.base == *base)
-            .map(|c| c.tag))
+            .map(|c| c.tag);
+        let mut memo = self.image_caches.lock().expect("poisoned");
+        match found {
+            Some(t) => memo.insert((*dom, *base), t),
+            None => memo.remove(&(*dom, *base)),
+        };
+        Ok(found)
     }
 
     /// [`Self::reclaim_image_caches`] on every domain, as an image is
     /// unregistered; what fails is left to the leader's next round.
     pub(crate) async fn reclaim_image_caches_everywhere(&self) {
-        let Ok(agents) = self.agents.list().await else {
+        let Ok(doms) = self.all_domains().await else {
             return;
         };
-        let mut doms: Vec<DomainRef> = agents.iter().flat_map(|a| a.domains.clone()).collect();
-        doms.sort_by_key(|d| d.id);
-        doms.dedup_by_key(|d| d.id);
         for d in doms {
             if let Err(e) = self.reclaim_image_caches(&d).await {
                 tracing::info!(domain = %d.id, error = %e, "image caches stay for the leader");
