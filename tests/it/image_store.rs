@@ -215,11 +215,39 @@ fn cairn_read_only_catalog_serves_reads_and_reports_names_given_twice() {
             .list_files(apb::ListFilesRequest {
                 domain: dom.clone(),
                 with_images: true,
-                since: None,
+                ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
+        // The same listing in pages of at least one version each, in tag
+        // order, each naming where the next starts.
+        let mut paged = Vec::new();
+        let mut after = String::new();
+        loop {
+            let p = c
+                .list_files(apb::ListFilesRequest {
+                    domain: dom.clone(),
+                    with_images: true,
+                    page_after: after.clone(),
+                    page_bytes: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(p.files.len(), 1, "{p:?}");
+            assert_eq!(p.generation, l.generation);
+            paged.extend(p.files);
+            if p.next_page_after.is_empty() {
+                break;
+            }
+            after = p.next_page_after;
+        }
+        let mut whole = l.files.clone();
+        whole.sort_by(|a, b| a.tag_id.cmp(&b.tag_id));
+        assert_eq!(paged, whole);
+        assert!(whole.len() >= 4, "two files and their metafiles");
         let f = l.files.iter().find(|f| f.image == "two").unwrap();
         let mut rec: Value = serde_json::from_slice(&f.image_record).unwrap();
         rec["names"] = serde_json::json!(["n0", "n1"]);

@@ -54,6 +54,45 @@ pub struct Commit<'a> {
 /// The stream of a file's bytes from an agent.
 pub type Chunks = tonic::Streaming<pb::VolumeDataChunk>;
 
+/// Bytes of one page of a whole listing: well under the 64 MiB a message
+/// may have, and few enough to hold in memory twice.
+pub const LIST_PAGE_BYTES: u64 = 8 << 20;
+
+/// One whole listing from `pages` (in tag order, each read at its own
+/// generation, the first one's the lowest): when they were not all read at
+/// one generation, `later` (the changes after the first page's) makes
+/// them so. `None`: they were not, and `later` is missing or is no list of
+/// changes (the change log does not reach back; list again).
+pub fn merge_pages(pages: Vec<FileDelta>, later: Option<FileDelta>) -> Option<FileDelta> {
+    let first = pages.first().map(|p| p.generation).unwrap_or(0);
+    let files = pages.into_iter().flat_map(|p| p.files);
+    let Some(later) = later else {
+        return Some(FileDelta {
+            generation: first,
+            changes: false,
+            files: files.collect(),
+            removed: Vec::new(),
+        });
+    };
+    if !later.changes {
+        return None;
+    }
+    let mut by_tag: std::collections::BTreeMap<TagId, (FileVersion, Vec<u8>)> =
+        files.map(|f| (f.0.tag, f)).collect();
+    for t in &later.removed {
+        by_tag.remove(t);
+    }
+    for f in later.files {
+        by_tag.insert(f.0.tag, f);
+    }
+    Some(FileDelta {
+        generation: later.generation,
+        changes: false,
+        files: by_tag.into_values().collect(),
+        removed: Vec::new(),
+    })
+}
+
 /// What changed in a domain's catalog (see [`AgentConn::file_delta`]).
 #[derive(Debug, Clone, Default)]
 pub struct FileDelta {
@@ -83,12 +122,57 @@ impl AgentConn {
     /// versions; the whole catalog when `since` is `None` or the domain's
     /// log does not reach back to it (`changes` false).
     pub async fn file_delta(&self, domain: &uuid::Uuid, since: Option<u64>) -> Result<FileDelta> {
+        if since.is_some() {
+            let (d, _) = self.files_page(domain, since, "", 0).await?;
+            return Ok(d);
+        }
+        // A whole listing in pages, each under the message size limit;
+        // pages read at later generations are made whole by the changes
+        // after the first one's.
+        for _ in 0..4 {
+            let mut pages = Vec::new();
+            let mut after = String::new();
+            loop {
+                let (page, next) = self
+                    .files_page(domain, None, &after, LIST_PAGE_BYTES)
+                    .await?;
+                pages.push(page);
+                if next.is_empty() {
+                    break;
+                }
+                after = next;
+            }
+            let first = pages[0].generation;
+            let later = if pages.iter().all(|p| p.generation == first) {
+                None
+            } else {
+                Some(self.files_page(domain, Some(first), "", 0).await?.0)
+            };
+            if let Some(whole) = merge_pages(pages, later) {
+                return Ok(whole);
+            }
+        }
+        Err(CoordError::Unsettled(format!(
+            "the catalog of domain {domain} changed too much while it was listed"
+        )))
+    }
+
+    /// One ListFiles answer and the next page's start.
+    async fn files_page(
+        &self,
+        domain: &uuid::Uuid,
+        since: Option<u64>,
+        after: &str,
+        page_bytes: u64,
+    ) -> Result<(FileDelta, String)> {
         let r = self
             .c()
             .list_files(pb::ListFilesRequest {
                 domain: domain.to_string(),
                 with_images: true,
                 since,
+                page_after: after.to_string(),
+                page_bytes,
             })
             .await
             .map_err(self.err())?
@@ -102,12 +186,13 @@ impl AgentConn {
             .iter()
             .map(|t| parse_tag("removed_tag_ids", t))
             .collect::<Result<_>>()?;
-        Ok(FileDelta {
+        let d = FileDelta {
             generation: r.generation,
             changes: r.changes && since.is_some(),
             files,
             removed,
-        })
+        };
+        Ok((d, r.next_page_after))
     }
 
     /// Apply `change` to file version `tag` in one transaction planned at
@@ -331,5 +416,78 @@ impl AgentConn {
             tracing::warn!(volume = %v.id, error = %e.message(), "an uncommitted file volume stays");
         }
         let _ = self.unlock(v).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tag `n`, the same at every call (ids are random).
+    fn tag(n: u32) -> TagId {
+        static IDS: std::sync::OnceLock<Vec<TagId>> = std::sync::OnceLock::new();
+        IDS.get_or_init(|| (0..8).map(TagId::generate).collect())[n as usize]
+    }
+
+    fn version(n: u32) -> (FileVersion, Vec<u8>) {
+        let f = FileVersion {
+            tag: tag(n),
+            volume: VolumeId::generate(n),
+            path: format!("f{n}"),
+            version: u64::from(n),
+            size: 1,
+            sha256: String::new(),
+            owner: "alice".into(),
+            created: 0,
+            directory: false,
+            inline: true,
+            image: None,
+            request: String::new(),
+        };
+        (f, Vec::new())
+    }
+
+    fn page(generation: u64, ns: &[u32]) -> FileDelta {
+        FileDelta {
+            generation,
+            changes: false,
+            files: ns.iter().map(|&n| version(n)).collect(),
+            removed: Vec::new(),
+        }
+    }
+
+    fn tags(d: &FileDelta) -> Vec<TagId> {
+        d.files.iter().map(|(f, _)| f.tag).collect()
+    }
+
+    #[test]
+    fn pages_of_one_generation_are_the_listing() {
+        let whole = merge_pages(vec![page(5, &[1, 2]), page(5, &[3])], None).unwrap();
+        assert_eq!(whole.generation, 5);
+        assert!(!whole.changes);
+        assert_eq!(tags(&whole), vec![tag(1), tag(2), tag(3)]);
+    }
+
+    #[test]
+    fn pages_read_across_changes_are_made_whole_by_them() {
+        // Read at 5, then at 7: 1 went and 4 came after 5 (4 sorts into
+        // the first page, so no page saw it); 2 changed.
+        let later = FileDelta {
+            generation: 7,
+            changes: true,
+            files: vec![version(4), version(2)],
+            removed: vec![tag(1)],
+        };
+        let whole = merge_pages(vec![page(5, &[1, 2]), page(7, &[3])], Some(later)).unwrap();
+        assert_eq!(whole.generation, 7);
+        let mut want = vec![tag(2), tag(3), tag(4)];
+        want.sort();
+        assert_eq!(tags(&whole), want);
+        // Without the changes (the log does not reach back): list again.
+        let too_old = FileDelta {
+            generation: 7,
+            ..page(7, &[])
+        };
+        assert!(merge_pages(vec![page(5, &[1]), page(7, &[3])], Some(too_old)).is_none());
     }
 }

@@ -526,12 +526,27 @@ pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFiles
         }
         _ => a.list_files(&o)?,
     };
-    let mut files = Vec::with_capacity(l.files.len());
+    let mut l = l;
+    let paged = !changes && r.page_bytes > 0;
+    if paged {
+        // Pages in tag id order, each a slice of one whole listing.
+        l.files.retain(|f| f.tag.to_string() > r.page_after);
+        l.files.sort_by_key(|f| f.tag.to_string());
+    }
+    let (mut files, mut bytes, mut next_page_after) = (Vec::new(), 0u64, String::new());
     for f in &l.files {
+        if paged && bytes >= r.page_bytes {
+            next_page_after = files
+                .last()
+                .map(|m: &pb::FileVersion| m.tag_id.clone())
+                .unwrap_or_default();
+            break;
+        }
         let mut m: pb::FileVersion = f.into();
         if r.with_images {
             m.image_record = o.domain.image_record(f)?.unwrap_or_default();
         }
+        bytes += prost::Message::encoded_len(&m) as u64;
         files.push(m);
     }
     Ok(pb::ListFilesResponse {
@@ -539,6 +554,7 @@ pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFiles
         generation: l.generation,
         changes,
         removed_tag_ids,
+        next_page_after,
     })
 }
 
