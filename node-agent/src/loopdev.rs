@@ -158,12 +158,21 @@ impl KernelLoop {
         Ok(String::from_utf8_lossy(&info.lo_file_name[..n]).into_owned())
     }
 
+    /// A device detached while it is read (by another process) is gone:
+    /// `None`, as if it had never been listed.
     fn info(index: u32) -> io::Result<Option<LoopInfo>> {
-        let backing = match Self::read_sys(index, "backing_file") {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let gone = |e: &io::Error| {
+            e.kind() == io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENXIO))
         };
+        match Self::read_info(index) {
+            Err(e) if gone(&e) => Ok(None),
+            r => r.map(Some),
+        }
+    }
+
+    fn read_info(index: u32) -> io::Result<LoopInfo> {
+        let backing = Self::read_sys(index, "backing_file")?;
         let num = |n: &str| -> io::Result<u64> {
             Self::read_sys(index, n)?
                 .parse()
@@ -183,14 +192,14 @@ impl KernelLoop {
         let direct_io = Self::read_sys(index, "dio")
             .map(|s| s == "1")
             .unwrap_or(false);
-        Ok(Some(LoopInfo {
+        Ok(LoopInfo {
             index,
             backing: PathBuf::from(backing.trim_end_matches(" (deleted)")),
             offset,
             size,
             direct_io,
             owner: Self::owner(index).unwrap_or_default(),
-        }))
+        })
     }
 }
 
@@ -452,5 +461,40 @@ mod tests {
         std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
         let f = f.canonicalize().unwrap();
         conformance::attach_list_resize_detach(&KernelLoop, &f);
+    }
+
+    /// Regression: a device detached by another process while the list
+    /// read its sysfs files made the whole list fail with ENOENT.
+    #[test]
+    fn root_kernel_loop_list_survives_devices_detached_meanwhile() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("backing");
+        std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
+        let f = f.canonicalize().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 300 {
+                    let d = KernelLoop.attach(&f, 0, 1 << 20, "cairn:churn").unwrap();
+                    KernelLoop.detach(d.index).unwrap();
+                    n += 1;
+                }
+            })
+        };
+        for _ in 0..300 {
+            if let Err(e) = KernelLoop.list() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!("listing failed while devices came and went: {e}");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
+        assert!(!KernelLoop.list().unwrap().iter().any(|d| d.backing == f));
     }
 }
