@@ -28,7 +28,7 @@ use cairn_domain::LockGuard;
 use crate::agents::Pick;
 use crate::coordinator::Coordinator;
 use crate::error::{CoordError, Result};
-use crate::plan::DomainRef;
+use crate::plan::{DomainRef, TagInfo, VolumeInfo};
 use crate::record::JobState;
 
 /// The store prefix under which live replicas register.
@@ -131,22 +131,20 @@ pub async fn run(
     }
 }
 
-/// Delete the volumes of `d` that nothing reached for the quarantine;
-/// how many went. A volume an agent refuses to delete (active, locked)
-/// stays, and is tried again on a later round.
-async fn reclaim_unreached(coord: &Arc<Coordinator>, d: &DomainRef) -> usize {
-    let (tags, vols) = match coord.contents(d).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(domain = %d.id, error = %e, "could not look for unreached volumes");
-            return 0;
-        }
-    };
+/// Delete the volumes of `d` (its contents: `tags`, `vols`) that nothing
+/// reached for the quarantine; how many went. A volume an agent refuses
+/// to delete (active, locked) stays, and is tried again on a later round.
+async fn reclaim_unreached(
+    coord: &Arc<Coordinator>,
+    d: &DomainRef,
+    tags: &[TagInfo],
+    vols: &[VolumeInfo],
+) -> usize {
     let due = crate::plan::reclaimable(
         &mut coord.unreached.lock().expect("poisoned"),
         d.id,
-        &tags,
-        &vols,
+        tags,
+        vols,
         crate::coordinator::now(),
         coord.cfg.orphan_quarantine.as_secs(),
     );
@@ -217,11 +215,18 @@ pub async fn duties(
             Err(e) => tracing::warn!(domain = %d.id, error = %e, "could not recover the domain"),
         }
         if gc {
-            round.reclaimed += reclaim_unreached(coord, &d).await;
-            match coord.reclaim_image_caches(&d).await {
-                Ok(n) => round.reclaimed += n,
+            match coord.contents(&d).await {
+                Ok((tags, vols)) => {
+                    round.reclaimed += reclaim_unreached(coord, &d, &tags, &vols).await;
+                    match coord.reclaim_image_caches(&d, &tags).await {
+                        Ok(n) => round.reclaimed += n,
+                        Err(e) => {
+                            tracing::warn!(domain = %d.id, error = %e, "could not look for unused image caches")
+                        }
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(domain = %d.id, error = %e, "could not look for unused image caches")
+                    tracing::warn!(domain = %d.id, error = %e, "could not look for unreached volumes")
                 }
             }
         }

@@ -450,16 +450,22 @@ mod tests {
         conformance::attach_list_resize_detach(&MemLoop::default(), Path::new("/x/domain"));
     }
 
-    #[test]
-    fn root_kernel_loop_conformance() {
+    /// An 8 MiB backing file in `dir`, by its canonical path; `None`
+    /// (skipped) unless root.
+    fn root_backing(dir: &tempfile::TempDir) -> Option<PathBuf> {
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root");
-            return;
+            return None;
         }
-        let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("backing");
         std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
-        let f = f.canonicalize().unwrap();
+        Some(f.canonicalize().unwrap())
+    }
+
+    #[test]
+    fn root_kernel_loop_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(f) = root_backing(&dir) else { return };
         conformance::attach_list_resize_detach(&KernelLoop, &f);
     }
 
@@ -467,14 +473,8 @@ mod tests {
     /// read its sysfs files made the whole list fail with ENOENT.
     #[test]
     fn root_kernel_loop_list_survives_devices_detached_meanwhile() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("backing");
-        std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
-        let f = f.canonicalize().unwrap();
+        let Some(f) = root_backing(&dir) else { return };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let churn = {
             let (f, stop) = (f.clone(), stop.clone());

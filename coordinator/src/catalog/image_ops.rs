@@ -93,12 +93,7 @@ impl Coordinator {
     /// each name from all but the image that changed last).
     pub(super) async fn catalogs(&self) -> Result<(Catalogs, Vec<String>)> {
         for _ in 0..TRIES {
-            let mut cats = Vec::new();
-            for d in self.all_domains().await? {
-                let c = self.catalog_agent(&d).await?;
-                let cat = self.catalog_of(&c, &d).await?;
-                cats.push((d, cat));
-            }
+            let cats = self.domain_catalogs(None).await?;
             if !names_given_twice(&cats) {
                 return Ok((cats, Vec::new()));
             }
@@ -226,6 +221,19 @@ impl Coordinator {
         Ok((found, all))
     }
 
+    /// Every domain's catalog, refreshed, but that of `except`.
+    async fn domain_catalogs(&self, except: Option<&uuid::Uuid>) -> Result<Catalogs> {
+        let mut cats = Vec::new();
+        for d in self.all_domains().await? {
+            if Some(&d.id) != except {
+                let c = self.catalog_agent(&d).await?;
+                let cat = self.catalog_of(&c, &d).await?;
+                cats.push((d, cat));
+            }
+        }
+        Ok(cats)
+    }
+
     /// The writers' turn of the domain of image `key` (see
     /// [`Indexes::writer_turn`](super::index::Indexes::writer_turn)).
     pub(super) async fn image_writer_turn(
@@ -266,14 +274,7 @@ impl Coordinator {
             return Err(dup_id());
         }
         // The other domains' catalogs, refreshed; this one's is `cat`.
-        let mut others = Vec::new();
-        for o in self.all_domains().await? {
-            if o.id != d.id {
-                let c = self.catalog_agent(&o).await?;
-                let oc = self.catalog_of(&c, &o).await?;
-                others.push((o, oc));
-            }
-        }
+        let others = self.domain_catalogs(Some(&d.id)).await?;
         if others
             .iter()
             .any(|(_, c)| !c.image_files(&rec.id).is_empty())

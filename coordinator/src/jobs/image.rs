@@ -358,20 +358,27 @@ impl Coordinator {
             return;
         };
         for d in doms {
-            if let Err(e) = self.reclaim_image_caches(&d).await {
+            let r = match self.contents(&d).await {
+                Ok((tags, _)) => self.reclaim_image_caches(&d, &tags).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
                 tracing::info!(domain = %d.id, error = %e, "image caches stay for the leader");
             }
         }
     }
 
-    /// Remove the caches of domain `d` whose image is no longer
-    /// registered from their file version and that no disk uses, each
-    /// under its lock (a cache a job is using stays); how many went.
-    pub(crate) async fn reclaim_image_caches(&self, d: &DomainRef) -> Result<usize> {
-        let (tags, _) = self.contents(d).await?;
+    /// Remove the caches among `tags` (of domain `d`) whose image is no
+    /// longer registered from their file version and that no disk uses,
+    /// each under its lock (a cache a job is using stays); how many went.
+    pub(crate) async fn reclaim_image_caches(
+        &self,
+        d: &DomainRef,
+        tags: &[TagInfo],
+    ) -> Result<usize> {
         let mut n = 0;
-        for cache in caches(&tags) {
-            if !cache_stale(&cache, None) {
+        for cache in caches(tags) {
+            if cache.children > 0 {
                 continue;
             }
             let registered = match self.tag(&cache.image_domain, &cache.base).await {

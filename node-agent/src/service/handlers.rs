@@ -529,9 +529,13 @@ pub(super) fn list_files(a: &A, r: pb::ListFilesRequest) -> Result<pb::ListFiles
     let mut l = l;
     let paged = !changes && r.page_bytes > 0;
     if paged {
-        // Pages in tag id order, each a slice of one whole listing.
-        l.files.retain(|f| f.tag.to_string() > r.page_after);
-        l.files.sort_by_key(|f| f.tag.to_string());
+        // Pages in tag id order (the order of their text too), each a
+        // slice of one whole listing.
+        if !r.page_after.is_empty() {
+            let after = tag_id("page_after", &r.page_after)?;
+            l.files.retain(|f| f.tag > after);
+        }
+        l.files.sort_by_key(|f| f.tag);
     }
     let (mut files, mut bytes, mut next_page_after) = (Vec::new(), 0u64, String::new());
     for f in &l.files {
