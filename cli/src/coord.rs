@@ -56,6 +56,7 @@ pub fn job_json(j: &pb::Job) -> Value {
         "done_bytes": j.done_bytes, "total_bytes": j.total_bytes,
         "host": j.host_id, "owner": j.owner, "caller": j.caller, "attempts": j.attempts,
         "snapshot": if j.snapshot_id.is_empty() { Value::Null } else { j.snapshot_id.clone().into() },
+        "image": if j.image_id.is_empty() { Value::Null } else { j.image_id.clone().into() },
         "result": j.disk.as_ref().map(disk_json),
         "error": if j.error_reason.is_empty() { Value::Null } else {
             json!({"reason": j.error_reason, "message": j.error_message}) },
@@ -64,7 +65,7 @@ pub fn job_json(j: &pb::Job) -> Value {
 }
 
 /// Follow a job with a progress bar (quietly with --json or -q).
-async fn follow(c: &mut Coord, job: pb::Job, quiet: bool) -> Result<pb::Job> {
+pub(crate) async fn follow(c: &mut Coord, job: pb::Job, quiet: bool) -> Result<pb::Job> {
     if job.state != pb::JobState::Running as i32 {
         return Ok(job);
     }
@@ -96,6 +97,9 @@ pub fn outcome(j: &pb::Job, out: &mut Out<'_>, quiet: Option<&str>) -> Result<Ex
                 )?;
                 if !j.snapshot_id.is_empty() {
                     writeln!(out, "snapshot {}", j.snapshot_id)?;
+                }
+                if !j.image_id.is_empty() {
+                    writeln!(out, "image {}", j.image_id)?;
                 }
                 if !j.error_reason.is_empty() {
                     writeln!(out, "error: {} ({})", j.error_message, j.error_reason)?;
@@ -178,7 +182,7 @@ async fn run_async(
         }
         CoordCmd::Job(cmd) => job(&mut c, cmd, out).await,
         CoordCmd::File(cmd) => crate::file::run(&mut c, cmd, out).await,
-        CoordCmd::Image(cmd) => crate::image::run(&mut c, cmd, out).await,
+        CoordCmd::Image(cmd) => crate::image::run(&mut c, &d, cmd, out).await,
         CoordCmd::Disk(cmd) => crate::disk::run(&mut c, &d, cmd, out).await,
     }
 }

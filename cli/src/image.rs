@@ -23,6 +23,11 @@ pub enum ImageCmd {
     /// Register an image from a file (`DOMAIN:PATH`), writing its metafile
     /// `PATH.meta` beside it.
     Register(RegisterArgs),
+    /// Make an image of a disk's current state: a snapshot (the only pause
+    /// the disk's writer sees), a flat raw copy into a new file on the
+    /// disk's domain, the image registered from it, the snapshot merged
+    /// away. Prints the image.
+    Create(CreateArgs),
     /// The images you may see: yours, and the public ones.
     List {
         /// Only this owner's.
@@ -116,6 +121,29 @@ pub struct RegisterArgs {
     /// The image's metadata string.
     #[arg(long, default_value = "")]
     pub metadata: String,
+}
+
+/// `image create`.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// The disk (on the domain `--domain` names).
+    #[arg(long, required = true)]
+    pub from_disk: String,
+    /// The image's name.
+    pub name: String,
+    /// The new file's path on the disk's domain (default:
+    /// `images/from-disk/DISK-JOB.raw`).
+    #[arg(long)]
+    pub path: Option<String>,
+    /// A property, KEY=VALUE (keys are case-insensitive).
+    #[arg(short = 'p', long = "property", value_parser = key_value)]
+    pub properties: Vec<(String, String)>,
+    /// Publish the image.
+    #[arg(long)]
+    pub public: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub wait: crate::args::Wait,
 }
 
 /// `image meta`.
@@ -297,14 +325,49 @@ fn glance_lines(out: &mut Out<'_>, i: &pb::Image) -> Result<()> {
 }
 
 /// Run an image command.
-pub async fn run(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<ExitCode> {
-    go(c, cmd, out).await.map_err(forbidden)?;
+pub async fn run(c: &mut Coord, d: &str, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<ExitCode> {
+    match cmd {
+        ImageCmd::Create(a) => create(c, d, a, out).await.map_err(forbidden),
+        cmd => {
+            go(c, cmd, out).await.map_err(forbidden)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `image create --from-disk`: follow the job, then print the image.
+async fn create(c: &mut Coord, d: &str, a: &CreateArgs, out: &mut Out<'_>) -> Result<ExitCode> {
+    let req = pb::CreateImageFromDiskRequest {
+        request_id: rid(),
+        domain: d.to_string(),
+        disk_id: a.from_disk.clone(),
+        name: a.name.clone(),
+        path: a.path.clone().unwrap_or_default(),
+        properties: a.properties.iter().cloned().collect(),
+        public: a.public,
+    };
+    let j = c.create_image_from_disk(req).await.ask()?;
+    if a.wait.no_wait {
+        return crate::coord::outcome(&j, out, None);
+    }
+    let j = crate::coord::follow(c, j, out.json_mode()).await?;
+    if j.state != pb::JobState::Succeeded as i32 {
+        return crate::coord::outcome(&j, out, None);
+    }
+    let i = c
+        .get_image(pb::GetImageRequest {
+            image_id: j.image_id.clone(),
+        })
+        .await
+        .ask()?;
+    show(out, &i)?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn go(c: &mut Coord, cmd: &ImageCmd, out: &mut Out<'_>) -> Result<()> {
     match cmd {
         ImageCmd::Register(a) => register(c, a, out).await,
+        ImageCmd::Create(_) => unreachable!("run makes images from disks"),
         ImageCmd::List { owner, since } => {
             let mut asked = HashMap::new();
             for (d, g) in since {

@@ -332,6 +332,7 @@ pub async fn run(c: &mut Agent, d: String, cmd: &VolumeCmd, out: &mut Out<'_>) -
                 target: Some(target(*format, *tag)),
                 target_domain: String::new(),
                 source_format: 0,
+                as_file: None,
             };
             let job = c.copy_volume(req).await.ask()?;
             return job_result(c, job, wait, out).await;

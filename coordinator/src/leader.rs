@@ -224,6 +224,9 @@ pub async fn duties(
                             tracing::warn!(domain = %d.id, error = %e, "could not look for unused image caches")
                         }
                     }
+                    if let Err(e) = coord.merge_image_snapshots(&d, &tags).await {
+                        tracing::warn!(domain = %d.id, error = %e, "could not merge snapshots image jobs left");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(domain = %d.id, error = %e, "could not look for unreached volumes")

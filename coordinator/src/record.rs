@@ -22,6 +22,10 @@ pub enum Step {
     Swap,
     /// An agent deletes the source disk.
     DeleteSource,
+    /// One agent call snapshots the disk (a job that goes on after it).
+    Snapshot,
+    /// An image is registered from the file the job made.
+    Register,
     /// Finished.
     Done,
 }
@@ -36,6 +40,8 @@ impl Step {
             Step::Merge => "merging",
             Step::Swap => "swapping the disk onto the copy",
             Step::DeleteSource => "deleting the source",
+            Step::Snapshot => "snapshotting the disk",
+            Step::Register => "registering the image",
             Step::Done => "done",
         }
     }
@@ -139,6 +145,9 @@ pub struct JobRecord {
     /// The snapshot a snapshot job made.
     #[serde(default)]
     pub snapshot: String,
+    /// The file version an image-from-disk job made (its tag id).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub file: String,
     /// Seconds since the epoch.
     pub created: u64,
     /// Seconds since the epoch, 0 while running.
@@ -180,6 +189,7 @@ impl JobRecord {
             result_domain: String::new(),
             result_disk: String::new(),
             snapshot: String::new(),
+            file: String::new(),
             created: now,
             finished: 0,
             attempts: 0,
@@ -231,7 +241,12 @@ pub fn adopt(rec: &JobRecord, agent_job_alive: bool) -> Adopt {
     match rec.step {
         Step::Copy | Step::Merge if agent_job_alive => Adopt::Follow,
         Step::Copy | Step::Merge | Step::Begin => Adopt::Restart,
-        Step::Call | Step::Swap | Step::DeleteSource | Step::Done => Adopt::Reconcile,
+        Step::Call
+        | Step::Snapshot
+        | Step::Register
+        | Step::Swap
+        | Step::DeleteSource
+        | Step::Done => Adopt::Reconcile,
     }
 }
 

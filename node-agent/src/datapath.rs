@@ -215,6 +215,46 @@ pub fn copy_raw(src: Region, dst: Region, p: &Progress) -> Result<(), CopyError>
     Ok(())
 }
 
+/// The SHA-256 (hex) of the `r.len` bytes of `r`, as a reader of them
+/// sees them: holes are hashed as zeros without being read. Adds to the
+/// progress as it goes and stops when cancelled.
+pub fn sha256_of(r: Region, p: &Progress) -> Result<String, CopyError> {
+    let ranges = data_ranges(r).map_err(io_err("finding the data to hash"))?;
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = AlignedBuf::zeroed(CHUNK);
+    let mut at = 0;
+    let zero_until = |sha: &mut ring::digest::Context, at: &mut u64, end: u64| {
+        while *at < end {
+            let n = (end - *at).min(CHUNK as u64) as usize;
+            sha.update(&zeros[..n]);
+            *at += n as u64;
+            p.done.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    for (off, len) in ranges {
+        zero_until(&mut sha, &mut at, off);
+        while at < off + len {
+            if p.cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            let n = (off + len - at).min(CHUNK as u64) as usize;
+            let want = n.div_ceil(512) * 512;
+            let got = read_full(r.file, &mut buf[..want], r.offset + at)
+                .map_err(io_err("reading the data to hash"))?;
+            if got < n {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the volume ended early");
+                return Err(io_err("reading the data to hash")(e));
+            }
+            sha.update(&buf[..n]);
+            at += n as u64;
+            p.done.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    zero_until(&mut sha, &mut at, r.len);
+    Ok(cairn_proto::auth::hex(sha.finish().as_ref()))
+}
+
 /// Write the non-zero 64 KiB blocks of `buf` (of which `n` bytes count) to
 /// `dst` at `off`, coalescing neighbours into one write.
 fn write_nonzero(buf: &[u8], dst: Region, off: u64, n: usize, p: &Progress) -> io::Result<()> {
@@ -266,6 +306,37 @@ mod tests {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .unwrap()
+    }
+
+    #[test]
+    fn a_hash_reads_holes_as_zeros_and_stops_when_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        // 1 MiB of something else first, then a 13 MiB region: data at
+        // 2 MiB and at its last sector, holes between.
+        let (start, len) = (1u64 << 20, 13u64 << 20);
+        let f = std::fs::File::create(&a).unwrap();
+        f.set_len(start + len).unwrap();
+        f.write_all_at(&[9u8; 4096], 0).unwrap();
+        f.write_all_at(&[7u8; 300_000], start + (2 << 20)).unwrap();
+        f.write_all_at(&[5u8; 512], start + len - 512).unwrap();
+        drop(f);
+        let bytes = std::fs::read(&a).unwrap();
+        let want = cairn_proto::auth::hex(
+            ring::digest::digest(&ring::digest::SHA256, &bytes[start as usize..]).as_ref(),
+        );
+        let d = direct(&a);
+        let r = Region {
+            file: &d,
+            offset: start,
+            len,
+        };
+        let p = Progress::default();
+        assert_eq!(sha256_of(r, &p).unwrap(), want);
+        assert_eq!(p.done.load(Ordering::Relaxed), len);
+        let p = Progress::default();
+        p.cancel.store(true, Ordering::Relaxed);
+        assert!(matches!(sha256_of(r, &p), Err(CopyError::Cancelled)));
     }
 
     #[test]

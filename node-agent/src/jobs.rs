@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use cairn_domain::{Clock, Format, Legality, LockGuard, Tag, Volume, VolumeId, VolumeSpec};
 
 use cairn_domain::api::CopyTarget;
+use cairn_domain::catalog::NewFile;
 
 use crate::agent::{Agent, Opened};
 use crate::confine::{self, Ruleset};
@@ -206,7 +207,10 @@ impl Agent {
     /// the same domain or on `to`. With `read_as`, the source is a raw
     /// volume without parents whose bytes are an untrusted image of that
     /// format (a catalog file): its header is judged first, and qemu-img
-    /// reads it confined to the domains.
+    /// reads it confined to the domains. With `file`, the copy is raw and
+    /// becomes a new version of that catalog file (see
+    /// [`Agent::commit_copied_file`]) instead of a disk.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_copy(
         self: &Arc<Self>,
         o: Arc<Opened>,
@@ -214,20 +218,31 @@ impl Agent {
         to: Option<Arc<Opened>>,
         read_as: Option<Format>,
         target: CopyTarget,
+        file: Option<NewFile>,
         request_id: [u8; 16],
     ) -> Result<Arc<Job>> {
         let d = to.unwrap_or_else(|| o.clone());
         self.check_target(&target)?;
+        if let Some(f) = &file {
+            cairn_domain::catalog::check_path(&f.path)?;
+            if target.tag.is_some() || target.format.is_some_and(|f| f != Format::Raw) {
+                return Err(AgentError::invalid(
+                    "as_file",
+                    "a copy into a file is raw and has no tag of its own",
+                ));
+            }
+        }
         let v = self.legal_chain(&o, src, "the source chain")?;
         let image = match read_as {
             Some(Format::Qcow2) => Some(self.judge_image(&o, &v)?),
             _ => None,
         };
-        let format = target.format.unwrap_or(if image.is_some() {
-            Format::Qcow2
-        } else {
-            v.format
-        });
+        let format = match (&file, target.format, image) {
+            (Some(_), _, _) => Format::Raw,
+            (None, Some(f), _) => f,
+            (None, None, Some(_)) => Format::Qcow2,
+            (None, None, None) => v.format,
+        };
         let src_id = v.id;
         Ok(self.spawn_job("copy", move |a, p| {
             // The source keeps still (no delete, no metadata change) while
@@ -257,8 +272,39 @@ impl Agent {
                     a.convert_into_volume(&*a.qemu, &src, &d, &vol, format, v.capacity, p)
                 }
             });
-            a.end_target(&d, vol, guard, &target, request_id, r)
+            match &file {
+                None => a.end_target(&d, vol, guard, &target, request_id, r),
+                Some(f) => {
+                    let r =
+                        r.and_then(|()| fenced_while(&[&guard], p, || a.hash_volume(&d, &vol, p)));
+                    let made = r
+                        .and_then(|sha| a.commit_copied_file(&d, f, &vol, &guard, sha, request_id));
+                    match made {
+                        Ok(tag) => Ok(Outcome::Volume {
+                            volume: Box::new(d.domain.read_volume(&vol.id)?),
+                            domain: d,
+                            tag: Some(Box::new(tag)),
+                        }),
+                        Err(e) => {
+                            a.undo_create(&d, &vol, &guard);
+                            Err(e)
+                        }
+                    }
+                }
+            }
         }))
+    }
+
+    /// The SHA-256 of new volume `vol`'s bytes, read back from `d`.
+    fn hash_volume(&self, d: &Opened, vol: &Volume, p: &Progress) -> Result<String> {
+        p.total.fetch_add(vol.capacity, Ordering::Relaxed);
+        let f = open_direct(&d.path, false)?;
+        let r = Region {
+            file: &f,
+            offset: d.extent(vol).offset,
+            len: vol.capacity,
+        };
+        crate::datapath::sha256_of(r, p).map_err(from_copy("hashing the copy"))
     }
 
     /// The virtual size of the qcow2 image raw volume `v` holds, judged

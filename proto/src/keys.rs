@@ -36,3 +36,8 @@ pub const CACHE_DOMAIN: &str = "cairn.cache.domain";
 pub const CACHE_BASE: &str = "cairn.cache.base";
 /// On an image cache: the coordinator job that made it.
 pub const CACHE_JOB: &str = "cairn.cache.job";
+
+/// On the snapshot an image-from-disk job makes: the job's id. The job
+/// merges it away at its end; the leader does when the job could not
+/// (it failed, or the disk was active).
+pub const IMAGE_SNAPSHOT_JOB: &str = "cairn.image-snapshot.job";

@@ -24,7 +24,7 @@ use crate::files::{pattern, Cli};
 const MIB: u64 = 1 << 20;
 
 #[track_caller]
-fn json(c: &Cli<'_>, args: &[&str]) -> Value {
+pub(crate) fn json(c: &Cli<'_>, args: &[&str]) -> Value {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let o = c.run(&a);

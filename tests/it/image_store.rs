@@ -290,8 +290,10 @@ fn cairn_read_only_catalog_serves_reads_and_reports_names_given_twice() {
         5000
     );
     std::fs::write(h.cwd.join("x"), b"x").unwrap();
+    let disk = alice.ok(&["disk", "create", "-q", "--size", "1M"]);
     for args in [
-        &["image", "register", "X", "it:a1.raw", "-f"][..],
+        &["image", "create", "--from-disk", disk.trim(), "X"][..],
+        &["image", "register", "X", "it:a1.raw", "-f"],
         &["image", "unregister", "one"],
         &["image", "names", "set", "one", "z"],
         &["image", "flag", "set", "one", "f"],

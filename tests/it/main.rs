@@ -16,6 +16,7 @@ mod datapath;
 mod etcd;
 mod failover;
 mod files;
+mod from_disk;
 mod from_image;
 mod glance;
 mod image_store;

@@ -293,7 +293,7 @@ impl AgentConn {
             description: description.into(),
             tag: Some(TagSpec::disk(options.to_vec())),
         };
-        self.copy_volume(rid, domain, volume, None, target, &t)
+        self.copy_volume(rid, domain, volume, None, target, &t, None)
             .await
     }
 
@@ -317,10 +317,38 @@ impl AgentConn {
             description: "image cache".into(),
             tag: Some(tag),
         };
-        self.copy_volume(rid, domain, volume, Some(read_as), target, &t)
+        self.copy_volume(rid, domain, volume, Some(read_as), target, &t, None)
             .await
     }
 
+    /// Start copying `volume`'s chain (flattened) into a new raw version
+    /// of catalog file `path` on the same domain, owned by `owner` and
+    /// marked with `request`. Returns the agent's job id.
+    pub async fn copy_to_file(
+        &self,
+        rid: &str,
+        domain: &uuid::Uuid,
+        volume: &VolumeId,
+        path: &str,
+        owner: &str,
+        request: &str,
+    ) -> Result<String> {
+        let t = CopyTarget {
+            format: Some(Format::Raw),
+            allocation: Allocation::Sparse,
+            description: "image file".into(),
+            tag: None,
+        };
+        let f = pb::FileTarget {
+            path: path.into(),
+            owner: owner.into(),
+            request: request.into(),
+        };
+        self.copy_volume(rid, domain, volume, None, domain, &t, Some(f))
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn copy_volume(
         &self,
         rid: &str,
@@ -329,6 +357,7 @@ impl AgentConn {
         read_as: Option<Format>,
         target: &uuid::Uuid,
         t: &CopyTarget,
+        as_file: Option<pb::FileTarget>,
     ) -> Result<String> {
         let j = self
             .c()
@@ -343,6 +372,7 @@ impl AgentConn {
                     target.to_string()
                 },
                 source_format: read_as.map(wire::volume_format_code).unwrap_or(0),
+                as_file,
             })
             .await
             .map_err(self.err())?

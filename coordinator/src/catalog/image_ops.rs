@@ -365,6 +365,11 @@ impl Coordinator {
             let all = &l.about(&[&path, &meta_path], None, None)[..];
             let versions = file_versions(who, &loc, all)?;
             let latest = versions.last().copied().expect("one version at least");
+            if req.version.is_some_and(|v| v != latest.tag) {
+                return Err(CoordError::FailedPrecondition(format!(
+                    "{dname}:{path} got a newer version than the one to register"
+                )));
+            }
             let full = Location::full(&latest.owner, &dname, &path);
             let mut rec = images::plan_register(who, latest, &full, &d.id, req, now())?;
             self.check_unique(&d, &l, latest, &rec).await?;

@@ -158,6 +158,9 @@ pub struct Register {
     pub names: Vec<String>,
     /// The metadata string.
     pub metadata: String,
+    /// Register from this version of the file, which must be its latest
+    /// (the one a job made); none: the latest.
+    pub version: Option<cairn_domain::TagId>,
 }
 
 /// What a metafile template gives.

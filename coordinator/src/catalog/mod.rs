@@ -68,6 +68,17 @@ pub fn domain_name(d: &DomainRef) -> String {
 }
 
 impl Coordinator {
+    /// The versions of the file at `path` on domain `d`, oldest first.
+    pub(crate) async fn versions_at(
+        &self,
+        d: &DomainRef,
+        path: &str,
+    ) -> Result<Vec<cairn_domain::catalog::FileVersion>> {
+        let c = self.catalog_agent(d).await?;
+        let l = self.catalog_of(&c, d).await?;
+        Ok(l.versions(path).into_iter().cloned().collect())
+    }
+
     /// An agent that sees domain `d` (the calls of one request go to it).
     async fn catalog_agent(&self, d: &DomainRef) -> Result<AgentConn> {
         self.agents

@@ -92,45 +92,76 @@ impl Kind for Snapshot {
     facts!("snapshot", [Call], domain: domain, disk: disk);
 
     async fn step(&self, c: &Arc<Coordinator>, rec: &mut JobRecord, _: Lock<'_>) -> Result<()> {
-        let (dom, disk) = (self.domain, self.disk);
-        let desc = self.description.clone();
-        let mark = vec![(JOB_KEY.to_string(), rec.id.clone())];
-        let made = c
-            .mutate(rec, |a, rid| {
-                let (desc, mark) = (desc.clone(), mark.clone());
-                async move { a.snapshot(&rid, &dom, &disk, &desc, &mark, None).await }
-            })
-            .await?;
-        if let Some((weak, _)) = made {
-            rec.snapshot = weak.id.to_string();
-            rec.made(dom, disk);
+        if snapshot(c, rec, self.domain, self.disk, &self.description, &[]).await? {
+            rec.made(self.domain, self.disk);
         }
         Ok(())
     }
 
     async fn done(&self, c: &Coordinator, rec: &mut JobRecord) -> Result<bool> {
-        let (tags, _) = c
-            .contents(&DomainRef {
-                id: self.domain,
-                name: String::new(),
-            })
-            .await?;
-        let made = tags
-            .iter()
-            .find(|t| t.tag_type == TagType::Weak && t.option(JOB_KEY) == Some(&rec.id));
-        Ok(match made {
-            Some(t) => {
-                rec.snapshot = t.id.to_string();
-                rec.made(self.domain, self.disk);
-                true
-            }
-            None => false,
-        })
+        let found = snapshot_found(c, rec, self.domain).await?;
+        if found {
+            rec.made(self.domain, self.disk);
+        }
+        Ok(found)
     }
 
     fn validate(&self) -> Result<()> {
         check_description(&self.description)
     }
+}
+
+/// Snapshot `disk` for job `rec`: its weak tag carries the job's id (and
+/// `mark`), and goes into `rec.snapshot`; false when an earlier attempt
+/// was found to have made it (`rec.snapshot` is set then too).
+pub(super) async fn snapshot(
+    c: &Coordinator,
+    rec: &mut JobRecord,
+    dom: uuid::Uuid,
+    disk: TagId,
+    description: &str,
+    mark: &[(&str, &str)],
+) -> Result<bool> {
+    let mut opts = vec![(JOB_KEY.to_string(), rec.id.clone())];
+    opts.extend(mark.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let desc = description.to_string();
+    let made = c
+        .mutate(rec, |a, rid| {
+            let (desc, opts) = (desc.clone(), opts.clone());
+            async move { a.snapshot(&rid, &dom, &disk, &desc, &opts, None).await }
+        })
+        .await?;
+    Ok(match made {
+        Some((weak, _)) => {
+            rec.snapshot = weak.id.to_string();
+            true
+        }
+        None => false,
+    })
+}
+
+/// Whether job `rec`'s snapshot is on domain `dom` (a weak tag carrying
+/// its id); sets `rec.snapshot` when it is.
+pub(super) async fn snapshot_found(
+    c: &Coordinator,
+    rec: &mut JobRecord,
+    dom: uuid::Uuid,
+) -> Result<bool> {
+    let d = DomainRef {
+        id: dom,
+        name: String::new(),
+    };
+    let (tags, _) = c.contents(&d).await?;
+    let made = tags
+        .iter()
+        .find(|t| t.tag_type == TagType::Weak && t.option(JOB_KEY) == Some(&rec.id));
+    Ok(match made {
+        Some(t) => {
+            rec.snapshot = t.id.to_string();
+            true
+        }
+        None => false,
+    })
 }
 
 /// What a thin clone asks for.

@@ -43,6 +43,7 @@ macro_rules! facts {
 
 mod call;
 mod copy;
+mod from_disk;
 pub(crate) mod image;
 mod merge;
 
@@ -70,6 +71,7 @@ use crate::record::{JobRecord, Step};
 
 pub use call::{Create, Delete, Extend, Snapshot, ThinClone};
 pub use copy::{Convert, CopyTo, FullClone, Move};
+pub use from_disk::FromDisk;
 pub use image::FromImage;
 pub use merge::DeleteSnapshot;
 
@@ -99,6 +101,8 @@ pub enum JobSpec {
     Convert(Convert),
     /// A disk made from an image.
     FromImage(FromImage),
+    /// An image made from a disk.
+    ImageFromDisk(FromDisk),
 }
 
 impl JobSpec {
@@ -116,6 +120,7 @@ impl JobSpec {
             JobSpec::Extend(k) => k,
             JobSpec::Convert(k) => k,
             JobSpec::FromImage(k) => k,
+            JobSpec::ImageFromDisk(k) => k,
         }
     }
 
@@ -137,6 +142,14 @@ impl JobSpec {
     /// Its steps after Begin, in order.
     pub fn plan(&self) -> &'static [Step] {
         self.kind().plan()
+    }
+
+    /// The image the job `job` of this spec makes, if it makes one.
+    pub fn image(&self, job: &str) -> Option<String> {
+        match self {
+            JobSpec::ImageFromDisk(k) => Some(k.image_id(job)),
+            _ => None,
+        }
     }
 
     /// Whether it runs in the background (the call returns at once).

@@ -156,5 +156,6 @@ pub fn pb_job(r: &JobRecord, disk: Option<&DiskView>) -> pb::Job {
         attempts: r.attempts,
         snapshot_id: r.snapshot.clone(),
         caller: r.caller.clone(),
+        image_id: r.spec.image(&r.id).unwrap_or_default(),
     }
 }

@@ -84,6 +84,7 @@ impl CoordService {
             id: r.image_id.clone(),
             names: r.names.clone(),
             metadata: r.metadata.clone(),
+            version: None,
         };
         let done = self
             .coord

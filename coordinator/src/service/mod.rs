@@ -115,6 +115,7 @@ job_requests! {
     CopyDiskRequest => "copy_disk", target_domain;
     ExtendDiskRequest => "extend_disk";
     ConvertDiskRequest => "convert_disk";
+    CreateImageFromDiskRequest => "create_image_from_disk";
 }
 
 impl CoordService {
@@ -321,6 +322,23 @@ impl pb::coordinator_server::Coordinator for CoordService {
                 size: r.size,
                 description: r.description.clone(),
                 wipe_after_delete: r.wipe_after_delete,
+            }))
+        })
+        .await
+    }
+
+    async fn create_image_from_disk(
+        &self,
+        r: Request<pb::CreateImageFromDiskRequest>,
+    ) -> R<pb::Job> {
+        self.submit(r, |r, domain, _| {
+            Ok(JobSpec::ImageFromDisk(crate::jobs::FromDisk {
+                domain,
+                disk: disk_id("disk_id", &r.disk_id)?,
+                name: r.name.clone(),
+                path: r.path.clone(),
+                properties: r.properties.clone().into_iter().collect(),
+                public: r.public,
             }))
         })
         .await

@@ -92,6 +92,29 @@ impl Agent {
         Ok(v)
     }
 
+    /// Commit new volume `vol`, which a job of this agent wrote (under
+    /// `guard`) and read back as `sha256`, as a version of file `f`: its
+    /// size is the volume's capacity. The version's tag.
+    pub(crate) fn commit_copied_file(
+        &self,
+        o: &Opened,
+        f: &NewFile,
+        vol: &Volume,
+        guard: &cairn_domain::LockGuard,
+        sha256: String,
+        request_id: [u8; 16],
+    ) -> Result<Tag> {
+        let a = self.anchor(o, true)?.expect("made");
+        let bytes = FileBytes::Volume {
+            id: vol.id,
+            guard,
+            size: vol.capacity,
+            sha256,
+        };
+        let v = o.domain.commit_file(&a, f, bytes, None, request_id)?;
+        Ok(o.domain.read_tag(&v.tag)?)
+    }
+
     /// Every file version of the domain.
     pub fn list_files(&self, o: &Opened) -> Result<Listing> {
         let a = self.anchor(o, false)?;

@@ -438,7 +438,15 @@ pub(super) fn copy_volume(a: &A, r: pb::CopyVolumeRequest, rid: [u8; 16]) -> Res
         Some(a.domain(&r.target_domain)?)
     };
     let read_as = wire::volume_format("source_format", r.source_format)?;
-    Ok(convert::job(&*a.start_copy(o, &id, to, read_as, t, rid)?))
+    let file = r.as_file.map(|f| cairn_domain::catalog::NewFile {
+        path: f.path,
+        owner: f.owner,
+        directory: false,
+        request: f.request,
+    });
+    Ok(convert::job(
+        &*a.start_copy(o, &id, to, read_as, t, file, rid)?,
+    ))
 }
 
 pub(super) fn import_volume(a: &A, r: pb::ImportVolumeRequest, rid: [u8; 16]) -> Result<pb::Job> {
