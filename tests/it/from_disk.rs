@@ -256,7 +256,8 @@ async fn copying(
 /// in the middle of its copy: the copy runs again (on another host, or
 /// under the coordinator that took the job over), and the end is one
 /// image of the disk's data, one version of its file, no snapshot left
-/// and nothing half made.
+/// and nothing half made. A disk from a qcow2 image whose coordinator is
+/// killed while it fills the image cache ends with one cache.
 #[test]
 fn root_etcd_qemu_images_from_disks_survive_killed_agents_and_coordinators() {
     use cairn_coordinator::pb;
@@ -323,12 +324,112 @@ fn root_etcd_qemu_images_from_disks_survive_killed_agents_and_coordinators() {
         cl.coords[0].kill();
         let done = ok(finish(c1.clone(), j).await);
         assert_eq!(done.owner, "coord1", "{done:?}");
-        check(c1.clone(), done, "img-coord").await;
+        check(c1.clone(), done.clone(), "img-coord").await;
+
+        // A disk from a qcow2 image, whose coordinator is killed while it
+        // converts the image into the domain's cache: the other takes the
+        // job over, and one cache results, read as the image.
+        let dom = c1
+            .get_image(pb::GetImageRequest {
+                image_id: done.image_id.clone(),
+            })
+            .await
+            .answer()
+            .domain;
+        let q = base.join("q.qcow2");
+        let qexp = base.join("q.expected");
+        let run = |c: &mut std::process::Command| {
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&q)
+            .arg("192M"));
+        run(std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 77 8M 160M"])
+            .arg(&q));
+        run(std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&q)
+            .arg(&qexp));
+        let bytes = std::fs::read(&q).unwrap();
+        let mut msgs = vec![pb::UploadFileRequest {
+            header: Some(pb::UploadHeader {
+                request_id: "up-q".into(),
+                location: format!("{dom}:q.qcow2"),
+                size: bytes.len() as u64,
+                sha256: sha256_hex(&bytes),
+                directory: false,
+            }),
+            data: Vec::new(),
+        }];
+        msgs.extend(bytes.chunks(1 << 20).map(|d| pb::UploadFileRequest {
+            header: None,
+            data: d.to_vec(),
+        }));
+        c1.upload_file(tokio_stream::iter(msgs)).await.answer();
+        let img = c1
+            .register_image(pb::RegisterImageRequest {
+                request_id: "reg-q".into(),
+                name: "q".into(),
+                location: format!("{dom}:q.qcow2"),
+                disk_format: "qcow2".into(),
+                no_metafile_upload: true,
+                ..Default::default()
+            })
+            .await
+            .answer()
+            .image
+            .unwrap();
+        cl.coords[0] = cl.start_coord(0);
+        let mut c0 = cl.wait_agents(0, 3).await;
+        // The call answers once the disk is made: it is sent aside, and
+        // the job followed by its id.
+        let mut sender = c0.clone();
+        let call = tokio::spawn(async move {
+            sender
+                .create_disk(pb::CreateDiskRequest {
+                    request_id: "from-q".into(),
+                    from_image: img.id.clone(),
+                    ..Default::default()
+                })
+                .await
+        });
+        let id = cairn_coordinator::runner::job_id("from-q");
+        let t = std::time::Instant::now();
+        while c0
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .is_err()
+        {
+            assert!(t.elapsed().as_secs() < 30, "no job {id}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let j = copying(&mut c0, &id).await;
+        cl.coords[0].kill();
+        assert!(call.await.unwrap().is_err(), "its coordinator died first");
+        let made = ok(finish(c1.clone(), j).await);
+        assert_eq!(made.owner, "coord1", "{made:?}");
+        let from_q = made.disk.unwrap().id;
+        let mut a = cl.agents[(victim + 1) % 3].client().await;
+        let tags = a
+            .list_tags(apb::ListTagsRequest {
+                domain: String::new(),
+            })
+            .await
+            .answer()
+            .tags;
+        let caches = tags
+            .iter()
+            .filter(|t| t.options.iter().any(|o| o.value == "image-cache"))
+            .count();
+        assert_eq!(caches, 1, "{tags:?}");
+        check_disk(&mut a, "", &from_q, &qexp).await;
 
         // The disk keeps its data and has no snapshot; nothing is half
         // made once the killed agent's slot is recovered.
         let t = std::time::Instant::now();
-        let mut a = cl.agents[(victim + 1) % 3].client().await;
         loop {
             let d = c1
                 .get_disk(pb::GetDiskRequest {
