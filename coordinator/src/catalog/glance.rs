@@ -175,19 +175,25 @@ pub fn check_unprotected(r: &ImageRecord) -> Result<()> {
     Ok(())
 }
 
+/// Whether [`virtual_size`] needs the file's first bytes: not for a raw
+/// image, whose bytes are the disk.
+pub fn needs_head(disk_format: &str) -> bool {
+    disk_format != "raw"
+}
+
 /// The virtual size of a disk image whose first bytes are `head` and
-/// whose file holds `size` bytes: a qcow2 header's size field; for any
-/// other bytes, the file's size when `disk_format` is `raw`, else 0 (not
+/// whose file holds `size` bytes: the file's size when `disk_format` is
+/// `raw` (its bytes are the disk, whatever they hold, as a disk made from
+/// it reads them); otherwise a qcow2 header's size field, else 0 (not
 /// known).
 pub fn virtual_size(head: &[u8], size: u64, disk_format: &str) -> u64 {
+    if !needs_head(disk_format) {
+        return size;
+    }
     if head.len() >= 32 && head[..4] == *b"QFI\xfb" {
         let mut b = [0u8; 8];
         b.copy_from_slice(&head[24..32]);
         return u64::from_be_bytes(b);
     }
-    if disk_format == "raw" {
-        size
-    } else {
-        0
-    }
+    0
 }

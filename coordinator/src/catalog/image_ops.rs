@@ -300,7 +300,7 @@ impl Coordinator {
         disk_format: &str,
     ) -> Result<u64> {
         let mut head = Vec::new();
-        if f.size >= 32 && !f.directory {
+        if f.size >= 32 && !f.directory && glance::needs_head(disk_format) {
             let mut s = c
                 .read_file_part(&d.id, &f.tag, glance::HEAD.min(f.size))
                 .await?;

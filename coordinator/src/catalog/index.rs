@@ -11,9 +11,17 @@
 //!   again at the next refresh, the log naming its tag);
 //! - every image change after `floor` is in `events`, with the image as
 //!   it was before that change.
+//!
+//! Requests hold the catalog they read while they work, so a refresh
+//! usually finds it shared and changes a copy. Its collections are
+//! persistent (`imbl`): a copy shares everything but the paths a change
+//! touches, so a change costs the same at 100,000 images as at 1,000
+//! (with plain maps each copy cost a pass over the whole catalog).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap as StdMap};
 use std::sync::{Arc, Mutex};
+
+use imbl::{HashMap, OrdMap, Vector};
 
 use cairn_domain::catalog::FileVersion;
 use cairn_domain::TagId;
@@ -49,13 +57,13 @@ pub struct DomainCatalog {
     /// Changes after this generation are known one by one.
     pub floor: u64,
     /// Every file version, in no order.
-    pub files: Vec<FileVersion>,
+    pub files: Vector<FileVersion>,
     file_at: HashMap<TagId, usize>,
     /// Every image with its data items, in no order.
-    images: Vec<Found>,
+    images: Vector<Found>,
     image_at: HashMap<TagId, usize>,
     /// Image id to the tag it is registered from (ordered: prefixes).
-    by_id: BTreeMap<String, TagId>,
+    by_id: OrdMap<String, TagId>,
     /// Path to its versions' tags.
     by_path: HashMap<String, Vec<TagId>>,
     /// Request id (before its `.ATTEMPT`) to the versions it made.
@@ -67,7 +75,18 @@ pub struct DomainCatalog {
     names: HashMap<String, Vec<TagId>>,
     /// Image id to the file versions under its data directory.
     data: HashMap<String, BTreeSet<TagId>>,
-    events: VecDeque<Event>,
+    events: Vector<Event>,
+}
+
+/// Take element `i` out of `v`, the last one taking its place (as
+/// `Vec::swap_remove`).
+fn swap_remove<T: Clone>(v: &mut Vector<T>, i: usize) -> T {
+    let last = v.pop_back().expect("i is in v");
+    if i == v.len() {
+        last
+    } else {
+        v.set(i, last)
+    }
 }
 
 /// The image id whose data directory `path` is in.
@@ -205,7 +224,10 @@ impl DomainCatalog {
         let mut seen = BTreeSet::new();
         let prefixed = self
             .by_id
-            .range::<str, _>((std::ops::Bound::Included(key), std::ops::Bound::Unbounded))
+            .range::<_, String>((
+                std::ops::Bound::Included(key.to_string()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(id, _)| id.starts_with(key))
             .map(|(_, t)| t);
         let named = self.names.get(key).into_iter().flatten();
@@ -239,7 +261,7 @@ impl DomainCatalog {
         if g < self.floor {
             return None;
         }
-        let mut before: HashMap<&str, Option<&ImageRecord>> = HashMap::new();
+        let mut before: StdMap<&str, Option<&ImageRecord>> = StdMap::new();
         for e in self.events.iter().filter(|e| e.generation > g) {
             before.entry(e.id.as_str()).or_insert(e.before.as_deref());
         }
@@ -258,7 +280,7 @@ impl DomainCatalog {
 
     fn remove_file(&mut self, t: &TagId) -> Option<FileVersion> {
         let i = self.file_at.remove(t)?;
-        let f = self.files.swap_remove(i);
+        let f = swap_remove(&mut self.files, i);
         if let Some(moved) = self.files.get(i) {
             self.file_at.insert(moved.tag, i);
         }
@@ -277,7 +299,7 @@ impl DomainCatalog {
 
     fn remove_image(&mut self, t: &TagId) -> Option<Found> {
         let i = self.image_at.remove(t)?;
-        let f = self.images.swap_remove(i);
+        let f = swap_remove(&mut self.images, i);
         if let Some(moved) = self.images.get(i) {
             self.image_at.insert(moved.file.tag, i);
         }
@@ -334,7 +356,7 @@ impl DomainCatalog {
         for (f, _) in &delta.files {
             touched.extend(data_owner(&f.path).map(str::to_string));
         }
-        let mut before: HashMap<String, Arc<ImageRecord>> = touched
+        let mut before: StdMap<String, Arc<ImageRecord>> = touched
             .iter()
             .filter_map(|id| Some((id.clone(), Arc::new(self.image_by_id(id)?.record.clone()))))
             .collect();
@@ -409,7 +431,7 @@ impl DomainCatalog {
                 self.image_tags.entry(id.clone()).or_default().push(f.tag);
             }
             self.file_at.insert(f.tag, self.files.len());
-            self.files.push(f);
+            self.files.push_back(f);
         }
         for (t, record) in added {
             let file = self.files[self.file_at[&t]].clone();
@@ -420,7 +442,7 @@ impl DomainCatalog {
                 self.names.entry(n.clone()).or_default().push(t);
             }
             self.image_at.insert(t, self.images.len());
-            self.images.push(Found {
+            self.images.push_back(Found {
                 domain: d.clone(),
                 generation: 0,
                 file,
@@ -437,8 +459,8 @@ impl DomainCatalog {
 /// domain's writers' queue.
 #[derive(Debug, Default)]
 pub struct Indexes {
-    by_domain: Mutex<HashMap<uuid::Uuid, Arc<DomainCatalog>>>,
-    writers: Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    by_domain: Mutex<StdMap<uuid::Uuid, Arc<DomainCatalog>>>,
+    writers: Mutex<StdMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Indexes {

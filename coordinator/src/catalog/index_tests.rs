@@ -121,7 +121,7 @@ fn the_indexes_answer_as_a_look_at_everything() {
             let delta = step(&mut g, &cat, &mut n, generation);
             cat.apply(&d, delta).unwrap();
             let images = cat.images();
-            let files = cat.files.clone();
+            let files: Vec<_> = cat.files.iter().cloned().collect();
             // Lookups: every id, prefix and name, for every caller.
             let keys = IDS.iter().chain(&NAMES).chain(&["a", "z", "q", ""]);
             for who in &people {

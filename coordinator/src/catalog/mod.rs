@@ -185,7 +185,7 @@ pub fn versions_of<'a>(files: &'a [FileVersion], path: &str) -> Vec<&'a FileVers
 pub fn listing<'a>(
     who: &Identity,
     loc: &Location,
-    files: &'a [FileVersion],
+    files: impl IntoIterator<Item = &'a FileVersion>,
 ) -> BTreeMap<&'a str, &'a FileVersion> {
     let mut out: BTreeMap<&str, &FileVersion> = BTreeMap::new();
     // A directory marker is listed under its own prefix too (`images`
@@ -197,7 +197,7 @@ pub fn listing<'a>(
     // The images' data items are listed only when asked for.
     let hidden = |f: &FileVersion| store::reserved(&f.path) && !store::reserved(&loc.path);
     for f in files
-        .iter()
+        .into_iter()
         .filter(|f| under(f) && !hidden(f) && visible(who, loc, f))
     {
         let e = out.entry(f.path.as_str()).or_insert(f);

@@ -658,6 +658,9 @@ fn protected_tags_and_minimums_change_and_the_header_gives_the_virtual_size() {
     assert_eq!(glance::virtual_size(&[0; 512], 4 << 20, "raw"), 4 << 20);
     assert_eq!(glance::virtual_size(&[0; 512], 4 << 20, "vmdk"), 0);
     assert_eq!(glance::virtual_size(b"QFI", 3, "raw"), 3);
+    // A raw image's bytes are the disk, even when they look like qcow2.
+    assert_eq!(glance::virtual_size(&head, 200_000, "raw"), 200_000);
+    assert!(!glance::needs_head("raw") && glance::needs_head("qcow2"));
 }
 
 #[test]
