@@ -191,18 +191,16 @@ impl Coordinator {
                     out.images.extend(s.changed.into_iter().filter(mine));
                     out.removed.extend(s.removed);
                 }
-                None => out
-                    .images
-                    .extend(cat.images_by_name(|i| glance::listed(who, &i.record) && mine(i))),
+                None => out.images.extend(
+                    cat.images()
+                        .into_iter()
+                        .filter(|i| glance::listed(who, &i.record))
+                        .filter(mine),
+                ),
             }
         }
-        // One whole domain comes in order already.
-        let sorted = out.domains.len() == 1 && !out.domains[0].2;
-        if !sorted {
-            out.images.sort_by(|a, b| {
-                (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id))
-            });
-        }
+        out.images
+            .sort_by(|a, b| (&a.record.name, &a.record.id).cmp(&(&b.record.name, &b.record.id)));
         Ok(out)
     }
 

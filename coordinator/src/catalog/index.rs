@@ -64,8 +64,6 @@ pub struct DomainCatalog {
     image_at: HashMap<TagId, usize>,
     /// Image id to the tag it is registered from (ordered: prefixes).
     by_id: OrdMap<String, TagId>,
-    /// Every image by (name, id, tag): the order listings answer in.
-    by_name: OrdMap<(String, String, TagId), ()>,
     /// Path to its versions' tags.
     by_path: HashMap<String, Vec<TagId>>,
     /// Request id (before its `.ATTEMPT`) to the versions it made.
@@ -130,17 +128,6 @@ impl DomainCatalog {
     /// Every image, read at this catalog's generation.
     pub fn images(&self) -> Vec<Found> {
         self.images.iter().map(|i| self.stamped(i)).collect()
-    }
-
-    /// The images `keep` keeps, by name then id, read at this catalog's
-    /// generation.
-    pub fn images_by_name(&self, keep: impl Fn(&Found) -> bool) -> Vec<Found> {
-        self.by_name
-            .keys()
-            .filter_map(|(_, _, t)| self.image_at.get(t).map(|&i| &self.images[i]))
-            .filter(|i| keep(i))
-            .map(|i| self.stamped(i))
-            .collect()
     }
 
     fn image_by_id(&self, id: &str) -> Option<&Found> {
@@ -316,8 +303,6 @@ impl DomainCatalog {
         if let Some(moved) = self.images.get(i) {
             self.image_at.insert(moved.file.tag, i);
         }
-        self.by_name
-            .remove(&(f.record.name.clone(), f.record.id.clone(), *t));
         if self.by_id.get(&f.record.id) == Some(t) {
             self.by_id.remove(&f.record.id);
         }
@@ -453,8 +438,6 @@ impl DomainCatalog {
             let (data, data_files) = self.data_of(&record.id);
             touched.insert(record.id.clone());
             self.by_id.insert(record.id.clone(), t);
-            self.by_name
-                .insert((record.name.clone(), record.id.clone(), t), ());
             for n in &record.names {
                 self.names.entry(n.clone()).or_default().push(t);
             }
